@@ -1,0 +1,183 @@
+"""ConsistentEE's exit policy trained with REINFORCE, on the batched trace env.
+
+Read top to bottom: the policy network, the deployable `ExitPolicy` it becomes, then the training loop.
+
+Facts from the paper and its official code:
+* one small 2-layer MLP per layer, π_l = sigmoid(MLP_l(x_l)) = P(exit at l);
+* log P(exit at l) = Σ_{t<l} log(1 - π_t) + log π_l; an episode that reaches layer L continuing everywhere has
+  log-prob Σ_{t≤L} log(1 - π_t) and predicts with layer L (the env forces the exit there);
+* K repeated samples per example (K = 8), the per-example mean reward as baseline;
+* ε-greedy exploration, ε_t = ε_end + (ε_start - ε_end)·exp(-step / decay);
+* inference exits at the first layer with π_l > 0.5.
+
+Our one departure, on by default (``features="observation"``): the MLP sees the env's whole observation
+(state, layer position, exit-head probabilities, max-prob, entropy) instead of the state alone, standardised per
+layer with training-trace statistics. The confidence features are what every fixed rule uses, so a learned policy
+should have them too; ``features="state"`` gives the paper's input.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from exitrl.envs import ObservationLayout, TraceVectorEnv, observation_table
+from exitrl.evaluate import evaluate_policy
+from exitrl.policy import ExitPolicy, LayerBatch, Memory
+from exitrl.trace import SplitTrace
+
+FEATURES = ("observation", "state")
+
+
+class PerLayerExitNet(nn.Module):
+    """One MLP per layer over standardised features; returns the exit logit."""
+
+    def __init__(self, num_layers: int, input_dim: int, hidden: int = 128):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_layers, input_dim))
+        self.register_buffer("std", torch.ones(num_layers, input_dim))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(input_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)) for _ in range(num_layers)
+        )
+
+    def fit_normalizer(self, features: torch.Tensor) -> None:
+        """Per-layer mean and std from ``[N, L, D]`` training features."""
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0).clamp_min(1e-4))
+
+    def forward(self, features: torch.Tensor, layer: int) -> torch.Tensor:
+        """Exit logits ``[B]`` for rows at 0-based ``layer``."""
+        x = (features - self.mean[layer]) / self.std[layer]
+        return self.mlps[layer](x).squeeze(-1)
+
+
+def select_features(obs: torch.Tensor, layout: ObservationLayout, features: str) -> torch.Tensor:
+    if features not in FEATURES:
+        raise ValueError(f"Unknown features {features!r}; valid: {', '.join(FEATURES)}.")
+    return obs if features == "observation" else obs[..., layout.state]
+
+
+class ReinforcePolicy(ExitPolicy):
+    """Deployable form: exit at the first layer whose π_l exceeds ``threshold`` (0.5 in ConsistentEE)."""
+
+    name = "reinforce"
+
+    def __init__(self, num_layers: int, hidden_size: int, num_classes: int, hidden: int = 128,
+                 features: str = "observation", threshold: float = 0.5):
+        self.layout = ObservationLayout(hidden_size, num_classes)
+        self.features = features
+        self.threshold = threshold
+        self._config = {"num_layers": num_layers, "hidden_size": hidden_size, "num_classes": num_classes,
+                        "hidden": hidden, "features": features, "threshold": threshold}
+        input_dim = self.layout.size if features == "observation" else hidden_size
+        self.net = PerLayerExitNet(num_layers, input_dim, hidden)
+
+    def exit_probability(self, obs: torch.Tensor, layer: int) -> torch.Tensor:
+        return torch.sigmoid(self.net(select_features(obs, self.layout, self.features), layer))
+
+    @torch.no_grad()
+    def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
+        return self.exit_probability(batch.observations, batch.layer - 1) > self.threshold
+
+    def to(self, device):
+        self.net.to(device)
+        return self
+
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def state_dict(self) -> dict:
+        return self.net.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state)
+
+
+@dataclass
+class ReinforceConfig:
+    lr: float = 3e-4
+    batch_size: int = 32  # examples per update
+    samples: int = 8  # K repeated samples per example
+    epochs: int = 30
+    hidden: int = 128
+    features: str = "observation"
+    eps_start: float = 0.3
+    eps_end: float = 0.02
+    eps_decay: float = 1000.0  # updates
+    clip_norm: float = 1.0
+    seed: int = 0
+
+
+def train_reinforce(train: SplitTrace, dev: SplitTrace | None, cfg: ReinforceConfig, reward: str = "hardness",
+                    reward_kwargs: dict | None = None, reward_fn: str | None = None, device="cpu", writer=None,
+                    metric: str = "accuracy", log_every: int = 20) -> tuple[ReinforcePolicy, dict]:
+    """Train the per-layer exit policy on ``train``; evaluate on ``dev`` after every epoch."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device(device)
+    num_layers, samples = train.num_layers, cfg.samples
+    env = TraceVectorEnv(train, cfg.batch_size * samples, reward, reward_kwargs, reward_fn, device=device,
+                         autoreset=False, seed=cfg.seed)
+    policy = ReinforcePolicy(num_layers, train.hidden_size, train.num_classes, cfg.hidden, cfg.features).to(device)
+    table = observation_table(env.trace.states, env.trace.logits)
+    policy.net.fit_normalizer(select_features(table, policy.layout, cfg.features))
+    optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.lr)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    history, step, start = [], 0, time.time()
+
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(len(train), generator=generator).to(device)
+        starts = range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)
+        for first in starts:
+            # 1. K copies of each example in the batch walk up the layers together.
+            examples = order[first:first + cfg.batch_size]
+            obs, _ = env.reset(options={"indices": examples.repeat_interleave(samples)})
+            epsilon = cfg.eps_end + (cfg.eps_start - cfg.eps_end) * math.exp(-step / cfg.eps_decay)
+            log_prob = torch.zeros(env.num_envs, device=device)
+            returns = torch.zeros(env.num_envs, device=device)
+            entropy_sum, decisions = torch.zeros((), device=device), 0
+            exit_layer = torch.zeros(env.num_envs, dtype=torch.long, device=device)
+            for layer in range(num_layers):
+                alive = ~env.finished
+                pi = policy.exit_probability(obs, layer).clamp(1e-6, 1 - 1e-6)
+                # 2. ε-greedy: a uniformly random action with probability ε, else a sample from π.
+                explore = torch.rand(env.num_envs, device=device) < epsilon
+                action = torch.where(explore, torch.rand(env.num_envs, device=device) < 0.5,
+                                     torch.rand(env.num_envs, device=device) < pi)
+                step_log_prob = torch.where(action, pi.log(), (1 - pi).log())
+                log_prob = log_prob + torch.where(alive, step_log_prob, 0.0)
+                bernoulli_entropy = -(pi * pi.log() + (1 - pi) * (1 - pi).log())
+                entropy_sum = entropy_sum + (bernoulli_entropy * alive).sum()
+                decisions += int(alive.sum())
+                obs, reward_t, _, _, info = env.step(action)
+                returns += reward_t
+                exit_layer = torch.maximum(exit_layer, info["exit_layer"])
+            # 3. REINFORCE with the per-example mean over its K samples as baseline.
+            grouped = returns.view(cfg.batch_size, samples)
+            advantage = (grouped - grouped.mean(1, keepdim=True)).view(-1)
+            loss = -(advantage * log_prob).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.net.parameters(), cfg.clip_norm)
+            optimizer.step()
+            step += 1
+            if writer is not None and (step % log_every == 0 or first == starts[-1]):
+                writer.add_scalar("train/reward", returns.mean().item(), step)
+                writer.add_scalar("train/policy_loss", loss.item(), step)
+                writer.add_scalar("train/entropy", (entropy_sum / max(decisions, 1)).item(), step)
+                writer.add_scalar("train/epsilon", epsilon, step)
+                writer.add_scalar("train/avg_exit_layer", exit_layer.float().mean().item(), step)
+        if dev is not None:
+            metrics = evaluate_policy(policy, dev, metric)
+            metrics.update(epoch=epoch, step=step)
+            history.append(metrics)
+            if writer is not None:
+                writer.add_scalar("eval/accuracy", metrics["accuracy"], step)
+                writer.add_scalar("eval/score", metrics["score"], step)
+                writer.add_scalar("eval/avg_exit_layer", metrics["avg_exit_layer"], step)
+                writer.add_scalar("eval/speedup", metrics["speedup"], step)
+    info = {"config": asdict(cfg), "updates": step, "train_seconds": round(time.time() - start, 2), "history": history}
+    return policy, info

@@ -1,0 +1,181 @@
+"""`MultiExitModel`: any Hugging Face encoder plus one exit head per layer, runnable layer by layer.
+
+No modeling code is copied or forked: the wrapper calls the encoder's own embedding module and its own layer
+modules one at a time, with the attention mask built by transformers' own mask utility. Training uses the
+same layer-by-layer path as inference, and a construction-time self-check proves it equals the model's
+ordinary forward, so an architecture whose layers need extra inputs is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+
+POOLINGS = ("cls", "mean")
+_LAYER_PATHS = ("encoder.layer", "encoder.layers", "transformer.layer", "layers")
+
+
+class BackboneError(ValueError):
+    """The backbone cannot be loaded or driven layer by layer; the message says what to do."""
+
+
+@dataclass
+class MultiExitOutput:
+    """Per-layer exit logits ``[B, L, C]`` and pooled states ``[B, L, H]``."""
+
+    logits: torch.Tensor
+    pooled: torch.Tensor
+
+
+def _find_layers(encoder: nn.Module) -> nn.ModuleList:
+    for path in _LAYER_PATHS:
+        module = encoder
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return module
+    raise BackboneError(
+        f"Cannot find the layer list of {type(encoder).__name__} (looked at {', '.join(_LAYER_PATHS)}). "
+        "exitrl drives BERT-style encoders (BERT, RoBERTa, MiniLM, ELECTRA, XLM-R) layer by layer."
+    )
+
+
+def _build_mask(encoder: PreTrainedModel, embedded: torch.Tensor, attention_mask: torch.Tensor):
+    """The encoder layers' attention mask, made by transformers' own utility for this version."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers < 4.53
+        return encoder.get_extended_attention_mask(attention_mask, attention_mask.shape)
+    return create_bidirectional_mask(config=encoder.config, inputs_embeds=embedded, attention_mask=attention_mask)
+
+
+def select_rows(mask, rows: torch.Tensor):
+    """Keep the rows of a layer mask (or ``None``) that are still in the batch."""
+    return None if mask is None else mask[rows]
+
+
+class MultiExitModel(nn.Module):
+    """An encoder with an exit classifier after every layer.
+
+    ``pooling`` is a backbone setting: ``cls`` (first token) for encoders trained with a [CLS] objective,
+    ``mean`` (masked mean) for sentence encoders such as all-MiniLM-L6-v2, whose first-token states carry little
+    before the last layers.
+    """
+
+    def __init__(self, encoder: PreTrainedModel, num_labels: int, pooling: str = "cls", dropout: float = 0.1):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise BackboneError(f"Unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}.")
+        self.encoder = encoder
+        self.layers = _find_layers(encoder)
+        self.embeddings = getattr(encoder, "embeddings", None)
+        if self.embeddings is None:
+            raise BackboneError(f"{type(encoder).__name__} has no `embeddings` module to run separately.")
+        self.num_layers = len(self.layers)
+        self.num_labels = num_labels
+        self.pooling = pooling
+        self.hidden_size = int(encoder.config.hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleList(nn.Linear(self.hidden_size, num_labels) for _ in range(self.num_layers))
+
+    # -- the pieces inference calls one by one -------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+        """Run the embedding module; returns the hidden states and the layers' attention mask."""
+        kwargs = {"input_ids": input_ids}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.embeddings(**kwargs)
+        return hidden, _build_mask(self.encoder, hidden, attention_mask)
+
+    def run_layer(self, index: int, hidden: torch.Tensor, layer_mask) -> torch.Tensor:
+        """Run layer ``index`` (0-based) of the encoder's own layer list."""
+        out = self.layers[index](hidden, attention_mask=layer_mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def exit_logits(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
+        return self.heads[index](self.dropout(pooled))
+
+    # -- training / tracing: every layer --------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> MultiExitOutput:
+        hidden, layer_mask = self.embed(input_ids, attention_mask, token_type_ids)
+        logits, pooled = [], []
+        for i in range(self.num_layers):
+            hidden = self.run_layer(i, hidden, layer_mask)
+            p = self.pool(hidden, attention_mask)
+            pooled.append(p)
+            logits.append(self.exit_logits(i, p))
+        return MultiExitOutput(torch.stack(logits, 1), torch.stack(pooled, 1))
+
+    def hidden_states(self, input_ids, attention_mask, token_type_ids=None) -> list[torch.Tensor]:
+        """Every layer's token states through the layer-by-layer path (used by the self-check and tests)."""
+        hidden, layer_mask = self.embed(input_ids, attention_mask, token_type_ids)
+        states = []
+        for i in range(self.num_layers):
+            hidden = self.run_layer(i, hidden, layer_mask)
+            states.append(hidden)
+        return states
+
+    @torch.no_grad()
+    def check_layerwise(self, tokenizer, atol: float = 1e-4) -> float:
+        """Prove that the layer-by-layer path equals the encoder's own forward; returns the max difference."""
+        was_training = self.training
+        self.eval()
+        batch = tokenizer(["a short one", "a somewhat longer second example sentence"], padding=True,
+                          return_tensors="pt").to(next(self.parameters()).device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        tt = batch.get("token_type_ids")
+        try:
+            ours = self.hidden_states(ids, mask, tt)
+            ref = self.encoder(input_ids=ids, attention_mask=mask, token_type_ids=tt,
+                               output_hidden_states=True).hidden_states[1:]
+        except TypeError as err:
+            raise BackboneError(f"{type(self.encoder).__name__} layers cannot be called one by one ({err}).") from err
+        finally:
+            self.train(was_training)
+        keep = mask.bool()
+        diff = max(float((a - b)[keep].abs().max()) for a, b in zip(ours, ref))
+        if not diff <= atol:
+            raise BackboneError(
+                f"Layer-by-layer forward of {type(self.encoder).__name__} differs from its own forward by {diff:.3g}; "
+                "this architecture needs inputs exitrl does not pass to its layers (e.g. relative positions)."
+            )
+        return diff
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(directory / "encoder")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory / "encoder")
+        torch.save(self.heads.state_dict(), directory / "heads.pt")
+        meta = {"num_labels": self.num_labels, "pooling": self.pooling, "num_layers": self.num_layers,
+                **(extra or {})}
+        (directory / "exitrl_backbone.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu"):
+        """Load a saved model; returns ``(model, tokenizer, meta)``."""
+        directory = Path(directory)
+        meta_path = directory / "exitrl_backbone.json"
+        if not meta_path.is_file():
+            raise BackboneError(f"{directory} is not a saved MultiExitModel (no exitrl_backbone.json).")
+        meta = json.loads(meta_path.read_text())
+        encoder = AutoModel.from_pretrained(directory / "encoder")
+        model = cls(encoder, meta["num_labels"], meta["pooling"])
+        model.heads.load_state_dict(torch.load(directory / "heads.pt", map_location="cpu", weights_only=True))
+        tokenizer = AutoTokenizer.from_pretrained(directory / "encoder")
+        return model.to(device), tokenizer, meta

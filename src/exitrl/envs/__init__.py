@@ -1,0 +1,19 @@
+"""Early-exit environments over a trace: a Gymnasium env (registered) and a batched torch vector env.
+
+Envs never import agents; agents and policies import envs.
+"""
+
+import gymnasium as gym
+
+from exitrl.envs.early_exit_env import CONTINUE, EXIT, EarlyExitEnv
+from exitrl.envs.observation import ObservationLayout, build_observation, observation_table
+from exitrl.envs.vector_env import TraceVectorEnv
+
+ENV_ID = "exitrl/EarlyExit-v0"
+if ENV_ID not in gym.registry:
+    gym.register(id=ENV_ID, entry_point="exitrl.envs.early_exit_env:EarlyExitEnv")
+
+__all__ = [
+    "CONTINUE", "ENV_ID", "EXIT", "EarlyExitEnv", "ObservationLayout", "TraceVectorEnv", "build_observation",
+    "observation_table",
+]

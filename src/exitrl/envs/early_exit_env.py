@@ -1,0 +1,64 @@
+"""`EarlyExitEnv`: one episode walks one example up the layers of a traced backbone.
+
+At layer l the agent sees that layer's observation and chooses 0 = continue or 1 = exit; the last layer always
+exits. The reward (a function of the exit context, see `exitrl.rewards`) is paid on exit, 0 otherwise. Rewards
+and observations are precomputed tables over the trace, so a step is an array lookup.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+from exitrl.envs.observation import ObservationLayout, observation_box, observation_table
+from exitrl.rewards import resolve_reward, reward_table
+from exitrl.trace import SplitTrace
+
+CONTINUE, EXIT = 0, 1
+
+
+class EarlyExitEnv(gym.Env):
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(self, trace: SplitTrace, reward: str = "hardness", reward_kwargs: dict | None = None,
+                 reward_fn: str | None = None, render_mode: str | None = None):
+        self.trace = trace.to("cpu")
+        self.num_layers = trace.num_layers
+        self.layout = ObservationLayout(trace.hidden_size, trace.num_classes)
+        self._obs = observation_table(self.trace.states, self.trace.logits).numpy().astype(np.float32)
+        reward_callable = resolve_reward(reward, reward_fn)
+        self._rewards = reward_table(reward_callable, self.trace.logits, self.trace.labels, self.trace.memorized,
+                                     reward_kwargs).numpy()
+        self._pred = self.trace.logits.argmax(-1).numpy()
+        self._labels = self.trace.labels.numpy()
+        self.observation_space = observation_box(self.layout.size)
+        self.action_space = gym.spaces.Discrete(2)
+        self.render_mode = render_mode
+        self._index = 0
+        self._layer = 0  # 0-based
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if options and "index" in options:
+            self._index = int(options["index"])
+        else:
+            self._index = int(self.np_random.integers(len(self._labels)))
+        self._layer = 0
+        return self._obs[self._index, 0].copy(), {"index": self._index, "layer": 1}
+
+    def step(self, action):
+        layer = self._layer
+        done = int(action) == EXIT or layer == self.num_layers - 1
+        info = {"index": self._index, "layer": layer + 1}
+        if done:
+            pred = int(self._pred[self._index, layer])
+            info.update(exit_layer=layer + 1, prediction=pred, correct=pred == int(self._labels[self._index]))
+            return self._obs[self._index, layer].copy(), float(self._rewards[self._index, layer]), True, False, info
+        self._layer = layer + 1
+        info["layer"] = layer + 2
+        return self._obs[self._index, layer + 1].copy(), 0.0, False, False, info
+
+    def render(self):
+        if self.render_mode == "ansi":
+            return f"example {self._index} at layer {self._layer + 1}/{self.num_layers}"
+        return None

@@ -1,0 +1,70 @@
+"""The observation every env emits and every policy can rebuild: one layout, built by one function.
+
+Layout of the flat float32 vector (D = H + C + 3):
+``[pooled state (H) | layer position l/L (1) | exit-head probabilities (C) | max-prob (1) | entropy (1)]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ObservationLayout:
+    hidden_size: int
+    num_classes: int
+
+    @property
+    def size(self) -> int:
+        return self.hidden_size + self.num_classes + 3
+
+    @property
+    def state(self) -> slice:
+        return slice(0, self.hidden_size)
+
+    @property
+    def position(self) -> int:
+        return self.hidden_size
+
+    @property
+    def probs(self) -> slice:
+        return slice(self.hidden_size + 1, self.hidden_size + 1 + self.num_classes)
+
+    @property
+    def max_prob(self) -> int:
+        return self.hidden_size + 1 + self.num_classes
+
+    @property
+    def entropy(self) -> int:
+        return self.hidden_size + 2 + self.num_classes
+
+    def layer_index(self, obs: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """0-based layer of each observation, decoded from the position feature."""
+        return (obs[..., self.position] * num_layers).round().long() - 1
+
+
+def build_observation(states: torch.Tensor, logits: torch.Tensor, layer, num_layers: int) -> torch.Tensor:
+    """Observations for states ``[..., H]`` and logits ``[..., C]`` at 1-indexed ``layer`` (int or tensor)."""
+    probs = torch.softmax(logits.float(), -1)
+    log_probs = torch.log_softmax(logits.float(), -1)
+    entropy = -(probs * log_probs).sum(-1, keepdim=True)
+    position = torch.as_tensor(layer, dtype=torch.float32, device=states.device) / num_layers
+    position = position.expand(states.shape[:-1]).unsqueeze(-1) if position.dim() == 0 else position.unsqueeze(-1)
+    return torch.cat([states.float(), position, probs, probs.max(-1, keepdim=True).values, entropy], -1)
+
+
+def observation_table(states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Observations for every (example, layer) of a trace split: ``[N, L, D]``."""
+    num_layers = logits.shape[1]
+    layers = torch.arange(1, num_layers + 1, device=states.device).expand(states.shape[0], num_layers)
+    return build_observation(states, logits, layers, num_layers)
+
+
+def observation_box(size: int) -> gym.spaces.Box:
+    """Unbounded in principle (pooled states); the float32 range keeps checkers' infinity warnings quiet."""
+    limit = np.finfo(np.float32).max
+    return gym.spaces.Box(-limit, limit, (size,), np.float32)

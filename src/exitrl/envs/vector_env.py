@@ -1,0 +1,90 @@
+"""`TraceVectorEnv`: thousands of early-exit episodes per step as torch tensor ops, on the GPU when present.
+
+It follows Gymnasium's `VectorEnv` API with the ``SAME_STEP`` autoreset mode: a row that exits is given a new
+random example in the same step, so no step is spent on resets. Observations, rewards and infos are torch
+tensors on the env's device. With ``autoreset=False`` a finished row stays finished (reward 0, same obs) until
+the next `reset`, which suits algorithms that roll out exactly one episode per row (REINFORCE).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import torch
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from exitrl.envs.observation import ObservationLayout, observation_box, observation_table
+from exitrl.rewards import resolve_reward, reward_table
+from exitrl.trace import SplitTrace
+
+
+class TraceVectorEnv(gym.vector.VectorEnv):
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(self, trace: SplitTrace, num_envs: int, reward: str = "hardness", reward_kwargs: dict | None = None,
+                 reward_fn: str | None = None, device: str | torch.device = "cpu", autoreset: bool = True,
+                 seed: int | None = None):
+        self.device = torch.device(device)
+        self.num_envs = int(num_envs)
+        self.autoreset = autoreset
+        trace = trace.to(self.device)
+        self.trace = trace
+        self.num_layers = trace.num_layers
+        self.num_examples = len(trace)
+        self.layout = ObservationLayout(trace.hidden_size, trace.num_classes)
+        self._obs = observation_table(trace.states, trace.logits).reshape(-1, self.layout.size).contiguous()
+        reward_callable = resolve_reward(reward, reward_fn)
+        self._rewards = reward_table(reward_callable, trace.logits, trace.labels, trace.memorized,
+                                     reward_kwargs).reshape(-1)
+        self._pred = trace.logits.argmax(-1).reshape(-1)
+        self._labels = trace.labels
+        self.single_observation_space = observation_box(self.layout.size)
+        self.single_action_space = gym.spaces.Discrete(2)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(seed if seed is not None else int(torch.randint(2**31, ()).item()))
+        self.indices = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+        self.layers = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)  # 0-based
+        self.finished = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        self._zeros = torch.zeros(self.num_envs, device=self.device)
+
+    def _draw(self, count: int) -> torch.Tensor:
+        return torch.randint(self.num_examples, (count,), generator=self._generator, device=self.device)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self._generator.manual_seed(seed)
+        if options and "indices" in options:
+            indices = torch.as_tensor(options["indices"], dtype=torch.long, device=self.device)
+            if indices.shape != (self.num_envs,):
+                raise ValueError(f"options['indices'] must have shape ({self.num_envs},), got {tuple(indices.shape)}.")
+            self.indices = indices.clone()
+        else:
+            self.indices = self._draw(self.num_envs)
+        self.layers.zero_()
+        self.finished.zero_()
+        return self._obs[self.indices * self.num_layers], {"index": self.indices.clone()}
+
+    def step(self, actions):
+        actions = torch.as_tensor(actions, device=self.device)
+        flat = self.indices * self.num_layers + self.layers
+        exits = (actions != 0) | (self.layers == self.num_layers - 1)
+        if not self.autoreset:
+            exits &= ~self.finished
+        rewards = torch.where(exits, self._rewards[flat], self._zeros)
+        infos = {
+            "exit_layer": torch.where(exits, self.layers + 1, 0),
+            "prediction": self._pred[flat],
+            "correct": self._pred[flat] == self._labels[self.indices],
+            "index": self.indices.clone(),
+        }
+        if self.autoreset:
+            self.indices = torch.where(exits, self._draw(self.num_envs), self.indices)
+            self.layers = torch.where(exits, 0, self.layers + 1)
+        else:
+            self.finished |= exits
+            self.layers = torch.where(self.finished, self.layers, self.layers + 1)
+        obs = self._obs[self.indices * self.num_layers + self.layers]
+        truncations = torch.zeros_like(exits)
+        return obs, rewards, exits, truncations, infos

@@ -1,0 +1,92 @@
+"""The metric contract, one function for every policy.
+
+Task metric (accuracy, or F1 of the positive class for MRPC), mean exit layer, layer speedup L / mean exit
+layer, saved layers 1 - mean / L, and the histogram of exit layers. `oracle_bounds` gives the analysis-only
+references: the consistency oracle (first layer whose prediction equals the last layer's; keeps the full
+model's predictions, so its saving bounds every no-loss policy) and the correctness oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from exitrl.policy import ExitPolicy, LayerBatch
+from exitrl.trace import SplitTrace
+
+
+def task_metric(predictions: torch.Tensor, labels: torch.Tensor, metric: str = "accuracy") -> float:
+    predictions, labels = predictions.cpu(), labels.cpu()
+    if metric == "accuracy":
+        return float((predictions == labels).float().mean())
+    if metric == "f1":
+        tp = float(((predictions == 1) & (labels == 1)).sum())
+        fp = float(((predictions == 1) & (labels != 1)).sum())
+        fn = float(((predictions != 1) & (labels == 1)).sum())
+        return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+    raise ValueError(f"Unknown metric {metric!r}; valid: accuracy, f1.")
+
+
+def summarize_exits(exit_layers: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor, num_layers: int,
+                    metric: str = "accuracy") -> dict:
+    """The contract's numbers from 1-indexed exit layers and the predictions made there."""
+    mean_layer = float(exit_layers.float().mean())
+    return {
+        "metric": metric,
+        "score": task_metric(predictions, labels, metric),
+        "accuracy": task_metric(predictions, labels, "accuracy"),
+        "avg_exit_layer": mean_layer,
+        "speedup": num_layers / mean_layer,
+        "saved_layers": 1.0 - mean_layer / num_layers,
+        "exit_histogram": torch.bincount(exit_layers.cpu() - 1, minlength=num_layers).tolist(),
+        "num_examples": int(labels.shape[0]),
+    }
+
+
+@torch.no_grad()
+def run_policy(policy: ExitPolicy, trace: SplitTrace, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk the trace layer by layer with compaction, as the runtime does; returns exit layers and predictions."""
+    device = trace.logits.device
+    num_layers = trace.num_layers
+    exit_layers = torch.empty(len(trace), dtype=torch.long, device=device)
+    predictions = torch.empty(len(trace), dtype=torch.long, device=device)
+    for start in range(0, len(trace), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(trace)), device=device)
+        memory = policy.init_memory(rows.shape[0], device)
+        for layer in range(1, num_layers + 1):
+            logits = trace.logits[rows, layer - 1]
+            batch = LayerBatch(layer, num_layers, trace.states[rows, layer - 1].float(), logits)
+            leave = torch.ones_like(rows, dtype=torch.bool) if layer == num_layers else policy.decide(batch, memory)
+            leave = leave.to(torch.bool)
+            exit_layers[rows[leave]] = layer
+            predictions[rows[leave]] = logits[leave].argmax(-1)
+            stay = ~leave
+            rows = rows[stay]
+            memory = {k: v[stay] for k, v in memory.items()}
+            if rows.numel() == 0:
+                break
+    return exit_layers, predictions
+
+
+def evaluate_policy(policy: ExitPolicy, trace: SplitTrace, metric: str = "accuracy") -> dict:
+    exit_layers, predictions = run_policy(policy, trace)
+    return summarize_exits(exit_layers, predictions, trace.labels, trace.num_layers, metric)
+
+
+def oracle_bounds(trace: SplitTrace, metric: str = "accuracy") -> dict:
+    """Full model, per-layer scores and the two oracles (analysis only, never deployable)."""
+    preds = trace.logits.argmax(-1)  # [N, L]
+    num_layers = trace.num_layers
+    agrees = preds == preds[:, -1:]
+    consistency_layer = agrees.int().argmax(1) + 1  # the last layer always agrees with itself
+    correct = preds == trace.labels[:, None]
+    correctness_layer = torch.where(correct.any(1), correct.int().argmax(1) + 1, num_layers)
+    rows = torch.arange(len(trace), device=preds.device)
+    return {
+        "full_model": summarize_exits(torch.full_like(trace.labels, num_layers), preds[:, -1], trace.labels,
+                                      num_layers, metric),
+        "per_layer_score": [task_metric(preds[:, i], trace.labels, metric) for i in range(num_layers)],
+        "consistency_oracle": summarize_exits(consistency_layer, preds[rows, consistency_layer - 1], trace.labels,
+                                              num_layers, metric),
+        "correctness_oracle": summarize_exits(correctness_layer, preds[rows, correctness_layer - 1], trace.labels,
+                                              num_layers, metric),
+    }

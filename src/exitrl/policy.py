@@ -1,0 +1,84 @@
+"""`ExitPolicy`: the one interface every exit rule and learned agent yields.
+
+Inference walks a batch up the layers; at each layer the policy sees the rows still in the batch and says which
+exit. Rows that exit leave the batch, so a policy that keeps per-row memory (a patience counter, a previous
+prediction) returns it as tensors with the batch as first dimension, and the caller compacts them with the batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from exitrl.envs.observation import build_observation
+
+
+@dataclass
+class LayerBatch:
+    """The rows still running at 1-indexed ``layer``: pooled ``states [B, H]`` and exit ``logits [B, C]``."""
+
+    layer: int
+    num_layers: int
+    states: torch.Tensor
+    logits: torch.Tensor
+    extras: dict = field(default_factory=dict)
+
+    @cached_property
+    def observations(self) -> torch.Tensor:
+        """The same observation vector the envs emit (see `exitrl.envs.observation`)."""
+        return build_observation(self.states, self.logits, self.layer, self.num_layers)
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits.float(), -1)
+
+
+Memory = dict[str, torch.Tensor]
+
+
+class ExitPolicy(ABC):
+    """Decides, layer by layer, which rows of a batch exit. The last layer always exits (the caller enforces it)."""
+
+    name: str = "policy"
+    deployable: bool = True
+
+    def init_memory(self, batch_size: int, device: torch.device) -> Memory:
+        """Per-row memory for a new batch; stateless policies keep none."""
+        return {}
+
+    @abstractmethod
+    def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
+        """Boolean ``[B]``: True where the row exits at ``batch.layer``. May update ``memory`` in place."""
+
+    def to(self, device: torch.device) -> ExitPolicy:
+        return self
+
+    # -- persistence: the class path, its constructor arguments and its tensors ----------------------------
+    def config(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - stateless policies have nothing to load
+        """Restore tensors saved by `state_dict`."""
+
+    def save(self, path: str | Path) -> None:
+        payload = {"class": f"{type(self).__module__}:{type(self).__qualname__}", "config": self.config(),
+                   "state": self.state_dict()}
+        torch.save(payload, path)
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu") -> ExitPolicy:
+    """Load any policy saved with `ExitPolicy.save`."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    module_name, _, qualname = payload["class"].partition(":")
+    cls = getattr(importlib.import_module(module_name), qualname)
+    policy = cls(**payload["config"])
+    policy.load_state_dict(payload["state"])
+    return policy.to(torch.device(device))

@@ -1,0 +1,135 @@
+"""Rewards for exiting: functions of a batched `RewardContext`, chosen by config or by import path.
+
+A reward is paid once per episode, when the example exits; continuing pays 0. Every reward depends only on
+(example, exit layer), so envs evaluate it once for every pair and replay it as a lookup; a reward that raises
+or gives NaN/inf is therefore caught before any training step, with the offending rows named.
+
+Depth convention: ``depth="layer"`` uses the 1-indexed exit layer l (as ConsistentEE's code, whose α lies in
+about 0.01-0.09 for 12 layers); ``depth="fraction"`` uses l / L, which makes α comparable across depths.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+DEPTHS = ("layer", "fraction")
+
+
+class RewardError(RuntimeError):
+    """A reward function failed or returned non-finite values."""
+
+
+@dataclass
+class RewardContext:
+    """What a reward may look at, for a batch of B exits.
+
+    exit_layer: 1-indexed exit layer ``[B]``; num_layers: L; log_probs: exit head's log-softmax at the exit
+    layer ``[B, C]``; label ``[B]``; memorized_layer ``[B]`` (1-indexed, ConsistentEE Eq. 7).
+    """
+
+    exit_layer: torch.Tensor
+    num_layers: int
+    log_probs: torch.Tensor
+    label: torch.Tensor
+    memorized_layer: torch.Tensor
+
+    @property
+    def prediction(self) -> torch.Tensor:
+        return self.log_probs.argmax(-1)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.prediction == self.label
+
+    @property
+    def label_log_prob(self) -> torch.Tensor:
+        return self.log_probs.gather(1, self.label[:, None]).squeeze(1)
+
+    def depth(self, convention: str = "layer") -> torch.Tensor:
+        if convention not in DEPTHS:
+            raise ValueError(f"Unknown depth convention {convention!r}; valid: {', '.join(DEPTHS)}.")
+        layer = self.exit_layer.float()
+        return layer if convention == "layer" else layer / self.num_layers
+
+
+def vanilla(ctx: RewardContext, alpha: float = 0.05, depth: str = "layer") -> torch.Tensor:
+    """R = log p_l(y|x) - α·depth(l)."""
+    return ctx.label_log_prob - alpha * ctx.depth(depth)
+
+
+def hardness(ctx: RewardContext, alpha: float = 0.05, depth: str = "layer") -> torch.Tensor:
+    """ConsistentEE hardness-guided: R = log p_l(y|x) - α·depth(l)·(1 - m/L); hard examples pay no depth cost."""
+    easiness = 1.0 - ctx.memorized_layer.float() / ctx.num_layers
+    return ctx.label_log_prob - alpha * ctx.depth(depth) * easiness
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., torch.Tensor]] = {"vanilla": vanilla, "hardness": hardness}
+
+
+def resolve_reward(name: str | None = None, fn: str | None = None) -> Callable[..., torch.Tensor]:
+    """A built-in reward by ``name``, or a user reward by import path ``package.module:function``."""
+    if fn:
+        module_name, sep, attr = fn.partition(":")
+        if not sep or not module_name or not attr:
+            raise RewardError(f"reward.fn={fn!r} must be an import path 'package.module:function'.")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise RewardError(f"reward.fn={fn!r}: cannot import {module_name!r} ({err}). Is it on PYTHONPATH?") from err
+        reward = getattr(module, attr, None)
+        if not callable(reward):
+            raise RewardError(f"reward.fn={fn!r}: {module_name} has no callable {attr!r}.")
+        return reward
+    if name not in BUILTIN_REWARDS:
+        raise RewardError(f"Unknown reward {name!r}; valid: {', '.join(BUILTIN_REWARDS)}, or reward=custom with "
+                          "reward.fn=package.module:function.")
+    return BUILTIN_REWARDS[name]
+
+
+def call_reward(reward: Callable[..., torch.Tensor], ctx: RewardContext, kwargs: dict | None = None) -> torch.Tensor:
+    """Call ``reward`` and check it returns B finite numbers; any failure is a `RewardError` that says where."""
+    name = getattr(reward, "__qualname__", repr(reward))
+    try:
+        out = reward(ctx, **(kwargs or {}))
+    except Exception as err:  # noqa: BLE001 - surface the user's error with context
+        raise RewardError(f"Reward {name} raised {type(err).__name__}: {err}") from err
+    out = torch.as_tensor(out, dtype=torch.float32, device=ctx.exit_layer.device)
+    batch = ctx.exit_layer.shape[0]
+    if out.shape != (batch,):
+        raise RewardError(f"Reward {name} returned shape {tuple(out.shape)}; it must return one value per exit, "
+                          f"shape ({batch},).")
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        rows = bad.nonzero().flatten()[:5].tolist()
+        raise RewardError(
+            f"Reward {name} returned {int(bad.sum())} non-finite value(s) (NaN/inf), e.g. at rows {rows} "
+            f"(exit layers {ctx.exit_layer[rows].tolist()}, first value {out[rows[0]].item()}). Training stopped; "
+            "the backbone and trace caches are kept. Fix the reward (e.g. clamp log-probs) and rerun."
+        )
+    return out
+
+
+def reward_table(reward: Callable[..., torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
+                 memorized: torch.Tensor, kwargs: dict | None = None) -> torch.Tensor:
+    """``R[n, l-1]`` = reward for example n exiting at layer l, for every n and l, validated once."""
+    n, num_layers, _ = logits.shape
+    layers = torch.arange(1, num_layers + 1, device=logits.device).repeat(n)
+    rows = torch.arange(n, device=logits.device).repeat_interleave(num_layers)
+    ctx = RewardContext(
+        exit_layer=layers,
+        num_layers=num_layers,
+        log_probs=torch.log_softmax(logits.float(), -1).reshape(n * num_layers, -1),
+        label=labels[rows],
+        memorized_layer=memorized[rows],
+    )
+    return call_reward(reward, ctx, kwargs).reshape(n, num_layers)
+
+
+__all__ = [
+    "BUILTIN_REWARDS", "DEPTHS", "RewardContext", "RewardError", "call_reward", "hardness", "resolve_reward",
+    "reward_table", "vanilla",
+]

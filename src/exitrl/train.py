@@ -1,0 +1,129 @@
+"""``python -m exitrl.train agent=reinforce env=rte``: fine-tune (or reuse) the backbone, trace it, train the
+agent, evaluate it beside the fixed baselines and the oracle bound, and write TensorBoard, metrics.json, the
+saved policy and the resolved config into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from exitrl.agents.confidence import ConfidencePolicy
+from exitrl.agents.registry import AGENTS, AgentContext, build_agent
+from exitrl.backbones import BackboneError, FinetuneConfig, load_or_finetune
+from exitrl.data import DataError, load_task
+from exitrl.device import pick_device
+from exitrl.evaluate import evaluate_policy, oracle_bounds
+from exitrl.report import results_table
+from exitrl.rewards import RewardError
+from exitrl.trace import load_or_build_trace
+
+log = logging.getLogger("exitrl.train")
+BASELINES = {"confidence": lambda cfg: ConfidencePolicy(cfg.confidence_threshold)}
+
+
+def reward_settings(reward_cfg: dict) -> tuple[str | None, str | None, dict]:
+    """(built-in name, import path, keyword arguments) from the ``reward`` group."""
+    kwargs = {k: v for k, v in reward_cfg.items() if k not in ("name", "fn", "kwargs")}
+    kwargs.update(reward_cfg.get("kwargs") or {})
+    fn = reward_cfg.get("fn")
+    return (None if fn else reward_cfg.get("name")), fn, kwargs
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """The whole job; returns what it writes to metrics.json."""
+    started = time.time()
+    agent_name = cfg.agent.name
+    if agent_name not in AGENTS:
+        raise ValueError(f"Unknown agent {agent_name!r}; valid agents: {', '.join(AGENTS)}.")
+    unknown_baselines = [b for b in cfg.baselines if b not in BASELINES]
+    if unknown_baselines:
+        raise ValueError(f"Unknown baseline(s) {unknown_baselines}; valid: {', '.join(BASELINES)}.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    limit = OmegaConf.to_container(cfg.data.limit, resolve=True)
+    custom = OmegaConf.to_container(cfg.env.custom, resolve=True) if "custom" in cfg.env else None
+    data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom)
+    log.info("Task %s from %s: %s", data.name, data.source, {k: len(v) for k, v in data.splits.items()})
+
+    finetune_cfg = FinetuneConfig(**OmegaConf.to_container(cfg.backbone.finetune, resolve=True), seed=cfg.seed)
+    model, tokenizer, backbone_info = load_or_finetune(
+        cfg.backbone.name, data, finetune_cfg, cfg.cache_dir, device, cfg.backbone.pooling, cfg.backbone.package,
+        writer,
+    )
+    trace = load_or_build_trace(model, tokenizer, data, cfg.cache_dir, device, finetune_cfg.max_length)
+    num_layers = model.num_layers
+    del model
+
+    dev = trace["dev"]
+    bounds = oracle_bounds(dev, data.metric)
+    per_layer = bounds["per_layer_score"]
+    log.info("Dev %s per layer: %s", data.metric, " ".join(f"{100 * s:.1f}" for s in per_layer))
+
+    reward, reward_fn, reward_kwargs = reward_settings(OmegaConf.to_container(cfg.reward, resolve=True))
+    ctx = AgentContext(trace, reward, reward_fn, reward_kwargs, device, writer, data.metric, cfg.seed)
+    agent_cfg = {k: v for k, v in OmegaConf.to_container(cfg.agent, resolve=True).items() if k != "name"}
+    agent_started = time.time()
+    policy, agent_info = build_agent(agent_name, agent_cfg, ctx)
+    agent_seconds = time.time() - agent_started
+    policy.to(torch.device("cpu")).save(run_dir / "policy.pt")
+
+    results = {agent_name: evaluate_policy(policy, dev, data.metric)}
+    for name in cfg.baselines:
+        if name != agent_name:
+            results[name] = evaluate_policy(BASELINES[name](cfg), dev, data.metric)
+    final_step = agent_info.get("updates", 0)
+    mine = results[agent_name]
+    for key in ("accuracy", "score", "avg_exit_layer", "speedup", "saved_layers"):
+        writer.add_scalar(f"eval/{key}", mine[key], final_step)
+    layers = torch.cat([torch.full((c,), i + 1) for i, c in enumerate(mine["exit_histogram"])])
+    writer.add_histogram("exit/layer", layers, final_step, bins=torch.arange(0.5, num_layers + 1).tolist())
+    writer.close()
+
+    table_rows = {
+        "full model": bounds["full_model"],
+        "consistency oracle (bound)": bounds["consistency_oracle"],
+        "correctness oracle": bounds["correctness_oracle"],
+        **results,
+    }
+    table = results_table(table_rows, data.metric, num_layers)
+    metrics = {
+        "agent": agent_name, "task": data.name, "data_source": data.source, "metric": data.metric,
+        "device": str(device), "num_layers": num_layers, "dev_per_layer": per_layer, "oracle": bounds,
+        "results": results, "backbone": {k: v for k, v in backbone_info.items() if k != "dev_accuracy_per_epoch"},
+        "trace_key": trace.meta.get("key"), "reward": {"name": reward, "fn": reward_fn, **reward_kwargs},
+        "agent_info": agent_info, "agent_seconds": round(agent_seconds, 2),
+        "total_seconds": round(time.time() - started, 1), "run_dir": str(run_dir),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"\nexitrl: {agent_name} on {data.name} (dev, {len(dev)} examples, {num_layers} layers)\n{table}\n"
+          f"run folder: {run_dir}")
+    return metrics
+
+
+@hydra.main(config_path="configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, run_dir)
+    except (DataError, BackboneError, RewardError, ValueError) as err:
+        log.error("%s", err)
+        print(f"exitrl: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny randomly initialised encoders (width 32) saved with a real tokenizer, synthetic traces,
+and the GLUE data folder that sits beside the checkout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("EXITRL_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "glue"))
+WORDS = ("the a an is was not no yes it this that and or of to in on for with by he she they we you i good bad "
+         "film movie great awful story said has had be are were will would can could").split()
+
+
+def save_tiny_encoder(folder: Path, model_type: str = "bert", num_layers: int = 3, seed: int = 0) -> Path:
+    """A width-32 encoder with random weights and a small WordPiece vocabulary, saved with save_pretrained."""
+    from transformers import AutoConfig, AutoModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz.,'\"!?-",
+             *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz")]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=160, type_vocab_size=2 if model_type == "bert" else 1,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    if not (GLUE_DIR / "RTE" / "train.tsv").is_file():
+        pytest.fail(f"GLUE data not found at {GLUE_DIR}; set EXITRL_TEST_DATA_DIR to a GLUE-layout folder.")
+    return GLUE_DIR
+
+
+def synthetic_trace(n: int = 2000, num_layers: int = 4, hidden: int = 16, seed: int = 0, easy_fraction: float = 0.5):
+    """A trace whose best exit policy is known: 'easy' examples (marked by state feature 0) are predicted
+    correctly and confidently by every head; 'hard' ones only by the last head."""
+    from exitrl.trace import SplitTrace
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(2, (n,), generator=g)
+    easy = torch.rand(n, generator=g) < easy_fraction
+    states = torch.randn(n, num_layers, hidden, generator=g)
+    states[:, :, 0] += torch.where(easy, 2.0, -2.0)[:, None]
+    sign = torch.where(labels == 1, 1.0, -1.0)
+    logits = torch.zeros(n, num_layers, 2)
+    for layer in range(num_layers):
+        good = easy | (layer == num_layers - 1)
+        logits[:, layer, 1] = torch.where(good, 3 * sign, -3 * sign)
+    return SplitTrace.from_logits(states, logits, labels), easy

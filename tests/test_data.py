@@ -1,0 +1,120 @@
+"""Both data paths (local GLUE folder, hub-style dataset repo through `datasets`), custom files, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import datasets
+import pytest
+
+from exitrl.data import GLUE_TASKS, DataError, load_task
+from exitrl.data import loading as loading_module
+
+
+def test_local_glue_tasks_load_with_canonical_ids(glue_dir):
+    rte = load_task("rte", glue_dir)
+    assert {k: len(v) for k, v in rte.splits.items()} == {"train": 2490, "dev": 277}
+    assert rte.splits["dev"][0]["label"] == 1  # "not_entailment" -> id 1 as on the hub
+    mrpc = load_task("mrpc", glue_dir)  # files start with a UTF-8 BOM
+    assert (len(mrpc.splits["train"]), len(mrpc.splits["dev"])) == (3668, 408)
+    assert sum(mrpc.splits["dev"]["label"]) == 279 and mrpc.metric == "f1"
+    sst2 = load_task("sst2", glue_dir, limit={"train": 100, "dev": None})
+    assert len(sst2.splits["train"]) == 100 and sst2.splits["dev"][0]["text_b"] is None
+
+
+def test_env_variable_names_the_data_folder(glue_dir, monkeypatch):
+    monkeypatch.setenv("EXITRL_DATA_DIR", str(glue_dir))
+    assert len(load_task("rte", None, splits=("dev",)).splits["dev"]) == 277
+
+
+def test_qnli_has_no_local_train_split(glue_dir):
+    with pytest.raises(DataError, match="train"):
+        load_task("qnli", glue_dir)
+    assert len(load_task("qnli", glue_dir, splits=("dev",)).splits["dev"]) == 5463
+
+
+def test_hub_path_reads_a_dataset_repository(tmp_path, monkeypatch):
+    """The hub loader goes through `datasets.load_dataset`; a dataset repo laid out as the hub's GLUE one
+    (parquet files, configs in README.md) exercises exactly that code without a network."""
+    repo = tmp_path / "glue_repo"
+    (repo / "rte").mkdir(parents=True)
+    rows = {"sentence1": ["a b", "c d", "e f"], "sentence2": ["x", "y", "z"], "label": [0, 1, 0], "idx": [0, 1, 2]}
+    for split in ("train", "validation"):
+        datasets.Dataset.from_dict(rows).to_parquet(str(repo / "rte" / f"{split}-00000-of-00001.parquet"))
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: rte\n  data_files:\n  - split: train\n    path: rte/train-*\n"
+        "  - split: validation\n    path: rte/validation-*\n---\n"
+    )
+    spec = dataclasses.replace(GLUE_TASKS["rte"], hub_path=str(repo))
+    monkeypatch.setitem(GLUE_TASKS, "rte", spec)
+    data = load_task("rte", None)
+    assert data.source.startswith("hub:") and data.splits["dev"]["label"] == [0, 1, 0]
+    assert data.splits["train"]["text_b"] == ["x", "y", "z"]
+
+
+def test_no_source_names_both_ways(monkeypatch, tmp_path):
+    monkeypatch.delenv("EXITRL_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as err:
+        load_task("rte", tmp_path / "nowhere")
+    message = str(err.value)
+    assert "data.dir" in message and "EXITRL_DATA_DIR" in message and "hub" in message
+
+
+def test_unknown_task_lists_valid_ones():
+    with pytest.raises(DataError, match="rte, sst2, mrpc, qnli, custom"):
+        load_task("cola")
+
+
+def _custom(files, **extra):
+    return {"files": files, "text_columns": ["text"], "label_column": "y", **extra}
+
+
+def test_custom_tsv_csv_jsonl_with_string_and_integer_labels(tmp_path):
+    (tmp_path / "train.tsv").write_text('text\ty\n"quoted start\tcat\nplain\tdog\nthird\tbird\n')
+    (tmp_path / "dev.csv").write_text('text,y\n"a, b",dog\nc,cat\n')
+    data = load_task("custom", custom=_custom({"train": tmp_path / "train.tsv", "dev": tmp_path / "dev.csv"}))
+    assert data.label_names == ("bird", "cat", "dog") and data.num_labels == 3
+    assert data.splits["train"]["text_a"][0] == '"quoted start'
+    assert data.splits["dev"]["label"] == [2, 1] and data.splits["dev"]["text_a"][0] == "a, b"
+    lines = [json.dumps({"text": f"t{i}", "y": i % 4 + 10}) for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines))
+    (tmp_path / "dev.jsonl").write_text("\n".join(lines[:3]))
+    data = load_task("custom", custom=_custom({"train": tmp_path / "train.jsonl", "dev": tmp_path / "dev.jsonl"}))
+    assert data.label_names == ("10", "11", "12", "13") and data.splits["dev"]["label"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("train", "dev", "match"),
+    [
+        ("text\ty\nhello\tpos\nbye\tneg\n", "words\ty\nhi\tpos\n", r"lacks column\(s\) \['text'\]"),
+        ("text\ty\nhello\tpos\nbye\tneg\n", "text\ty\n", "no data rows"),
+        ("text\ty\nhello\tpos\nbye\tneg\n", "text\ty\nhi\tmaybe\n", "label 'maybe'.*not one of"),
+        ("text\ty\nhello\tpos\textra\nbye\tneg\n", "text\ty\nhi\tpos\n", "more fields than the header"),
+        ("text\ty\nhello\tpos\nbye\tpos\n", "text\ty\nhi\tpos\n", "at least two"),
+        ("text\ty\n\tpos\nbye\tneg\n", "text\ty\nhi\tpos\n", "is empty"),
+    ],
+)
+def test_malformed_custom_files_get_clear_errors(tmp_path, train, dev, match):
+    (tmp_path / "train.tsv").write_text(train)
+    (tmp_path / "dev.tsv").write_text(dev)
+    with pytest.raises(DataError, match=match):
+        load_task("custom", custom=_custom({"train": tmp_path / "train.tsv", "dev": tmp_path / "dev.tsv"}))
+
+
+def test_custom_needs_files_and_a_parsable_format(tmp_path):
+    with pytest.raises(DataError, match="missing"):
+        load_task("custom", custom=_custom({"train": tmp_path / "t.tsv"}))
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(DataError, match="Cannot parse"):
+        load_task("custom", custom=_custom({"train": tmp_path / "bad.jsonl", "dev": tmp_path / "bad.jsonl"}))
+    with pytest.raises(DataError, match="does not exist"):
+        loading_module._read_rows(tmp_path / "absent.tsv")
+
+
+def test_fingerprint_follows_content(glue_dir):
+    a = load_task("rte", glue_dir, limit={"train": 50, "dev": 20})
+    b = load_task("rte", glue_dir, limit={"train": 50, "dev": 20})
+    c = load_task("rte", glue_dir, limit={"train": 51, "dev": 20})
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
