@@ -37,7 +37,7 @@ class TraceVectorEnv(gym.vector.VectorEnv):
         self._rewards = reward_table(reward_callable, trace.logits, trace.labels, trace.memorized,
                                      reward_kwargs).reshape(-1)
         self._pred = trace.logits.argmax(-1).reshape(-1)
-        self._labels = trace.labels
+        self._correct = (trace.logits.argmax(-1) == trace.labels[:, None]).reshape(-1)
         self.single_observation_space = observation_box(self.layout.size)
         self.single_action_space = gym.spaces.Discrete(2)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
@@ -64,7 +64,7 @@ class TraceVectorEnv(gym.vector.VectorEnv):
             self.indices = self._draw(self.num_envs)
         self.layers.zero_()
         self.finished.zero_()
-        return self._obs[self.indices * self.num_layers], {"index": self.indices.clone()}
+        return torch.index_select(self._obs, 0, self.indices * self.num_layers), {"index": self.indices.clone()}
 
     def step(self, actions):
         actions = torch.as_tensor(actions, device=self.device)
@@ -76,8 +76,8 @@ class TraceVectorEnv(gym.vector.VectorEnv):
         infos = {
             "exit_layer": torch.where(exits, self.layers + 1, 0),
             "prediction": self._pred[flat],
-            "correct": self._pred[flat] == self._labels[self.indices],
-            "index": self.indices.clone(),
+            "correct": self._correct[flat],
+            "index": self.indices,
         }
         if self.autoreset:
             self.indices = torch.where(exits, self._draw(self.num_envs), self.indices)
@@ -85,6 +85,6 @@ class TraceVectorEnv(gym.vector.VectorEnv):
         else:
             self.finished |= exits
             self.layers = torch.where(self.finished, self.layers, self.layers + 1)
-        obs = self._obs[self.indices * self.num_layers + self.layers]
+        obs = torch.index_select(self._obs, 0, self.indices * self.num_layers + self.layers)
         truncations = torch.zeros_like(exits)
         return obs, rewards, exits, truncations, infos
