@@ -27,13 +27,13 @@ def test_train_reinforce_then_confidence_reuses_backbone(tiny_bert, glue_dir, tm
               f"data.dir={glue_dir}", "data.limit.train=64", "data.limit.dev=32", "backbone.finetune.epochs=1",
               "backbone.finetune.batch_size=32"]
     out = run_cli(tmp_path, "agent=reinforce", "agent.epochs=2", "agent.batch_size=8", "reward.alpha=0.02",
-                  *common, run_name="reinforce")
+                  "data.policy_split=0.25", *common, run_name="reinforce")
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "reinforce"
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["results"]) == {"reinforce", "confidence"}
     assert metrics["reward"]["alpha"] == 0.02 and metrics["backbone"]["cached"] is False
-    assert metrics["results"]["reinforce"]["num_examples"] == 32
+    assert metrics["results"]["reinforce"]["num_examples"] == 32 and metrics["policy_trained_on"] == "policy"
     assert len(metrics["dev_per_layer"]) == 3 and "consistency_oracle" in metrics["oracle"]
     assert "reinforce" in out.stdout and "consistency oracle" in out.stdout
     assert "alpha: 0.02" in (run / "config.yaml").read_text()
@@ -48,6 +48,10 @@ def test_train_reinforce_then_confidence_reuses_backbone(tiny_bert, glue_dir, tm
     out = run_cli(tmp_path, "agent=confidence", *common, run_name="confidence")
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "confidence" / "metrics.json").read_text())
+    assert metrics["backbone"]["cached"] is False  # policy_split differs, so the training data (and key) differ
+    out = run_cli(tmp_path, "agent=confidence", "data.policy_split=0.25", *common, run_name="confidence2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "confidence2" / "metrics.json").read_text())
     assert metrics["backbone"]["cached"] is True and set(metrics["results"]) == {"confidence"}
 
 
@@ -69,9 +73,9 @@ def test_cli_errors_are_clear(tiny_bert, glue_dir, tmp_path):
 
 def test_custom_reward_through_the_cli(tiny_bert, glue_dir, tmp_path):
     out = run_cli(tmp_path, f"backbone.name={tiny_bert}", "backbone.package=null", "env=rte", f"data.dir={glue_dir}",
-                  "data.limit.train=64", "data.limit.dev=32", "backbone.finetune.epochs=1", "reward=custom",
+                  "data.limit.train=160", "data.limit.dev=32", "backbone.finetune.epochs=1", "reward=custom",
                   "reward.fn=example_rewards:only_layer_two", "agent.epochs=15", "agent.batch_size=8",
-                  "agent.lr=0.003")
+                  "agent.lr=0.003", "agent.features=confidence")
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["reward"]["fn"] == "example_rewards:only_layer_two"

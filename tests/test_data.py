@@ -46,6 +46,9 @@ def test_hub_path_reads_a_dataset_repository(tmp_path, monkeypatch):
         "---\nconfigs:\n- config_name: rte\n  data_files:\n  - split: train\n    path: rte/train-*\n"
         "  - split: validation\n    path: rte/validation-*\n---\n"
     )
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("EXITRL_DATA_DIR", raising=False)
     spec = dataclasses.replace(GLUE_TASKS["rte"], hub_path=str(repo))
     monkeypatch.setitem(GLUE_TASKS, "rte", spec)
     data = load_task("rte", None)
@@ -118,3 +121,19 @@ def test_fingerprint_follows_content(glue_dir):
     b = load_task("rte", glue_dir, limit={"train": 50, "dev": 20})
     c = load_task("rte", glue_dir, limit={"train": 51, "dev": 20})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_policy_split_is_a_fixed_disjoint_slice_of_train(glue_dir):
+    whole = load_task("rte", glue_dir)
+    data = load_task("rte", glue_dir, policy_split=0.2)
+    again = load_task("rte", glue_dir, policy_split=0.2)
+    assert len(data.splits["policy"]) == 498 and len(data.splits["train"]) == 2490 - 498
+    assert data.splits["policy"]["text_a"] == again.splits["policy"]["text_a"]
+    pairs = set(zip(data.splits["train"]["text_a"], data.splits["train"]["text_b"]))
+    policy_pairs = list(zip(data.splits["policy"]["text_a"], data.splits["policy"]["text_b"]))
+    assert not pairs & set(policy_pairs)
+    assert sorted(pairs | set(policy_pairs)) == sorted(set(zip(whole.splits["train"]["text_a"],
+                                                               whole.splits["train"]["text_b"])))
+    assert data.fingerprint() != whole.fingerprint()
+    with pytest.raises(DataError, match="policy_split"):
+        load_task("rte", glue_dir, policy_split=1.5)

@@ -56,7 +56,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     limit = OmegaConf.to_container(cfg.data.limit, resolve=True)
     custom = OmegaConf.to_container(cfg.env.custom, resolve=True) if "custom" in cfg.env else None
-    data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom)
+    data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom, policy_split=cfg.data.policy_split)
     log.info("Task %s from %s: %s", data.name, data.source, {k: len(v) for k, v in data.splits.items()})
 
     finetune_cfg = FinetuneConfig(**OmegaConf.to_container(cfg.backbone.finetune, resolve=True), seed=cfg.seed)
@@ -105,7 +105,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "device": str(device), "num_layers": num_layers, "dev_per_layer": per_layer, "oracle": bounds,
         "results": results, "backbone": {k: v for k, v in backbone_info.items() if k != "dev_accuracy_per_epoch"},
         "trace_key": trace.meta.get("key"), "reward": {"name": reward, "fn": reward_fn, **reward_kwargs},
-        "agent_info": agent_info, "agent_seconds": round(agent_seconds, 2),
+        "policy_trained_on": ctx.policy_split, "agent_info": agent_info, "agent_seconds": round(agent_seconds, 2),
         "total_seconds": round(time.time() - started, 1), "run_dir": str(run_dir),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

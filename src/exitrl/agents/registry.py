@@ -24,6 +24,11 @@ class AgentContext:
     metric: str
     seed: int
 
+    @property
+    def policy_split(self) -> str:
+        """Where learned policies train: the held-out ``policy`` split when there is one, else ``train``."""
+        return "policy" if "policy" in self.trace.splits else "train"
+
 
 def _reinforce(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
     names = {f.name for f in fields(ReinforceConfig)}
@@ -31,7 +36,7 @@ def _reinforce(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
     if unknown:
         raise ValueError(f"agent=reinforce: unknown option(s) {unknown}; valid: {sorted(names)}.")
     config = ReinforceConfig(**{k: v for k, v in cfg.items() if k in names and k != "seed"}, seed=ctx.seed)
-    train = ctx.trace["train"].to(ctx.device)
+    train = ctx.trace[ctx.policy_split].to(ctx.device)
     dev = ctx.trace["dev"].to(ctx.device) if "dev" in ctx.trace.splits else None
     return train_reinforce(train, dev, config, ctx.reward, ctx.reward_kwargs, ctx.reward_fn, ctx.device,
                            ctx.writer, ctx.metric)

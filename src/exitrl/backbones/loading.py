@@ -41,6 +41,7 @@ def load_multi_exit(name: str, num_labels: int, pooling: str = "cls", package: s
             f"Cannot load backbone {name!r} from {path!r}: {err}. Pass backbone.name= a local model folder or a "
             f"hub id reachable from here{hint}."
         ) from err
-    model = MultiExitModel(encoder, num_labels, pooling=pooling, dropout=dropout)
+    # fp32 master weights whatever the checkpoint's dtype (an fp16 export, say); bf16 autocast runs on top on GPUs
+    model = MultiExitModel(encoder.float(), num_labels, pooling=pooling, dropout=dropout)
     model.check_layerwise(tokenizer)
     return model, tokenizer

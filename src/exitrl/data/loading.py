@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from exitrl.data.tasks import GLUE_TASKS, TASK_NAMES, TaskSpec
+from exitrl.hashing import hash_json
 
 if TYPE_CHECKING:
     import datasets
@@ -59,8 +62,13 @@ def load_task(
     splits: tuple[str, ...] = ("train", "dev"),
     limit: dict[str, int | None] | None = None,
     custom: dict | None = None,
+    policy_split: float = 0.0,
 ) -> TaskData:
-    """Load ``splits`` of ``task``; ``limit`` keeps the first n rows of a split (for quick runs and tests)."""
+    """Load ``splits`` of ``task``; ``limit`` keeps the first n rows of a split (for quick runs and tests).
+
+    ``policy_split`` > 0 moves that fraction of ``train`` (a fixed random subset) into a ``policy`` split: the
+    backbone never trains on it, so exit policies learn from states that behave like unseen data.
+    """
     task = task.lower()
     if task == "custom":
         data = _load_custom(custom or {}, splits)
@@ -70,11 +78,27 @@ def load_task(
         raise DataError(f"Unknown task {task!r}. Valid tasks: {', '.join(TASK_NAMES)}.")
     for split, n in (limit or {}).items():
         if n is not None and split in data.splits:
-            data.splits[split] = data.splits[split].select(range(min(int(n), len(data.splits[split]))))
+            data.splits[split] = _select(data.splits[split], list(range(min(int(n), len(data.splits[split])))))
+    if policy_split:
+        _carve_policy_split(data, float(policy_split))
     for split, ds in data.splits.items():
         if len(ds) == 0:
             raise DataError(f"Split {split!r} of task {data.name!r} ({data.source}) has no rows.")
     return data
+
+
+def _carve_policy_split(data: TaskData, fraction: float, seed: int = 0) -> None:
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"data.policy_split={fraction} must lie in (0, 1): the share of train held out for policies.")
+    if "train" not in data.splits:
+        raise DataError("data.policy_split needs a train split to carve the policy split from.")
+    train = data.splits["train"]
+    count = int(round(fraction * len(train)))
+    if count < 1 or count >= len(train):
+        raise DataError(f"data.policy_split={fraction} of {len(train)} training rows leaves an empty split.")
+    order = np.random.default_rng(seed).permutation(len(train))
+    data.splits["policy"] = _select(train, sorted(order[:count].tolist()))
+    data.splits["train"] = _select(train, sorted(order[count:].tolist()))
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
@@ -116,10 +140,10 @@ def _load_glue_hub(spec: TaskSpec, splits: tuple[str, ...]) -> TaskData:
     for split in splits:
         ds = raw[spec.hub_splits[split]]
         cols = spec.text_columns
-        out[split] = datasets.Dataset.from_dict(
+        out[split] = _make_dataset(
             {
-                "text_a": ds[cols[0]],
-                "text_b": ds[cols[1]] if len(cols) > 1 else [None] * len(ds),
+                "text_a": list(ds[cols[0]]),
+                "text_b": list(ds[cols[1]]) if len(cols) > 1 else [None] * len(ds),
                 "label": [int(x) for x in ds["label"]],
             }
         )
@@ -214,9 +238,18 @@ def _standardise(rows: list[dict], path: Path, text_columns, label_column: str, 
         empty = next((i for i, r in enumerate(rows) if r[column] in (None, "")), None)
         if empty is not None:
             raise DataError(f"{path}, row {empty + 2}: column {column!r} is empty.")
-    import datasets
-
     text_b = [str(r[text_columns[1]]) for r in rows] if len(text_columns) > 1 else [None] * len(rows)
-    return datasets.Dataset.from_dict(
-        {"text_a": [str(r[text_columns[0]]) for r in rows], "text_b": text_b, "label": labels}
-    )
+    return _make_dataset({"text_a": [str(r[text_columns[0]]) for r in rows], "text_b": text_b, "label": labels})
+
+
+def _make_dataset(columns: dict[str, list]) -> datasets.Dataset:
+    """A `datasets.Dataset` fingerprinted by our content hash. Without one, `datasets` hashes the whole table
+    with dill, which is slow on large splits and fails on some Python/pyarrow pairs (seen on Python 3.12)."""
+    import datasets
+    from datasets.table import InMemoryTable
+
+    return datasets.Dataset(InMemoryTable.from_pydict(columns), fingerprint=hash_json(columns))
+
+
+def _select(ds: datasets.Dataset, indices: list[int]) -> datasets.Dataset:
+    return ds.select(indices, new_fingerprint=hash_json([ds._fingerprint, indices]))
