@@ -14,6 +14,7 @@ from exitrl.backbones import (
     load_multi_exit,
     weighted_ce,
 )
+from exitrl.backbones.multi_exit import select_rows
 from exitrl.data import load_task
 
 
@@ -35,15 +36,31 @@ def test_layerwise_forward_equals_full_forward(tmp_path, model_type, pooling):
     assert out.logits.shape == (3, 3, 3)
 
 
-def test_stopping_early_really_runs_fewer_layers(tiny_bert):
+def test_early_exit_path_runs_fewer_layers_and_matches_the_full_forward(tiny_bert):
+    """Walk a batch up the layers as inference does: half the rows leave after layer 1 (their rows are dropped from
+    the hidden states and mask), the rest go on; every exit's logits equal the full forward's at that layer."""
     model, tok = load_multi_exit(str(tiny_bert), 2)
+    model.eval()
     calls = []
     for layer in model.layers:
-        layer.register_forward_hook(lambda *a: calls.append(1))
-    batch = tok(["the film"], return_tensors="pt")
-    hidden, mask = model.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    model.run_layer(0, hidden, mask)
-    assert len(calls) == 1
+        layer.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    batch = tok(["the film is great", "a story", "he said it was bad", "good movie"], padding=True,
+                return_tensors="pt")
+    with torch.no_grad():
+        full = model(**batch).logits
+        calls.clear()
+        hidden, layer_mask = model.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        rows, attention = torch.arange(4), batch["attention_mask"]
+        for index in range(model.num_layers):
+            hidden = model.run_layer(index, hidden, layer_mask)
+            logits = model.exit_logits(index, model.pool(hidden, attention))
+            torch.testing.assert_close(logits, full[rows, index], atol=1e-5, rtol=1e-5)
+            stay = rows % 2 == 1 if index == 0 else torch.zeros_like(rows, dtype=torch.bool)
+            rows, hidden, attention = rows[stay], hidden[stay], attention[stay]
+            layer_mask = select_rows(layer_mask, stay)
+            if rows.numel() == 0:
+                break
+    assert calls == [4, 2]  # layer 1 saw 4 rows, layer 2 the 2 that stayed, layer 3 never ran
 
 
 def test_save_and_load_roundtrip(tiny_bert, tmp_path):
@@ -84,3 +101,20 @@ def test_finetuning_fits_a_small_task(tiny_bert, tmp_path):
     history = finetune(model, tok, data, FinetuneConfig(epochs=4, lr=1e-3, head_lr=3e-3, batch_size=16),
                        torch.device("cpu"))
     assert history["dev_accuracy_per_epoch"][-1][-1] == 1.0
+
+
+def test_backbone_cache_ignores_dev_but_not_train(tiny_bert, tmp_path):
+    from exitrl.backbones import load_or_finetune
+
+    (tmp_path / "train.tsv").write_text("text\ty\n" + "".join(f"the film {i}\t{i % 2}\n" for i in range(16)))
+    (tmp_path / "dev.tsv").write_text("text\ty\n" + "".join(f"a movie {i}\t{i % 2}\n" for i in range(8)))
+
+    def load(**limit):
+        data = load_task("custom", custom={"files": {"train": tmp_path / "train.tsv", "dev": tmp_path / "dev.tsv"},
+                                           "text_columns": ["text"], "label_column": "y"}, limit=limit)
+        return load_or_finetune(str(tiny_bert), data, FinetuneConfig(epochs=1), tmp_path / "c", torch.device("cpu"))[2]
+
+    first = load()
+    assert first["cached"] is False
+    assert load(dev=4)["cached"] is True and load(dev=4)["key"] == first["key"]
+    assert load(train=12)["key"] != first["key"]

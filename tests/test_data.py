@@ -106,6 +106,15 @@ def test_malformed_custom_files_get_clear_errors(tmp_path, train, dev, match):
         load_task("custom", custom=_custom({"train": tmp_path / "train.tsv", "dev": tmp_path / "dev.tsv"}))
 
 
+def test_jsonl_rows_are_checked_one_by_one(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "y": 1}\n{"text": "b"}\n{"text": "c", "y": 0}\n')
+    with pytest.raises(DataError, match=r"row 2: lacks column\(s\) \['y'\]"):
+        load_task("custom", custom=_custom({"train": tmp_path / "train.jsonl", "dev": tmp_path / "train.jsonl"}))
+    (tmp_path / "list.jsonl").write_text('[1, 2]\n')
+    with pytest.raises(DataError, match="expected an object"):
+        load_task("custom", custom=_custom({"train": tmp_path / "list.jsonl", "dev": tmp_path / "list.jsonl"}))
+
+
 def test_custom_needs_files_and_a_parsable_format(tmp_path):
     with pytest.raises(DataError, match="missing"):
         load_task("custom", custom=_custom({"train": tmp_path / "t.tsv"}))

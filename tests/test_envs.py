@@ -54,7 +54,6 @@ def test_vector_env_equals_single_envs(trace):
     exits_seen = 0
     for _ in range(30):
         actions = rng.integers(0, 2, num)
-        next_indices = None
         obs, rewards, terms, truncs, infos = vec.step(torch.as_tensor(actions))
         next_indices = vec.indices
         for i, env in enumerate(singles):
@@ -85,3 +84,14 @@ def test_env_with_nan_reward_fails_at_construction(trace):
         TraceVectorEnv(trace, 4, reward=None, reward_fn="example_rewards:broken_nan")
     with pytest.raises(RewardError, match="non-finite"):
         EarlyExitEnv(trace, reward_fn="example_rewards:broken_nan")
+
+
+def test_bad_reset_arguments_fail_clearly(trace):
+    vec = TraceVectorEnv(trace, 4, seed=0)
+    with pytest.raises(ValueError, match="must lie in"):
+        vec.reset(options={"indices": torch.tensor([0, 1, 2, 64])})
+    obs_a, _ = vec.reset(seed=[7, 8, 9, 10])
+    obs_b, _ = vec.reset(seed=7)
+    assert torch.equal(obs_a, obs_b)
+    with pytest.raises(ValueError, match="must lie in"):
+        EarlyExitEnv(trace).reset(options={"index": -1})

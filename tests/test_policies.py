@@ -93,3 +93,11 @@ def test_memory_is_compacted_with_the_batch():
     trace = SplitTrace.from_logits(torch.zeros(9, 3, 2), torch.zeros(9, 3, 2), torch.zeros(9, dtype=torch.long))
     exit_layers, _ = run_policy(RowIdPolicy(), trace, batch_size=4)
     assert exit_layers.tolist() == [1, 2, 3, 1, 1, 2, 3, 1, 1]
+
+
+def test_reinforce_refuses_bad_settings_clearly():
+    train, _ = synthetic_trace(n=20)
+    with pytest.raises(ValueError, match="at least agent.batch_size=32"):
+        train_reinforce(train, None, ReinforceConfig(epochs=1))
+    with pytest.raises(ValueError, match="valid: observation, state, confidence"):
+        train_reinforce(train, None, ReinforceConfig(epochs=1, batch_size=4, features="pixels"))

@@ -69,5 +69,7 @@ def test_bad_rewards_fail_clearly(path, match):
 def test_wrong_shape_and_unknown_name():
     with pytest.raises(RewardError, match="shape"):
         call_reward(lambda ctx: torch.zeros(2, 2), _ctx())
+    with pytest.raises(RewardError, match="returned NoneType"):
+        call_reward(lambda ctx: None, _ctx())
     with pytest.raises(RewardError, match="valid: vanilla, hardness"):
         resolve_reward("fancy")

@@ -11,7 +11,7 @@ def pick_device(preference: str = "auto") -> torch.device:
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if preference.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={preference} was asked for but CUDA is not available; use device=auto or cpu.")
+        raise ValueError(f"device={preference} was asked for but CUDA is not available; use device=auto or cpu.")
     return torch.device(preference)
 
 

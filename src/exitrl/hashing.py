@@ -21,3 +21,10 @@ def hash_state_dict(module: torch.nn.Module) -> str:
 def hash_json(obj) -> str:
     """Hash of a JSON-serialisable object with sorted keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def hash_tokenizer(tokenizer) -> str:
+    """Hash of what decides token ids: the tokenizer class, its vocabulary and its normalisation settings."""
+    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
+                if isinstance(v, (str, int, float, bool, type(None))) and k != "name_or_path"}
+    return hash_json([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()), settings])

@@ -76,7 +76,7 @@ class ExitPolicy(ABC):
 
 def load_policy(path: str | Path, device: str | torch.device = "cpu") -> ExitPolicy:
     """Load any policy saved with `ExitPolicy.save`."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=True)  # strings, dicts and tensors only
     module_name, _, qualname = payload["class"].partition(":")
     cls = getattr(importlib.import_module(module_name), qualname)
     policy = cls(**payload["config"])

@@ -97,7 +97,11 @@ def call_reward(reward: Callable[..., torch.Tensor], ctx: RewardContext, kwargs:
         out = reward(ctx, **(kwargs or {}))
     except Exception as err:  # noqa: BLE001 - surface the user's error with context
         raise RewardError(f"Reward {name} raised {type(err).__name__}: {err}") from err
-    out = torch.as_tensor(out, dtype=torch.float32, device=ctx.exit_layer.device)
+    try:
+        out = torch.as_tensor(out, dtype=torch.float32, device=ctx.exit_layer.device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RewardError(f"Reward {name} returned {type(out).__name__}; it must return a tensor of shape "
+                          f"({ctx.exit_layer.shape[0]},).") from err
     batch = ctx.exit_layer.shape[0]
     if out.shape != (batch,):
         raise RewardError(f"Reward {name} returned shape {tuple(out.shape)}; it must return one value per exit, "

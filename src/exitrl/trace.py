@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from exitrl.backbones.batching import iterate_batches, tokenize_split
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.device import autocast
-from exitrl.hashing import hash_json, hash_state_dict
+from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
 
 if TYPE_CHECKING:
     from exitrl.data import TaskData
@@ -126,16 +126,19 @@ def build_trace(model: MultiExitModel, tokenizer, data: TaskData, max_length: in
     return Trace(splits, dict(meta or {}))
 
 
-def trace_key(model: MultiExitModel, data: TaskData, settings: dict) -> str:
-    return hash_json({"weights": hash_state_dict(model), "data": data.fingerprint(), "settings": settings,
-                      "format": TRACE_FORMAT})
+def trace_key(model: MultiExitModel, tokenizer, data: TaskData, settings: dict) -> str:
+    return hash_json({"weights": hash_state_dict(model), "tokenizer": hash_tokenizer(tokenizer),
+                      "data": data.fingerprint(), "settings": settings, "format": TRACE_FORMAT})
 
 
 def load_or_build_trace(model: MultiExitModel, tokenizer, data: TaskData, cache_dir: str | Path,
                         device: torch.device, max_length: int = 128) -> Trace:
     """The cached trace for exactly these weights, data and settings, building it when absent."""
-    settings = {"max_length": max_length, "pooling": model.pooling, "splits": sorted(data.splits)}
-    key = trace_key(model, data, settings)
+    device = torch.device(device)
+    precision = "bf16-autocast" if device.type == "cuda" else "fp32"  # see exitrl.device.autocast
+    settings = {"max_length": max_length, "pooling": model.pooling, "splits": sorted(data.splits),
+                "precision": precision}
+    key = trace_key(model, tokenizer, data, settings)
     path = Path(cache_dir).expanduser() / "traces" / f"{data.name}-{key}.pt"
     if path.is_file():
         log.info("Reusing trace %s", path)

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import hydra
@@ -59,7 +60,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom, policy_split=cfg.data.policy_split)
     log.info("Task %s from %s: %s", data.name, data.source, {k: len(v) for k, v in data.splits.items()})
 
-    finetune_cfg = FinetuneConfig(**OmegaConf.to_container(cfg.backbone.finetune, resolve=True), seed=cfg.seed)
+    finetune_options = OmegaConf.to_container(cfg.backbone.finetune, resolve=True)
+    unknown = sorted(set(finetune_options) - {f.name for f in fields(FinetuneConfig)})
+    if unknown:
+        raise ValueError(f"backbone.finetune: unknown option(s) {unknown}; valid: "
+                         f"{sorted(f.name for f in fields(FinetuneConfig) if f.name != 'seed')}.")
+    finetune_cfg = FinetuneConfig(**finetune_options, seed=cfg.seed)
     model, tokenizer, backbone_info = load_or_finetune(
         cfg.backbone.name, data, finetune_cfg, cfg.cache_dir, device, cfg.backbone.pooling, cfg.backbone.package,
         writer,

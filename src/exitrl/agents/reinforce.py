@@ -74,6 +74,8 @@ class ReinforcePolicy(ExitPolicy):
 
     def __init__(self, num_layers: int, hidden_size: int, num_classes: int, hidden: int = 128,
                  features: str = "state", threshold: float = 0.5):
+        if features not in FEATURES:
+            raise ValueError(f"Unknown agent.features {features!r}; valid: {', '.join(FEATURES)}.")
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
         self.threshold = threshold
@@ -125,6 +127,10 @@ def train_reinforce(train: SplitTrace, dev: SplitTrace | None, cfg: ReinforceCon
     """Train the per-layer exit policy on ``train``; evaluate on ``dev`` after every epoch."""
     torch.manual_seed(cfg.seed)
     device = torch.device(device)
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"REINFORCE needs at least agent.batch_size={cfg.batch_size} training examples, the split has "
+                         f"{len(train)}; lower agent.batch_size or give it more data.")
+    dev = dev.to(device) if dev is not None else None
     num_layers, samples = train.num_layers, cfg.samples
     env = TraceVectorEnv(train, cfg.batch_size * samples, reward, reward_kwargs, reward_fn, device=device,
                          autoreset=False, seed=cfg.seed)

@@ -23,7 +23,7 @@ from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.objectives import get_objective
 from exitrl.data import TaskData
 from exitrl.device import autocast
-from exitrl.hashing import hash_json, hash_state_dict
+from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,10 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
     """Return ``(model, tokenizer, info)``, fine-tuning only when no cached model matches the inputs."""
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_multi_exit(name, data.num_labels, pooling=pooling, package=package)
-    key = hash_json({
-        "base": hash_state_dict(model.encoder), "data": data.fingerprint(), "pooling": pooling,
-        "num_labels": data.num_labels, "finetune": asdict(cfg),
+    key = hash_json({  # only what shapes the weights: the dev split does not
+        "base": hash_state_dict(model.encoder), "tokenizer": hash_tokenizer(tokenizer),
+        "data": data.fingerprint(("train",)), "pooling": pooling, "num_labels": data.num_labels,
+        "finetune": asdict(cfg),
     })
     folder = Path(cache_dir).expanduser() / "backbones" / f"{data.name}-{key}"
     if (folder / "exitrl_backbone.json").is_file():

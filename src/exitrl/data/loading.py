@@ -44,11 +44,11 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.label_names)
 
-    def fingerprint(self) -> str:
-        """Content hash of every split's rows; part of the backbone and trace cache keys."""
+    def fingerprint(self, splits: tuple[str, ...] | None = None) -> str:
+        """Content hash of the rows of ``splits`` (all by default); part of the backbone and trace cache keys."""
         digest = hashlib.sha256()
         digest.update(json.dumps([self.name, list(self.label_names)]).encode())
-        for split in sorted(self.splits):
+        for split in sorted(self.splits if splits is None else splits):
             ds = self.splits[split]
             digest.update(split.encode())
             for column in ("text_a", "text_b", "label"):
@@ -197,7 +197,11 @@ def _read_rows(path: Path) -> list[dict]:
     try:
         if suffix in (".jsonl", ".json"):
             with path.open(encoding="utf-8-sig") as f:
-                return [json.loads(line) for line in f if line.strip()]
+                rows = [json.loads(line) for line in f if line.strip()]
+            bad = next((i for i, r in enumerate(rows, start=1) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise DataError(f"{path}, row {bad}: expected an object per line, got {type(rows[bad - 1]).__name__}.")
+            return rows
         with path.open(encoding="utf-8-sig", newline="") as f:
             if suffix == ".csv":
                 reader = csv.DictReader(f)
@@ -218,11 +222,13 @@ def _standardise(rows: list[dict], path: Path, text_columns, label_column: str, 
     """Validate columns and labels; ``ids_allowed`` also accepts labels written as ids (SST-2's 0/1)."""
     if not rows:
         raise DataError(f"{path} has no data rows.")
-    header = list(rows[0].keys())
     needed = [*text_columns, label_column]
-    absent = [c for c in needed if c not in header]
-    if absent:
-        raise DataError(f"{path} lacks column(s) {absent}; its columns are {header}.")
+    for line, row in enumerate(rows, start=2):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {line - 1}: expected an object with keys {needed}, got {type(row).__name__}.")
+        absent = [c for c in needed if c not in row]
+        if absent:
+            raise DataError(f"{path}, row {line - 1}: lacks column(s) {absent}; it has {list(row)}.")
     index = {name: i for i, name in enumerate(label_names)}
     labels = []
     for line, row in enumerate(rows, start=2):

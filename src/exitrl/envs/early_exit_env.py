@@ -18,7 +18,7 @@ CONTINUE, EXIT = 0, 1
 
 
 class EarlyExitEnv(gym.Env):
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 30}
 
     def __init__(self, trace: SplitTrace, reward: str = "hardness", reward_kwargs: dict | None = None,
                  reward_fn: str | None = None, render_mode: str | None = None):
@@ -41,6 +41,8 @@ class EarlyExitEnv(gym.Env):
         super().reset(seed=seed)
         if options and "index" in options:
             self._index = int(options["index"])
+            if not 0 <= self._index < len(self._labels):
+                raise ValueError(f"options['index'] must lie in [0, {len(self._labels)}), got {self._index}.")
         else:
             self._index = int(self.np_random.integers(len(self._labels)))
         self._layer = 0

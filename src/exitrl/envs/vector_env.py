@@ -4,6 +4,10 @@ It follows Gymnasium's `VectorEnv` API with the ``SAME_STEP`` autoreset mode: a 
 random example in the same step, so no step is spent on resets. Observations, rewards and infos are torch
 tensors on the env's device. With ``autoreset=False`` a finished row stays finished (reward 0, same obs) until
 the next `reset`, which suits algorithms that roll out exactly one episode per row (REINFORCE).
+
+``infos`` per step: ``exit_layer`` (1-indexed, 0 where the row did not exit), ``prediction`` and ``correct`` at the
+row's current layer, ``index`` of the example stepped. There is no ``final_obs``: every episode end is a
+termination (value 0), so no algorithm needs to bootstrap from the observation it ended on.
 """
 
 from __future__ import annotations
@@ -53,12 +57,16 @@ class TraceVectorEnv(gym.vector.VectorEnv):
         return torch.randint(self.num_examples, (count,), generator=self._generator, device=self.device)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if isinstance(seed, (list, tuple)):  # VectorEnv allows one seed per sub-env; one generator drives them all
+            seed = seed[0]
         if seed is not None:
-            self._generator.manual_seed(seed)
+            self._generator.manual_seed(int(seed))
         if options and "indices" in options:
             indices = torch.as_tensor(options["indices"], dtype=torch.long, device=self.device)
             if indices.shape != (self.num_envs,):
                 raise ValueError(f"options['indices'] must have shape ({self.num_envs},), got {tuple(indices.shape)}.")
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_examples):
+                raise ValueError(f"options['indices'] must lie in [0, {self.num_examples}).")
             self.indices = indices.clone()
         else:
             self.indices = self._draw(self.num_envs)
