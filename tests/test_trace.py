@@ -71,3 +71,22 @@ def test_trace_contents_match_the_model(tiny_bert, tmp_path):
     assert split.memorized.tolist() == memorized_layers(split.logits, split.labels).tolist()
     loaded = Trace.load(next((tmp_path / "cache" / "traces").glob("*.pt")))
     torch.testing.assert_close(loaded["dev"].states, trace["dev"].states)
+
+
+def test_trace_key_survives_saving_the_backbone(tiny_bert, tmp_path):
+    """The first run traces the freshly fine-tuned model; later runs load it from the cache folder. Both must map
+    to the same trace, or every second run would trace again."""
+    from exitrl.backbones import MultiExitModel
+    from exitrl.hashing import hash_tokenizer
+    from exitrl.trace import trace_key
+
+    data = _tiny_data(tmp_path / "d")
+    model, tok = load_multi_exit(str(tiny_bert), 2, "mean")
+    model.save(tmp_path / "saved", tok)
+    loaded, loaded_tok, _ = MultiExitModel.load(tmp_path / "saved")
+    assert hash_tokenizer(loaded_tok) == hash_tokenizer(tok)
+    from transformers import AutoTokenizer
+
+    cased = AutoTokenizer.from_pretrained(str(tiny_bert), do_lower_case=False)
+    assert hash_tokenizer(cased) != hash_tokenizer(tok)  # changes the ids, so it must change the keys
+    assert trace_key(loaded, loaded_tok, data, {}) == trace_key(model, tok, data, {})

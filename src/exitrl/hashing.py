@@ -23,8 +23,13 @@ def hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+PROBE = ("Hello, WORLD! Ünïcode café's 1,234 tokens...", "A second segment: naïve re-entry?")
+
+
 def hash_tokenizer(tokenizer) -> str:
-    """Hash of what decides token ids: the tokenizer class, its vocabulary and its normalisation settings."""
-    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
-                if isinstance(v, (str, int, float, bool, type(None))) and k != "name_or_path"}
-    return hash_json([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()), settings])
+    """Hash of what decides token ids: the class, the vocabulary and the ids of a probe pair that exercises case,
+    accents, punctuation and segments. Behaviour, not config: a tokenizer saved beside a fine-tuned model must
+    hash like the one it was loaded from, whatever defaults saving wrote into its files."""
+    encoded = tokenizer(*PROBE)
+    return hash_json([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
+                      {k: list(v) for k, v in encoded.items()}])
