@@ -99,5 +99,5 @@ def test_reinforce_refuses_bad_settings_clearly():
     train, _ = synthetic_trace(n=20)
     with pytest.raises(ValueError, match="at least agent.batch_size=32"):
         train_reinforce(train, None, ReinforceConfig(epochs=1))
-    with pytest.raises(ValueError, match="valid: observation, state, confidence"):
+    with pytest.raises(ValueError, match="valid: state, confidence, observation"):
         train_reinforce(train, None, ReinforceConfig(epochs=1, batch_size=4, features="pixels"))

@@ -80,7 +80,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("Dev %s per layer: %s", data.metric, " ".join(f"{100 * s:.1f}" for s in per_layer))
 
     reward, reward_fn, reward_kwargs = reward_settings(OmegaConf.to_container(cfg.reward, resolve=True))
-    ctx = AgentContext(trace, reward, reward_fn, reward_kwargs, device, writer, data.metric, cfg.seed)
+    ctx = AgentContext(trace, reward, reward_fn, reward_kwargs, device, writer, data.metric, cfg.seed,
+                       run_dir / "tensorboard")
     agent_cfg = {k: v for k, v in OmegaConf.to_container(cfg.agent, resolve=True).items() if k != "name"}
     agent_started = time.time()
     policy, agent_info = build_agent(agent_name, agent_cfg, ctx)

@@ -23,6 +23,7 @@ class AgentContext:
     writer: object
     metric: str
     seed: int
+    log_dir: object = None  # the run's TensorBoard folder, for agents with a logger of their own (SB3)
 
     @property
     def policy_split(self) -> str:
@@ -31,15 +32,30 @@ class AgentContext:
 
 
 def _reinforce(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
-    names = {f.name for f in fields(ReinforceConfig)}
-    unknown = sorted(set(cfg) - names - {"name"})
-    if unknown:
-        raise ValueError(f"agent=reinforce: unknown option(s) {unknown}; valid: {sorted(names)}.")
-    config = ReinforceConfig(**{k: v for k, v in cfg.items() if k in names and k != "seed"}, seed=ctx.seed)
+    config = ReinforceConfig(**_options(cfg, ReinforceConfig, "reinforce"), seed=ctx.seed)
     train = ctx.trace[ctx.policy_split].to(ctx.device)
     dev = ctx.trace["dev"].to(ctx.device) if "dev" in ctx.trace.splits else None
     return train_reinforce(train, dev, config, ctx.reward, ctx.reward_kwargs, ctx.reward_fn, ctx.device,
                            ctx.writer, ctx.metric)
+
+
+def _ppo(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+    from exitrl.agents.ppo import PPOConfig, train_ppo  # SB3 is imported only when PPO is asked for
+
+    config = PPOConfig(**_options(cfg, PPOConfig, "ppo"), seed=ctx.seed)
+    train = ctx.trace[ctx.policy_split]
+    dev = ctx.trace["dev"] if "dev" in ctx.trace.splits else None
+    return train_ppo(train, dev, config, ctx.reward, ctx.reward_kwargs, ctx.reward_fn, ctx.writer, ctx.log_dir,
+                     ctx.metric)
+
+
+def _options(cfg: dict, config_class, agent: str) -> dict:
+    """Agent options for ``config_class``; an unknown key is an error that lists the valid ones."""
+    names = {f.name for f in fields(config_class)} - {"seed"}
+    unknown = sorted(set(cfg) - names - {"name"})
+    if unknown:
+        raise ValueError(f"agent={agent}: unknown option(s) {unknown}; valid: {sorted(names)}.")
+    return {k: v for k, v in cfg.items() if k in names}
 
 
 def _confidence(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
@@ -48,6 +64,7 @@ def _confidence(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
 
 AGENTS: dict[str, Callable[[dict, AgentContext], tuple[ExitPolicy, dict]]] = {
     "reinforce": _reinforce,
+    "ppo": _ppo,
     "confidence": _confidence,
 }
 

@@ -32,8 +32,6 @@ from exitrl.evaluate import evaluate_policy
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
 from exitrl.trace import SplitTrace
 
-FEATURES = ("observation", "state", "confidence")
-
 
 class PerLayerExitNet(nn.Module):
     """One MLP per layer over standardised features; returns the exit logit."""
@@ -57,16 +55,6 @@ class PerLayerExitNet(nn.Module):
         return self.mlps[layer](x).squeeze(-1)
 
 
-def select_features(obs: torch.Tensor, layout: ObservationLayout, features: str) -> torch.Tensor:
-    if features not in FEATURES:
-        raise ValueError(f"Unknown features {features!r}; valid: {', '.join(FEATURES)}.")
-    if features == "observation":
-        return obs
-    if features == "state":
-        return obs[..., layout.state]
-    return obs[..., layout.position:]  # confidence: position, head probabilities, max-prob, entropy
-
-
 class ReinforcePolicy(ExitPolicy):
     """Deployable form: exit at the first layer whose π_l exceeds ``threshold`` (0.5 in ConsistentEE)."""
 
@@ -74,19 +62,15 @@ class ReinforcePolicy(ExitPolicy):
 
     def __init__(self, num_layers: int, hidden_size: int, num_classes: int, hidden: int = 128,
                  features: str = "state", threshold: float = 0.5):
-        if features not in FEATURES:
-            raise ValueError(f"Unknown agent.features {features!r}; valid: {', '.join(FEATURES)}.")
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
         self.threshold = threshold
         self._config = {"num_layers": num_layers, "hidden_size": hidden_size, "num_classes": num_classes,
                         "hidden": hidden, "features": features, "threshold": threshold}
-        input_dim = {"observation": self.layout.size, "state": hidden_size,
-                     "confidence": self.layout.size - hidden_size}[features]
-        self.net = PerLayerExitNet(num_layers, input_dim, hidden)
+        self.net = PerLayerExitNet(num_layers, self.layout.feature_size(features), hidden)
 
     def exit_probability(self, obs: torch.Tensor, layer: int) -> torch.Tensor:
-        return torch.sigmoid(self.net(select_features(obs, self.layout, self.features), layer))
+        return torch.sigmoid(self.net(self.layout.select(obs, self.features), layer))
 
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
@@ -136,7 +120,7 @@ def train_reinforce(train: SplitTrace, dev: SplitTrace | None, cfg: ReinforceCon
                          autoreset=False, seed=cfg.seed)
     policy = ReinforcePolicy(num_layers, train.hidden_size, train.num_classes, cfg.hidden, cfg.features).to(device)
     table = observation_table(env.trace.states, env.trace.logits)
-    policy.net.fit_normalizer(select_features(table, policy.layout, cfg.features))
+    policy.net.fit_normalizer(policy.layout.select(table, cfg.features))
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.lr)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     history, step, start = [], 0, time.time()

@@ -6,7 +6,7 @@ Envs never import agents; agents and policies import envs.
 import gymnasium as gym
 
 from exitrl.envs.early_exit_env import CONTINUE, EXIT, EarlyExitEnv
-from exitrl.envs.observation import ObservationLayout, build_observation, observation_table
+from exitrl.envs.observation import FEATURES, ObservationLayout, build_observation, check_features, observation_table
 from exitrl.envs.vector_env import TraceVectorEnv
 
 ENV_ID = "exitrl/EarlyExit-v0"
@@ -14,6 +14,6 @@ if ENV_ID not in gym.registry:
     gym.register(id=ENV_ID, entry_point="exitrl.envs.early_exit_env:EarlyExitEnv")
 
 __all__ = [
-    "CONTINUE", "ENV_ID", "EXIT", "EarlyExitEnv", "ObservationLayout", "TraceVectorEnv", "build_observation",
-    "observation_table",
+    "CONTINUE", "ENV_ID", "EXIT", "FEATURES", "EarlyExitEnv", "ObservationLayout", "TraceVectorEnv",
+    "build_observation", "check_features", "observation_table",
 ]

@@ -37,6 +37,14 @@ class EarlyExitEnv(gym.Env):
         self._index = 0
         self._layer = 0  # 0-based
 
+    def spawn(self) -> EarlyExitEnv:
+        """A new env over the same read-only tables, for vectorising without copying the trace N times."""
+        env = object.__new__(type(self))
+        env.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_np_random")})
+        env._np_random = None
+        env._index, env._layer = 0, 0
+        return env
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if options and "index" in options:

@@ -12,6 +12,14 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+FEATURES = ("state", "confidence", "observation")
+
+
+def check_features(features: str) -> str:
+    if features not in FEATURES:
+        raise ValueError(f"Unknown agent.features {features!r}; valid: {', '.join(FEATURES)}.")
+    return features
+
 
 @dataclass(frozen=True)
 class ObservationLayout:
@@ -41,6 +49,18 @@ class ObservationLayout:
     @property
     def entropy(self) -> int:
         return self.hidden_size + 2 + self.num_classes
+
+    def feature_size(self, features: str) -> int:
+        """Width of a feature view: ``observation`` (all), ``state`` (pooled state) or ``confidence`` (the rest)."""
+        return {"observation": self.size, "state": self.hidden_size, "confidence": self.size - self.hidden_size}[
+            check_features(features)]
+
+    def select(self, obs, features: str):
+        """The feature view of observations (torch tensors or numpy arrays, last axis = features)."""
+        features = check_features(features)
+        if features == "observation":
+            return obs
+        return obs[..., self.state] if features == "state" else obs[..., self.position:]
 
     def layer_index(self, obs: torch.Tensor, num_layers: int) -> torch.Tensor:
         """0-based layer of each observation, decoded from the position feature."""
