@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import synthetic_trace
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_cli import run_cli
+
 from exitrl.agents.ppo import PPOConfig, train_ppo
 from exitrl.evaluate import run_policy
 from exitrl.policy import load_policy
-from test_cli import run_cli
 
 
 def test_ppo_learns_the_known_best_policy(tmp_path):
