@@ -71,5 +71,5 @@ def test_wrong_shape_and_unknown_name():
         call_reward(lambda ctx: torch.zeros(2, 2), _ctx())
     with pytest.raises(RewardError, match="returned NoneType"):
         call_reward(lambda ctx: None, _ctx())
-    with pytest.raises(RewardError, match="valid: vanilla, hardness"):
+    with pytest.raises(RewardError, match="valid: vanilla, hardness, confidence"):
         resolve_reward("fancy")

@@ -67,7 +67,14 @@ def hardness(ctx: RewardContext, alpha: float = 0.05, depth: str = "layer") -> t
     return ctx.label_log_prob - alpha * ctx.depth(depth) * easiness
 
 
-BUILTIN_REWARDS: dict[str, Callable[..., torch.Tensor]] = {"vanilla": vanilla, "hardness": hardness}
+def confidence(ctx: RewardContext, alpha: float = 0.05, depth: str = "layer") -> torch.Tensor:
+    """Label-free: R = max_c p_l(c|x) - α·depth(l). It uses no label, so it can be computed on a new domain's
+    unlabelled traffic (online adaptation, as the bandit exit methods do)."""
+    return ctx.log_probs.exp().max(-1).values - alpha * ctx.depth(depth)
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., torch.Tensor]] = {"vanilla": vanilla, "hardness": hardness,
+                                                           "confidence": confidence}
 
 
 def resolve_reward(name: str | None = None, fn: str | None = None) -> Callable[..., torch.Tensor]:
@@ -134,6 +141,6 @@ def reward_table(reward: Callable[..., torch.Tensor], logits: torch.Tensor, labe
 
 
 __all__ = [
-    "BUILTIN_REWARDS", "DEPTHS", "RewardContext", "RewardError", "call_reward", "hardness", "resolve_reward",
-    "reward_table", "vanilla",
+    "BUILTIN_REWARDS", "DEPTHS", "RewardContext", "RewardError", "call_reward", "confidence", "hardness",
+    "resolve_reward", "reward_table", "vanilla",
 ]

@@ -58,6 +58,20 @@ def _options(cfg: dict, config_class, agent: str) -> dict:
     return {k: v for k, v in cfg.items() if k in names}
 
 
+def _threshold_bandit(rule: str):
+    def build(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+        from exitrl.agents.threshold_bandit import BanditConfig, train_threshold_bandit
+
+        options = _options(cfg, BanditConfig, f"bandit_{rule}")
+        options.pop("rule", None)
+        config = BanditConfig(**options, rule=rule, seed=ctx.seed)
+        dev = ctx.trace["dev"] if "dev" in ctx.trace.splits else None
+        return train_threshold_bandit(ctx.trace[ctx.policy_split], dev, config, ctx.reward, ctx.reward_kwargs,
+                                      ctx.reward_fn, ctx.writer, ctx.metric)
+
+    return build
+
+
 def _confidence(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
     return ConfidencePolicy(cfg.get("threshold", 0.9)), {}
 
@@ -65,6 +79,8 @@ def _confidence(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
 AGENTS: dict[str, Callable[[dict, AgentContext], tuple[ExitPolicy, dict]]] = {
     "reinforce": _reinforce,
     "ppo": _ppo,
+    "bandit_ucb": _threshold_bandit("ucb"),
+    "bandit_thompson": _threshold_bandit("thompson"),
     "confidence": _confidence,
 }
 
