@@ -1,6 +1,7 @@
 """Early-exit environments over a trace: a Gymnasium env (registered) and a batched torch vector env.
 
-Envs never import agents; agents and policies import envs.
+Envs never import agents; agents and policies import envs. The TorchRL env lives in `exitrl.envs.torchrl_env`,
+imported on demand so that plain Gymnasium users never load TorchRL.
 """
 
 import gymnasium as gym

@@ -74,6 +74,15 @@ class TraceVectorEnv(gym.vector.VectorEnv):
         self.finished.zero_()
         return torch.index_select(self._obs, 0, self.indices * self.num_layers), {"index": self.indices.clone()}
 
+    def reset_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Start new random episodes in the rows where ``rows`` (bool ``[num_envs]``) is True; returns all rows'
+        observations. For frameworks that reset finished rows themselves (TorchRL's partial resets)."""
+        rows = torch.as_tensor(rows, dtype=torch.bool, device=self.device)
+        self.indices = torch.where(rows, self._draw(self.num_envs), self.indices)
+        self.layers = torch.where(rows, 0, self.layers)
+        self.finished = self.finished & ~rows
+        return torch.index_select(self._obs, 0, self.indices * self.num_layers + self.layers)
+
     def step(self, actions):
         actions = torch.as_tensor(actions, device=self.device)
         flat = self.indices * self.num_layers + self.layers

@@ -1,0 +1,40 @@
+"""The TorchRL env over the batched trace: specs check, rewards match the table, partial resets touch only the
+rows that asked."""
+
+from __future__ import annotations
+
+import torch
+from conftest import synthetic_trace
+from tensordict import TensorDict
+from torchrl.envs.utils import check_env_specs
+
+from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
+from exitrl.rewards import resolve_reward, reward_table
+
+
+def test_specs_pass_torchrl_checker():
+    env = TorchRLEarlyExitEnv(synthetic_trace(n=64)[0], 8, reward="vanilla", reward_kwargs={"alpha": 0.1})
+    check_env_specs(env)
+    rollout = env.rollout(12, break_when_any_done=False)
+    assert rollout["next", "reward"].shape == (8, 12, 1) and rollout["next", "done"].any()
+
+
+def test_rewards_and_partial_resets():
+    trace = synthetic_trace(n=64, num_layers=4)[0]
+    env = TorchRLEarlyExitEnv(trace, 6, reward="vanilla", reward_kwargs={"alpha": 0.1}, seed=0)
+    table = reward_table(resolve_reward("vanilla"), trace.logits, trace.labels, trace.memorized, {"alpha": 0.1})
+    td = env.reset()
+    assert td["layer"].flatten().tolist() == [1] * 6
+    continue_all = TensorDict({"action": torch.zeros(6, dtype=torch.long)}, batch_size=[6])
+    for _ in range(3):
+        out = env.step(continue_all.clone())["next"]
+        assert not out["done"].any() and (out["reward"] == 0).all()
+    indices = env.inner.indices.clone()
+    out = env.step(continue_all.clone())["next"]  # layer 4 = L: forced exit
+    assert out["done"].all()
+    torch.testing.assert_close(out["reward"].flatten(), table[indices, 3])
+    rows = torch.tensor([True, False, True, False, False, False])
+    after = env.reset(TensorDict({"_reset": rows.unsqueeze(-1)}, batch_size=[6]))
+    assert after["layer"][rows].flatten().tolist() == [1, 1]  # TorchRL's output speaks for the reset rows only
+    assert env.inner.layers.tolist() == [0, 3, 0, 3, 3, 3]  # the others kept their state
+    assert env.inner.finished.tolist() == [False, True, False, True, True, True]
