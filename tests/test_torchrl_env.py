@@ -38,3 +38,33 @@ def test_rewards_and_partial_resets():
     assert after["layer"][rows].flatten().tolist() == [1, 1]  # TorchRL's output speaks for the reset rows only
     assert env.inner.layers.tolist() == [0, 3, 0, 3, 3, 3]  # the others kept their state
     assert env.inner.finished.tolist() == [False, True, False, True, True, True]
+
+
+def test_torchrl_ppo_learns_the_known_best_policy(tmp_path):
+    from exitrl.agents.ppo_torchrl import TorchRLPPOConfig, train_ppo_torchrl
+    from exitrl.evaluate import run_policy
+    from exitrl.policy import load_policy
+
+    train, _ = synthetic_trace(n=3000, seed=0)
+    dev, easy = synthetic_trace(n=1000, seed=1)
+    cfg = TorchRLPPOConfig(total_frames=98_304, num_envs=512, frames_per_batch=8192, minibatch_size=2048)
+    policy, info = train_ppo_torchrl(train, dev, cfg, reward="vanilla", reward_kwargs={"alpha": 0.3})
+    exit_layers, _ = run_policy(policy, dev)
+    assert (exit_layers[easy] == 1).float().mean() > 0.8 and (exit_layers[~easy] == 4).float().mean() > 0.9
+    assert info["frames"] == 98_304 and len(info["history"]) == 12
+    policy.save(tmp_path / "p.pt")
+    assert torch.equal(run_policy(load_policy(tmp_path / "p.pt"), dev)[0], exit_layers)
+
+
+def test_cli_ppo_torchrl(tiny_bert, glue_dir, tmp_path):
+    import json
+
+    from test_cli import run_cli
+
+    out = run_cli(tmp_path, "agent=ppo_torchrl", "agent.total_frames=8192", "agent.num_envs=64",
+                  "agent.frames_per_batch=4096", "agent.minibatch_size=1024", f"backbone.name={tiny_bert}",
+                  "backbone.package=null", "env=rte", f"data.dir={glue_dir}", "data.limit.train=64",
+                  "data.limit.dev=32", "backbone.finetune.epochs=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"ppo_torchrl", "confidence"} and metrics["agent_info"]["frames"] == 8192

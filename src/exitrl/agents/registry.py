@@ -58,6 +58,15 @@ def _options(cfg: dict, config_class, agent: str) -> dict:
     return {k: v for k, v in cfg.items() if k in names}
 
 
+def _ppo_torchrl(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+    from exitrl.agents.ppo_torchrl import TorchRLPPOConfig, train_ppo_torchrl  # TorchRL only when asked for
+
+    config = TorchRLPPOConfig(**_options(cfg, TorchRLPPOConfig, "ppo_torchrl"), seed=ctx.seed)
+    dev = ctx.trace["dev"] if "dev" in ctx.trace.splits else None
+    return train_ppo_torchrl(ctx.trace[ctx.policy_split], dev, config, ctx.reward, ctx.reward_kwargs, ctx.reward_fn,
+                             ctx.device, ctx.writer, ctx.metric)
+
+
 def _threshold_bandit(rule: str):
     def build(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
         from exitrl.agents.threshold_bandit import BanditConfig, train_threshold_bandit
@@ -79,6 +88,7 @@ def _confidence(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
 AGENTS: dict[str, Callable[[dict, AgentContext], tuple[ExitPolicy, dict]]] = {
     "reinforce": _reinforce,
     "ppo": _ppo,
+    "ppo_torchrl": _ppo_torchrl,
     "bandit_ucb": _threshold_bandit("ucb"),
     "bandit_thompson": _threshold_bandit("thompson"),
     "confidence": _confidence,

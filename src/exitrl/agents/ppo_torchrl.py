@@ -1,0 +1,142 @@
+"""PPO written with TorchRL (ClipPPOLoss, GAE, a collector) on the batched trace env, on the GPU when present.
+
+Read top to bottom: the actor and critic (MLPs over one feature view of the observation), the deployable
+`ExitPolicy` built from the actor, then the collect / advantage / minibatch-update loop. Episodes are undiscounted
+(gamma = 1): the reward comes at the exit and each layer is one step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tensordict.nn import TensorDictModule, TensorDictSequential
+from torch import nn
+from torchrl.collectors import Collector
+from torchrl.modules import MLP, ProbabilisticActor, ValueOperator
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.value import GAE
+
+from exitrl.envs import ObservationLayout
+from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
+from exitrl.evaluate import evaluate_policy
+from exitrl.policy import ExitPolicy, LayerBatch, Memory
+from exitrl.trace import SplitTrace
+
+
+class FeatureView(nn.Module):
+    """Selects the feature view (state / confidence / observation) that actor and critic read."""
+
+    def __init__(self, layout: ObservationLayout, features: str):
+        super().__init__()
+        self.layout, self.features = layout, features
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.layout.select(observation, self.features)
+
+
+class TorchRLExitPolicy(ExitPolicy):
+    """Exit where the actor's logits favour 'exit' (deterministic inference)."""
+
+    name = "ppo_torchrl"
+
+    def __init__(self, hidden_size: int, num_classes: int, features: str = "state", num_cells=(64, 64)):
+        self.layout = ObservationLayout(hidden_size, num_classes)
+        self.features = features
+        self.num_cells = list(num_cells)
+        self.view = FeatureView(self.layout, features)
+        self.logits_net = MLP(in_features=self.layout.feature_size(features), out_features=2,
+                              num_cells=self.num_cells, activation_class=nn.Tanh)
+
+    @torch.no_grad()
+    def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
+        device = next(self.logits_net.parameters()).device
+        logits = self.logits_net(self.view(batch.observations.to(device)))
+        return (logits[:, 1] > logits[:, 0]).to(batch.states.device)
+
+    def to(self, device):
+        self.logits_net.to(device)
+        return self
+
+    def config(self) -> dict:
+        return {"hidden_size": self.layout.hidden_size, "num_classes": self.layout.num_classes,
+                "features": self.features, "num_cells": self.num_cells}
+
+    def state_dict(self) -> dict:
+        return self.logits_net.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.logits_net.load_state_dict(state)
+
+
+@dataclass
+class TorchRLPPOConfig:
+    total_frames: int = 409_600  # 25 batches
+    num_envs: int = 1024
+    frames_per_batch: int = 16_384
+    minibatch_size: int = 4096
+    n_epochs: int = 4
+    lr: float = 3e-4
+    gae_lambda: float = 0.95
+    clip_epsilon: float = 0.2
+    entropy_coef: float = 0.01
+    features: str = "state"
+    num_cells: list[int] = field(default_factory=lambda: [64, 64])
+    seed: int = 0
+
+
+def train_ppo_torchrl(train: SplitTrace, dev: SplitTrace | None, cfg: TorchRLPPOConfig,
+                      reward: str | None = "hardness", reward_kwargs: dict | None = None,
+                      reward_fn: str | None = None, device="cpu", writer=None, metric: str = "accuracy"):
+    torch.manual_seed(cfg.seed)
+    start = time.time()
+    device = torch.device(device)
+    env = TorchRLEarlyExitEnv(train, cfg.num_envs, reward, reward_kwargs, reward_fn, device=device, seed=cfg.seed)
+    policy = TorchRLExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.num_cells).to(device)
+    view = TensorDictModule(policy.view, in_keys=["observation"], out_keys=["features"])
+    actor = ProbabilisticActor(
+        TensorDictSequential(view, TensorDictModule(policy.logits_net, in_keys=["features"], out_keys=["logits"])),
+        in_keys=["logits"], distribution_class=torch.distributions.Categorical, return_log_prob=True,
+        spec=env.action_spec,
+    )
+    critic_net = MLP(in_features=policy.layout.feature_size(cfg.features), out_features=1, num_cells=cfg.num_cells,
+                     activation_class=nn.Tanh).to(device)
+    critic = TensorDictSequential(view, ValueOperator(critic_net, in_keys=["features"]))
+    advantage = GAE(gamma=1.0, lmbda=cfg.gae_lambda, value_network=critic, average_gae=True)
+    loss_fn = ClipPPOLoss(actor, critic, clip_epsilon=cfg.clip_epsilon, entropy_coeff=cfg.entropy_coef)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=cfg.lr)
+    collector = Collector(create_env_fn=env, policy=actor, frames_per_batch=cfg.frames_per_batch,
+                          total_frames=cfg.total_frames, device=device,
+                          auto_register_policy_transforms=False)  # a feed-forward policy needs no InitTracker
+    history, frames, updates = [], 0, 0
+    for data in collector:
+        frames += data.numel()
+        for _ in range(cfg.n_epochs):
+            with torch.no_grad():
+                advantage(data)
+            flat = data.reshape(-1)
+            order = torch.randperm(flat.numel(), device=flat.device)
+            for first in range(0, flat.numel(), cfg.minibatch_size):
+                losses = loss_fn(flat[order[first:first + cfg.minibatch_size]])
+                total = losses["loss_objective"] + losses["loss_critic"] + losses["loss_entropy"]
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                nn.utils.clip_grad_norm_(loss_fn.parameters(), 1.0)
+                optimizer.step()
+                updates += 1
+        if writer is not None:
+            done = data["next", "done"].squeeze(-1)
+            writer.add_scalar("train/reward", data["next", "reward"][done].mean().item(), frames)
+            writer.add_scalar("train/policy_loss", losses["loss_objective"].item(), frames)
+            writer.add_scalar("train/entropy", losses["entropy"].mean().item(), frames)
+        if dev is not None:
+            metrics = {**evaluate_policy(policy, dev.to(device), metric), "frames": frames}
+            history.append(metrics)
+            if writer is not None:
+                for key in ("accuracy", "score", "avg_exit_layer", "speedup", "saved_layers"):
+                    writer.add_scalar(f"eval/{key}", metrics[key], frames)
+    collector.shutdown()
+    info = {"config": asdict(cfg), "frames": frames, "updates": updates,
+            "train_seconds": round(time.time() - start, 2), "history": history}
+    return policy, info
