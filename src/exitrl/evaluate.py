@@ -67,6 +67,16 @@ def run_policy(policy: ExitPolicy, trace: SplitTrace, batch_size: int = 4096) ->
     return exit_layers, predictions
 
 
+EVAL_KEYS = ("accuracy", "score", "avg_exit_layer", "speedup", "saved_layers")
+
+
+def log_eval(writer, metrics: dict, step: int) -> None:
+    """The same eval/* scalars for every agent, so TensorBoard groups them across runs."""
+    if writer is not None:
+        for key in EVAL_KEYS:
+            writer.add_scalar(f"eval/{key}", metrics[key], step)
+
+
 def evaluate_policy(policy: ExitPolicy, trace: SplitTrace, metric: str = "accuracy") -> dict:
     exit_layers, predictions = run_policy(policy, trace)
     return summarize_exits(exit_layers, predictions, trace.labels, trace.num_layers, metric)

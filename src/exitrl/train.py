@@ -23,7 +23,7 @@ from exitrl.agents.registry import AGENTS, AgentContext, build_agent
 from exitrl.backbones import BackboneError, FinetuneConfig, load_or_finetune
 from exitrl.data import DataError, load_task
 from exitrl.device import pick_device
-from exitrl.evaluate import evaluate_policy, oracle_bounds
+from exitrl.evaluate import evaluate_policy, log_eval, oracle_bounds
 from exitrl.report import results_table
 from exitrl.rewards import RewardError
 from exitrl.trace import load_or_build_trace
@@ -94,8 +94,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             results[name] = evaluate_policy(BASELINES[name](cfg), dev, data.metric)
     final_step = agent_info.get("updates", 0)
     mine = results[agent_name]
-    for key in ("accuracy", "score", "avg_exit_layer", "speedup", "saved_layers"):
-        writer.add_scalar(f"eval/{key}", mine[key], final_step)
+    log_eval(writer, mine, final_step)
     layers = torch.cat([torch.full((c,), i + 1) for i, c in enumerate(mine["exit_histogram"])])
     writer.add_histogram("exit/layer", layers, final_step, bins=torch.arange(0.5, num_layers + 1).tolist())
     writer.close()

@@ -22,7 +22,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from exitrl.envs import EarlyExitEnv, ObservationLayout
-from exitrl.evaluate import evaluate_policy
+from exitrl.evaluate import evaluate_policy, log_eval
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
 from exitrl.trace import SplitTrace
 
@@ -86,9 +86,7 @@ class ExitrlEvalCallback(BaseCallback):
         metrics = evaluate_policy(self.exit_policy, self.dev, self.metric)
         metrics["timesteps"] = self.num_timesteps
         self.history.append(metrics)
-        if self.writer is not None:
-            for key in ("accuracy", "score", "avg_exit_layer", "speedup", "saved_layers"):
-                self.writer.add_scalar(f"eval/{key}", metrics[key], self.num_timesteps)
+        log_eval(self.writer, metrics, self.num_timesteps)
 
 
 @dataclass

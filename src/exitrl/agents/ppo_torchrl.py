@@ -20,7 +20,7 @@ from torchrl.objectives.value import GAE
 
 from exitrl.envs import ObservationLayout
 from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
-from exitrl.evaluate import evaluate_policy
+from exitrl.evaluate import evaluate_policy, log_eval
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
 from exitrl.trace import SplitTrace
 
@@ -133,9 +133,7 @@ def train_ppo_torchrl(train: SplitTrace, dev: SplitTrace | None, cfg: TorchRLPPO
         if dev is not None:
             metrics = {**evaluate_policy(policy, dev.to(device), metric), "frames": frames}
             history.append(metrics)
-            if writer is not None:
-                for key in ("accuracy", "score", "avg_exit_layer", "speedup", "saved_layers"):
-                    writer.add_scalar(f"eval/{key}", metrics[key], frames)
+            log_eval(writer, metrics, frames)
     collector.shutdown()
     info = {"config": asdict(cfg), "frames": frames, "updates": updates,
             "train_seconds": round(time.time() - start, 2), "history": history}

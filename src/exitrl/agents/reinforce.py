@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from exitrl.envs import ObservationLayout, TraceVectorEnv, observation_table
-from exitrl.evaluate import evaluate_policy
+from exitrl.evaluate import evaluate_policy, log_eval
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
 from exitrl.trace import SplitTrace
 
@@ -171,10 +171,6 @@ def train_reinforce(train: SplitTrace, dev: SplitTrace | None, cfg: ReinforceCon
             metrics = evaluate_policy(policy, dev, metric)
             metrics.update(epoch=epoch, step=step)
             history.append(metrics)
-            if writer is not None:
-                writer.add_scalar("eval/accuracy", metrics["accuracy"], step)
-                writer.add_scalar("eval/score", metrics["score"], step)
-                writer.add_scalar("eval/avg_exit_layer", metrics["avg_exit_layer"], step)
-                writer.add_scalar("eval/speedup", metrics["speedup"], step)
+            log_eval(writer, metrics, step)
     info = {"config": asdict(cfg), "updates": step, "train_seconds": round(time.time() - start, 2), "history": history}
     return policy, info
