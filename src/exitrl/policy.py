@@ -74,6 +74,23 @@ class ExitPolicy(ABC):
         torch.save(payload, path)
 
 
+class ModuleExitPolicy(ExitPolicy):
+    """A policy whose tensors live in one `torch.nn.Module` (``self.module``): device moves and persistence
+    follow that module, so learned policies only say how they decide and what their constructor needs."""
+
+    module: torch.nn.Module
+
+    def to(self, device: torch.device) -> ModuleExitPolicy:
+        self.module.to(device)
+        return self
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+
 def load_policy(path: str | Path, device: str | torch.device = "cpu") -> ExitPolicy:
     """Load any policy saved with `ExitPolicy.save`."""
     payload = torch.load(path, map_location="cpu", weights_only=True)  # strings, dicts and tensors only

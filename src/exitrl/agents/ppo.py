@@ -23,7 +23,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from exitrl.envs import EarlyExitEnv, ObservationLayout
 from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.policy import ExitPolicy, LayerBatch, Memory
+from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 from exitrl.trace import SplitTrace
 
 
@@ -32,7 +32,7 @@ def feature_box(size: int) -> gym.spaces.Box:
     return gym.spaces.Box(-limit, limit, (size,), np.float32)
 
 
-class SB3ExitPolicy(ExitPolicy):
+class SB3ExitPolicy(ModuleExitPolicy):
     """Exit where the SB3 actor's most likely action is 'exit' (deterministic inference)."""
 
     name = "ppo"
@@ -45,6 +45,7 @@ class SB3ExitPolicy(ExitPolicy):
         self.actor = actor or ActorCriticPolicy(feature_box(self.layout.feature_size(features)),
                                                 gym.spaces.Discrete(2), lambda _: 0.0, net_arch=self.net_arch)
         self.actor.set_training_mode(False)
+        self.module = self.actor
 
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
@@ -52,19 +53,9 @@ class SB3ExitPolicy(ExitPolicy):
         probs = self.actor.get_distribution(obs).distribution.probs
         return (probs[:, 1] > probs[:, 0]).to(batch.states.device)
 
-    def to(self, device):
-        self.actor.to(device)
-        return self
-
     def config(self) -> dict:
         return {"hidden_size": self.layout.hidden_size, "num_classes": self.layout.num_classes,
                 "features": self.features, "net_arch": self.net_arch}
-
-    def state_dict(self) -> dict:
-        return self.actor.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.actor.load_state_dict(state)
 
 
 class ExitrlEvalCallback(BaseCallback):

@@ -21,7 +21,7 @@ from torchrl.objectives.value import GAE
 from exitrl.envs import ObservationLayout
 from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
 from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.policy import ExitPolicy, LayerBatch, Memory
+from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 from exitrl.trace import SplitTrace
 
 
@@ -36,7 +36,7 @@ class FeatureView(nn.Module):
         return self.layout.select(observation, self.features)
 
 
-class TorchRLExitPolicy(ExitPolicy):
+class TorchRLExitPolicy(ModuleExitPolicy):
     """Exit where the actor's logits favour 'exit' (deterministic inference)."""
 
     name = "ppo_torchrl"
@@ -48,6 +48,7 @@ class TorchRLExitPolicy(ExitPolicy):
         self.view = FeatureView(self.layout, features)
         self.logits_net = MLP(in_features=self.layout.feature_size(features), out_features=2,
                               num_cells=self.num_cells, activation_class=nn.Tanh)
+        self.module = self.logits_net
 
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
@@ -55,19 +56,9 @@ class TorchRLExitPolicy(ExitPolicy):
         logits = self.logits_net(self.view(batch.observations.to(device)))
         return (logits[:, 1] > logits[:, 0]).to(batch.states.device)
 
-    def to(self, device):
-        self.logits_net.to(device)
-        return self
-
     def config(self) -> dict:
         return {"hidden_size": self.layout.hidden_size, "num_classes": self.layout.num_classes,
                 "features": self.features, "num_cells": self.num_cells}
-
-    def state_dict(self) -> dict:
-        return self.logits_net.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.logits_net.load_state_dict(state)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch import nn
 
 from exitrl.envs import ObservationLayout, TraceVectorEnv, observation_table
 from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.policy import ExitPolicy, LayerBatch, Memory
+from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 from exitrl.trace import SplitTrace
 
 
@@ -55,7 +55,7 @@ class PerLayerExitNet(nn.Module):
         return self.mlps[layer](x).squeeze(-1)
 
 
-class ReinforcePolicy(ExitPolicy):
+class ReinforcePolicy(ModuleExitPolicy):
     """Deployable form: exit at the first layer whose π_l exceeds ``threshold`` (0.5 in ConsistentEE)."""
 
     name = "reinforce"
@@ -68,6 +68,7 @@ class ReinforcePolicy(ExitPolicy):
         self._config = {"num_layers": num_layers, "hidden_size": hidden_size, "num_classes": num_classes,
                         "hidden": hidden, "features": features, "threshold": threshold}
         self.net = PerLayerExitNet(num_layers, self.layout.feature_size(features), hidden)
+        self.module = self.net
 
     def exit_probability(self, obs: torch.Tensor, layer: int) -> torch.Tensor:
         return torch.sigmoid(self.net(self.layout.select(obs, self.features), layer))
@@ -76,18 +77,8 @@ class ReinforcePolicy(ExitPolicy):
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
         return self.exit_probability(batch.observations, batch.layer - 1) > self.threshold
 
-    def to(self, device):
-        self.net.to(device)
-        return self
-
     def config(self) -> dict:
         return dict(self._config)
-
-    def state_dict(self) -> dict:
-        return self.net.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.net.load_state_dict(state)
 
 
 @dataclass
