@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -19,16 +19,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from exitrl.agents.confidence import ConfidencePolicy
-from exitrl.agents.registry import AGENTS, AgentContext, build_agent
+from exitrl.agents.registry import AgentContext, build_agent, check_agent
 from exitrl.backbones import BackboneError, FinetuneConfig, load_or_finetune
+from exitrl.backbones.cotrain import CotrainConfig
+from exitrl.cotraining import cotrain_rounds
 from exitrl.data import DataError, load_task
 from exitrl.device import pick_device
 from exitrl.evaluate import evaluate_policy, log_eval, oracle_bounds
+from exitrl.options import checked_options
 from exitrl.report import results_table
 from exitrl.rewards import RewardError
 from exitrl.trace import load_or_build_trace
 
 log = logging.getLogger("exitrl.train")
+BACKBONE_MODES = ("frozen", "cotrain")
 BASELINES = {"confidence": lambda cfg: ConfidencePolicy(cfg.confidence_threshold)}
 
 
@@ -44,8 +48,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole job; returns what it writes to metrics.json."""
     started = time.time()
     agent_name = cfg.agent.name
-    if agent_name not in AGENTS:
-        raise ValueError(f"Unknown agent {agent_name!r}; valid agents: {', '.join(AGENTS)}.")
+    agent_cfg = {k: v for k, v in OmegaConf.to_container(cfg.agent, resolve=True).items() if k != "name"}
+    check_agent(agent_name, agent_cfg)  # before any fine-tuning: a typo costs nothing
+    mode = cfg.backbone.get("mode", "frozen")
+    if mode not in BACKBONE_MODES:
+        raise ValueError(f"Unknown backbone.mode {mode!r}; valid: {', '.join(BACKBONE_MODES)}.")
+    cotrain_cfg = CotrainConfig(**checked_options(cfg.get("cotrain") or {}, CotrainConfig, "cotrain"), seed=cfg.seed)
     unknown_baselines = [b for b in cfg.baselines if b not in BASELINES]
     if unknown_baselines:
         raise ValueError(f"Unknown baseline(s) {unknown_baselines}; valid: {', '.join(BASELINES)}.")
@@ -60,33 +68,40 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom, policy_split=cfg.data.policy_split)
     log.info("Task %s from %s: %s", data.name, data.source, {k: len(v) for k, v in data.splits.items()})
 
-    finetune_options = OmegaConf.to_container(cfg.backbone.finetune, resolve=True)
-    unknown = sorted(set(finetune_options) - {f.name for f in fields(FinetuneConfig)})
-    if unknown:
-        raise ValueError(f"backbone.finetune: unknown option(s) {unknown}; valid: "
-                         f"{sorted(f.name for f in fields(FinetuneConfig) if f.name != 'seed')}.")
-    finetune_cfg = FinetuneConfig(**finetune_options, seed=cfg.seed)
+    finetune_cfg = FinetuneConfig(**checked_options(cfg.backbone.finetune, FinetuneConfig, "backbone.finetune"),
+                                  seed=cfg.seed)
     model, tokenizer, backbone_info = load_or_finetune(
         cfg.backbone.name, data, finetune_cfg, cfg.cache_dir, device, cfg.backbone.pooling, cfg.backbone.package,
         writer,
     )
     trace = load_or_build_trace(model, tokenizer, data, cfg.cache_dir, device, finetune_cfg.max_length)
     num_layers = model.num_layers
-    del model
+    log.info("Dev %s per layer: %s", data.metric,
+             " ".join(f"{100 * s:.1f}" for s in oracle_bounds(trace["dev"], data.metric)["per_layer_score"]))
 
+    reward, reward_fn, reward_kwargs = reward_settings(OmegaConf.to_container(cfg.reward, resolve=True))
+
+    def train_agent(trace, agent_writer) -> tuple:
+        ctx = AgentContext(trace, reward, reward_fn, reward_kwargs, device, agent_writer, data.metric, cfg.seed,
+                           Path(agent_writer.log_dir))
+        return build_agent(agent_name, agent_cfg, ctx)
+
+    agent_started = time.time()
+    policy, agent_info = train_agent(trace, writer)
+    agent_seconds = time.time() - agent_started
+    cotrain_record = None
+    if mode == "cotrain":
+        trace, policy, last_info, rounds = cotrain_rounds(
+            model, tokenizer, data, trace, policy, train_agent, cotrain_cfg, cfg.cache_dir, device,
+            finetune_cfg.max_length, run_dir, writer, data.metric)
+        agent_info = last_info or agent_info
+        model.save(run_dir / "backbone", tokenizer, extra={"cotrain": asdict(cotrain_cfg)})
+        cotrain_record = {"config": asdict(cotrain_cfg), "rounds": rounds, "backbone": str(run_dir / "backbone")}
+    del model
+    policy.to(torch.device("cpu")).save(run_dir / "policy.pt")
     dev = trace["dev"]
     bounds = oracle_bounds(dev, data.metric)
     per_layer = bounds["per_layer_score"]
-    log.info("Dev %s per layer: %s", data.metric, " ".join(f"{100 * s:.1f}" for s in per_layer))
-
-    reward, reward_fn, reward_kwargs = reward_settings(OmegaConf.to_container(cfg.reward, resolve=True))
-    ctx = AgentContext(trace, reward, reward_fn, reward_kwargs, device, writer, data.metric, cfg.seed,
-                       run_dir / "tensorboard")
-    agent_cfg = {k: v for k, v in OmegaConf.to_container(cfg.agent, resolve=True).items() if k != "name"}
-    agent_started = time.time()
-    policy, agent_info = build_agent(agent_name, agent_cfg, ctx)
-    agent_seconds = time.time() - agent_started
-    policy.to(torch.device("cpu")).save(run_dir / "policy.pt")
 
     results = {agent_name: evaluate_policy(policy, dev, data.metric)}
     for name in cfg.baselines:
@@ -111,7 +126,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "device": str(device), "num_layers": num_layers, "dev_per_layer": per_layer, "oracle": bounds,
         "results": results, "backbone": {k: v for k, v in backbone_info.items() if k != "dev_accuracy_per_epoch"},
         "trace_key": trace.meta.get("key"), "reward": {"name": reward, "fn": reward_fn, **reward_kwargs},
-        "policy_trained_on": ctx.policy_split, "agent_info": agent_info, "agent_seconds": round(agent_seconds, 2),
+        "policy_trained_on": "policy" if "policy" in trace.splits else "train", "backbone_mode": mode,
+        "cotrain": cotrain_record, "agent_info": agent_info, "agent_seconds": round(agent_seconds, 2),
         "total_seconds": round(time.time() - started, 1), "run_dir": str(run_dir),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.agents.reinforce import ReinforceConfig, train_reinforce
+from exitrl.options import checked_options
 from exitrl.policy import ExitPolicy
 from exitrl.trace import Trace
 
@@ -32,7 +34,7 @@ class AgentContext:
 
 
 def _reinforce(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
-    config = ReinforceConfig(**_options(cfg, ReinforceConfig, "reinforce"), seed=ctx.seed)
+    config = ReinforceConfig(**checked_options(cfg, ReinforceConfig, "agent=reinforce"), seed=ctx.seed)
     train = ctx.trace[ctx.policy_split].to(ctx.device)
     dev = ctx.trace["dev"].to(ctx.device) if "dev" in ctx.trace.splits else None
     return train_reinforce(train, dev, config, ctx.reward, ctx.reward_kwargs, ctx.reward_fn, ctx.device,
@@ -42,36 +44,36 @@ def _reinforce(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
 def _ppo(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
     from exitrl.agents.ppo import PPOConfig, train_ppo  # SB3 is imported only when PPO is asked for
 
-    config = PPOConfig(**_options(cfg, PPOConfig, "ppo"), seed=ctx.seed)
+    config = PPOConfig(**checked_options(cfg, PPOConfig, "agent=ppo"), seed=ctx.seed)
     train = ctx.trace[ctx.policy_split]
     dev = ctx.trace["dev"] if "dev" in ctx.trace.splits else None
     return train_ppo(train, dev, config, ctx.reward, ctx.reward_kwargs, ctx.reward_fn, ctx.writer, ctx.log_dir,
                      ctx.metric)
 
 
-def _options(cfg: dict, config_class, agent: str) -> dict:
-    """Agent options for ``config_class``; an unknown key is an error that lists the valid ones."""
-    names = {f.name for f in fields(config_class)} - {"seed"}
-    unknown = sorted(set(cfg) - names - {"name"})
-    if unknown:
-        raise ValueError(f"agent={agent}: unknown option(s) {unknown}; valid: {sorted(names)}.")
-    return {k: v for k, v in cfg.items() if k in names}
-
-
 def _ppo_torchrl(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
     from exitrl.agents.ppo_torchrl import TorchRLPPOConfig, train_ppo_torchrl  # TorchRL only when asked for
 
-    config = TorchRLPPOConfig(**_options(cfg, TorchRLPPOConfig, "ppo_torchrl"), seed=ctx.seed)
+    config = TorchRLPPOConfig(**checked_options(cfg, TorchRLPPOConfig, "agent=ppo_torchrl"), seed=ctx.seed)
     dev = ctx.trace["dev"] if "dev" in ctx.trace.splits else None
     return train_ppo_torchrl(ctx.trace[ctx.policy_split], dev, config, ctx.reward, ctx.reward_kwargs, ctx.reward_fn,
                              ctx.device, ctx.writer, ctx.metric)
+
+
+def _linucb(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+    from exitrl.agents.linucb import LinUCBConfig, train_linucb
+
+    config = LinUCBConfig(**checked_options(cfg, LinUCBConfig, "agent=linucb"), seed=ctx.seed)
+    dev = ctx.trace["dev"] if "dev" in ctx.trace.splits else None
+    return train_linucb(ctx.trace[ctx.policy_split], dev, config, ctx.reward, ctx.reward_kwargs, ctx.reward_fn,
+                        ctx.device, ctx.writer, ctx.metric)
 
 
 def _threshold_bandit(rule: str):
     def build(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
         from exitrl.agents.threshold_bandit import BanditConfig, train_threshold_bandit
 
-        options = _options(cfg, BanditConfig, f"bandit_{rule}")
+        options = checked_options(cfg, BanditConfig, f"agent=bandit_{rule}")
         options.pop("rule", None)
         config = BanditConfig(**options, rule=rule, seed=ctx.seed)
         dev = ctx.trace["dev"] if "dev" in ctx.trace.splits else None
@@ -91,11 +93,34 @@ AGENTS: dict[str, Callable[[dict, AgentContext], tuple[ExitPolicy, dict]]] = {
     "ppo_torchrl": _ppo_torchrl,
     "bandit_ucb": _threshold_bandit("ucb"),
     "bandit_thompson": _threshold_bandit("thompson"),
+    "linucb": _linucb,
     "confidence": _confidence,
 }
 
 
-def build_agent(name: str, cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+# Each learned agent's option dataclass, so a bad ``agent.<key>`` fails before any fine-tuning starts.
+AGENT_OPTIONS = {
+    "reinforce": "exitrl.agents.reinforce:ReinforceConfig",
+    "ppo": "exitrl.agents.ppo:PPOConfig",
+    "ppo_torchrl": "exitrl.agents.ppo_torchrl:TorchRLPPOConfig",
+    "bandit_ucb": "exitrl.agents.threshold_bandit:BanditConfig",
+    "bandit_thompson": "exitrl.agents.threshold_bandit:BanditConfig",
+    "linucb": "exitrl.agents.linucb:LinUCBConfig",
+}
+
+
+def check_agent(name: str, cfg: dict) -> None:
+    """Raise a ValueError naming the valid choices for an unknown agent or an unknown agent option."""
     if name not in AGENTS:
         raise ValueError(f"Unknown agent {name!r}; valid agents: {', '.join(AGENTS)}.")
+    if name in AGENT_OPTIONS:
+        module, _, qualname = AGENT_OPTIONS[name].partition(":")
+        checked_options(cfg, getattr(importlib.import_module(module), qualname), f"agent={name}")
+    elif set(cfg) - {"name", "threshold"}:
+        raise ValueError(f"agent={name}: unknown option(s) {sorted(set(cfg) - {'name', 'threshold'})}; "
+                         "valid: ['threshold'].")
+
+
+def build_agent(name: str, cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+    check_agent(name, cfg)
     return AGENTS[name](cfg, ctx)

@@ -16,6 +16,12 @@ def weighted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (weights * per_layer).sum() / weights.sum()
 
 
+def exit_layer_ce(logits: torch.Tensor, labels: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
+    """ConsistentEE's task loss for co-training: CE of each example only at its (0-based) exit layer."""
+    at_exit = logits[torch.arange(logits.shape[0], device=logits.device), exit_layers]
+    return F.cross_entropy(at_exit.float(), labels)
+
+
 OBJECTIVES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"weighted_ce": weighted_ce}
 
 

@@ -1,0 +1,73 @@
+"""ConsistentEE co-training: CE only at the policy's exit layer trains exactly the layers on the way there, and
+``backbone.mode=cotrain`` runs and logs every round from the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_cli import run_cli
+
+from exitrl.agents.confidence import ConfidencePolicy
+from exitrl.backbones import MultiExitModel, load_multi_exit
+from exitrl.backbones.cotrain import CotrainConfig, cotrain_backbone
+from exitrl.backbones.objectives import exit_layer_ce
+from exitrl.data import load_task
+
+
+def _small_task(tmp_path):
+    (tmp_path / "train.tsv").write_text("text\ty\n" + "".join(
+        f"{'great good film' if i % 2 else 'awful bad movie'} {i % 5}\t{'pos' if i % 2 else 'neg'}\n"
+        for i in range(48)))
+    return load_task("custom", custom={"files": {"train": tmp_path / "train.tsv", "dev": tmp_path / "train.tsv"},
+                                       "text_columns": ["text"], "label_column": "y"})
+
+
+def test_exit_layer_ce_reads_only_the_exit_layer():
+    logits = torch.randn(4, 3, 2)
+    labels = torch.tensor([0, 1, 1, 0])
+    exits = torch.tensor([0, 2, 1, 0])
+    expected = torch.nn.functional.cross_entropy(logits[torch.arange(4), exits], labels)
+    torch.testing.assert_close(exit_layer_ce(logits, labels, exits), expected)
+
+
+def test_exiting_at_layer_one_trains_nothing_above_it(tiny_bert, tmp_path):
+    """A policy that exits every example at layer 1: layer 1, its head and the embeddings change; deeper
+    layers and heads get no gradient and stay bit-identical."""
+    data = _small_task(tmp_path)
+    model, tok = load_multi_exit(str(tiny_bert), 2, "cls")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = cotrain_backbone(model, tok, data.splits["train"], ConfidencePolicy(0.0),
+                            CotrainConfig(epochs=1, lr=1e-3, head_lr=1e-3, batch_size=16), torch.device("cpu"))
+    assert seen["exit_histogram"] == [48, 0, 0] and seen["step"] == 3
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("heads.0.") for k in changed) and any(".layer.0." in k for k in changed)
+    assert any("embeddings" in k for k in changed)
+    assert not any(k.startswith(("heads.1.", "heads.2.")) or ".layer.1." in k or ".layer.2." in k for k in changed)
+
+
+def test_cli_cotrain_logs_every_round_and_saves_the_backbone(tiny_bert, glue_dir, tmp_path):
+    common = [f"backbone.name={tiny_bert}", "backbone.package=null", "env=rte", f"data.dir={glue_dir}",
+              "data.limit.train=64", "data.limit.dev=32", "backbone.finetune.epochs=1"]
+    out = run_cli(tmp_path, "agent=reinforce", "agent.epochs=2", "agent.batch_size=8", "backbone.mode=cotrain",
+                  "cotrain.rounds=2", "cotrain.lr=1e-3", "cotrain.head_lr=1e-3", *common)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    rounds = metrics["cotrain"]["rounds"]
+    assert metrics["backbone_mode"] == "cotrain" and [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(len(r["train_per_layer"]) == 3 and "policy_dev" in r for r in rounds)
+    assert sum(rounds[1]["cotrain_exit_histogram"]) == 64  # one epoch over the 64 training examples
+    assert rounds[0]["train_per_layer"] != rounds[2]["train_per_layer"]  # the backbone did change
+    assert metrics["dev_per_layer"] == rounds[2]["dev_per_layer"]  # results are for the co-trained backbone
+    model, _, _ = MultiExitModel.load(run / "backbone")
+    assert model.num_layers == 3
+    events = EventAccumulator(str(next((run / "tensorboard").glob("events.out.tfevents.*"))))
+    events.Reload()
+    assert {"cotrain/loss", "cotrain/train_accuracy_layer1", "cotrain/policy_dev_speedup"} <= set(
+        events.Tags()["scalars"])
+    assert (run / "tensorboard" / "cotrain_round2").is_dir()
+    bad = run_cli(tmp_path, "backbone.mode=joint", *common, run_name="bad")
+    assert bad.returncode == 2 and "frozen, cotrain" in bad.stderr and "Traceback" not in bad.stderr
