@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from exitrl.agents.confidence import ConfidencePolicy
+from exitrl.agents.patience import PatiencePolicy
 from exitrl.agents.reinforce import ReinforceConfig, train_reinforce
+from exitrl.agents.static import StaticPolicy
 from exitrl.options import checked_options
 from exitrl.policy import ExitPolicy
 from exitrl.trace import Trace
@@ -83,8 +86,19 @@ def _threshold_bandit(rule: str):
     return build
 
 
-def _confidence(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
-    return ConfidencePolicy(cfg.get("threshold", 0.9)), {}
+# Fixed rules: nothing to train; their options are their constructor's arguments.
+FIXED_RULES: dict[str, type[ExitPolicy]] = {
+    "confidence": ConfidencePolicy,
+    "static": StaticPolicy,
+    "patience": PatiencePolicy,
+}
+
+
+def _fixed_rule(name: str):
+    def build(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+        return FIXED_RULES[name](**cfg), {}
+
+    return build
 
 
 AGENTS: dict[str, Callable[[dict, AgentContext], tuple[ExitPolicy, dict]]] = {
@@ -94,7 +108,7 @@ AGENTS: dict[str, Callable[[dict, AgentContext], tuple[ExitPolicy, dict]]] = {
     "bandit_ucb": _threshold_bandit("ucb"),
     "bandit_thompson": _threshold_bandit("thompson"),
     "linucb": _linucb,
-    "confidence": _confidence,
+    **{name: _fixed_rule(name) for name in FIXED_RULES},
 }
 
 
@@ -116,9 +130,12 @@ def check_agent(name: str, cfg: dict) -> None:
     if name in AGENT_OPTIONS:
         module, _, qualname = AGENT_OPTIONS[name].partition(":")
         checked_options(cfg, getattr(importlib.import_module(module), qualname), f"agent={name}")
-    elif set(cfg) - {"name", "threshold"}:
-        raise ValueError(f"agent={name}: unknown option(s) {sorted(set(cfg) - {'name', 'threshold'})}; "
-                         "valid: ['threshold'].")
+    else:
+        valid = set(inspect.signature(FIXED_RULES[name]).parameters)
+        if set(cfg) - valid - {"name"}:
+            raise ValueError(f"agent={name}: unknown option(s) {sorted(set(cfg) - valid - {'name'})}; "
+                             f"valid: {sorted(valid)}.")
+        FIXED_RULES[name](**cfg)  # bad values (an unknown measure, a layer < 1) fail here too
 
 
 def build_agent(name: str, cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
