@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,7 +95,7 @@ FIXED_RULES: dict[str, type[ExitPolicy]] = {
 
 def _fixed_rule(name: str):
     def build(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
-        return FIXED_RULES[name](**cfg), {}
+        return FIXED_RULES[name](**checked_options(cfg, FIXED_RULES[name], f"agent={name}")), {}
 
     return build
 
@@ -130,12 +129,8 @@ def check_agent(name: str, cfg: dict) -> None:
     if name in AGENT_OPTIONS:
         module, _, qualname = AGENT_OPTIONS[name].partition(":")
         checked_options(cfg, getattr(importlib.import_module(module), qualname), f"agent={name}")
-    else:
-        valid = set(inspect.signature(FIXED_RULES[name]).parameters)
-        if set(cfg) - valid - {"name"}:
-            raise ValueError(f"agent={name}: unknown option(s) {sorted(set(cfg) - valid - {'name'})}; "
-                             f"valid: {sorted(valid)}.")
-        FIXED_RULES[name](**cfg)  # bad values (an unknown measure, a layer < 1) fail here too
+    else:  # a fixed rule: build it once, so that bad values (an unknown measure, a layer < 1) fail here too
+        FIXED_RULES[name](**checked_options(cfg, FIXED_RULES[name], f"agent={name}"))
 
 
 def build_agent(name: str, cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:

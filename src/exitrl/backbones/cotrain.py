@@ -33,11 +33,15 @@ class CotrainConfig:
     seed: int = 0
 
 
-def untouched(model: torch.nn.Module) -> None:
-    """Drop gradients that are exactly zero: layers and heads above every exit in the batch got no signal, and
-    AdamW would otherwise still move them (weight decay, momentum). With ``grad = None`` it skips them."""
-    for parameter in model.parameters():
-        if parameter.grad is not None and not parameter.grad.any():
+def drop_unreached(model: MultiExitModel, exit_layers: torch.Tensor) -> None:
+    """Clear the gradients of layers above the deepest exit and of heads no row exited at: they got no signal
+    (only zeros from stacking), and AdamW would otherwise still move them (weight decay, momentum)."""
+    histogram = torch.bincount(exit_layers.cpu() - 1, minlength=model.num_layers)
+    deepest = int(histogram.nonzero().max()) + 1
+    unreached = [model.layers[i] for i in range(deepest, model.num_layers)]
+    unreached += [model.heads[i] for i in range(model.num_layers) if histogram[i] == 0]
+    for module in unreached:
+        for parameter in module.parameters():
             parameter.grad = None
 
 
@@ -66,7 +70,7 @@ def cotrain_backbone(model: MultiExitModel, tokenizer, train_split, policy: Exit
             loss = exit_layer_ce(out.logits.float(), labels, exit_layers - 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            untouched(model)
+            drop_unreached(model, exit_layers)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
             optimizer.step()
             step += 1
