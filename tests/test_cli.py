@@ -80,3 +80,21 @@ def test_custom_reward_through_the_cli(tiny_bert, glue_dir, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["reward"]["fn"] == "example_rewards:only_layer_two"
     assert metrics["results"]["reinforce"]["exit_histogram"][1] >= 28  # nearly all 32 exit at layer 2
+
+
+def test_calm_certified_on_the_held_out_split_beside_every_rule(tiny_bert, glue_dir, tmp_path):
+    common = [f"backbone.name={tiny_bert}", "backbone.package=null", "env=rte", f"data.dir={glue_dir}",
+              "data.limit.train=120", "data.limit.dev=40", "backbone.finetune.epochs=1"]
+    out = run_cli(tmp_path, "agent=calm", *common)  # no held-out split: refused before any fine-tuning
+    assert out.returncode == 2 and "data.policy_split=0.2" in out.stderr and not (tmp_path / "cache").exists()
+    out = run_cli(tmp_path, "agent=calm", "agent.delta=0.2", "data.policy_split=0.5",
+                  "baselines=[confidence,patience,static,free,lte]", *common, run_name="calm")
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "calm" / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"calm", "confidence", "patience", "static", "free", "lte"}
+    info = metrics["agent_info"]
+    assert info["delta"] == 0.2 and info["calibration_examples"] == 60 and "certified" in info
+    assert "calm: delta 0.2" in out.stdout and "dev risk" in out.stdout
+    for result in metrics["results"].values():
+        assert {"disagreement", "loss_increase", "deployable"} <= set(result)
+    assert load_policy(tmp_path / "calm" / "policy.pt").name == "calm"

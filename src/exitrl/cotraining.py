@@ -54,11 +54,12 @@ def cotrain_rounds(model: MultiExitModel, tokenizer, data: TaskData, trace: Trac
     records = [round_record(0, trace, policy, metric, 0.0)]
     log_round(writer, records[0])
     agent_info, step = {}, 0
+    objective = trace.meta.get("objective", "weighted_ce")  # the recipe the backbone was fine-tuned with
     for index in range(1, cfg.rounds + 1):
         start = time.time()
         seen = cotrain_backbone(model, tokenizer, data.splits["train"], policy, cfg, device, max_length, writer, step)
         step = seen["step"]
-        trace = load_or_build_trace(model, tokenizer, data, cache_dir, device, max_length)
+        trace = load_or_build_trace(model, tokenizer, data, cache_dir, device, max_length, objective=objective)
         round_writer = SummaryWriter(str(run_dir / "tensorboard" / f"cotrain_round{index}"))
         policy, agent_info = train_agent(trace, round_writer)
         round_writer.close()

@@ -54,9 +54,12 @@ def run_policy(policy: ExitPolicy, trace: SplitTrace, batch_size: int = 4096) ->
         memory = policy.init_memory(rows.shape[0], device)
         for layer in range(1, num_layers + 1):
             logits = trace.logits[rows, layer - 1]
-            batch = LayerBatch(layer, num_layers, trace.states[rows, layer - 1].float(), logits)
-            leave = torch.ones_like(rows, dtype=torch.bool) if layer == num_layers else policy.decide(batch, memory)
-            leave = leave.to(torch.bool)
+            batch = LayerBatch(layer, num_layers, trace.states[rows, layer - 1].float(), logits, {"rows": rows})
+            if layer == num_layers:
+                policy.observe_final(batch, memory)
+                leave = torch.ones_like(rows, dtype=torch.bool)
+            else:
+                leave = policy.decide(batch, memory).to(torch.bool)
             exit_layers[rows[leave]] = layer
             predictions[rows[leave]] = logits[leave].argmax(-1)
             stay = ~leave
@@ -77,26 +80,51 @@ def log_eval(writer, metrics: dict, step: int) -> None:
             writer.add_scalar(f"eval/{key}", metrics[key], step)
 
 
+def consistency_risks(predictions: torch.Tensor, trace: SplitTrace) -> dict:
+    """CALM's two risks against the full model: ``disagreement`` (prediction differs from the last layer's) and
+    ``loss_increase`` (0/1 loss over the full model's: wrong here where the full model was right)."""
+    full = trace.logits[:, -1].argmax(-1).to(predictions.device)
+    labels = trace.labels.to(predictions.device)
+    worse = (predictions != labels) & (full == labels)
+    return {"disagreement": float((predictions != full).float().mean()),
+            "loss_increase": float(worse.float().mean())}
+
+
 def evaluate_policy(policy: ExitPolicy, trace: SplitTrace, metric: str = "accuracy") -> dict:
+    """The metric contract, plus the consistency risks, for one policy on one split."""
     exit_layers, predictions = run_policy(policy, trace)
-    return summarize_exits(exit_layers, predictions, trace.labels, trace.num_layers, metric)
+    result = summarize_exits(exit_layers, predictions, trace.labels, trace.num_layers, metric)
+    result.update(consistency_risks(predictions, trace))
+    result["deployable"] = policy.deployable
+    return result
+
+
+ORACLE_KINDS = ("consistency", "correctness")
+
+
+def oracle_exit_layers(trace: SplitTrace, kind: str) -> torch.Tensor:
+    """1-indexed exit layer of every row under an oracle: ``consistency`` = first layer agreeing with the last
+    one, ``correctness`` = first correct layer (the last when none is)."""
+    preds = trace.logits.argmax(-1)
+    if kind == "consistency":
+        return (preds == preds[:, -1:]).int().argmax(1) + 1  # the last layer always agrees with itself
+    if kind == "correctness":
+        correct = preds == trace.labels[:, None]
+        return torch.where(correct.any(1), correct.int().argmax(1) + 1, trace.num_layers)
+    raise ValueError(f"Unknown oracle kind {kind!r}; valid: {', '.join(ORACLE_KINDS)}.")
 
 
 def oracle_bounds(trace: SplitTrace, metric: str = "accuracy") -> dict:
     """Full model, per-layer scores and the two oracles (analysis only, never deployable)."""
     preds = trace.logits.argmax(-1)  # [N, L]
     num_layers = trace.num_layers
-    agrees = preds == preds[:, -1:]
-    consistency_layer = agrees.int().argmax(1) + 1  # the last layer always agrees with itself
-    correct = preds == trace.labels[:, None]
-    correctness_layer = torch.where(correct.any(1), correct.int().argmax(1) + 1, num_layers)
     rows = torch.arange(len(trace), device=preds.device)
-    return {
+    bounds = {
         "full_model": summarize_exits(torch.full_like(trace.labels, num_layers), preds[:, -1], trace.labels,
                                       num_layers, metric),
         "per_layer_score": [task_metric(preds[:, i], trace.labels, metric) for i in range(num_layers)],
-        "consistency_oracle": summarize_exits(consistency_layer, preds[rows, consistency_layer - 1], trace.labels,
-                                              num_layers, metric),
-        "correctness_oracle": summarize_exits(correctness_layer, preds[rows, correctness_layer - 1], trace.labels,
-                                              num_layers, metric),
     }
+    for kind in ORACLE_KINDS:
+        layers = oracle_exit_layers(trace, kind)
+        bounds[f"{kind}_oracle"] = summarize_exits(layers, preds[rows, layers - 1], trace.labels, num_layers, metric)
+    return bounds

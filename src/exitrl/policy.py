@@ -3,6 +3,8 @@
 Inference walks a batch up the layers; at each layer the policy sees the rows still in the batch and says which
 exit. Rows that exit leave the batch, so a policy that keeps per-row memory (a patience counter, a previous
 prediction) returns it as tensors with the batch as first dimension, and the caller compacts them with the batch.
+The last layer always exits; there the caller shows the rows to `observe_final`, so a policy that adapts online
+(FREE's threshold, refitted from how often its shallow exit agreed with the deep one) learns without labels.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from exitrl.envs.observation import build_observation
 
 @dataclass
 class LayerBatch:
-    """The rows still running at 1-indexed ``layer``: pooled ``states [B, H]`` and exit ``logits [B, C]``."""
+    """The rows still running at 1-indexed ``layer``: pooled ``states [B, H]`` and exit ``logits [B, C]``.
+    ``extras`` may carry ``rows``, the rows' indices in the evaluated split (only analysis oracles read it)."""
 
     layer: int
     num_layers: int
@@ -54,6 +57,9 @@ class ExitPolicy(ABC):
     @abstractmethod
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
         """Boolean ``[B]``: True where the row exits at ``batch.layer``. May update ``memory`` in place."""
+
+    def observe_final(self, batch: LayerBatch, memory: Memory) -> None:  # noqa: B027 - optional hook
+        """Called with the rows that reached the last layer (which exit there by force); default: nothing."""
 
     def to(self, device: torch.device) -> ExitPolicy:
         return self

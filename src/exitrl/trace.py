@@ -132,12 +132,14 @@ def trace_key(model: MultiExitModel, tokenizer, data: TaskData, settings: dict) 
 
 
 def load_or_build_trace(model: MultiExitModel, tokenizer, data: TaskData, cache_dir: str | Path,
-                        device: torch.device, max_length: int = 128) -> Trace:
-    """The cached trace for exactly these weights, data and settings, building it when absent."""
+                        device: torch.device, max_length: int = 128, objective: str = "weighted_ce") -> Trace:
+    """The cached trace for exactly these weights, data and settings, building it when absent. ``objective`` names
+    the recipe the backbone was trained with; it is part of the key and the meta, so traces say where they came
+    from."""
     device = torch.device(device)
     precision = "bf16-autocast" if device.type == "cuda" else "fp32"  # see exitrl.device.autocast
     settings = {"max_length": max_length, "pooling": model.pooling, "splits": sorted(data.splits),
-                "precision": precision}
+                "precision": precision, "objective": objective}
     key = trace_key(model, tokenizer, data, settings)
     path = Path(cache_dir).expanduser() / "traces" / f"{data.name}-{key}.pt"
     if path.is_file():

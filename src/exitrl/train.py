@@ -18,8 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from exitrl.agents.confidence import ConfidencePolicy
-from exitrl.agents.registry import AgentContext, build_agent, check_agent
+from exitrl.agents.registry import RULES, AgentContext, build_agent, check_agent, needs_held_out
 from exitrl.backbones import BackboneError, FinetuneConfig, load_or_finetune
 from exitrl.backbones.cotrain import CotrainConfig
 from exitrl.cotraining import cotrain_rounds
@@ -33,7 +32,11 @@ from exitrl.trace import load_or_build_trace
 
 log = logging.getLogger("exitrl.train")
 BACKBONE_MODES = ("frozen", "cotrain")
-BASELINES = {"confidence": lambda cfg: ConfidencePolicy(cfg.confidence_threshold)}
+
+
+def baseline_options(name: str, cfg: DictConfig) -> dict:
+    """Baselines run at their defaults; the confidence rule at ``confidence_threshold``."""
+    return {"threshold": cfg.confidence_threshold} if name == "confidence" else {}
 
 
 def reward_settings(reward_cfg: dict) -> tuple[str | None, str | None, dict]:
@@ -54,9 +57,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if mode not in BACKBONE_MODES:
         raise ValueError(f"Unknown backbone.mode {mode!r}; valid: {', '.join(BACKBONE_MODES)}.")
     cotrain_cfg = CotrainConfig(**checked_options(cfg.get("cotrain") or {}, CotrainConfig, "cotrain"), seed=cfg.seed)
-    unknown_baselines = [b for b in cfg.baselines if b not in BASELINES]
+    unknown_baselines = [b for b in cfg.baselines if b not in RULES]
     if unknown_baselines:
-        raise ValueError(f"Unknown baseline(s) {unknown_baselines}; valid: {', '.join(BASELINES)}.")
+        raise ValueError(f"Unknown baseline(s) {unknown_baselines}; valid: {', '.join(RULES)}.")
+    calibrated = [n for n, c in [(agent_name, agent_cfg), *((b, baseline_options(b, cfg)) for b in cfg.baselines)]
+                  if needs_held_out(n, c)]
+    if calibrated and not cfg.data.policy_split:
+        raise ValueError(f"{', '.join(calibrated)} calibrate(s) on examples the backbone never saw: add "
+                         "data.policy_split=0.2 (holds 20 % of train out of fine-tuning), or give a fixed threshold.")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -74,7 +82,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         cfg.backbone.name, data, finetune_cfg, cfg.cache_dir, device, cfg.backbone.pooling, cfg.backbone.package,
         writer,
     )
-    trace = load_or_build_trace(model, tokenizer, data, cfg.cache_dir, device, finetune_cfg.max_length)
+    trace = load_or_build_trace(model, tokenizer, data, cfg.cache_dir, device, finetune_cfg.max_length,
+                                objective=finetune_cfg.objective)
     num_layers = model.num_layers
     log.info("Dev %s per layer: %s", data.metric,
              " ".join(f"{100 * s:.1f}" for s in oracle_bounds(trace["dev"], data.metric)["per_layer_score"]))
@@ -104,9 +113,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     per_layer = bounds["per_layer_score"]
 
     results = {agent_name: evaluate_policy(policy, dev, data.metric)}
+    baseline_info = {}
     for name in cfg.baselines:
         if name != agent_name:
-            results[name] = evaluate_policy(BASELINES[name](cfg), dev, data.metric)
+            ctx = AgentContext(trace, reward, reward_fn, reward_kwargs, device, None, data.metric, cfg.seed)
+            baseline, baseline_info[name] = build_agent(name, baseline_options(name, cfg), ctx)
+            results[name] = evaluate_policy(baseline, dev, data.metric)
     final_step = agent_info.get("updates", 0)
     mine = results[agent_name]
     log_eval(writer, mine, final_step)
@@ -127,13 +139,29 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "results": results, "backbone": {k: v for k, v in backbone_info.items() if k != "dev_accuracy_per_epoch"},
         "trace_key": trace.meta.get("key"), "reward": {"name": reward, "fn": reward_fn, **reward_kwargs},
         "policy_trained_on": "policy" if "policy" in trace.splits else "train", "backbone_mode": mode,
-        "cotrain": cotrain_record, "agent_info": agent_info, "agent_seconds": round(agent_seconds, 2),
+        "cotrain": cotrain_record, "agent_info": agent_info, "baseline_info": baseline_info,
+        "agent_seconds": round(agent_seconds, 2),
         "total_seconds": round(time.time() - started, 1), "run_dir": str(run_dir),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    notes = calibration_notes({agent_name: agent_info, **baseline_info}, results)
     print(f"\nexitrl: {agent_name} on {data.name} (dev, {len(dev)} examples, {num_layers} layers)\n{table}\n"
-          f"run folder: {run_dir}")
+          f"{notes}run folder: {run_dir}")
     return metrics
+
+
+def calibration_notes(infos: dict[str, dict], results: dict[str, dict]) -> str:
+    """One line per certified (LTT) rule: δ, the threshold, the calibration risk and the risk measured on dev."""
+    lines = []
+    for name, info in infos.items():
+        if info and "delta" in info and name in results:
+            dev_risk = results[name]["disagreement" if info["risk"] == "consistency" else "loss_increase"]
+            found = (f"threshold {info['threshold']:.4g} (calibration risk {info['calibration_risk']:.3f} on "
+                     f"{info['calibration_examples']} held-out examples)" if info["certified"]
+                     else "no threshold certified: never exits early")
+            lines.append(f"{name}: delta {info['delta']}, epsilon {info['epsilon']}, {info['risk']} risk: {found}; "
+                         f"dev risk {dev_risk:.3f}")
+    return "".join(line + "\n" for line in lines)
 
 
 @hydra.main(config_path="configs", config_name="config", version_base=None)

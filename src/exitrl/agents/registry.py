@@ -34,6 +34,11 @@ class AgentContext:
         """Where learned policies train: the held-out ``policy`` split when there is one, else ``train``."""
         return "policy" if "policy" in self.trace.splits else "train"
 
+    @property
+    def held_out(self):
+        """The split the backbone never saw (``data.policy_split``), or None: calibration needs it."""
+        return self.trace.splits.get("policy")
+
 
 def _reinforce(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
     config = ReinforceConfig(**checked_options(cfg, ReinforceConfig, "agent=reinforce"), seed=ctx.seed)
@@ -85,19 +90,67 @@ def _threshold_bandit(rule: str):
     return build
 
 
-# Fixed rules: nothing to train; their options are their constructor's arguments.
+# Fixed rules: nothing to train; their options are their constructor's arguments (confidence also takes
+# ``temperature``: per-exit temperature scaling fitted on the held-out split).
 FIXED_RULES: dict[str, type[ExitPolicy]] = {
     "confidence": ConfidencePolicy,
     "static": StaticPolicy,
     "patience": PatiencePolicy,
 }
+TEMPERATURE_OPTION = "temperature"
+
+
+def _fixed_rule_options(name: str, cfg: dict) -> tuple[dict, bool]:
+    cfg = dict(cfg)
+    temperature = bool(cfg.pop(TEMPERATURE_OPTION, False)) if name == "confidence" else False
+    return checked_options(cfg, FIXED_RULES[name], f"agent={name}"), temperature
 
 
 def _fixed_rule(name: str):
     def build(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
-        return FIXED_RULES[name](**checked_options(cfg, FIXED_RULES[name], f"agent={name}")), {}
+        options, temperature = _fixed_rule_options(name, cfg)
+        policy = FIXED_RULES[name](**options)
+        if not temperature:
+            return policy, {}
+        from exitrl.calibration import TemperatureScaledPolicy, fit_temperatures
+
+        if ctx.held_out is None:
+            raise ValueError("agent.temperature=true fits temperatures on examples the backbone never saw: add "
+                             "data.policy_split=0.2.")
+        temperatures = fit_temperatures(ctx.held_out.logits, ctx.held_out.labels)
+        return TemperatureScaledPolicy(policy, temperatures), {"temperatures": temperatures.tolist()}
 
     return build
+
+
+# Rules fitted or calibrated on the trace (no reward, no RL): options are their config dataclass's fields.
+def _calm(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+    from exitrl.agents.calm import CalmConfig, fit_calm
+
+    config = CalmConfig(**checked_options(cfg, CalmConfig, "agent=calm"), seed=ctx.seed)
+    return fit_calm(config, ctx.trace["train"], ctx.held_out, ctx.device)
+
+
+def _free(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+    from exitrl.agents.free import FreeConfig, fit_free
+
+    config = FreeConfig(**checked_options(cfg, FreeConfig, "agent=free"), seed=ctx.seed)
+    split = ctx.trace[ctx.policy_split]
+    return fit_free(config, split, split.num_layers, ctx.held_out)
+
+
+def _lte(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+    from exitrl.agents.lte import LteConfig, fit_lte
+
+    config = LteConfig(**checked_options(cfg, LteConfig, "agent=lte"), seed=ctx.seed)
+    return fit_lte(config, ctx.trace[ctx.policy_split], ctx.device)
+
+
+def _oracle(cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:
+    from exitrl.agents.oracle import OracleConfig, OraclePolicy
+
+    config = OracleConfig(**checked_options(cfg, OracleConfig, "agent=oracle"))
+    return OraclePolicy.for_split(ctx.trace["dev"], config.kind), {"analysis_only": True, "split": "dev"}
 
 
 AGENTS: dict[str, Callable[[dict, AgentContext], tuple[ExitPolicy, dict]]] = {
@@ -108,7 +161,13 @@ AGENTS: dict[str, Callable[[dict, AgentContext], tuple[ExitPolicy, dict]]] = {
     "bandit_thompson": _threshold_bandit("thompson"),
     "linucb": _linucb,
     **{name: _fixed_rule(name) for name in FIXED_RULES},
+    "calm": _calm,
+    "free": _free,
+    "lte": _lte,
+    "oracle": _oracle,
 }
+LEARNED_AGENTS = ("reinforce", "ppo", "ppo_torchrl", "bandit_ucb", "bandit_thompson", "linucb")
+RULES = tuple(name for name in AGENTS if name not in (*LEARNED_AGENTS, "oracle"))  # usable as ``baselines=``
 
 
 # Each learned agent's option dataclass, so a bad ``agent.<key>`` fails before any fine-tuning starts.
@@ -119,7 +178,16 @@ AGENT_OPTIONS = {
     "bandit_ucb": "exitrl.agents.threshold_bandit:BanditConfig",
     "bandit_thompson": "exitrl.agents.threshold_bandit:BanditConfig",
     "linucb": "exitrl.agents.linucb:LinUCBConfig",
+    "calm": "exitrl.agents.calm:CalmConfig",
+    "free": "exitrl.agents.free:FreeConfig",
+    "lte": "exitrl.agents.lte:LteConfig",
+    "oracle": "exitrl.agents.oracle:OracleConfig",
 }
+
+
+def needs_held_out(name: str, cfg: dict) -> bool:
+    """Whether the agent calibrates on examples the backbone never saw (CALM's certificate, temperatures)."""
+    return (name == "calm" and cfg.get("threshold") is None) or bool(cfg.get(TEMPERATURE_OPTION))
 
 
 def check_agent(name: str, cfg: dict) -> None:
@@ -128,9 +196,13 @@ def check_agent(name: str, cfg: dict) -> None:
         raise ValueError(f"Unknown agent {name!r}; valid agents: {', '.join(AGENTS)}.")
     if name in AGENT_OPTIONS:
         module, _, qualname = AGENT_OPTIONS[name].partition(":")
-        checked_options(cfg, getattr(importlib.import_module(module), qualname), f"agent={name}")
+        options_class = getattr(importlib.import_module(module), qualname)
+        options = checked_options(cfg, options_class, f"agent={name}")
+        if name in ("calm", "free", "lte", "oracle"):  # their dataclasses check values too (an unknown measure, ...)
+            options_class(**options)
     else:  # a fixed rule: build it once, so that bad values (an unknown measure, a layer < 1) fail here too
-        FIXED_RULES[name](**checked_options(cfg, FIXED_RULES[name], f"agent={name}"))
+        options, _ = _fixed_rule_options(name, cfg)
+        FIXED_RULES[name](**options)
 
 
 def build_agent(name: str, cfg: dict, ctx: AgentContext) -> tuple[ExitPolicy, dict]:

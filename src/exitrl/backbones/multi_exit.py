@@ -9,6 +9,7 @@ ordinary forward, so an architecture whose layers need extra inputs is refused w
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,12 @@ def select_rows(mask, rows: torch.Tensor):
     return None if mask is None else mask[rows]
 
 
+def skip_rows(inputs: torch.Tensor, outputs: torch.Tensor, rate: float) -> torch.Tensor:
+    """Per row, keep the layer's ``outputs`` or, with probability ``rate``, its ``inputs`` (the layer skipped)."""
+    skipped = torch.rand(inputs.shape[0], device=inputs.device) < rate
+    return torch.where(skipped[:, None, None], inputs, outputs)
+
+
 class MultiExitModel(nn.Module):
     """An encoder with an exit classifier after every layer.
 
@@ -108,12 +115,40 @@ class MultiExitModel(nn.Module):
     def exit_logits(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
         return self.heads[index](self.dropout(pooled))
 
+    # -- shared heads (LayerSkip: one classifier reads every layer) -----------------------------------------
+    def share_heads(self) -> MultiExitModel:
+        """Make every exit the last layer's head, so one classifier learns to read every layer's state."""
+        last = self.heads[-1]
+        for i in range(self.num_layers):
+            self.heads[i] = last
+        return self
+
+    @property
+    def shared_heads(self) -> bool:
+        """Whether every exit uses one and the same head (recorded on save, restored on load)."""
+        return self.num_layers > 1 and all(head is self.heads[-1] for head in self.heads)
+
     # -- training / tracing: every layer --------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> MultiExitOutput:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, *, detach_between: bool = False,
+                layer_drop: Sequence[float] | None = None) -> MultiExitOutput:
+        """Every layer's exit logits and pooled state.
+
+        ``detach_between`` (SWEET) hands each layer a detached copy of the previous layer's output, so a layer
+        (and the embeddings, through layer 1) gets gradient only from the exit head right after it.
+        ``layer_drop`` (LayerSkip) gives one drop rate per layer: in training mode each row skips that layer
+        (its state passes through unchanged) with that probability; in eval mode it is ignored, so tracing
+        and inference always run every layer.
+        """
+        if layer_drop is not None and len(layer_drop) != self.num_layers:
+            raise ValueError(f"layer_drop has {len(layer_drop)} rates for {self.num_layers} layers.")
+        drop = layer_drop if self.training else None
         hidden, layer_mask = self.embed(input_ids, attention_mask, token_type_ids)
         logits, pooled = [], []
         for i in range(self.num_layers):
-            hidden = self.run_layer(i, hidden, layer_mask)
+            if detach_between and i > 0:
+                hidden = hidden.detach()
+            out = self.run_layer(i, hidden, layer_mask)
+            hidden = out if drop is None or drop[i] <= 0 else skip_rows(hidden, out, drop[i])
             p = self.pool(hidden, attention_mask)
             pooled.append(p)
             logits.append(self.exit_logits(i, p))
@@ -163,7 +198,7 @@ class MultiExitModel(nn.Module):
             tokenizer.save_pretrained(directory / "encoder")
         torch.save(self.heads.state_dict(), directory / "heads.pt")
         meta = {"num_labels": self.num_labels, "pooling": self.pooling, "num_layers": self.num_layers,
-                **(extra or {})}
+                "shared_heads": self.shared_heads, **(extra or {})}
         (directory / "exitrl_backbone.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -176,6 +211,8 @@ class MultiExitModel(nn.Module):
         meta = json.loads(meta_path.read_text())
         encoder = AutoModel.from_pretrained(directory / "encoder")
         model = cls(encoder, meta["num_labels"], meta["pooling"])
+        if meta.get("shared_heads"):
+            model.share_heads()
         model.heads.load_state_dict(torch.load(directory / "heads.pt", map_location="cpu", weights_only=True))
         tokenizer = AutoTokenizer.from_pretrained(directory / "encoder")
         return model.to(device), tokenizer, meta

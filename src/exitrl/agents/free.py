@@ -1,0 +1,149 @@
+"""FREE (Bae et al., EMNLP 2023) for classifiers: one shallow exit at layer L_s, else the full model, with the
+adaptive Beta-mixture threshold.
+
+Read top to bottom: the policy (exit at L_s when the shallow max-prob passes the threshold; rows that go on never
+exit before the last layer), its online refit, then fitting on a trace.
+
+The threshold comes from (shallow confidence, 1[shallow prediction = deep prediction]) pairs
+(`exitrl.calibration.beta_mixture`). It is first fitted on a trace split; then, as inference runs, every row that
+went deep adds its pair (the deep prediction is known for it: no label is needed) and the threshold is refitted
+every ``refit_every`` new pairs over the newest ``max_pairs``. As in FREE, only rows that went deep feed the refit.
+
+Confidence is max-prob rescaled to [0, 1]: (p − 1/C) / (1 − 1/C). FREE's grid linspace(0.3, 0.9) was made for
+token softmaxes over a vocabulary, where max-prob spans [0, 1] and the rescaling changes nothing; a C-class head's
+max-prob never falls below 1/C, so on the raw value a binary task's grid points under 0.5 would all count as
+"agrees" and the fitted threshold would sit at 0.3, exiting every row (measured on RTE and SST-2, 2026-11-24).
+For two classes the rescaled value is the margin p(1st) − p(2nd).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from exitrl.backbones.recipes.free import default_shallow_layer
+from exitrl.calibration.beta_mixture import beta_mixture_threshold
+from exitrl.calibration.temperature import TemperatureScaledPolicy, fit_temperatures
+from exitrl.policy import ExitPolicy, LayerBatch, Memory
+from exitrl.trace import SplitTrace
+
+
+def rescaled_confidence(probs: torch.Tensor) -> torch.Tensor:
+    """Max-prob mapped from [1/C, 1] to [0, 1]."""
+    floor = 1.0 / probs.shape[-1]
+    return ((probs.max(-1).values - floor) / (1.0 - floor)).clamp(0.0, 1.0)
+
+
+class FreePolicy(ExitPolicy):
+    """Shallow–deep exit with an adaptive threshold; the pairs it has seen are part of its saved state."""
+
+    name = "free"
+
+    def __init__(self, shallow_layer: int = 2, threshold: float = 0.9, zeta: float = 0.4, adaptive: bool = True,
+                 refit_every: int = 256, max_pairs: int = 20000):
+        if int(shallow_layer) < 1:
+            raise ValueError(f"FREE's shallow layer must be >= 1 (1-indexed), got {shallow_layer}.")
+        self.shallow_layer = int(shallow_layer)
+        self.threshold = float(threshold)
+        self.zeta, self.adaptive = float(zeta), bool(adaptive)
+        self.refit_every, self.max_pairs = int(refit_every), int(max_pairs)
+        self.confidence = torch.empty(0)
+        self.agrees = torch.empty(0, dtype=torch.bool)
+        self.pending = 0  # pairs added since the last refit
+        self.refits = 0
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def init_memory(self, batch_size: int, device: torch.device) -> Memory:
+        return {"confidence": torch.zeros(batch_size, device=device),
+                "prediction": torch.full((batch_size,), -1, dtype=torch.long, device=device)}
+
+    def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
+        rows = batch.logits.shape[0]
+        if batch.layer != self.shallow_layer:
+            return torch.zeros(rows, dtype=torch.bool, device=batch.logits.device)
+        confidence, prediction = rescaled_confidence(batch.probs), batch.logits.argmax(-1)
+        memory["confidence"], memory["prediction"] = confidence, prediction
+        return confidence >= self.threshold
+
+    def observe_final(self, batch: LayerBatch, memory: Memory) -> None:
+        """Rows that went deep: their shallow confidence and whether the shallow exit would have agreed."""
+        if not self.adaptive or batch.layer <= self.shallow_layer:
+            return
+        went_deep = memory["prediction"] >= 0
+        deep = batch.logits.argmax(-1)
+        self.add_pairs(memory["confidence"][went_deep], memory["prediction"][went_deep] == deep[went_deep])
+
+    # -- the adaptive threshold ------------------------------------------------------------------------------
+    def add_pairs(self, confidence: torch.Tensor, agrees: torch.Tensor) -> None:
+        self.confidence = torch.cat([self.confidence, confidence.detach().float().cpu()])[-self.max_pairs:]
+        self.agrees = torch.cat([self.agrees, agrees.detach().bool().cpu()])[-self.max_pairs:]
+        self.pending += int(confidence.numel())
+        if self.pending >= self.refit_every:
+            self.refit()
+
+    def refit(self) -> float:
+        if self.agrees.numel():
+            self.threshold = beta_mixture_threshold(self.confidence, self.agrees, self.zeta)
+            self.refits += 1
+        self.pending = 0
+        return self.threshold
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"shallow_layer": self.shallow_layer, "threshold": self.threshold, "zeta": self.zeta,
+                "adaptive": self.adaptive, "refit_every": self.refit_every, "max_pairs": self.max_pairs}
+
+    def state_dict(self) -> dict:
+        return {"confidence": self.confidence, "agrees": self.agrees, "pending": torch.tensor(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.confidence, self.agrees = state["confidence"].float(), state["agrees"].bool()
+        self.pending = int(state["pending"])
+
+
+# -- fitting ------------------------------------------------------------------------------------------------
+@dataclass
+class FreeConfig:
+    shallow_layer: int | None = None  # None: a quarter of the depth (default_shallow_layer)
+    zeta: float = 0.4  # posterior of "agrees" a grid point needs
+    adaptive: bool = True  # False: keep ``threshold`` fixed
+    threshold: float | None = None  # fixed threshold on the rescaled confidence (adaptive=False), or the start
+    refit_every: int = 256
+    max_pairs: int = 20000
+    temperature: bool = False  # per-exit temperature scaling (fitted on the held-out split)
+    seed: int = 0
+
+
+def fit_free(cfg: FreeConfig, split: SplitTrace, num_layers: int, held_out: SplitTrace | None = None
+             ) -> tuple[ExitPolicy, dict]:
+    """The starting threshold from every row of ``split`` (shallow confidence, agreement with the last layer)."""
+    shallow = cfg.shallow_layer or default_shallow_layer(num_layers)
+    if not 1 <= shallow < num_layers:
+        raise ValueError(f"FREE's shallow layer must lie in 1..{num_layers - 1} for a {num_layers}-layer model, "
+                         f"got {shallow}.")
+    if not cfg.adaptive and cfg.threshold is None:
+        raise ValueError("agent=free with adaptive=false needs a threshold (e.g. agent.threshold=0.9).")
+    policy = FreePolicy(shallow, cfg.threshold if cfg.threshold is not None else 0.9, cfg.zeta, cfg.adaptive,
+                        cfg.refit_every, cfg.max_pairs)
+    temperatures = None
+    if cfg.temperature:
+        if held_out is None:
+            raise ValueError("agent.temperature=true fits temperatures on examples the backbone never saw: add "
+                             "data.policy_split=0.2.")
+        temperatures = fit_temperatures(held_out.logits, held_out.labels)
+    info = {"shallow_layer": shallow}
+    if cfg.adaptive:
+        shallow_logits = split.logits[:, shallow - 1].float().cpu()
+        if temperatures is not None:
+            shallow_logits = shallow_logits / temperatures[shallow - 1]
+        confidence, prediction = rescaled_confidence(torch.softmax(shallow_logits, -1)), shallow_logits.argmax(-1)
+        agrees = prediction == split.logits[:, -1].argmax(-1).cpu()
+        policy.add_pairs(confidence, agrees)
+        policy.refit()
+        info.update({"fitted_threshold": policy.threshold, "fit_pairs": int(agrees.numel()),
+                     "fit_agree_fraction": float(agrees.float().mean())})
+    if temperatures is not None:
+        info["temperatures"] = temperatures.tolist()
+        return TemperatureScaledPolicy(policy, temperatures), info
+    return policy, info

@@ -1,0 +1,53 @@
+"""Oracles for analysis only (never deployable: they read the label or the last layer's answer):
+
+* ``consistency``: exit at the first layer whose prediction equals the last layer's. It keeps the full model's
+  predictions exactly, so its saving bounds every policy that must not change them.
+* ``correctness``: exit at the first correct layer (near 100 % on binary tasks; report it, never use it as the bound).
+
+An oracle is built for one split and looks its rows up by index (``LayerBatch.extras["rows"]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from exitrl.evaluate import ORACLE_KINDS as KINDS
+from exitrl.evaluate import oracle_exit_layers
+from exitrl.policy import ExitPolicy, LayerBatch, Memory
+from exitrl.trace import SplitTrace
+
+
+class OraclePolicy(ExitPolicy):
+    name = "oracle"
+    deployable = False
+
+    def __init__(self, exit_layers: list[int] | torch.Tensor, kind: str = "consistency"):
+        if kind not in KINDS:
+            raise ValueError(f"Unknown oracle kind {kind!r}; valid: {', '.join(KINDS)}.")
+        self.kind = kind
+        self.exit_layers = torch.as_tensor(exit_layers, dtype=torch.long)
+
+    @classmethod
+    def for_split(cls, trace: SplitTrace, kind: str = "consistency") -> OraclePolicy:
+        return cls(oracle_exit_layers(trace, kind).cpu(), kind)
+
+    def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
+        rows = batch.extras.get("rows")
+        if rows is None or (rows.numel() and int(rows.max()) >= self.exit_layers.numel()):
+            raise ValueError("An oracle policy answers only for the split it was built from, walked by "
+                             "exitrl.evaluate.run_policy (which passes each row's index).")
+        return self.exit_layers.to(rows.device)[rows] <= batch.layer
+
+    def config(self) -> dict:
+        return {"exit_layers": self.exit_layers.tolist(), "kind": self.kind}
+
+
+@dataclass
+class OracleConfig:
+    kind: str = "consistency"  # consistency | correctness
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Unknown oracle kind {self.kind!r}; valid: {', '.join(KINDS)}.")

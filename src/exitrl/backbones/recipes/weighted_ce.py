@@ -1,0 +1,18 @@
+"""Weighted CE (PABEE, ConsistentEE stage 1): every head on every example, deeper heads weighing more."""
+
+from __future__ import annotations
+
+import torch
+
+from exitrl.backbones.multi_exit import MultiExitModel
+from exitrl.backbones.objectives import weighted_ce
+from exitrl.backbones.recipes.base import Progress, Recipe
+
+
+class WeightedCE(Recipe):
+    """loss = sum_l l * CE_l / sum_l l, all layers and heads trained together."""
+
+    name = "weighted_ce"
+
+    def loss(self, model: MultiExitModel, batch: dict, labels: torch.Tensor, progress: Progress) -> torch.Tensor:
+        return weighted_ce(model(**batch).logits.float(), labels)
