@@ -5,7 +5,7 @@ split as a random subset in chunks; `load_exported_trace` puts them back togethe
 the fine-tuning record (time, per-layer dev accuracy) as JSON:
 
     python benchmarks/trace_export.py --task sst2 --backbone PATH --data-dir DIR --out OUT \
-        --epochs 2 --batch-size 32 --train-rows 12000 --chunk-rows 3000
+        --epochs 2 --batch-size 32 --train-rows 12000 --chunk-rows 3000 [--policy-split 0.1]
 """
 
 from __future__ import annotations
@@ -25,15 +25,25 @@ from exitrl.trace import SplitTrace, Trace, load_or_build_trace
 
 
 def load_exported_trace(folder: str | Path) -> Trace:
-    """Reassemble ``dev.pt`` and ``train_*.pt`` written by this script."""
+    """Reassemble ``dev.pt``, ``train_*.pt`` and ``policy_*.pt`` (the held-out split, if any) written here."""
     folder = Path(folder)
-    parts = [Trace.load(p)["train"] for p in sorted(folder.glob("train_*.pt"))]
-    if not parts or not (folder / "dev.pt").is_file():
+    if not (folder / "dev.pt").is_file() or not list(folder.glob("train_*.pt")):
         raise FileNotFoundError(f"{folder} holds no exported trace (dev.pt and train_*.pt).")
     dev = Trace.load(folder / "dev.pt")
-    train = SplitTrace(*(torch.cat([getattr(p, k) for p in parts]) for k in ("states", "logits", "labels",
-                                                                             "memorized")))
-    return Trace({"train": train, "dev": dev["dev"]}, dev.meta)
+    splits = {}
+    for split in ("train", "policy"):
+        parts = [Trace.load(p)[split] for p in sorted(folder.glob(f"{split}_*.pt"))]
+        if parts:
+            splits[split] = SplitTrace(*(torch.cat([getattr(p, k) for p in parts])
+                                         for k in ("states", "logits", "labels", "memorized")))
+    return Trace({**splits, "dev": dev["dev"]}, dev.meta)
+
+
+def save_chunks(split: SplitTrace, name: str, rows: torch.Tensor, chunk_rows: int, meta: dict, out: Path) -> None:
+    for i, first in enumerate(range(0, len(rows), chunk_rows)):
+        take = rows[first:first + chunk_rows]
+        part = SplitTrace(split.states[take], split.logits[take], split.labels[take], split.memorized[take])
+        Trace({name: part}, meta).save(out / f"{name}_{i}.pt")
 
 
 def main() -> None:
@@ -47,13 +57,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--train-rows", type=int, default=12_000, help="random train rows to export")
     parser.add_argument("--chunk-rows", type=int, default=3000)
+    parser.add_argument("--policy-split", type=float, default=0.0, help="fraction of train held out (exported whole)")
     parser.add_argument("--cache", default="/tmp/exitrl_cache")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device("auto")
-    data = load_task(args.task, args.data_dir)
+    data = load_task(args.task, args.data_dir, policy_split=args.policy_split)
     start = time.time()
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     model, tokenizer, info = load_or_finetune(args.backbone, data, cfg, args.cache, device, args.pooling)
@@ -62,10 +73,9 @@ def main() -> None:
     trace_seconds = time.time() - start - finetune_seconds
     train = trace["train"]
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.train_rows].sort().values
-    for i, first in enumerate(range(0, len(rows), args.chunk_rows)):
-        take = rows[first:first + args.chunk_rows]
-        part = SplitTrace(train.states[take], train.logits[take], train.labels[take], train.memorized[take])
-        Trace({"train": part}, trace.meta).save(out / f"train_{i}.pt")
+    save_chunks(train, "train", rows, args.chunk_rows, trace.meta, out)
+    if "policy" in trace.splits:
+        save_chunks(trace["policy"], "policy", torch.arange(len(trace["policy"])), args.chunk_rows, trace.meta, out)
     Trace({"dev": trace["dev"]}, {**trace.meta, "exported_train_rows": len(rows), "train_rows": len(train)}).save(
         out / "dev.pt")
     summary = {"task": data.name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

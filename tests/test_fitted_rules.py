@@ -147,3 +147,23 @@ def test_rule_options_through_the_registry():
         check_agent("oracle", {"kind": "best"})
     assert needs_held_out("calm", {}) and not needs_held_out("calm", {"threshold": 0.5})
     assert needs_held_out("confidence", {"temperature": True}) and not needs_held_out("free", {})
+
+
+def test_learn_on_picks_the_split_agents_learn_from():
+    from exitrl.agents.registry import AgentContext
+    from exitrl.trace import Trace
+
+    split, _ = synthetic_trace(n=20)
+    with_held_out = Trace({"train": split, "policy": split, "dev": split})
+    without = Trace({"train": split, "dev": split})
+
+    def ctx(trace, learn_on):
+        return AgentContext(trace, None, None, {}, "cpu", None, "accuracy", 0, learn_on=learn_on)
+
+    assert ctx(with_held_out, "auto").policy_split == "policy" and ctx(without, "auto").policy_split == "train"
+    assert ctx(with_held_out, "train").policy_split == "train"
+    assert ctx(with_held_out, "held_out").policy_split == "policy"
+    with pytest.raises(ValueError, match="data.policy_split"):
+        ctx(without, "held_out").policy_split  # noqa: B018 - the property raises
+    with pytest.raises(ValueError, match="auto, train, held_out"):
+        ctx(without, "everything").policy_split  # noqa: B018

@@ -12,6 +12,7 @@ import torch
 
 from exitrl.policy import ExitPolicy, LayerBatch
 from exitrl.trace import SplitTrace
+from exitrl.tradeoff import oracle_frontier
 
 
 def task_metric(predictions: torch.Tensor, labels: torch.Tensor, metric: str = "accuracy") -> float:
@@ -127,4 +128,5 @@ def oracle_bounds(trace: SplitTrace, metric: str = "accuracy") -> dict:
     for kind in ORACLE_KINDS:
         layers = oracle_exit_layers(trace, kind)
         bounds[f"{kind}_oracle"] = summarize_exits(layers, preds[rows, layers - 1], trace.labels, num_layers, metric)
+    bounds["oracle_frontier"] = oracle_frontier(trace, metric)
     return bounds

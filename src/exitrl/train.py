@@ -24,10 +24,11 @@ from exitrl.backbones.cotrain import CotrainConfig
 from exitrl.cotraining import cotrain_rounds
 from exitrl.data import DataError, load_task
 from exitrl.device import pick_device
-from exitrl.evaluate import evaluate_policy, log_eval, oracle_bounds
+from exitrl.evaluate import evaluate_policy, oracle_bounds
 from exitrl.options import checked_options
 from exitrl.report import results_table
 from exitrl.rewards import RewardError
+from exitrl.run_summary import log_run_summary
 from exitrl.trace import load_or_build_trace
 
 log = logging.getLogger("exitrl.train")
@@ -45,6 +46,26 @@ def reward_settings(reward_cfg: dict) -> tuple[str | None, str | None, dict]:
     kwargs.update(reward_cfg.get("kwargs") or {})
     fn = reward_cfg.get("fn")
     return (None if fn else reward_cfg.get("name")), fn, kwargs
+
+
+def prepare_trace(cfg: DictConfig, device: torch.device, writer=None) -> tuple:
+    """Load the task, fine-tune the backbone (or reuse the cached one) and trace it (or reuse the cached trace);
+    returns ``(data, finetune_cfg, model, tokenizer, backbone_info, trace)``. Shared by train and sweep."""
+    limit = OmegaConf.to_container(cfg.data.limit, resolve=True)
+    custom = OmegaConf.to_container(cfg.env.custom, resolve=True) if "custom" in cfg.env else None
+    data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom, policy_split=cfg.data.policy_split)
+    log.info("Task %s from %s: %s", data.name, data.source, {k: len(v) for k, v in data.splits.items()})
+    finetune_cfg = FinetuneConfig(**checked_options(cfg.backbone.finetune, FinetuneConfig, "backbone.finetune"),
+                                  seed=cfg.seed)
+    model, tokenizer, backbone_info = load_or_finetune(
+        cfg.backbone.name, data, finetune_cfg, cfg.cache_dir, device, cfg.backbone.pooling, cfg.backbone.package,
+        writer,
+    )
+    trace = load_or_build_trace(model, tokenizer, data, cfg.cache_dir, device, finetune_cfg.max_length,
+                                objective=finetune_cfg.objective)
+    log.info("Dev %s per layer: %s", data.metric,
+             " ".join(f"{100 * s:.1f}" for s in oracle_bounds(trace["dev"], data.metric)["per_layer_score"]))
+    return data, finetune_cfg, model, tokenizer, backbone_info, trace
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -71,28 +92,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    limit = OmegaConf.to_container(cfg.data.limit, resolve=True)
-    custom = OmegaConf.to_container(cfg.env.custom, resolve=True) if "custom" in cfg.env else None
-    data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom, policy_split=cfg.data.policy_split)
-    log.info("Task %s from %s: %s", data.name, data.source, {k: len(v) for k, v in data.splits.items()})
-
-    finetune_cfg = FinetuneConfig(**checked_options(cfg.backbone.finetune, FinetuneConfig, "backbone.finetune"),
-                                  seed=cfg.seed)
-    model, tokenizer, backbone_info = load_or_finetune(
-        cfg.backbone.name, data, finetune_cfg, cfg.cache_dir, device, cfg.backbone.pooling, cfg.backbone.package,
-        writer,
-    )
-    trace = load_or_build_trace(model, tokenizer, data, cfg.cache_dir, device, finetune_cfg.max_length,
-                                objective=finetune_cfg.objective)
+    data, finetune_cfg, model, tokenizer, backbone_info, trace = prepare_trace(cfg, device, writer)
     num_layers = model.num_layers
-    log.info("Dev %s per layer: %s", data.metric,
-             " ".join(f"{100 * s:.1f}" for s in oracle_bounds(trace["dev"], data.metric)["per_layer_score"]))
 
     reward, reward_fn, reward_kwargs = reward_settings(OmegaConf.to_container(cfg.reward, resolve=True))
 
     def train_agent(trace, agent_writer) -> tuple:
         ctx = AgentContext(trace, reward, reward_fn, reward_kwargs, device, agent_writer, data.metric, cfg.seed,
-                           Path(agent_writer.log_dir))
+                           Path(agent_writer.log_dir), cfg.learn_on)
         return build_agent(agent_name, agent_cfg, ctx)
 
     agent_started = time.time()
@@ -116,14 +123,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     baseline_info = {}
     for name in cfg.baselines:
         if name != agent_name:
-            ctx = AgentContext(trace, reward, reward_fn, reward_kwargs, device, None, data.metric, cfg.seed)
+            ctx = AgentContext(trace, reward, reward_fn, reward_kwargs, device, None, data.metric, cfg.seed,
+                               learn_on=cfg.learn_on)
             baseline, baseline_info[name] = build_agent(name, baseline_options(name, cfg), ctx)
             results[name] = evaluate_policy(baseline, dev, data.metric)
-    final_step = agent_info.get("updates", 0)
-    mine = results[agent_name]
-    log_eval(writer, mine, final_step)
-    layers = torch.cat([torch.full((c,), i + 1) for i, c in enumerate(mine["exit_histogram"])])
-    writer.add_histogram("exit/layer", layers, final_step, bins=torch.arange(0.5, num_layers + 1).tolist())
+    hyperparameters = {"agent": agent_name, "task": data.name, **agent_cfg,
+                       "reward": {"name": reward or reward_fn, **reward_kwargs},
+                       "backbone": cfg.backbone.name, "objective": finetune_cfg.objective, "seed": cfg.seed}
+    log_run_summary(writer, results[agent_name], num_layers, hyperparameters, agent_info.get("updates", 0))
     writer.close()
 
     table_rows = {

@@ -14,6 +14,8 @@ from exitrl.options import checked_options
 from exitrl.policy import ExitPolicy
 from exitrl.trace import Trace
 
+LEARN_ON = ("auto", "train", "held_out")
+
 
 @dataclass
 class AgentContext:
@@ -28,10 +30,17 @@ class AgentContext:
     metric: str
     seed: int
     log_dir: object = None  # the run's TensorBoard folder, for agents with a logger of their own (SB3)
+    learn_on: str = "auto"  # auto (the held-out split when there is one, else train) | train | held_out
 
     @property
     def policy_split(self) -> str:
-        """Where learned policies train: the held-out ``policy`` split when there is one, else ``train``."""
+        """Where learned policies train (``learn_on``)."""
+        if self.learn_on not in LEARN_ON:
+            raise ValueError(f"Unknown learn_on {self.learn_on!r}; valid: {', '.join(LEARN_ON)}.")
+        if self.learn_on == "held_out" and "policy" not in self.trace.splits:
+            raise ValueError("learn_on=held_out needs a held-out split: add data.policy_split=0.2.")
+        if self.learn_on == "train":
+            return "train"
         return "policy" if "policy" in self.trace.splits else "train"
 
     @property

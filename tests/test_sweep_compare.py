@@ -1,0 +1,82 @@
+"""``python -m exitrl.sweep`` and ``python -m exitrl.compare`` end to end on a tiny backbone and a slice of RTE: one
+fine-tuning for the whole sweep, the comparison table equal to numbers recomputed from the per-run metrics, the PNG
+and the TensorBoard files readable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+TESTS = Path(__file__).parent
+
+
+def run_module(module: str, *args, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "EXITRL_CACHE_DIR": str(cache)}
+    return subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_sweep_then_compare(tiny_bert, glue_dir, tmp_path):
+    out = tmp_path / "sweep"
+    cache = tmp_path / "cache"
+    result = run_module(
+        "exitrl.sweep", "agent=confidence,static,patience,calm,reinforce", "env=rte", f"backbone.name={tiny_bert}",
+        "backbone.package=null", "backbone.pooling=cls", f"data.dir={glue_dir}", "data.limit.train=160",
+        "data.limit.dev=48", "backbone.finetune.epochs=1", "reinforce.epochs=2", "sweep.grids.reinforce=[0.02,0.3]",
+        "sweep.grids.confidence=[0.9,0.7,0.55]", "sweep.grids.calm=[0.1,0.3]", f"sweep.out={out}", cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((cache / "backbones").iterdir())) == 1  # one fine-tuning for 5 families
+    runs = sorted(out.rglob("metrics.json"))
+    assert len(runs) == 2 + 3 + 2 + 2 + 3  # reinforce, static 1..3, patience 1..2 (3 layers), calm, confidence
+    per_family: dict[str, list[dict]] = {}
+    for path in runs:
+        record = json.loads(path.read_text())
+        assert path.parent.name == f"{record['knob']['key'].split('.')[-1]}={record['knob']['value']}"
+        per_family.setdefault(record["agent"], []).append(record["results"][record["agent"]])
+    full = json.loads(runs[0].read_text())["oracle"]["full_model"]
+
+    comparison = json.loads((out / "comparison.json").read_text())["rte"]
+    assert set(comparison["families"]) == set(per_family)
+    for family, results in per_family.items():
+        row = comparison["families"][family]
+        saved_30 = [r["score"] for r in results if r["saved_layers"] >= 0.3 - 1e-9]
+        assert row["best_score_saved_30"] == (max(saved_30) if saved_30 else None)
+        within = [r["speedup"] for r in results if r["score"] >= full["score"] - 0.01 - 1e-12]
+        assert row["speedup_within_1pt"] == max([1.0, *within])
+        assert row["points"] == len(results)
+    assert comparison["families"]["static"]["best_score_saved_50"] == max(
+        r["score"] for r in per_family["static"] if r["saved_layers"] >= 0.5)
+    table = (out / "comparison.md").read_text()
+    assert "reinforce (learned)" in table and "| static |" in table and "AUC" in result.stdout
+
+    image = matplotlib.image.imread(out / "comparison_rte.png")
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+    events = EventAccumulator(str(out / "compare_tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "compare/rte/tradeoff" in events.Tags()["images"]
+    run = EventAccumulator(str(out / "calm" / "delta=0.1" / "tensorboard"))
+    run.Reload()
+    assert {"eval/score", "eval/speedup", "eval/saved_layers"} <= set(run.Tags()["scalars"])
+    assert "exit/layer" in run.Tags()["histograms"]
+    hparams = run.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hparams and b"delta" in hparams["_hparams_/session_start_info"]
+    assert run.PluginTagToContent("custom_scalars")
+
+    again = run_module("exitrl.compare", str(out), cache=cache)
+    assert again.returncode == 0 and json.loads((out / "comparison.json").read_text())["rte"] == comparison
+
+
+def test_sweep_and_compare_errors_are_clear(tmp_path):
+    out = run_module("exitrl.sweep", "agent=confidence,bogus", "env=rte", cache=tmp_path)
+    assert out.returncode == 2 and "bogus" in out.stderr and "reinforce" in out.stderr
+    out = run_module("exitrl.sweep", "agent=confidence", "confidence.nope=1", "env=rte", cache=tmp_path)
+    assert out.returncode == 2 and "nope" in out.stderr
+    out = run_module("exitrl.compare", str(tmp_path), cache=tmp_path)
+    assert out.returncode == 2 and "No metrics.json" in out.stderr
