@@ -31,6 +31,27 @@ def noisy_trace(n: int, seed: int, num_layers: int = 4) -> SplitTrace:
     return SplitTrace.from_logits(states, logits, labels)
 
 
+def test_saturation_memory_follows_rows_that_leave_at_different_layers():
+    # cos to the previous state: row 0 = 1.0 at layer 2; row 1 = 0.0 then 1.0 at layer 3; row 2 = 0.0, 0.0, 0.0
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    states = torch.tensor([[e1, e1, e2, e1], [e1, e2, e2, e1], [e1, e2, e1, e2]])
+    trace = SplitTrace.from_logits(states, torch.zeros(3, 4, 2), torch.tensor([0, 0, 0]))
+    for batch_size in (3, 2, 1):
+        assert run_policy(CalmPolicy("saturation", 0.9), trace, batch_size=batch_size)[0].tolist() == [2, 3, 4]
+
+
+def test_rule_values_are_checked():
+    from exitrl.calibration import fit_temperatures
+
+    for bad in ({"zeta": 1.5}, {"max_pairs": 0}, {"shallow_layer": 0}, {"threshold": 2.0}):
+        with pytest.raises(ValueError):
+            FreeConfig(**bad)
+    with pytest.raises(ValueError, match="threshold"):
+        LteConfig(threshold=-0.1)
+    with pytest.raises(ValueError, match="at least one"):
+        fit_temperatures(torch.zeros(0, 3, 2), torch.zeros(0, dtype=torch.long))
+
+
 def test_saturation_is_the_cosine_of_consecutive_states():
     states = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])  # cos: -, 0.7071, 0.7071
     trace = SplitTrace.from_logits(states, torch.zeros(1, 3, 2), torch.tensor([0]))
@@ -85,6 +106,9 @@ def test_free_exits_only_at_the_shallow_layer_and_refits_online(tmp_path):
     # rows 1 and 2 went deep: (0.4, shallow 1 vs deep 0: disagree), (0.4, shallow 1 vs deep 1: agree)
     assert policy.confidence.tolist() == pytest.approx([0.4, 0.4]) and policy.agrees.tolist() == [False, True]
     assert policy.refits == 1 and policy.threshold == beta_mixture_threshold(policy.confidence, policy.agrees)
+    # by hand: both classes are the single value 0.4 (variance 0: Beta(40, 60) each), weights 1/2 and 1/2, so the
+    # posterior of "agrees" is 0.5 > zeta = 0.4 at all 10 grid points: threshold = grid[10 - 10] = 0.3
+    assert policy.threshold == pytest.approx(0.3)
     policy.save(tmp_path / "free.pt")
     loaded = load_policy(tmp_path / "free.pt")
     assert loaded.agrees.tolist() == [False, True] and loaded.threshold == policy.threshold
@@ -132,8 +156,9 @@ def test_oracle_policies_reproduce_the_bounds_and_refuse_other_splits():
         for key in ("score", "avg_exit_layer", "exit_histogram"):
             assert result[key] == bounds[f"{kind}_oracle"][key]
     assert evaluate_policy(OraclePolicy.for_split(dev), dev)["disagreement"] == 0.0
-    with pytest.raises(ValueError, match="split it was built from"):
-        run_policy(OraclePolicy.for_split(noisy_trace(10, 5)), dev)
+    for other in (noisy_trace(10, 5), noisy_trace(1000, 5)):  # smaller and larger than dev
+        with pytest.raises(ValueError, match="split it was built from"):
+            run_policy(OraclePolicy.for_split(other), dev)
 
 
 def test_rule_options_through_the_registry():

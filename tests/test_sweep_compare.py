@@ -51,6 +51,13 @@ def test_sweep_then_compare(tiny_bert, glue_dir, tmp_path):
         within = [r["speedup"] for r in results if r["score"] >= full["score"] - 0.01 - 1e-12]
         assert row["speedup_within_1pt"] == max([1.0, *within])
         assert row["points"] == len(results)
+    layer_one = json.loads(runs[0].read_text())["oracle"]["per_layer_score"][0]
+    for family, results in per_family.items():  # the AUC, recomputed here from its definition
+        grid = [(3 - 1) / 3 * i / 15 for i in range(16)]
+        best = [max([r["score"] for r in [*results, full] if r["saved_layers"] >= s - 1e-9] or [layer_one])
+                for s in grid]
+        expected = sum(max(b, layer_one) for b in best) / 16
+        assert abs(comparison["families"][family]["auc"] - expected) < 1e-9
     assert comparison["families"]["static"]["best_score_saved_50"] == max(
         r["score"] for r in per_family["static"] if r["saved_layers"] >= 0.5)
     table = (out / "comparison.md").read_text()
@@ -78,5 +85,31 @@ def test_sweep_and_compare_errors_are_clear(tmp_path):
     assert out.returncode == 2 and "bogus" in out.stderr and "reinforce" in out.stderr
     out = run_module("exitrl.sweep", "agent=confidence", "confidence.nope=1", "env=rte", cache=tmp_path)
     assert out.returncode == 2 and "nope" in out.stderr
+    out = run_module("exitrl.sweep", "agent=reinforce,confidence", "env=rte", "reward=custom",
+                     "reward.fn=example_rewards:only_layer_two", cache=tmp_path)  # no alpha to sweep
+    assert out.returncode == 2 and "takes no alpha" in out.stderr and not (tmp_path / "backbones").exists()
+    out = run_module("exitrl.sweep", "agent=confidence", "env=rte", "learn_on=everything", cache=tmp_path)
+    assert out.returncode == 2 and "auto, train, held_out" in out.stderr
     out = run_module("exitrl.compare", str(tmp_path), cache=tmp_path)
     assert out.returncode == 2 and "No metrics.json" in out.stderr
+
+
+def test_compare_never_mixes_runs_of_different_traces(tmp_path):
+    from exitrl.compare import read_runs
+
+    point = {"score": 0.8, "saved_layers": 0.5, "speedup": 2.0, "accuracy": 0.8, "avg_exit_layer": 2.0}
+    for key in ("aaaaaaaa1111", "bbbbbbbb2222"):
+        run = tmp_path / key
+        run.mkdir()
+        record = {"task": "rte", "agent": "confidence", "trace_key": key, "num_layers": 4, "metric": "accuracy",
+                  "results": {"confidence": point}, "oracle": {}}
+        (run / "metrics.json").write_text(json.dumps(record))
+    assert set(read_runs(tmp_path)) == {"rte@aaaaaaaa", "rte@bbbbbbbb"}
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    try:
+        read_runs(tmp_path)
+    except ValueError as err:
+        assert "broken" in str(err)
+    else:
+        raise AssertionError("a malformed metrics.json must be refused with its path")

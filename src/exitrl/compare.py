@@ -29,16 +29,25 @@ def learned(family: str) -> bool:
 
 
 def read_runs(runs_dir: Path) -> dict[str, dict]:
-    """``{task: {"families": {family: [points]}, "oracle": ..., "num_layers": L, "metric": m}}``."""
+    """``{task: {"families": {family: [points]}, "oracle": ..., "num_layers": L, "metric": m}}``. Runs of one task
+    on different traces (another backbone, recipe or data) become separate groups, ``task@<trace key>``."""
     tasks: dict[str, dict] = {}
-    files = sorted(runs_dir.rglob("metrics.json"))
-    for path in files:
+    records = []
+    for path in sorted(runs_dir.rglob("metrics.json")):
         try:
             record = json.loads(path.read_text())
-            task, results = record["task"], record["results"]
-        except (json.JSONDecodeError, KeyError) as err:
+            for key in ("agent", "oracle", "num_layers", "metric"):
+                record[key]  # noqa: B018 - a KeyError here names the missing field
+            records.append((path, record, record["task"], record["results"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path} is not an exitrl metrics.json ({err}); remove it or point at another "
                              "folder.") from err
+    keys: dict[str, set] = defaultdict(set)
+    for _, record, task, _ in records:
+        keys[task].add(record.get("trace_key"))
+    for path, record, task, results in records:
+        if len(keys[task]) > 1:  # runs on different backbones or data: never mixed into one curve
+            task = f"{task}@{str(record.get('trace_key'))[:8]}"
         entry = tasks.setdefault(task, {"families": defaultdict(list), "oracle": record["oracle"],
                                         "num_layers": record["num_layers"], "metric": record["metric"]})
         knob = record.get("knob")

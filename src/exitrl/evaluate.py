@@ -55,7 +55,8 @@ def run_policy(policy: ExitPolicy, trace: SplitTrace, batch_size: int = 4096) ->
         memory = policy.init_memory(rows.shape[0], device)
         for layer in range(1, num_layers + 1):
             logits = trace.logits[rows, layer - 1]
-            batch = LayerBatch(layer, num_layers, trace.states[rows, layer - 1].float(), logits, {"rows": rows})
+            batch = LayerBatch(layer, num_layers, trace.states[rows, layer - 1].float(), logits,
+                               {"rows": rows, "split_size": len(trace)})
             if layer == num_layers:
                 policy.observe_final(batch, memory)
                 leave = torch.ones_like(rows, dtype=torch.bool)

@@ -23,7 +23,8 @@ from exitrl.envs.observation import build_observation
 @dataclass
 class LayerBatch:
     """The rows still running at 1-indexed ``layer``: pooled ``states [B, H]`` and exit ``logits [B, C]``.
-    ``extras`` may carry ``rows``, the rows' indices in the evaluated split (only analysis oracles read it)."""
+    ``extras`` may carry ``rows``, the rows' indices in the evaluated split, and ``split_size``, its length (only
+    analysis oracles read them)."""
 
     layer: int
     num_layers: int

@@ -13,6 +13,7 @@ exit/layer, hparams).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -26,13 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from exitrl.agents.registry import AGENTS, AgentContext, build_agent, check_agent, needs_held_out
+from exitrl.agents.registry import AGENTS, AgentContext, build_agent, check_agent, check_learn_on, needs_held_out
 from exitrl.backbones import BackboneError
 from exitrl.data import DataError
 from exitrl.device import pick_device
 from exitrl.evaluate import evaluate_policy, oracle_bounds
 from exitrl.knobs import KNOBS
-from exitrl.rewards import RewardError
+from exitrl.rewards import RewardError, resolve_reward
 from exitrl.run_summary import log_run_summary
 from exitrl.trace import Trace
 from exitrl.train import prepare_trace, reward_settings
@@ -65,6 +66,23 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str], dict[str, li
     return families, shared, own
 
 
+def check_swept_reward(families: list[str], cfg: DictConfig) -> None:
+    """A family swept over ``reward.alpha`` needs a reward that takes ``alpha`` and no fixed ``reward.kwargs.alpha``
+    (which would override every point); say so before any fine-tuning."""
+    if not any(KNOBS[f].key == "reward.alpha" for f in families):
+        return
+    reward = OmegaConf.to_container(cfg.reward, resolve=True)
+    if "alpha" in (reward.get("kwargs") or {}):
+        raise ValueError("reward.kwargs.alpha would fix alpha at every point of an alpha sweep: remove it and let "
+                         "sweep.grids set reward.alpha.")
+    if reward.get("fn"):
+        fn = resolve_reward(fn=reward["fn"])
+        parameters = inspect.signature(fn).parameters
+        if "alpha" not in parameters and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            raise ValueError(f"{reward['fn']} takes no alpha, the knob of the learned families swept here: add an "
+                             "alpha parameter to it, or sweep only rules.")
+
+
 def compose_family(family: str, shared: list[str], own: list[str]) -> DictConfig:
     try:
         return compose("config", overrides=[f"agent={family}", *shared, *own])
@@ -95,6 +113,8 @@ def sweep(argv: list[str]) -> Path:
                     ", ".join(calibrating), first.sweep.held_out)
         configs = {f: point_config(c, "data.policy_split", first.sweep.held_out) for f, c in configs.items()}
         first = configs[families[0]]
+    check_learn_on(first.learn_on, bool(first.data.policy_split) or bool(first.sweep.trace))
+    check_swept_reward(families, first)
     device = pick_device(first.device)
     torch.manual_seed(first.seed)
     out = Path(first.sweep.out)
@@ -102,6 +122,9 @@ def sweep(argv: list[str]) -> Path:
     started = time.time()
     if first.sweep.trace:
         trace = Trace.load(Path(first.sweep.trace).expanduser())
+        if (calibrating or first.learn_on == "held_out") and "policy" not in trace.splits:
+            raise ValueError(f"{first.sweep.trace} has no held-out split, which {', '.join(calibrating) or 'learn_on'} "
+                             "needs: trace a backbone fine-tuned with data.policy_split > 0.")
         task, metric, backbone = trace.meta.get("task", first.env.task), trace.meta.get("metric", "accuracy"), {
             "trace": str(first.sweep.trace)}
     else:
@@ -140,17 +163,18 @@ def record_point(cfg: DictConfig, family: str, value, trace: Trace, task: str, m
     started = time.time()
     policy, info = build_agent(family, agent_cfg, ctx)
     seconds = time.time() - started
+    policy.to(torch.device("cpu")).save(run_dir / "policy.pt")  # before dev can move an online-adaptive rule
     result = evaluate_policy(policy, trace["dev"], metric)
     hyperparameters = {"agent": family, "family": label, "learn_on": cfg.learn_on, "task": task, "knob": knob.key,
                        "knob_value": value, **agent_cfg,
                        "reward": {"name": reward or reward_fn, **reward_kwargs}, "seed": cfg.seed}
     log_run_summary(writer, result, trace["dev"].num_layers, hyperparameters, info.get("updates", 0))
     writer.close()
-    policy.to(torch.device("cpu")).save(run_dir / "policy.pt")
     metrics = {"agent": family, "family": label, "learn_on": cfg.learn_on, "task": task, "metric": metric,
                "num_layers": trace["dev"].num_layers,
                "knob": {"key": knob.key, "value": value}, "results": {family: result}, "oracle": bounds,
                "agent_info": info, "agent_seconds": round(seconds, 2), "backbone": backbone,
+               "trace_key": trace.meta.get("key"),
                "reward": {"name": reward, "fn": reward_fn, **reward_kwargs}, "run_dir": str(run_dir)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

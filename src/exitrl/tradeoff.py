@@ -6,9 +6,9 @@ A *point* is one evaluated setting: ``{"score": task metric in [0, 1], "saved_la
 
 **AUC, defined once.** Let S be 16 evenly spaced saved-layer fractions from 0 to (L − 1)/L (the saving of exiting
 every example at layer 1). F(s) is the best task metric among the family's points that save at least s; the full
-model belongs to every family (any knob has a strict end that never exits early). Where no point saves s, F(s) is
-the score of exiting everything at layer 1, which any policy can fall back to. AUC = mean of F(s) over S, in the
-task metric's units: 1.0 would be a perfect score at every saving.
+model belongs to every family (any knob has a strict end that never exits early), and F(s) is never below the score
+of exiting everything at layer 1, which any policy can fall back to (so where no point saves s, F(s) is that score).
+AUC = mean of F(s) over S, in the task metric's units: 1.0 would be a perfect score at every saving.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def oracle_frontier(trace: SplitTrace, metric: str = "accuracy", max_points: int
     gains one correct example, so for accuracy this greedy order is the exact optimum at every budget."""
     from exitrl.evaluate import summarize_exits  # evaluate imports this module's users; keep the import local
 
-    preds = trace.logits.argmax(-1)
-    correct = preds == trace.labels[:, None]
+    preds, labels = trace.logits.argmax(-1).cpu(), trace.labels.cpu()
+    correct = preds == labels[:, None]
     n, num_layers = correct.shape
     first_correct = torch.where(correct.any(1), correct.int().argmax(1) + 1, torch.zeros(n, dtype=torch.long))
     movable = (~correct[:, 0]) & (first_correct > 0)
@@ -89,6 +89,6 @@ def oracle_frontier(trace: SplitTrace, metric: str = "accuracy", max_points: int
     for k in steps:
         exit_layers = torch.ones(n, dtype=torch.long)
         exit_layers[order[:k]] = first_correct[order[:k]]
-        summary = summarize_exits(exit_layers, preds[rows, exit_layers - 1], trace.labels, num_layers, metric)
+        summary = summarize_exits(exit_layers, preds[rows, exit_layers - 1], labels, num_layers, metric)
         points.append({key: summary[key] for key in ("score", "saved_layers", "speedup", "avg_exit_layer")})
     return points

@@ -18,7 +18,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from exitrl.agents.registry import RULES, AgentContext, build_agent, check_agent, needs_held_out
+from exitrl.agents.registry import (
+    RULES,
+    AgentContext,
+    build_agent,
+    check_agent,
+    check_learn_on,
+    needs_held_out,
+)
 from exitrl.backbones import BackboneError, FinetuneConfig, load_or_finetune
 from exitrl.backbones.cotrain import CotrainConfig
 from exitrl.cotraining import cotrain_rounds
@@ -77,6 +84,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     mode = cfg.backbone.get("mode", "frozen")
     if mode not in BACKBONE_MODES:
         raise ValueError(f"Unknown backbone.mode {mode!r}; valid: {', '.join(BACKBONE_MODES)}.")
+    if mode == "cotrain" and agent_name == "oracle":
+        raise ValueError("agent=oracle reads dev answers and is analysis only: it cannot steer co-training.")
+    check_learn_on(cfg.learn_on, bool(cfg.data.policy_split))
     cotrain_cfg = CotrainConfig(**checked_options(cfg.get("cotrain") or {}, CotrainConfig, "cotrain"), seed=cfg.seed)
     unknown_baselines = [b for b in cfg.baselines if b not in RULES]
     if unknown_baselines:
@@ -145,7 +155,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "device": str(device), "num_layers": num_layers, "dev_per_layer": per_layer, "oracle": bounds,
         "results": results, "backbone": {k: v for k, v in backbone_info.items() if k != "dev_accuracy_per_epoch"},
         "trace_key": trace.meta.get("key"), "reward": {"name": reward, "fn": reward_fn, **reward_kwargs},
-        "policy_trained_on": "policy" if "policy" in trace.splits else "train", "backbone_mode": mode,
+        "policy_trained_on": AgentContext(trace, None, None, {}, device, None, data.metric, cfg.seed,
+                                           learn_on=cfg.learn_on).policy_split, "backbone_mode": mode,
         "cotrain": cotrain_record, "agent_info": agent_info, "baseline_info": baseline_info,
         "agent_seconds": round(agent_seconds, 2),
         "total_seconds": round(time.time() - started, 1), "run_dir": str(run_dir),

@@ -114,11 +114,21 @@ class FreeConfig:
     temperature: bool = False  # per-exit temperature scaling (fitted on the held-out split)
     seed: int = 0
 
+    def __post_init__(self):
+        if self.shallow_layer is not None and int(self.shallow_layer) < 1:
+            raise ValueError(f"FREE's shallow_layer must be >= 1 (1-indexed), got {self.shallow_layer}.")
+        if not 0.0 < self.zeta < 1.0:
+            raise ValueError(f"FREE's zeta must lie in (0, 1), got {self.zeta}.")
+        if int(self.refit_every) < 1 or int(self.max_pairs) < 1:
+            raise ValueError("FREE's refit_every and max_pairs must be >= 1.")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"FREE's threshold (rescaled confidence) must lie in [0, 1], got {self.threshold}.")
+
 
 def fit_free(cfg: FreeConfig, split: SplitTrace, num_layers: int, held_out: SplitTrace | None = None
              ) -> tuple[ExitPolicy, dict]:
     """The starting threshold from every row of ``split`` (shallow confidence, agreement with the last layer)."""
-    shallow = cfg.shallow_layer or default_shallow_layer(num_layers)
+    shallow = default_shallow_layer(num_layers) if cfg.shallow_layer is None else int(cfg.shallow_layer)
     if not 1 <= shallow < num_layers:
         raise ValueError(f"FREE's shallow layer must lie in 1..{num_layers - 1} for a {num_layers}-layer model, "
                          f"got {shallow}.")

@@ -58,6 +58,10 @@ class LteConfig:
     batch_size: int = 2048
     seed: int = 0
 
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"the learn-to-exit threshold must lie in [0, 1], got {self.threshold}.")
+
 
 def fit_lte(cfg: LteConfig, split: SplitTrace, device=None) -> tuple[LearnToExitPolicy, dict]:
     """MSE of u_l onto 1 − 1[head l correct], over every (example, layer) of ``split``."""

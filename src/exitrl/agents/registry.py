@@ -194,6 +194,14 @@ AGENT_OPTIONS = {
 }
 
 
+def check_learn_on(learn_on: str, has_held_out: bool) -> None:
+    """Fail before any fine-tuning on a bad ``learn_on``."""
+    if learn_on not in LEARN_ON:
+        raise ValueError(f"Unknown learn_on {learn_on!r}; valid: {', '.join(LEARN_ON)}.")
+    if learn_on == "held_out" and not has_held_out:
+        raise ValueError("learn_on=held_out needs a held-out split: add data.policy_split=0.2.")
+
+
 def needs_held_out(name: str, cfg: dict) -> bool:
     """Whether the agent calibrates on examples the backbone never saw (CALM's certificate, temperatures)."""
     return (name == "calm" and cfg.get("threshold") is None) or bool(cfg.get(TEMPERATURE_OPTION))

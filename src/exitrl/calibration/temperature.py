@@ -22,6 +22,8 @@ def fit_temperatures(logits: torch.Tensor, labels: torch.Tensor, candidates: tor
     """``logits [N, L, C]``, ``labels [N]`` -> ``[L]`` temperatures, each the NLL minimiser on a log-spaced grid
     (a grid rather than gradient steps: one scalar per layer, no step size to tune, no divergence)."""
     logits, labels = logits.float().cpu(), labels.long().cpu()
+    if labels.numel() == 0:
+        raise ValueError("fitting temperatures needs at least one labelled example; the held-out split is empty.")
     temperatures = []
     for layer in range(logits.shape[1]):
         nll = torch.zeros(candidates.numel())
