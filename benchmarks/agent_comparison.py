@@ -1,5 +1,7 @@
 """Train several agents (each at chosen settings) on one trace and compare them on dev with the common metric
-contract, beside a sweep of the confidence rule's threshold. Prints a table and saves JSON.
+contract, beside a sweep of the confidence rule's threshold. Prints a table and saves JSON; each run also leaves
+an ordinary run folder (policy.pt, metrics.json, tensorboard/) written by `exitrl.pipeline`, so
+``python -m exitrl.compare`` reads them.
 
 A run is ``AGENT key=value ...``; ``reward=`` and ``alpha=`` set the reward, other keys are agent options:
 
@@ -16,18 +18,17 @@ import argparse
 import json
 import platform
 import shlex
-import time
 from pathlib import Path
 
 import torch
 import yaml
-from torch.utils.tensorboard import SummaryWriter
 from trace_export import load_exported_trace
 
 from exitrl.agents.confidence import ConfidencePolicy
-from exitrl.agents.registry import AgentContext, build_agent
-from exitrl.evaluate import evaluate_policy, oracle_bounds
+from exitrl.evaluate import evaluate_policy
+from exitrl.pipeline import AgentRun, Prepared, open_run, record_run
 from exitrl.report import results_table
+from exitrl.rewards import RewardSpec
 from exitrl.trace import Trace
 
 REWARD_KEYS = ("reward", "alpha", "depth", "fn")
@@ -52,29 +53,30 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    device = torch.device("cpu")
     trace = load_exported_trace(args.trace_dir) if args.trace_dir else Trace.load(Path(args.trace).expanduser())
-    metric = trace.meta.get("metric", "accuracy")
+    prepared = Prepared(trace.meta.get("task", "task"), trace.meta.get("metric", "accuracy"), trace,
+                        {"trace": args.trace or args.trace_dir}, device)
+    trace, metric = prepared.trace, prepared.metric
     dev = trace["dev"]
     out = Path(args.out)
-    record = {"trace": args.trace or args.trace_dir, "task": trace.meta.get("task"), "machine": platform.processor()
+    record = {"trace": args.trace or args.trace_dir, "task": prepared.task, "machine": platform.processor()
               or platform.machine(), "torch_threads": torch.get_num_threads(),
-              "train_rows": len(trace["train"]), "dev_rows": len(dev), "oracle": oracle_bounds(dev, metric),
+              "train_rows": len(trace["train"]), "dev_rows": len(dev), "oracle": prepared.bounds,
               "runs": [], "confidence_sweep": []}
     rows = {"full model": record["oracle"]["full_model"]}
     for spec in args.run:
         agent, options, reward = parse_run(spec)
         name = reward.pop("reward", "hardness")
         fn = reward.pop("fn", None)
-        writer = SummaryWriter(str(out.with_suffix("") / "tensorboard" / spec.replace(" ", "_").replace("=", "")))
-        ctx = AgentContext(trace, None if fn else name, fn, reward, torch.device("cpu"), writer, metric, args.seed,
-                           Path(writer.log_dir))
-        start = time.time()
-        policy, info = build_agent(agent, dict(options), ctx)
-        seconds = time.time() - start
-        writer.close()
-        result = evaluate_policy(policy, dev, metric)
+        run = AgentRun.create(agent, options, RewardSpec(None if fn else name, fn, reward), seed=args.seed)
+        run_dir = out.with_suffix("") / "runs" / spec.replace(" ", "_").replace("=", "")
+        writer = open_run(run_dir)
+        fitted = run.fit(trace, device, writer, Path(writer.log_dir), metric)
+        result = record_run(run, fitted, prepared, run_dir, writer, seed=args.seed).results[agent]
+        seconds = fitted.seconds
         record["runs"].append({"run": spec, "agent": agent, "options": options, "reward": {"name": name, **reward},
-                               "train_seconds": round(seconds, 2), "dev": result})
+                               "train_seconds": round(seconds, 2), "dev": result, "run_dir": str(run_dir)})
         rows[spec] = result
         print(f"{spec}: {100 * result['score']:.2f} at {100 * result['saved_layers']:.1f}% saved ({seconds:.1f} s)",
               flush=True)

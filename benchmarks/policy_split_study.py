@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 
 from exitrl.agents import ConfidencePolicy, ReinforceConfig, train_reinforce
+from exitrl.agents.inputs import FitInputs
 from exitrl.backbones import FinetuneConfig, load_or_finetune
 from exitrl.data import load_task
 from exitrl.device import pick_device
 from exitrl.evaluate import evaluate_policy, oracle_bounds
-from exitrl.trace import load_or_build_trace
+from exitrl.rewards import RewardSpec
+from exitrl.tracing import load_or_build_trace
 
 
 def main() -> None:
@@ -70,8 +72,9 @@ def main() -> None:
             for features in args.features:
                 for alpha in args.alphas:
                     t = time.time()
-                    policy, _ = train_reinforce(train, None, ReinforceConfig(features=features), "hardness",
-                                                {"alpha": alpha}, device=policy_device)
+                    inputs = FitInputs.from_splits(train, reward=RewardSpec("hardness", kwargs={"alpha": alpha}),
+                                                   device=policy_device)
+                    policy, _ = train_reinforce(ReinforceConfig(features=features), inputs)
                     m = evaluate_policy(policy, dev)
                     records.append({**base, "policy": f"reinforce/{features}", "knob": alpha,
                                     "accuracy": m["accuracy"], "saved": m["saved_layers"],

@@ -22,14 +22,16 @@ from pathlib import Path
 import torch
 
 from exitrl.agents.calm import CalmConfig, fit_calm
-from exitrl.agents.registry import AgentContext, build_agent
+from exitrl.agents.inputs import FitInputs
 from exitrl.backbones import FinetuneConfig, load_or_finetune
 from exitrl.data import load_task
 from exitrl.data.loading import _select
 from exitrl.device import pick_device
 from exitrl.evaluate import evaluate_policy, oracle_bounds
+from exitrl.pipeline import AgentRun
 from exitrl.report import results_table
-from exitrl.trace import SplitTrace, Trace, load_or_build_trace
+from exitrl.trace import SplitTrace, Trace
+from exitrl.tracing import load_or_build_trace
 
 # (label, agent, options): two settings of each rule's knob
 RULES = [
@@ -61,11 +63,11 @@ RULES = [
 
 
 def evaluate_rules(trace: Trace, metric: str, device: torch.device, seed: int) -> dict:
-    ctx = AgentContext(trace, None, None, {}, device, None, metric, seed)
     out = {}
     for label, agent, options in RULES:
         start = time.time()
-        policy, info = build_agent(agent, dict(options), ctx)
+        fitted = AgentRun.create(agent, dict(options), seed=seed).fit(trace, device, metric=metric)
+        policy, info = fitted.policy, fitted.info
         result = evaluate_policy(policy, trace["dev"], metric)
         out[label] = {"agent": agent, "options": options, "info": info, "fit_seconds": round(time.time() - start, 2),
                       "dev": result}
@@ -85,7 +87,8 @@ def calm_exchangeable_check(dev: SplitTrace, device: torch.device, repeats: int 
                 half = len(dev) // 2
                 cal, test = (SplitTrace(*(t[rows] for t in (dev.states, dev.logits, dev.labels, dev.memorized)))
                              for rows in (order[:half], order[half:]))
-                policy, _ = fit_calm(CalmConfig(measure=measure, delta=delta), cal, cal, device)
+                policy, _ = fit_calm(CalmConfig(measure=measure, delta=delta),
+                                     FitInputs.from_splits(cal, held_out=cal, device=device))
                 result = evaluate_policy(policy, test)
                 risks.append(result["disagreement"])
                 saved.append(result["saved_layers"])

@@ -21,7 +21,8 @@ from exitrl.backbones import FinetuneConfig, load_or_finetune
 from exitrl.data import load_task
 from exitrl.device import pick_device
 from exitrl.evaluate import oracle_bounds
-from exitrl.trace import SplitTrace, Trace, load_or_build_trace
+from exitrl.trace import SplitTrace, Trace
+from exitrl.tracing import load_or_build_trace
 
 
 def load_exported_trace(folder: str | Path) -> Trace:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from exitrl.agents.inputs import FitInputs
 from exitrl.agents.threshold_bandit import BanditConfig, exits_per_threshold, train_threshold_bandit
+from exitrl.rewards import RewardSpec
 from exitrl.trace import SplitTrace
 
 
@@ -35,7 +37,8 @@ def test_exits_per_threshold_by_hand():
 def test_bandit_learns_a_best_threshold(rule):
     train, dev = _two_kinds(2000, 0), _two_kinds(500, 1)
     cfg = BanditConfig(rule=rule, thresholds=[0.5, 0.6, 0.8, 0.9, 0.99], rounds=6000, ucb_c=0.3)
-    policy, info = train_threshold_bandit(train, dev, cfg, reward="vanilla", reward_kwargs={"alpha": 0.1})
+    policy, info = train_threshold_bandit(cfg, FitInputs.from_splits(
+        train, dev, reward=RewardSpec("vanilla", kwargs={"alpha": 0.1})))
     assert info["threshold"] in (0.8, 0.9) and info["best_arm_in_hindsight"] in (0.8, 0.9)
     dev_metrics = info["history"][-1]
     assert dev_metrics["accuracy"] == 1.0 and 1.3 < dev_metrics["avg_exit_layer"] < 1.7
@@ -46,11 +49,11 @@ def test_bandit_learns_a_best_threshold(rule):
 def test_bandit_runs_on_a_label_free_reward():
     train = _two_kinds(500)
     hidden_labels = SplitTrace(train.states, train.logits, torch.zeros_like(train.labels), train.memorized)
-    policy, info = train_threshold_bandit(hidden_labels, None, BanditConfig(rule="thompson", rounds=2000),
-                                          reward="confidence", reward_kwargs={"alpha": 0.01})
+    policy, info = train_threshold_bandit(BanditConfig(rule="thompson", rounds=2000), FitInputs.from_splits(
+        hidden_labels, reward=RewardSpec("confidence", kwargs={"alpha": 0.01})))
     assert 0.5 <= policy.threshold <= 0.99 and sum(info["arm_counts"]) == 2000
     with pytest.raises(ValueError, match="ucb, thompson"):
-        train_threshold_bandit(train, None, BanditConfig(rule="epsilon"))
+        train_threshold_bandit(BanditConfig(rule="epsilon"), FitInputs.from_splits(train))
 
 
 def test_cli_bandit_with_label_free_reward(tiny_bert, glue_dir, tmp_path):

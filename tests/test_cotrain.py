@@ -11,8 +11,8 @@ from test_cli import run_cli
 
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.backbones import MultiExitModel, load_multi_exit
-from exitrl.backbones.cotrain import CotrainConfig, cotrain_backbone
-from exitrl.backbones.objectives import exit_layer_ce
+from exitrl.backbones.losses import exit_layer_ce
+from exitrl.cotraining import CotrainConfig, cotrain_backbone
 from exitrl.data import load_task
 
 

@@ -1,14 +1,14 @@
 """One user reward, every learned agent: ``reward.fn=example_rewards:only_layer_two`` pays only for exiting at
 layer 2, so an agent that optimises the reward it was given exits (almost) everything at layer 2. The agents are
-built through the registry, the same path as ``python -m exitrl.train agent=<name> reward=custom reward.fn=...``."""
+built through the pipeline, the same path as ``python -m exitrl.train agent=<name> reward=custom reward.fn=...``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from exitrl.agents.registry import AgentContext, build_agent
 from exitrl.evaluate import run_policy
+from exitrl.pipeline import AgentRun
 from exitrl.trace import SplitTrace, Trace
 
 # Small budgets: enough for each agent to find the one paying layer.
@@ -38,8 +38,7 @@ def rising_confidence_trace(n: int, seed: int) -> SplitTrace:
 @pytest.mark.parametrize("agent", sorted(BUDGETS))
 def test_every_agent_optimises_the_user_reward(agent):
     trace = Trace({"train": rising_confidence_trace(1024, 0), "dev": rising_confidence_trace(256, 1)})
-    ctx = AgentContext(trace, reward=None, reward_fn="example_rewards:only_layer_two", reward_kwargs={},
-                       device=torch.device("cpu"), writer=None, metric="accuracy", seed=0)
-    policy, info = build_agent(agent, dict(BUDGETS[agent]), ctx)
+    run = AgentRun.create(agent, dict(BUDGETS[agent]), reward="example_rewards:only_layer_two")
+    policy = run.fit(trace, torch.device("cpu")).policy
     exit_layers, _ = run_policy(policy, trace["dev"])
     assert (exit_layers == 2).float().mean() > 0.95, f"{agent}: exit layers {exit_layers.bincount().tolist()}"

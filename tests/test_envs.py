@@ -11,7 +11,7 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 from exitrl.envs import ENV_ID, EXIT, EarlyExitEnv, TraceVectorEnv
-from exitrl.rewards import RewardError
+from exitrl.rewards import RewardError, RewardSpec
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +20,14 @@ def trace():
 
 
 def test_registered_env_passes_gymnasium_and_sb3_checkers(trace):
-    env = gym.make(ENV_ID, trace=trace, reward="hardness", reward_kwargs={"alpha": 0.1})
+    env = gym.make(ENV_ID, trace=trace, reward=RewardSpec("hardness", kwargs={"alpha": 0.1}))
     gym_check_env(env.unwrapped)
     sb3_check_env(EarlyExitEnv(trace), warn=True)
     assert env.observation_space.shape == (8 + 2 + 3,)
 
 
 def test_episode_rules(trace):
-    env = EarlyExitEnv(trace, reward="vanilla", reward_kwargs={"alpha": 0.1})
+    env = EarlyExitEnv(trace, reward=RewardSpec("vanilla", kwargs={"alpha": 0.1}))
     obs, info = env.reset(seed=0, options={"index": 5})
     assert info == {"index": 5, "layer": 1} and obs.dtype == np.float32
     for layer in range(1, 4):
@@ -45,8 +45,8 @@ def test_episode_rules(trace):
 
 def test_vector_env_equals_single_envs(trace):
     num = 16
-    vec = TraceVectorEnv(trace, num, reward="hardness", reward_kwargs={"alpha": 0.2}, seed=3)
-    singles = [EarlyExitEnv(trace, reward="hardness", reward_kwargs={"alpha": 0.2}) for _ in range(num)]
+    vec = TraceVectorEnv(trace, num, reward=RewardSpec("hardness", kwargs={"alpha": 0.2}), seed=3)
+    singles = [EarlyExitEnv(trace, reward=RewardSpec("hardness", kwargs={"alpha": 0.2})) for _ in range(num)]
     obs, _ = vec.reset(options={"indices": torch.arange(num) * 3})
     single_obs = [s.reset(options={"index": i * 3})[0] for i, s in enumerate(singles)]
     np.testing.assert_allclose(obs.numpy(), np.stack(single_obs), rtol=1e-6)
@@ -81,9 +81,9 @@ def test_vector_env_without_autoreset_runs_one_episode_per_row(trace):
 
 def test_env_with_nan_reward_fails_at_construction(trace):
     with pytest.raises(RewardError, match="non-finite"):
-        TraceVectorEnv(trace, 4, reward=None, reward_fn="example_rewards:broken_nan")
+        TraceVectorEnv(trace, 4, reward=RewardSpec(fn="example_rewards:broken_nan"))
     with pytest.raises(RewardError, match="non-finite"):
-        EarlyExitEnv(trace, reward_fn="example_rewards:broken_nan")
+        EarlyExitEnv(trace, reward="example_rewards:broken_nan")
 
 
 def test_bad_reset_arguments_fail_clearly(trace):

@@ -9,6 +9,7 @@ from conftest import synthetic_trace
 
 from exitrl.agents.calm import CalmConfig, CalmPolicy, fit_calm, score_table
 from exitrl.agents.free import FreeConfig, FreePolicy, default_shallow_layer, fit_free
+from exitrl.agents.inputs import FitInputs
 from exitrl.agents.lte import LteConfig, fit_lte
 from exitrl.agents.oracle import OraclePolicy
 from exitrl.agents.registry import check_agent, needs_held_out
@@ -67,7 +68,8 @@ def test_saturation_is_the_cosine_of_consecutive_states():
 @pytest.mark.parametrize("delta", [0.05, 0.1])
 def test_calm_certificate_holds_on_fresh_data(measure, delta):
     train, calibration, fresh = noisy_trace(4000, 0), noisy_trace(3000, 1), noisy_trace(20000, 2)
-    policy, info = fit_calm(CalmConfig(measure=measure, delta=delta, meta_epochs=3), train, calibration)
+    policy, info = fit_calm(CalmConfig(measure=measure, delta=delta, meta_epochs=3),
+                            FitInputs.from_splits(train, held_out=calibration))
     assert info["certified"] and info["calibration_risk"] <= delta
     result = evaluate_policy(policy, fresh)
     assert result["disagreement"] <= delta  # the promise, on 20k rows from the same distribution
@@ -81,7 +83,8 @@ def test_calm_certificate_holds_on_fresh_data(measure, delta):
 
 def test_calm_loss_risk_and_temperature_and_persistence(tmp_path):
     train, calibration = noisy_trace(2000, 0), noisy_trace(2000, 1)
-    policy, info = fit_calm(CalmConfig(risk="loss", temperature=True, delta=0.05), train, calibration)
+    policy, info = fit_calm(CalmConfig(risk="loss", temperature=True, delta=0.05),
+                            FitInputs.from_splits(train, held_out=calibration))
     assert info["certified"] and len(info["temperatures"]) == 4 and info["calibration_examples"] == 1000
     policy.save(tmp_path / "calm.pt")
     loaded = load_policy(tmp_path / "calm.pt")
@@ -89,7 +92,7 @@ def test_calm_loss_risk_and_temperature_and_persistence(tmp_path):
     torch.testing.assert_close(run_policy(loaded, fresh)[0], run_policy(policy, fresh)[0])
     assert evaluate_policy(loaded, fresh)["loss_increase"] <= 0.05
     with pytest.raises(ValueError, match="data.policy_split"):
-        fit_calm(CalmConfig(), train, None)
+        fit_calm(CalmConfig(), FitInputs.from_splits(train))
     with pytest.raises(ValueError, match="margin, saturation, meta"):
         CalmConfig(measure="entropy")
 
@@ -125,19 +128,19 @@ def test_free_confidence_is_rescaled_max_prob():
 
 def test_free_fit_uses_shallow_agreement():
     trace, easy = synthetic_trace(n=2000, num_layers=4)
-    policy, info = fit_free(FreeConfig(), trace, 4)
+    policy, info = fit_free(FreeConfig(), FitInputs.from_splits(trace))
     assert info["shallow_layer"] == 1 and info["fit_agree_fraction"] == pytest.approx(float(easy.float().mean()))
     assert policy.threshold == beta_mixture_threshold(policy.confidence, policy.agrees)
-    fixed, _ = fit_free(FreeConfig(adaptive=False, threshold=0.99, shallow_layer=2), trace, 4)
+    fixed, _ = fit_free(FreeConfig(adaptive=False, threshold=0.99, shallow_layer=2), FitInputs.from_splits(trace))
     assert fixed.threshold == 0.99 and set(run_policy(fixed, trace)[0].tolist()) <= {2, 4}
     with pytest.raises(ValueError, match="1..3"):
-        fit_free(FreeConfig(shallow_layer=4), trace, 4)
+        fit_free(FreeConfig(shallow_layer=4), FitInputs.from_splits(trace))
 
 
 def test_learn_to_exit_separates_easy_from_hard(tmp_path):
     train, _ = synthetic_trace(n=3000, num_layers=4, seed=0)
     dev, easy = synthetic_trace(n=1000, num_layers=4, seed=1)
-    policy, info = fit_lte(LteConfig(epochs=30), train)
+    policy, info = fit_lte(LteConfig(epochs=30), FitInputs.from_splits(train))
     exits = run_policy(policy, dev)[0]
     assert (exits[easy] == 1).float().mean() > 0.8 and (exits[easy] <= 2).float().mean() > 0.97
     assert (exits[~easy] == 4).float().mean() > 0.95
@@ -175,20 +178,12 @@ def test_rule_options_through_the_registry():
 
 
 def test_learn_on_picks_the_split_agents_learn_from():
-    from exitrl.agents.registry import AgentContext
-    from exitrl.trace import Trace
+    from exitrl.agents.inputs import learn_split
 
-    split, _ = synthetic_trace(n=20)
-    with_held_out = Trace({"train": split, "policy": split, "dev": split})
-    without = Trace({"train": split, "dev": split})
-
-    def ctx(trace, learn_on):
-        return AgentContext(trace, None, None, {}, "cpu", None, "accuracy", 0, learn_on=learn_on)
-
-    assert ctx(with_held_out, "auto").policy_split == "policy" and ctx(without, "auto").policy_split == "train"
-    assert ctx(with_held_out, "train").policy_split == "train"
-    assert ctx(with_held_out, "held_out").policy_split == "policy"
+    assert learn_split("auto", True) == "policy" and learn_split("auto", False) == "train"
+    assert learn_split("train", True) == "train"
+    assert learn_split("held_out", True) == "policy"
     with pytest.raises(ValueError, match="data.policy_split"):
-        ctx(without, "held_out").policy_split  # noqa: B018 - the property raises
+        learn_split("held_out", False)
     with pytest.raises(ValueError, match="auto, train, held_out"):
-        ctx(without, "everything").policy_split  # noqa: B018
+        learn_split("everything", False)

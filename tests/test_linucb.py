@@ -9,9 +9,11 @@ import torch
 from conftest import synthetic_trace
 from test_cli import run_cli
 
+from exitrl.agents.inputs import FitInputs
 from exitrl.agents.linucb import LinUCBConfig, train_linucb
 from exitrl.evaluate import run_policy
 from exitrl.policy import load_policy
+from exitrl.rewards import RewardSpec
 
 
 def test_linucb_learns_which_rows_to_exit_early(tmp_path):
@@ -19,8 +21,8 @@ def test_linucb_learns_which_rows_to_exit_early(tmp_path):
     cost of 0.3 the best policy exits easy rows at layer 1 and keeps hard rows to layer 4."""
     train, _ = synthetic_trace(n=3000, seed=0)
     dev, easy = synthetic_trace(n=1000, seed=1)
-    policy, info = train_linucb(train, dev, LinUCBConfig(rounds=20_000, features="state"), reward="vanilla",
-                                reward_kwargs={"alpha": 0.3})
+    policy, info = train_linucb(LinUCBConfig(rounds=20_000, features="state"), FitInputs.from_splits(
+        train, dev, reward=RewardSpec("vanilla", kwargs={"alpha": 0.3})))
     exit_layers, _ = run_policy(policy, dev)
     assert (exit_layers[easy] == 1).float().mean() > 0.9 and (exit_layers[~easy] == 4).float().mean() > 0.9
     assert info["history"][-1]["accuracy"] > 0.95 and info["updates"] == 20_000
@@ -35,8 +37,8 @@ def test_linucb_cannot_tell_rows_apart_without_the_informative_features():
     distinguishable, so the bandit must settle on one action for all and cannot reach the optimum."""
     train, _ = synthetic_trace(n=3000, seed=0)
     dev, easy = synthetic_trace(n=1000, seed=1)
-    policy, _ = train_linucb(train, None, LinUCBConfig(rounds=10_000, features="confidence"), reward="vanilla",
-                             reward_kwargs={"alpha": 0.3})
+    policy, _ = train_linucb(LinUCBConfig(rounds=10_000, features="confidence"), FitInputs.from_splits(
+        train, reward=RewardSpec("vanilla", kwargs={"alpha": 0.3})))
     exit_layers, _ = run_policy(policy, dev)
     assert exit_layers[easy].float().mean() == pytest.approx(exit_layers[~easy].float().mean(), abs=0.3)
 

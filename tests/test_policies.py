@@ -7,9 +7,10 @@ import torch
 from conftest import synthetic_trace
 
 from exitrl.agents import ConfidencePolicy, ReinforceConfig, train_reinforce
+from exitrl.agents.inputs import FitInputs
 from exitrl.evaluate import evaluate_policy, oracle_bounds, run_policy, task_metric
 from exitrl.policy import ExitPolicy, load_policy
-from exitrl.rewards import resolve_reward, reward_table
+from exitrl.rewards import RewardSpec, resolve_reward, reward_table
 
 
 class FixedLayer(ExitPolicy):
@@ -31,7 +32,7 @@ def test_reinforce_beats_always_continue_and_always_exit_first(tmp_path):
     dev, easy = synthetic_trace(n=1000, seed=1)
     kwargs = {"alpha": 0.3}
     cfg = ReinforceConfig(epochs=8, features="state", lr=1e-3, seed=0)
-    policy, info = train_reinforce(train, dev, cfg, reward="vanilla", reward_kwargs=kwargs)
+    policy, info = train_reinforce(cfg, FitInputs.from_splits(train, dev, reward=RewardSpec("vanilla", kwargs=kwargs)))
     learned = mean_reward(policy, dev, "vanilla", kwargs)
     always_continue = mean_reward(FixedLayer(4), dev, "vanilla", kwargs)
     always_first = mean_reward(FixedLayer(1), dev, "vanilla", kwargs)
@@ -98,6 +99,6 @@ def test_memory_is_compacted_with_the_batch():
 def test_reinforce_refuses_bad_settings_clearly():
     train, _ = synthetic_trace(n=20)
     with pytest.raises(ValueError, match="at least agent.batch_size=32"):
-        train_reinforce(train, None, ReinforceConfig(epochs=1))
+        train_reinforce(ReinforceConfig(epochs=1), FitInputs.from_splits(train))
     with pytest.raises(ValueError, match="valid: state, confidence, observation"):
-        train_reinforce(train, None, ReinforceConfig(epochs=1, batch_size=4, features="pixels"))
+        train_reinforce(ReinforceConfig(epochs=1, batch_size=4, features="pixels"), FitInputs.from_splits(train))

@@ -9,16 +9,18 @@ from conftest import synthetic_trace
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import run_cli
 
+from exitrl.agents.inputs import FitInputs
 from exitrl.agents.ppo import PPOConfig, train_ppo
 from exitrl.evaluate import run_policy
 from exitrl.policy import load_policy
+from exitrl.rewards import RewardSpec
 
 
 def test_ppo_learns_the_known_best_policy(tmp_path):
     train, _ = synthetic_trace(n=3000, seed=0)
     dev, easy = synthetic_trace(n=1000, seed=1)
-    policy, info = train_ppo(train, dev, PPOConfig(total_timesteps=40_000, eval_every=10_000), reward="vanilla",
-                             reward_kwargs={"alpha": 0.3})
+    policy, info = train_ppo(PPOConfig(total_timesteps=40_000, eval_every=10_000), FitInputs.from_splits(
+        train, dev, reward=RewardSpec("vanilla", kwargs={"alpha": 0.3})))
     exit_layers, _ = run_policy(policy, dev)
     assert (exit_layers[easy] == 1).float().mean() > 0.85 and (exit_layers[~easy] == 4).float().mean() > 0.9
     assert info["timesteps"] >= 40_000 and len(info["history"]) >= 4
@@ -29,8 +31,8 @@ def test_ppo_learns_the_known_best_policy(tmp_path):
 def test_ppo_optimises_a_user_reward():
     train, _ = synthetic_trace(n=500, num_layers=3, seed=0)
     dev, _ = synthetic_trace(n=200, num_layers=3, seed=1)
-    policy, _ = train_ppo(train, None, PPOConfig(total_timesteps=20_000, features="confidence"), reward=None,
-                          reward_fn="example_rewards:only_layer_two")
+    policy, _ = train_ppo(PPOConfig(total_timesteps=20_000, features="confidence"), FitInputs.from_splits(
+        train, reward=RewardSpec(fn="example_rewards:only_layer_two")))
     exit_layers, _ = run_policy(policy, dev)
     assert (exit_layers == 2).float().mean() > 0.95
 

@@ -20,7 +20,7 @@ from exitrl.backbones import (
     load_multi_exit,
     load_or_finetune,
 )
-from exitrl.backbones.recipes import OBJECTIVES, Progress
+from exitrl.backbones.recipes import RECIPES, Progress
 from exitrl.backbones.recipes.deebert import DeeBERT
 from exitrl.backbones.recipes.free import default_shallow_layer, shallow_deep_loss
 from exitrl.backbones.recipes.layerskip import (
@@ -32,7 +32,7 @@ from exitrl.backbones.recipes.layerskip import (
 )
 from exitrl.data import load_task
 from exitrl.options import checked_options
-from exitrl.trace import load_or_build_trace
+from exitrl.tracing import load_or_build_trace
 
 SENTENCES = ["the film is great", "a story", "he said it was not good and the movie was bad", "good movie",
              "they had a bad film", "it is awful", "we would see it", "the story was great and good"]
@@ -250,14 +250,14 @@ def test_every_objective_finetunes_trains_every_head_and_keys_its_cache_and_trac
     torch.manual_seed(0)
     initial, _ = load_multi_exit(str(tiny_bert), data.num_labels, "cls")
     keys, models = {}, {}
-    for objective in OBJECTIVES:
+    for objective in RECIPES:
         cfg = FinetuneConfig(objective=objective, epochs=1, lr=1e-3, head_lr=1e-2, batch_size=16, max_length=32)
         model, tok, info = load_or_finetune(str(tiny_bert), data, cfg, cache, CPU)
         assert info["cached"] is False and math.isfinite(info["dev_accuracy_per_epoch"][-1][-1])
         for i in range(model.num_layers):  # any policy may exit anywhere: every head was trained
             assert not torch.equal(model.heads[i].weight, initial.heads[i].weight), (objective, i)
         keys[objective], models[objective] = info["key"], model
-    assert len(set(keys.values())) == len(OBJECTIVES)
+    assert len(set(keys.values())) == len(RECIPES)
     assert models["layerskip"].shared_heads and not models["sweet"].shared_heads
 
     # another recipe's option neither retrains nor changes the key; a cached LayerSkip model keeps its shared head

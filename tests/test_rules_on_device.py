@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import synthetic_trace
 
-from exitrl.agents.registry import AgentContext, build_agent
 from exitrl.evaluate import evaluate_policy, oracle_bounds
+from exitrl.pipeline import AgentRun
 from exitrl.trace import Trace
 
 RULES = [("calm", {"measure": "margin"}), ("calm", {"measure": "saturation"}), ("calm", {"measure": "meta"}),
@@ -27,8 +27,7 @@ def test_every_rule_on_a_trace_on_the_device(device):
     bounds = oracle_bounds(on_device["dev"])
     assert bounds["oracle_frontier"] and bounds["consistency_oracle"]["score"] == 1.0
     for name, options in RULES:
-        ctx = AgentContext(on_device, None, None, {}, torch.device(device), None, "accuracy", 0)
-        policy, _ = build_agent(name, dict(options), ctx)
+        policy = AgentRun.create(name, dict(options)).fit(on_device, torch.device(device)).policy
         on_cpu = evaluate_policy(copy.deepcopy(policy).to(torch.device("cpu")), trace["dev"])  # FREE adapts
         there = evaluate_policy(policy.to(torch.device(device)), on_device["dev"])
         assert there["exit_histogram"] == on_cpu["exit_histogram"], (name, options)

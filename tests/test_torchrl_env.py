@@ -9,11 +9,11 @@ from tensordict import TensorDict
 from torchrl.envs.utils import check_env_specs
 
 from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
-from exitrl.rewards import resolve_reward, reward_table
+from exitrl.rewards import RewardSpec, resolve_reward, reward_table
 
 
 def test_specs_pass_torchrl_checker():
-    env = TorchRLEarlyExitEnv(synthetic_trace(n=64)[0], 8, reward="vanilla", reward_kwargs={"alpha": 0.1})
+    env = TorchRLEarlyExitEnv(synthetic_trace(n=64)[0], 8, reward=RewardSpec("vanilla", kwargs={"alpha": 0.1}))
     check_env_specs(env)
     rollout = env.rollout(12, break_when_any_done=False)
     assert rollout["next", "reward"].shape == (8, 12, 1) and rollout["next", "done"].any()
@@ -21,7 +21,7 @@ def test_specs_pass_torchrl_checker():
 
 def test_rewards_and_partial_resets():
     trace = synthetic_trace(n=64, num_layers=4)[0]
-    env = TorchRLEarlyExitEnv(trace, 6, reward="vanilla", reward_kwargs={"alpha": 0.1}, seed=0)
+    env = TorchRLEarlyExitEnv(trace, 6, reward=RewardSpec("vanilla", kwargs={"alpha": 0.1}), seed=0)
     table = reward_table(resolve_reward("vanilla"), trace.logits, trace.labels, trace.memorized, {"alpha": 0.1})
     td = env.reset()
     assert td["layer"].flatten().tolist() == [1] * 6
@@ -41,6 +41,7 @@ def test_rewards_and_partial_resets():
 
 
 def test_torchrl_ppo_learns_the_known_best_policy(tmp_path):
+    from exitrl.agents.inputs import FitInputs
     from exitrl.agents.ppo_torchrl import TorchRLPPOConfig, train_ppo_torchrl
     from exitrl.evaluate import run_policy
     from exitrl.policy import load_policy
@@ -48,7 +49,8 @@ def test_torchrl_ppo_learns_the_known_best_policy(tmp_path):
     train, _ = synthetic_trace(n=3000, seed=0)
     dev, easy = synthetic_trace(n=1000, seed=1)
     cfg = TorchRLPPOConfig(total_frames=98_304, num_envs=512, frames_per_batch=8192, minibatch_size=2048)
-    policy, info = train_ppo_torchrl(train, dev, cfg, reward="vanilla", reward_kwargs={"alpha": 0.3})
+    policy, info = train_ppo_torchrl(cfg, FitInputs.from_splits(
+        train, dev, reward=RewardSpec("vanilla", kwargs={"alpha": 0.3})))
     exit_layers, _ = run_policy(policy, dev)
     assert (exit_layers[easy] == 1).float().mean() > 0.8 and (exit_layers[~easy] == 4).float().mean() > 0.9
     assert info["frames"] == 98_304 and len(info["history"]) == 12

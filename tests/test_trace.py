@@ -6,7 +6,8 @@ import torch
 
 from exitrl.backbones import load_multi_exit
 from exitrl.data import load_task
-from exitrl.trace import Trace, load_or_build_trace, memorized_layers
+from exitrl.trace import Trace, memorized_layers
+from exitrl.tracing import load_or_build_trace
 
 
 def _logits_from_predictions(preds):
@@ -78,7 +79,7 @@ def test_trace_key_survives_saving_the_backbone(tiny_bert, tmp_path):
     to the same trace, or every second run would trace again."""
     from exitrl.backbones import MultiExitModel
     from exitrl.hashing import hash_tokenizer
-    from exitrl.trace import trace_key
+    from exitrl.tracing import trace_key
 
     data = _tiny_data(tmp_path / "d")
     model, tok = load_multi_exit(str(tiny_bert), 2, "mean")

@@ -20,44 +20,45 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from exitrl.agents.registry import LEARNED_AGENTS as LEARNED
+from exitrl.agents.declaration import LEARNED
+from exitrl.agents.registry import agents
+from exitrl.record import read_records
 from exitrl.tradeoff import family_summary
 
 
-def learned(family: str) -> bool:
-    return family.split("[")[0] in LEARNED
+def kind_of(name: str, kinds: dict) -> str | None:
+    """A policy's kind as its run recorded it (records before schema 1: as the registry declares it)."""
+    if name in kinds:
+        return kinds[name]
+    spec = agents().get(name.split("[")[0])
+    return spec.kind if spec else None
 
 
 def read_runs(runs_dir: Path) -> dict[str, dict]:
-    """``{task: {"families": {family: [points]}, "oracle": ..., "num_layers": L, "metric": m}}``. Runs of one task
-    on different traces (another backbone, recipe or data) become separate groups, ``task@<trace key>``."""
+    """``{task: {"families": {family: [points]}, "learned": {families}, "oracle": ..., "num_layers": L,
+    "metric": m}}``. Runs of one task on different traces (another backbone, recipe or data) become separate
+    groups, ``task@<trace key>``."""
     tasks: dict[str, dict] = {}
-    records = []
-    for path in sorted(runs_dir.rglob("metrics.json")):
-        try:
-            record = json.loads(path.read_text())
-            for key in ("agent", "oracle", "num_layers", "metric"):
-                record[key]  # noqa: B018 - a KeyError here names the missing field
-            records.append((path, record, record["task"], record["results"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} is not an exitrl metrics.json ({err}); remove it or point at another "
-                             "folder.") from err
+    records = read_records(runs_dir)
     keys: dict[str, set] = defaultdict(set)
-    for _, record, task, _ in records:
-        keys[task].add(record.get("trace_key"))
-    for path, record, task, results in records:
+    for _, record in records:
+        keys[record.task].add(record.trace_key)
+    for path, record in records:
+        task = record.task
         if len(keys[task]) > 1:  # runs on different backbones or data: never mixed into one curve
-            task = f"{task}@{str(record.get('trace_key'))[:8]}"
-        entry = tasks.setdefault(task, {"families": defaultdict(list), "oracle": record["oracle"],
-                                        "num_layers": record["num_layers"], "metric": record["metric"]})
-        knob = record.get("knob")
-        for agent, result in results.items():
+            task = f"{task}@{str(record.trace_key)[:8]}"
+        entry = tasks.setdefault(task, {"families": defaultdict(list), "learned": set(), "oracle": record.oracle,
+                                        "num_layers": record.num_layers, "metric": record.metric})
+        knob = record.knob
+        for agent, result in record.results.items():
             if agent == "oracle" or not result.get("deployable", True):
                 continue
-            own = agent == record["agent"]
-            family = record.get("family", agent) if own else agent
+            own = agent == record.agent
+            family = record.family if own else agent
             setting = f"{knob['key'].split('.')[-1]}={knob['value']}" if knob and own else ""
             entry["families"][family].append({**result, "setting": setting, "run": str(path.parent)})
+            if kind_of(agent, record.kinds) == LEARNED:
+                entry["learned"].add(family)
     if not tasks:
         raise ValueError(f"No metrics.json under {runs_dir}: run python -m exitrl.sweep (or exitrl.train) first.")
     return tasks
@@ -69,6 +70,7 @@ def summarize(task: dict) -> dict:
     families = {name: family_summary(points, full, layer_one, task["num_layers"])
                 for name, points in sorted(task["families"].items())}
     return {"metric": task["metric"], "num_layers": task["num_layers"], "full_model": full,
+            "learned": sorted(task["learned"]),
             "consistency_oracle": task["oracle"]["consistency_oracle"],
             "oracle_frontier": task["oracle"].get("oracle_frontier", []), "families": families}
 
@@ -87,7 +89,7 @@ def table(name: str, summary: dict) -> str:
              "| points |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     order = sorted(summary["families"].items(), key=lambda kv: -kv[1]["auc"])
     for family, row in order:
-        label = f"{family} (learned)" if learned(family) else family
+        label = f"{family} (learned)" if family in summary["learned"] else family
         lines.append(f"| {label} | {pct(row['auc'])} | {pct(row['best_score_saved_30'])} | "
                      f"{pct(row['best_score_saved_50'])} | {row['speedup_within_1pt']:.2f}× | {row['points']} |")
     return "\n".join(lines)
@@ -105,12 +107,13 @@ def plot(name: str, task: dict, summary: dict, path: Path):
     ys = [summary["full_model"]["score"]]
     for i, (family, points) in enumerate(sorted(task["families"].items())):
         color = colors[i % len(colors)]
+        learned = family in summary["learned"]
         ax.scatter([p["speedup"] for p in points], [100 * p["score"] for p in points], s=18, color=color,
-                   alpha=0.55, marker="o" if learned(family) else "s")
+                   alpha=0.55, marker="o" if learned else "s")
         frontier = sorted(summary["families"][family]["frontier"], key=lambda p: p["speedup"])
         ax.plot([p["speedup"] for p in frontier], [100 * p["score"] for p in frontier], color=color,
                 label=f"{family} (AUC {100 * summary['families'][family]['auc']:.1f})",
-                linestyle="-" if learned(family) else "--", linewidth=1.6)
+                linestyle="-" if learned else "--", linewidth=1.6)
         ys += [p["score"] for p in points]
     oracle_front = sorted(summary["oracle_frontier"], key=lambda p: p["speedup"])
     if oracle_front:

@@ -1,9 +1,12 @@
 """ConsistentEE's iterative training around any agent (``backbone.mode=cotrain``).
 
 Round 0 is the ordinary run: a policy trained on the frozen backbone's trace. Each further round (1) trains the
-backbone and heads with CE only at the exit layers the frozen policy picks, (2) rebuilds the trace, which
-recomputes every example's memorized layer, and (3) trains a fresh policy of the same agent on the new trace.
-Per-layer train and dev accuracy and the policy's dev result are logged for every round.
+backbone and heads with CE only at each example's exit layer, the layer a frozen `ExitPolicy` picks from the states
+the backbone produces at that moment (ConsistentEE stage 4: heads stop spending capacity on examples they will
+never answer), (2) rebuilds the trace, which recomputes every example's memorized layer, and (3) trains a fresh
+policy of the same agent on the new trace. Per-layer train and dev accuracy and the policy's dev result are logged
+for every round. The backbone is trained by the same loop as fine-tuning (`exitrl.backbones.training`), with one
+stage and constant learning rates.
 """
 
 from __future__ import annotations
@@ -11,18 +14,84 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from exitrl.backbones.cotrain import CotrainConfig, cotrain_backbone
+from exitrl.backbones.batching import tokenize_split
+from exitrl.backbones.losses import exit_layer_ce
 from exitrl.backbones.multi_exit import MultiExitModel
+from exitrl.backbones.recipes.base import Progress, Stage, body_parameters
+from exitrl.backbones.training import train_stages
 from exitrl.data import TaskData
-from exitrl.evaluate import evaluate_policy
+from exitrl.evaluate import evaluate_policy, run_policy
 from exitrl.policy import ExitPolicy
-from exitrl.trace import Trace, load_or_build_trace
+from exitrl.trace import SplitTrace, Trace
+from exitrl.tracing import load_or_build_trace
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CotrainConfig:
+    rounds: int = 1  # cycles of (train backbone under the policy, rebuild trace, retrain policy)
+    epochs: int = 1  # backbone epochs per round
+    lr: float = 3e-5  # ConsistentEE's joint learning rate
+    head_lr: float = 3e-5  # the heads are trained already; the paper uses one joint rate
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    seed: int = 0
+
+
+def drop_unreached(model: MultiExitModel, exit_layers: torch.Tensor) -> None:
+    """Clear the gradients of layers above the deepest exit and of heads no row exited at: they got no signal
+    (only zeros from stacking), and AdamW would otherwise still move them (weight decay, momentum)."""
+    histogram = torch.bincount(exit_layers.cpu() - 1, minlength=model.num_layers)
+    deepest = int(histogram.nonzero().max()) + 1
+    unreached = [model.layers[i] for i in range(deepest, model.num_layers)]
+    if not model.shared_heads:  # a shared head (LayerSkip) got signal from every layer where rows exited
+        unreached += [model.heads[i] for i in range(model.num_layers) if histogram[i] == 0]
+    for module in unreached:
+        for parameter in module.parameters():
+            parameter.grad = None
+
+
+def cotrain_backbone(model: MultiExitModel, tokenizer, train_split, policy: ExitPolicy, cfg: CotrainConfig,
+                     device: torch.device, max_length: int = 128, writer=None, step: int = 0) -> dict:
+    """``cfg.epochs`` epochs over ``train_split`` (a `datasets` split); returns the exit-layer histogram seen and
+    the last step, so that successive rounds log on one TensorBoard axis."""
+    examples = tokenize_split(tokenizer, train_split, max_length)
+    model.to(device).train()
+    policy = policy.to(device)
+    exits = torch.zeros(model.num_layers, dtype=torch.long)
+    latest: dict[str, torch.Tensor] = {}
+
+    def loss_at_exits(model: MultiExitModel, batch: dict, labels: torch.Tensor, progress: Progress) -> torch.Tensor:
+        out = model(**batch)
+        with torch.autocast(torch.device(device).type, enabled=False):  # the policy decides in full precision
+            seen = SplitTrace.from_logits(out.pooled.detach().float(), out.logits.detach().float(), labels)
+            exit_layers, _ = run_policy(policy, seen)  # the frozen policy picks where each example exits
+            latest["exit_layers"] = exit_layers
+            return exit_layer_ce(out.logits.float(), labels, exit_layers - 1)
+
+    def count_and_log(step: int, loss: torch.Tensor, last: bool) -> None:
+        exit_layers = latest["exit_layers"]
+        exits.add_(torch.bincount(exit_layers.cpu() - 1, minlength=model.num_layers))
+        if writer is not None and (step % 10 == 0 or last):
+            writer.add_scalar("cotrain/loss", loss.item(), step)
+            writer.add_scalar("cotrain/avg_exit_layer", exit_layers.float().mean().item(), step)
+
+    stage = Stage("cotrain", cfg.epochs, [{"params": body_parameters(model), "lr": cfg.lr},
+                                          {"params": list(model.heads.parameters()), "lr": cfg.head_lr}], loss_at_exits)
+    step = train_stages(model, tokenizer, examples, [stage], batch_size=cfg.batch_size, device=device,
+                        generator=torch.Generator().manual_seed(cfg.seed + step), clip_norm=cfg.clip_norm,
+                        weight_decay=cfg.weight_decay, warmup_ratio=None, desc="co-train backbone (CE at exit layer)",
+                        step=step, on_step=count_and_log,
+                        after_backward=lambda: drop_unreached(model, latest["exit_layers"]))
+    return {"exit_histogram": exits.tolist(), "step": step}
 
 
 def round_record(index: int, trace: Trace, policy: ExitPolicy, metric: str, seconds: float, **extra) -> dict:

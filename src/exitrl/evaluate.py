@@ -1,8 +1,6 @@
-"""The metric contract, one function for every policy.
-
-Task metric (accuracy, or F1 of the positive class for MRPC), mean exit layer, layer speedup L / mean exit
-layer, saved layers 1 - mean / L, and the histogram of exit layers. `oracle_bounds` gives the analysis-only
-references: the consistency oracle (first layer whose prediction equals the last layer's; keeps the full
+"""The metric contract, one function for every policy: walk a policy over a trace split and summarise its exits
+(`exitrl.metrics`: task metric, mean exit layer, speedup, saved layers, histogram). `oracle_bounds` gives the
+analysis-only references: the consistency oracle (first layer whose prediction equals the last layer's; keeps the full
 model's predictions, so its saving bounds every no-loss policy) and the correctness oracle.
 """
 
@@ -10,37 +8,15 @@ from __future__ import annotations
 
 import torch
 
+from exitrl.metrics import EVAL_KEYS, log_eval, summarize_exits, task_metric
 from exitrl.policy import ExitPolicy, LayerBatch
 from exitrl.trace import SplitTrace
 from exitrl.tradeoff import oracle_frontier
 
-
-def task_metric(predictions: torch.Tensor, labels: torch.Tensor, metric: str = "accuracy") -> float:
-    predictions, labels = predictions.cpu(), labels.cpu()
-    if metric == "accuracy":
-        return float((predictions == labels).float().mean())
-    if metric == "f1":
-        tp = float(((predictions == 1) & (labels == 1)).sum())
-        fp = float(((predictions == 1) & (labels != 1)).sum())
-        fn = float(((predictions != 1) & (labels == 1)).sum())
-        return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
-    raise ValueError(f"Unknown metric {metric!r}; valid: accuracy, f1.")
-
-
-def summarize_exits(exit_layers: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor, num_layers: int,
-                    metric: str = "accuracy") -> dict:
-    """The contract's numbers from 1-indexed exit layers and the predictions made there."""
-    mean_layer = float(exit_layers.float().mean())
-    return {
-        "metric": metric,
-        "score": task_metric(predictions, labels, metric),
-        "accuracy": task_metric(predictions, labels, "accuracy"),
-        "avg_exit_layer": mean_layer,
-        "speedup": num_layers / mean_layer,
-        "saved_layers": 1.0 - mean_layer / num_layers,
-        "exit_histogram": torch.bincount(exit_layers.cpu() - 1, minlength=num_layers).tolist(),
-        "num_examples": int(labels.shape[0]),
-    }
+__all__ = [  # the contract's numbers live in exitrl.metrics; evaluation re-exports them for its callers
+    "EVAL_KEYS", "ORACLE_KINDS", "consistency_risks", "evaluate_policy", "log_eval", "oracle_bounds",
+    "oracle_exit_layers", "run_policy", "summarize_exits", "task_metric",
+]
 
 
 @torch.no_grad()
@@ -70,16 +46,6 @@ def run_policy(policy: ExitPolicy, trace: SplitTrace, batch_size: int = 4096) ->
             if rows.numel() == 0:
                 break
     return exit_layers, predictions
-
-
-EVAL_KEYS = ("accuracy", "score", "avg_exit_layer", "speedup", "saved_layers")
-
-
-def log_eval(writer, metrics: dict, step: int) -> None:
-    """The same eval/* scalars for every agent, so TensorBoard groups them across runs."""
-    if writer is not None:
-        for key in EVAL_KEYS:
-            writer.add_scalar(f"eval/{key}", metrics[key], step)
 
 
 def consistency_risks(predictions: torch.Tensor, trace: SplitTrace) -> dict:

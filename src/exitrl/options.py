@@ -14,7 +14,7 @@ def checked_options(options, config_class, where: str) -> dict:
         from omegaconf import OmegaConf
 
         options = OmegaConf.to_container(options, resolve=True)
-    names = [f.name for f in fields(config_class)] if is_dataclass(config_class) else list(
+    names = [f.name for f in fields(config_class) if f.init] if is_dataclass(config_class) else list(
         inspect.signature(config_class).parameters)
     valid = set(names) - {"seed"}
     unknown = sorted(set(options) - valid - {"name"})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from exitrl.envs.observation import build_observation
+from exitrl.observation import build_observation
 
 
 @dataclass
@@ -34,7 +34,7 @@ class LayerBatch:
 
     @cached_property
     def observations(self) -> torch.Tensor:
-        """The same observation vector the envs emit (see `exitrl.envs.observation`)."""
+        """The same observation vector the envs emit (see `exitrl.observation`)."""
         return build_observation(self.states, self.logits, self.layer, self.num_layers)
 
     @cached_property

@@ -1,6 +1,9 @@
 """Rewards for exiting: functions of a batched `RewardContext`, chosen by config or by import path.
 
-A reward is paid once per episode, when the example exits; continuing pays 0. Every reward depends only on
+A reward is paid once per episode, when the example exits; continuing pays 0. A `RewardSpec` names one (a
+built-in name or an import path, plus keyword arguments) and is the one form in which a reward travels from the
+config to envs and agents. The built-ins' keyword defaults below are the only defaults (the ``reward`` config
+group reads them). Every reward depends only on
 (example, exit layer), so envs evaluate it once for every pair and replay it as a lookup; a reward that raises
 or gives NaN/inf is therefore caught before any training step, with the offending rows named.
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,18 +59,18 @@ class RewardContext:
         return layer if convention == "layer" else layer / self.num_layers
 
 
-def vanilla(ctx: RewardContext, alpha: float = 0.05, depth: str = "layer") -> torch.Tensor:
+def vanilla(ctx: RewardContext, alpha: float = 0.04, depth: str = "layer") -> torch.Tensor:
     """R = log p_l(y|x) - α·depth(l)."""
     return ctx.label_log_prob - alpha * ctx.depth(depth)
 
 
-def hardness(ctx: RewardContext, alpha: float = 0.05, depth: str = "layer") -> torch.Tensor:
+def hardness(ctx: RewardContext, alpha: float = 0.04, depth: str = "layer") -> torch.Tensor:
     """ConsistentEE hardness-guided: R = log p_l(y|x) - α·depth(l)·(1 - m/L); hard examples pay no depth cost."""
     easiness = 1.0 - ctx.memorized_layer.float() / ctx.num_layers
     return ctx.label_log_prob - alpha * ctx.depth(depth) * easiness
 
 
-def confidence(ctx: RewardContext, alpha: float = 0.05, depth: str = "layer") -> torch.Tensor:
+def confidence(ctx: RewardContext, alpha: float = 0.02, depth: str = "layer") -> torch.Tensor:
     """Label-free: R = max_c p_l(c|x) - α·depth(l). It uses no label, so it can be computed on a new domain's
     unlabelled traffic (online adaptation, as the bandit exit methods do)."""
     return ctx.log_probs.exp().max(-1).values - alpha * ctx.depth(depth)
@@ -140,7 +143,50 @@ def reward_table(reward: Callable[..., torch.Tensor], logits: torch.Tensor, labe
     return call_reward(reward, ctx, kwargs).reshape(n, num_layers)
 
 
+@dataclass(frozen=True)
+class RewardSpec:
+    """Which reward to pay: a built-in ``name`` or a user function by import path ``fn``
+    (``package.module:function``, which wins over ``name``), called with ``kwargs``."""
+
+    name: str | None = "hardness"
+    fn: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, reward: RewardSpec | str | None) -> RewardSpec:
+        """A spec from a spec, a built-in name, an import path (it has a ':') or None (the default)."""
+        if isinstance(reward, RewardSpec):
+            return reward
+        if reward is None:
+            return cls()
+        return cls(None, reward) if ":" in reward else cls(reward)
+
+    @classmethod
+    def from_config(cls, section: dict) -> RewardSpec:
+        """From the ``reward`` config group: ``name``, ``fn``, ``kwargs`` and any other key as a keyword argument."""
+        kwargs = {k: v for k, v in section.items() if k not in ("name", "fn", "kwargs")}
+        kwargs.update(section.get("kwargs") or {})
+        fn = section.get("fn")
+        return cls(None if fn else section.get("name"), fn, kwargs)
+
+    @property
+    def label(self) -> str:
+        """The reward's name as runs and hyperparameters show it."""
+        return self.fn or str(self.name)
+
+    def resolve(self) -> Callable[..., torch.Tensor]:
+        return resolve_reward(self.name, self.fn)
+
+    def table(self, logits: torch.Tensor, labels: torch.Tensor, memorized: torch.Tensor) -> torch.Tensor:
+        """``R[n, l-1]`` for every example and exit layer, validated once (see `reward_table`)."""
+        return reward_table(self.resolve(), logits, labels, memorized, self.kwargs)
+
+    def record(self) -> dict:
+        """What a run record keeps: ``{"name", "fn", **kwargs}``."""
+        return {"name": self.name, "fn": self.fn, **self.kwargs}
+
+
 __all__ = [
-    "BUILTIN_REWARDS", "DEPTHS", "RewardContext", "RewardError", "call_reward", "confidence", "hardness",
+    "BUILTIN_REWARDS", "DEPTHS", "RewardContext", "RewardError", "RewardSpec", "call_reward", "confidence", "hardness",
     "resolve_reward", "reward_table", "vanilla",
 ]

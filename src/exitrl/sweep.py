@@ -1,75 +1,96 @@
 """``python -m exitrl.sweep agent=reinforce,confidence,patience,calm,free env=rte``: run each policy family over its
-trade-off knob's grid (`exitrl.knobs`) on ONE fine-tuned backbone and ONE trace per task, so a sweep costs one
-fine-tuning, not one per point. Then ``python -m exitrl.compare runs/sweep/rte`` compares the families.
+trade-off knob's grid (each agent declares its knob) on ONE fine-tuned backbone and ONE trace per task, so a sweep
+costs one fine-tuning, not one per point. Then ``python -m exitrl.compare runs/sweep/rte`` compares the families.
 
 Every override of ``python -m exitrl.train`` works and applies to every family (``env=sst2``,
 ``data.policy_split=0.2``, ``reward=vanilla``, ``backbone.finetune.epochs=3``); ``<family>.<option>=<value>`` sets
 an option of one family (``reinforce.epochs=10``); ``sweep.grids.<family>=[...]`` replaces a family's grid;
 ``sweep.trace=PATH`` sweeps a saved trace instead of fine-tuning; ``sweep.label=x`` names the families ``a[x]`` in
 comparisons (e.g. a second sweep with ``learn_on=train``). Each point writes
-``<sweep.out>/<family>/<knob>=<value>/`` with ``metrics.json``, ``config.yaml`` and ``tensorboard/`` (eval/*,
-exit/layer, hparams).
+``<out>/<family>/<knob>=<value>/`` with ``metrics.json``, ``policy.pt``, ``config.yaml`` and ``tensorboard/``
+(eval/*, exit/layer, hparams), through the same pipeline as ``exitrl.train``; ``<out>`` is ``hydra.run.dir=`` when
+given, else ``sweep.out``.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from exitrl.agents.registry import AGENTS, AgentContext, build_agent, check_agent, check_learn_on, needs_held_out
-from exitrl.backbones import BackboneError
-from exitrl.data import DataError
+from exitrl.agents.inputs import learn_split
+from exitrl.agents.registry import agent_names, get_agent
+from exitrl.cli import CONFIGS, USER_ERRORS, fail, prepare_cli
+from exitrl.compare import compare
 from exitrl.device import pick_device
-from exitrl.evaluate import evaluate_policy, oracle_bounds
-from exitrl.knobs import KNOBS
-from exitrl.rewards import RewardError, resolve_reward
-from exitrl.run_summary import log_run_summary
-from exitrl.trace import Trace
-from exitrl.train import prepare_trace, reward_settings
+from exitrl.pipeline import AgentRun, Prepared, open_run, prepare, prepare_from_trace, record_run
+from exitrl.rewards import resolve_reward
+from exitrl.trace import HELD_OUT
 
 log = logging.getLogger("exitrl.sweep")
-CONFIGS = Path(__file__).parent / "configs"  # the same config tree as exitrl.train
+RUN_DIR = "hydra.run.dir"
 
 
-def split_arguments(argv: list[str]) -> tuple[list[str], list[str], dict[str, list[str]]]:
-    """(families, shared overrides, per-family ``agent.*`` overrides) from ``agent=a,b`` and ``a.key=v``."""
-    families, shared, own = [], [], {}
+@dataclass
+class SweepArguments:
+    families: list[str]
+    shared: list[str]  # overrides for every family
+    own: dict[str, list[str]]  # per family: its ``agent.*`` overrides
+    grids: dict[str, list]  # per family: the values of its knob
+    out: str | None  # hydra.run.dir=, when given
+
+
+def split_arguments(argv: list[str]) -> SweepArguments:
+    """Families from ``agent=a,b``; ``a.key=v`` becomes ``agent.key=v`` of family a; ``sweep.grids.a=[..]`` a's grid;
+    everything else is shared."""
+    known = agent_names()
+    families = []
     for arg in argv:
         key, _, value = arg.partition("=")
         if key == "agent":
             families = [name.strip() for name in value.split(",") if name.strip()]
+    if not families:
+        raise ValueError(f"Name the families to sweep: agent=a,b,... (valid: {', '.join(known)}).")
+    unknown = [f for f in families if f not in known]
+    if unknown:
+        raise ValueError(f"Unknown agent(s) {unknown}; valid agents: {', '.join(known)}.")
+    args = SweepArguments(families, [], {}, {}, None)
     for arg in argv:
         key, _, value = arg.partition("=")
         family, _, option = key.partition(".")
         if key == "agent":
             continue
-        if family in families and option:
-            own.setdefault(family, []).append(f"agent.{option}={value}")
+        if key.startswith("sweep.grids."):
+            name = key.removeprefix("sweep.grids.")
+            if name not in known:
+                raise ValueError(f"{key}: unknown agent {name!r}; valid agents: {', '.join(known)}.")
+            grid = yaml.safe_load(value)
+            if not isinstance(grid, list) or not grid:
+                raise ValueError(f"{key} must be a non-empty list, e.g. {key}=[0.1,0.2]; got {value!r}.")
+            args.grids[name] = grid
+        elif key == RUN_DIR:
+            args.out = value
+        elif family in families and option:
+            args.own.setdefault(family, []).append(f"agent.{option}={value}")
         else:
-            shared.append(arg)
-    if not families:
-        raise ValueError(f"Name the families to sweep: agent=a,b,... (valid: {', '.join(AGENTS)}).")
-    unknown = [f for f in families if f not in AGENTS]
-    if unknown:
-        raise ValueError(f"Unknown agent(s) {unknown}; valid agents: {', '.join(AGENTS)}.")
-    return families, shared, own
+            args.shared.append(arg)
+    return args
 
 
-def check_swept_reward(families: list[str], cfg: DictConfig) -> None:
+def check_swept_reward(runs: dict[str, AgentRun], cfg: DictConfig) -> None:
     """A family swept over ``reward.alpha`` needs a reward that takes ``alpha`` and no fixed ``reward.kwargs.alpha``
     (which would override every point); say so before any fine-tuning."""
-    if not any(KNOBS[f].key == "reward.alpha" for f in families):
+    if not any(run.spec.knob.key == "reward.alpha" for run in runs.values()):
         return
     reward = OmegaConf.to_container(cfg.reward, resolve=True)
     if "alpha" in (reward.get("kwargs") or {}):
@@ -90,8 +111,8 @@ def compose_family(family: str, shared: list[str], own: list[str]) -> DictConfig
         raise ValueError(f"{family}: {err}") from err
 
 
-def point_config(cfg: DictConfig, key: str, value) -> DictConfig:
-    """``cfg`` with the knob set (``reward.alpha``: only for built-in or custom rewards that take alpha)."""
+def with_value(cfg: DictConfig, key: str, value) -> DictConfig:
+    """``cfg`` with one key set (a knob, or ``data.policy_split``)."""
     point = cfg.copy()
     OmegaConf.set_struct(point, False)
     OmegaConf.update(point, key, value, merge=False)
@@ -99,85 +120,57 @@ def point_config(cfg: DictConfig, key: str, value) -> DictConfig:
 
 
 def sweep(argv: list[str]) -> Path:
-    families, shared, own = split_arguments(argv)
+    prepare_cli(argv)
+    args = split_arguments(argv)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        configs = {f: compose_family(f, shared, own.get(f, [])) for f in families}
-    first = configs[families[0]]
-    grids = OmegaConf.to_container(first.sweep.grids, resolve=True)
-    for family, cfg in configs.items():  # every option and value checked before any fine-tuning
-        check_agent(family, {k: v for k, v in OmegaConf.to_container(cfg.agent, resolve=True).items()
-                             if k != "name"})
-    calibrating = [f for f, c in configs.items() if needs_held_out(f, OmegaConf.to_container(c.agent, resolve=True))]
+        configs = {f: compose_family(f, args.shared, args.own.get(f, [])) for f in args.families}
+    runs = {f: AgentRun.from_config(c) for f, c in configs.items()}  # every option checked before any fine-tuning
+    first = configs[args.families[0]]
+    calibrating = [f for f, run in runs.items() if run.needs_held_out]
     if calibrating and not first.data.policy_split and not first.sweep.trace:
         log.warning("%s calibrate(s) on held-out data: holding out data.policy_split=%s of train for every family",
                     ", ".join(calibrating), first.sweep.held_out)
-        configs = {f: point_config(c, "data.policy_split", first.sweep.held_out) for f, c in configs.items()}
-        first = configs[families[0]]
-    check_learn_on(first.learn_on, bool(first.data.policy_split) or bool(first.sweep.trace))
-    check_swept_reward(families, first)
+        configs = {f: with_value(c, "data.policy_split", first.sweep.held_out) for f, c in configs.items()}
+        first = configs[args.families[0]]
+    learn_split(first.learn_on, bool(first.data.policy_split) or bool(first.sweep.trace))
+    check_swept_reward(runs, first)
     device = pick_device(first.device)
     torch.manual_seed(first.seed)
-    out = Path(first.sweep.out)
+    out = Path(args.out or first.sweep.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if first.sweep.trace:
-        trace = Trace.load(Path(first.sweep.trace).expanduser())
-        if (calibrating or first.learn_on == "held_out") and "policy" not in trace.splits:
+        prepared = prepare_from_trace(first.sweep.trace, device, first.env.task)
+        if (calibrating or first.learn_on == "held_out") and HELD_OUT not in prepared.trace.splits:
             raise ValueError(f"{first.sweep.trace} has no held-out split, which {', '.join(calibrating) or 'learn_on'} "
                              "needs: trace a backbone fine-tuned with data.policy_split > 0.")
-        task, metric, backbone = trace.meta.get("task", first.env.task), trace.meta.get("metric", "accuracy"), {
-            "trace": str(first.sweep.trace)}
     else:
-        data, finetune_cfg, model, _, info, trace = prepare_trace(first, device)
-        task, metric = data.name, data.metric
-        backbone = {"name": first.backbone.name, "objective": finetune_cfg.objective,
-                    **{k: v for k, v in info.items() if k in ("key", "path", "cached")}}
-        del model
-    num_layers, dev = trace["dev"].num_layers, trace["dev"]
-    bounds = oracle_bounds(dev, metric)
-    points = [(f, v) for f in families for v in KNOBS[f].values(num_layers, grids.get(f))]
-    log.info("Sweeping %d points of %d families on %s (%d layers)", len(points), len(families), task, num_layers)
-    bar = tqdm(points, desc=f"sweep {task}", unit="point")
+        prepared = prepare(first, device)
+        prepared.model = None
+    num_layers = prepared.trace["dev"].num_layers
+    points = [(f, v) for f in args.families for v in runs[f].spec.knob.values(num_layers, args.grids.get(f))]
+    log.info("Sweeping %d points of %d families on %s (%d layers)", len(points), len(args.families), prepared.task,
+             num_layers)
+    bar = tqdm(points, desc=f"sweep {prepared.task}", unit="point")
     for family, value in bar:
-        bar.set_postfix(family=family, **{KNOBS[family].option: value})
-        record_point(configs[family], family, value, trace, task, metric, device, out, bounds, backbone)
+        bar.set_postfix(family=family, **{runs[family].spec.knob.option: value})
+        record_point(configs[family], family, value, prepared, out)
     bar.close()
     log.info("Sweep done in %.0f s: %s", time.time() - started, out)
     return out
 
 
-def record_point(cfg: DictConfig, family: str, value, trace: Trace, task: str, metric: str, device, out: Path,
-                 bounds: dict, backbone: dict) -> dict:
-    """Train or fit one family at one knob value, evaluate it on dev, write its run folder."""
-    knob = KNOBS[family]
-    cfg = point_config(cfg, knob.key, value)
+def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: Path):
+    """Fit one family at one knob value and record it (the same pipeline as ``exitrl.train``)."""
+    knob = get_agent(family).knob
+    cfg = with_value(cfg, knob.key, value)
+    run = AgentRun.from_config(cfg)
     label = f"{family}[{cfg.sweep.label}]" if cfg.sweep.label else family
     run_dir = out / label / f"{knob.option}={value}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
-    agent_cfg = {k: v for k, v in OmegaConf.to_container(cfg.agent, resolve=True).items() if k != "name"}
-    reward, reward_fn, reward_kwargs = reward_settings(OmegaConf.to_container(cfg.reward, resolve=True))
-    ctx = AgentContext(trace, reward, reward_fn, reward_kwargs, device, writer, metric, cfg.seed,
-                       Path(writer.log_dir), cfg.learn_on)
-    started = time.time()
-    policy, info = build_agent(family, agent_cfg, ctx)
-    seconds = time.time() - started
-    policy.to(torch.device("cpu")).save(run_dir / "policy.pt")  # before dev can move an online-adaptive rule
-    result = evaluate_policy(policy, trace["dev"], metric)
-    hyperparameters = {"agent": family, "family": label, "learn_on": cfg.learn_on, "task": task, "knob": knob.key,
-                       "knob_value": value, **agent_cfg,
-                       "reward": {"name": reward or reward_fn, **reward_kwargs}, "seed": cfg.seed}
-    log_run_summary(writer, result, trace["dev"].num_layers, hyperparameters, info.get("updates", 0))
-    writer.close()
-    metrics = {"agent": family, "family": label, "learn_on": cfg.learn_on, "task": task, "metric": metric,
-               "num_layers": trace["dev"].num_layers,
-               "knob": {"key": knob.key, "value": value}, "results": {family: result}, "oracle": bounds,
-               "agent_info": info, "agent_seconds": round(seconds, 2), "backbone": backbone,
-               "trace_key": trace.meta.get("key"),
-               "reward": {"name": reward, "fn": reward_fn, **reward_kwargs}, "run_dir": str(run_dir)}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    writer = open_run(run_dir, cfg)
+    fitted = run.fit(prepared.trace, prepared.device, writer, Path(writer.log_dir), prepared.metric)
+    return record_run(run, fitted, prepared, run_dir, writer, seed=cfg.seed, label=label,
+                      knob={"key": knob.key, "value": value})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,12 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         out = sweep(argv)
-    except (DataError, BackboneError, RewardError, ValueError) as err:
-        log.error("%s", err)
-        print(f"exitrl: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    from exitrl.compare import compare
-
+    except USER_ERRORS as err:
+        fail(err, log.name)
     compare(out)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from exitrl.metrics import summarize_exits
 from exitrl.trace import SplitTrace
 
 AUC_POINTS = 16
@@ -74,8 +75,6 @@ def oracle_frontier(trace: SplitTrace, metric: str = "accuracy", max_points: int
     """The best any exit policy could do on these heads at each cost (analysis only): start with every example at
     layer 1, then move the examples layer 1 gets wrong to their first correct layer, cheapest move first. Each move
     gains one correct example, so for accuracy this greedy order is the exact optimum at every budget."""
-    from exitrl.evaluate import summarize_exits  # evaluate imports this module's users; keep the import local
-
     preds, labels = trace.logits.argmax(-1).cpu(), trace.labels.cpu()
     correct = preds == labels[:, None]
     n, num_layers = correct.shape

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exitrl.agents.declaration import RULE, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
+from exitrl.agents.standardize import fit_standardizer
 from exitrl.calibration.ltt import learn_then_test
 from exitrl.calibration.temperature import TemperatureScaledPolicy, fit_temperatures
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
@@ -188,8 +191,7 @@ def train_meta_classifier(meta: MetaClassifier, trace: SplitTrace, cfg: CalmConf
     preds = trace.logits.argmax(-1)
     agrees = (preds[:, :-1] == preds[:, -1:]).reshape(-1).float()
     position = (torch.arange(1, num_layers, device=states.device).repeat(len(trace)) / num_layers).float()
-    meta.mean.copy_(states.float().mean(0).to(device))
-    meta.std.copy_(states.float().std(0).clamp_min(1e-2).to(device))
+    fit_standardizer(meta, states)
     positives = float(agrees.sum())
     pos_weight = torch.tensor((agrees.numel() - positives) / max(positives, 1.0), device=device)
     optimizer = torch.optim.Adam(meta.parameters(), lr=cfg.meta_lr)
@@ -207,9 +209,10 @@ def train_meta_classifier(meta: MetaClassifier, trace: SplitTrace, cfg: CalmConf
     return {"meta_agree_fraction": positives / agrees.numel(), "meta_final_loss": float(loss.detach())}
 
 
-def fit_calm(cfg: CalmConfig, train: SplitTrace, held_out: SplitTrace | None, device=None) -> tuple[ExitPolicy, dict]:
-    """The meta classifier (if any) on ``train``; temperatures and the LTT threshold on ``held_out``."""
-    device = torch.device(device or "cpu")
+def fit_calm(cfg: CalmConfig, inputs: FitInputs) -> tuple[ExitPolicy, dict]:
+    """The meta classifier (if any) on the backbone's train split; temperatures and the LTT threshold on the
+    held-out split."""
+    train, held_out, device = inputs.train, inputs.held_out, inputs.device
     policy = CalmPolicy(cfg.measure, cfg.threshold, train.hidden_size, cfg.meta_hidden)
     info: dict = {"measure": cfg.measure}
     if policy.meta is not None:
@@ -218,10 +221,7 @@ def fit_calm(cfg: CalmConfig, train: SplitTrace, held_out: SplitTrace | None, de
     temperatures = None
     calibration = held_out
     if cfg.temperature or cfg.threshold is None:
-        if held_out is None:
-            raise ValueError("agent=calm calibrates on examples the backbone never saw: add data.policy_split=0.2 "
-                             "(holds 20 % of train out of fine-tuning), or give agent.threshold to skip calibration.")
-        held_out = held_out.to("cpu")
+        held_out = inputs.require_held_out("agent=calm", ", or give agent.threshold to skip calibration").to("cpu")
         calibration = held_out
     if cfg.temperature:
         order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(cfg.seed))
@@ -246,3 +246,9 @@ def fit_calm(cfg: CalmConfig, train: SplitTrace, held_out: SplitTrace | None, de
         info["threshold"] = cfg.threshold
     wrapped = policy if temperatures is None else TemperatureScaledPolicy(policy, temperatures)
     return wrapped, info
+
+
+AGENT = register(AgentSpec(
+    "calm", CalmConfig, RULE, Knob("agent.delta", (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)), fit_calm,
+    "CALM: a confidence measure (margin, saturation, meta classifier) above the loosest threshold Learn-then-Test "
+    "certifies on the held-out split", needs_held_out=lambda cfg: cfg.threshold is None or cfg.temperature))

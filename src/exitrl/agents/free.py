@@ -12,8 +12,8 @@ every ``refit_every`` new pairs over the newest ``max_pairs``. As in FREE, only 
 Confidence is max-prob rescaled to [0, 1]: (p − 1/C) / (1 − 1/C). FREE's grid linspace(0.3, 0.9) was made for
 token softmaxes over a vocabulary, where max-prob spans [0, 1] and the rescaling changes nothing; a C-class head's
 max-prob never falls below 1/C, so on the raw value a binary task's grid points under 0.5 would all count as
-"agrees" and the fitted threshold would sit at 0.3, exiting every row (measured on RTE and SST-2, 2026-11-24).
-For two classes the rescaled value is the margin p(1st) − p(2nd).
+"agrees" and the fitted threshold would sit at 0.3, exiting every row (the README has the measurement). For two
+classes the rescaled value is the margin p(1st) − p(2nd).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from exitrl.agents.declaration import RULE, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
 from exitrl.backbones.recipes.free import default_shallow_layer
 from exitrl.calibration.beta_mixture import beta_mixture_threshold
 from exitrl.calibration.temperature import TemperatureScaledPolicy, fit_temperatures
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
-from exitrl.trace import SplitTrace
 
 
 def rescaled_confidence(probs: torch.Tensor) -> torch.Tensor:
@@ -125,9 +126,11 @@ class FreeConfig:
             raise ValueError(f"FREE's threshold (rescaled confidence) must lie in [0, 1], got {self.threshold}.")
 
 
-def fit_free(cfg: FreeConfig, split: SplitTrace, num_layers: int, held_out: SplitTrace | None = None
-             ) -> tuple[ExitPolicy, dict]:
-    """The starting threshold from every row of ``split`` (shallow confidence, agreement with the last layer)."""
+def fit_free(cfg: FreeConfig, inputs: FitInputs) -> tuple[ExitPolicy, dict]:
+    """The starting threshold from every row of the learning split (shallow confidence, agreement with the last
+    layer)."""
+    split = inputs.learn
+    num_layers = split.num_layers
     shallow = default_shallow_layer(num_layers) if cfg.shallow_layer is None else int(cfg.shallow_layer)
     if not 1 <= shallow < num_layers:
         raise ValueError(f"FREE's shallow layer must lie in 1..{num_layers - 1} for a {num_layers}-layer model, "
@@ -138,9 +141,7 @@ def fit_free(cfg: FreeConfig, split: SplitTrace, num_layers: int, held_out: Spli
                         cfg.refit_every, cfg.max_pairs)
     temperatures = None
     if cfg.temperature:
-        if held_out is None:
-            raise ValueError("agent.temperature=true fits temperatures on examples the backbone never saw: add "
-                             "data.policy_split=0.2.")
+        held_out = inputs.require_held_out("agent.temperature=true")
         temperatures = fit_temperatures(held_out.logits, held_out.labels)
     info = {"shallow_layer": shallow}
     if cfg.adaptive:
@@ -157,3 +158,9 @@ def fit_free(cfg: FreeConfig, split: SplitTrace, num_layers: int, held_out: Spli
         info["temperatures"] = temperatures.tolist()
         return TemperatureScaledPolicy(policy, temperatures), info
     return policy, info
+
+
+AGENT = register(AgentSpec(
+    "free", FreeConfig, RULE, Knob("agent.shallow_layer"), fit_free,  # zeta barely moves the 10-point grid
+    "FREE: one shallow exit at L_s (L/4), else the full model; Beta-mixture threshold refitted online",
+    needs_held_out=lambda cfg: cfg.temperature))

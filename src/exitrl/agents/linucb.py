@@ -22,13 +22,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from exitrl.envs import ObservationLayout, observation_table
+from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
+from exitrl.agents.standardize import fit_standardizer
 from exitrl.evaluate import evaluate_policy, log_eval
+from exitrl.observation import ObservationLayout, check_features, observation_table
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
-from exitrl.rewards import resolve_reward, reward_table
-from exitrl.trace import SplitTrace
 
-EXIT, CONTINUE = 0, 1
+EXIT_ARM, CONTINUE_ARM = 0, 1  # rows of each layer's theta (saved in policy files), not the env's action ids
 
 
 class LinearExitValues(nn.Module):
@@ -64,7 +65,7 @@ class LinUCBPolicy(ModuleExitPolicy):
         layer = batch.layer - 1
         x = self.values.contexts(self.layout.select(batch.observations, self.features), layer)
         estimates = x @ self.values.theta[layer].T  # [B, 2]
-        return estimates[:, EXIT] >= estimates[:, CONTINUE]
+        return estimates[:, EXIT_ARM] >= estimates[:, CONTINUE_ARM]
 
     def config(self) -> dict:
         return dict(self._config)
@@ -86,22 +87,21 @@ class LinUCBConfig:
     eval_every: int = 100  # batches between dev evaluations
     seed: int = 0
 
+    def __post_init__(self):
+        check_features(self.features)
 
-def train_linucb(train: SplitTrace, dev: SplitTrace | None, cfg: LinUCBConfig, reward: str | None = "hardness",
-                 reward_kwargs: dict | None = None, reward_fn: str | None = None, device="cpu", writer=None,
-                 metric: str = "accuracy") -> tuple[LinUCBPolicy, dict]:
-    """Run ``cfg.rounds`` online examples drawn from ``train``; returns the greedy policy and a record."""
+
+def train_linucb(cfg: LinUCBConfig, inputs: FitInputs) -> tuple[LinUCBPolicy, dict]:
+    """Run ``cfg.rounds`` online examples drawn from ``inputs.learn``; returns the greedy policy and a record."""
     start = time.time()
-    device = torch.device(device)
-    train = train.to(device)
+    device, dev, writer, metric = inputs.device, inputs.dev, inputs.writer, inputs.metric
+    train = inputs.learn.to(device)
     num_layers = train.num_layers
     policy = LinUCBPolicy(num_layers, train.hidden_size, train.num_classes, cfg.features).to(device)
     values = policy.values
     features = policy.layout.select(observation_table(train.states, train.logits), cfg.features)  # [N, L, D]
-    values.mean.copy_(features.mean(0))
-    values.std.copy_(features.std(0).clamp_min(1e-2))
-    table = reward_table(resolve_reward(reward, reward_fn), train.logits, train.labels, train.memorized,
-                         reward_kwargs).to(device)  # [N, L]
+    fit_standardizer(values, features)
+    table = inputs.reward.table(train.logits, train.labels, train.memorized).to(device)  # [N, L]
     oracle_return = table.max(1).values
 
     dim = features.shape[-1] + 1
@@ -124,10 +124,10 @@ def train_linucb(train: SplitTrace, dev: SplitTrace | None, cfg: LinUCBConfig, r
             theta = (covariance[layer] @ weighted[layer].unsqueeze(-1)).squeeze(-1)  # [2, D + 1]
             width = ((x @ covariance[layer]) * x.unsqueeze(0)).sum(-1).clamp_min(0).sqrt()  # [2, B]
             upper = x @ theta.T + cfg.bonus * width.T  # [B, 2]
-            exits = upper[:, EXIT] >= upper[:, CONTINUE]
+            exits = upper[:, EXIT_ARM] >= upper[:, CONTINUE_ARM]
             exit_layer[where[exits]] = layer
             running[where[exits]] = False
-            chosen += [(layer, EXIT, where[exits], x[exits]), (layer, CONTINUE, where[~exits], x[~exits])]
+            chosen += [(layer, EXIT_ARM, where[exits], x[exits]), (layer, CONTINUE_ARM, where[~exits], x[~exits])]
         returns = table[rows, exit_layer]
         # 2. Every decision on the way is credited with the return that followed it.
         for layer, arm, positions, x in chosen:
@@ -152,3 +152,8 @@ def train_linucb(train: SplitTrace, dev: SplitTrace | None, cfg: LinUCBConfig, r
     info = {"config": asdict(cfg), "updates": seen, "mean_reward": total / max(seen, 1),
             "regret_to_oracle": regret, "train_seconds": round(time.time() - start, 2), "history": history}
     return policy, info
+
+
+AGENT = register(AgentSpec(
+    "linucb", LinUCBConfig, LEARNED, Knob("reward.alpha", ALPHA_GRID), train_linucb,
+    "disjoint LinUCB per layer over {exit, continue}; continue is paid the episode's eventual reward"))

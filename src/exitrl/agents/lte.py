@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exitrl.agents.declaration import RULE, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
+from exitrl.agents.standardize import fit_standardizer
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
-from exitrl.trace import SplitTrace
 
 
 class ExitUnit(nn.Module):
@@ -63,15 +65,14 @@ class LteConfig:
             raise ValueError(f"the learn-to-exit threshold must lie in [0, 1], got {self.threshold}.")
 
 
-def fit_lte(cfg: LteConfig, split: SplitTrace, device=None) -> tuple[LearnToExitPolicy, dict]:
-    """MSE of u_l onto 1 − 1[head l correct], over every (example, layer) of ``split``."""
-    device = torch.device(device or "cpu")
+def fit_lte(cfg: LteConfig, inputs: FitInputs) -> tuple[LearnToExitPolicy, dict]:
+    """MSE of u_l onto 1 − 1[head l correct], over every (example, layer) of the learning split."""
+    split, device = inputs.learn, inputs.device
     policy = LearnToExitPolicy(split.hidden_size, cfg.threshold).to(device)
     unit = policy.unit
     states = split.states.reshape(-1, split.hidden_size)
     wrong = (split.logits.argmax(-1) != split.labels[:, None]).reshape(-1).float()
-    unit.mean.copy_(states.float().mean(0).to(device))
-    unit.std.copy_(states.float().std(0).clamp_min(1e-2).to(device))
+    fit_standardizer(unit, states)
     optimizer = torch.optim.Adam(unit.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     loss = torch.tensor(0.0)
@@ -84,3 +85,8 @@ def fit_lte(cfg: LteConfig, split: SplitTrace, device=None) -> tuple[LearnToExit
             optimizer.step()
     unit.eval()
     return policy.to(torch.device("cpu")), {"final_mse": float(loss.detach()), "error_rate": float(wrong.mean())}
+
+
+AGENT = register(AgentSpec(
+    "lte", LteConfig, RULE, Knob("agent.threshold", (0.1, 0.2, 0.3, 0.4, 0.5)), fit_lte,
+    "BERxiT learn-to-exit: one linear unit for all layers regresses 'head l is wrong'; exit below the threshold"))

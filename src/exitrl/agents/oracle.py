@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from exitrl.agents.declaration import ANALYSIS, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
 from exitrl.evaluate import ORACLE_KINDS as KINDS
 from exitrl.evaluate import oracle_exit_layers
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
@@ -51,3 +53,15 @@ class OracleConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"Unknown oracle kind {self.kind!r}; valid: {', '.join(KINDS)}.")
+
+
+def fit_oracle(cfg: OracleConfig, inputs: FitInputs) -> tuple[OraclePolicy, dict]:
+    """The oracle for the dev split (the one it reads answers from, and the only one it may be evaluated on)."""
+    if inputs.dev is None:
+        raise ValueError("agent=oracle is built for the dev split, and this trace has none.")
+    return OraclePolicy.for_split(inputs.dev, cfg.kind), {"analysis_only": True, "split": "dev"}
+
+
+AGENT = register(AgentSpec(
+    "oracle", OracleConfig, ANALYSIS, Knob("agent.kind", ("consistency", "correctness")), fit_oracle,
+    "analysis only, never deployable: exit at the first layer agreeing with the last, or the first correct one"))

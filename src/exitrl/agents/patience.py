@@ -7,17 +7,25 @@ patience t the earliest exit is layer t + 1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from exitrl.agents.declaration import RULE, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
+
+
+def check_patience(patience: int) -> None:
+    if int(patience) < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}.")
 
 
 class PatiencePolicy(ExitPolicy):
     name = "patience"
 
     def __init__(self, patience: int = 2):
-        if int(patience) < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}.")
+        check_patience(patience)
         self.patience = int(patience)
 
     def init_memory(self, batch_size: int, device: torch.device) -> Memory:
@@ -33,3 +41,19 @@ class PatiencePolicy(ExitPolicy):
 
     def config(self) -> dict:
         return {"patience": self.patience}
+
+
+@dataclass
+class PatienceConfig:
+    patience: int = 2
+
+    def __post_init__(self):
+        check_patience(self.patience)
+
+
+def fit_patience(cfg: PatienceConfig, inputs: FitInputs) -> tuple[ExitPolicy, dict]:
+    return PatiencePolicy(cfg.patience), {}
+
+
+AGENT = register(AgentSpec("patience", PatienceConfig, RULE, Knob("agent.patience"), fit_patience,
+                           "PABEE: exit once the prediction is unchanged for `patience` consecutive layers"))

@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import gymnasium as gym
-import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
@@ -21,15 +20,13 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from exitrl.envs import EarlyExitEnv, ObservationLayout
+from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
+from exitrl.envs import EarlyExitEnv, observation_box
 from exitrl.evaluate import evaluate_policy, log_eval
+from exitrl.observation import ObservationLayout, check_features
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 from exitrl.trace import SplitTrace
-
-
-def feature_box(size: int) -> gym.spaces.Box:
-    limit = np.finfo(np.float32).max
-    return gym.spaces.Box(-limit, limit, (size,), np.float32)
 
 
 class SB3ExitPolicy(ModuleExitPolicy):
@@ -42,7 +39,7 @@ class SB3ExitPolicy(ModuleExitPolicy):
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
         self.net_arch = list(net_arch)
-        self.actor = actor or ActorCriticPolicy(feature_box(self.layout.feature_size(features)),
+        self.actor = actor or ActorCriticPolicy(observation_box(self.layout.feature_size(features)),
                                                 gym.spaces.Discrete(2), lambda _: 0.0, net_arch=self.net_arch)
         self.actor.set_training_mode(False)
         self.module = self.actor
@@ -96,15 +93,17 @@ class PPOConfig:
     eval_every: int = 20_000  # timesteps
     seed: int = 0
 
+    def __post_init__(self):
+        check_features(self.features)
 
-def train_ppo(train: SplitTrace, dev: SplitTrace | None, cfg: PPOConfig, reward: str | None = "hardness",
-              reward_kwargs: dict | None = None, reward_fn: str | None = None, writer=None, log_dir=None,
-              metric: str = "accuracy") -> tuple[SB3ExitPolicy, dict]:
-    """Train SB3 PPO on ``cfg.n_envs`` Gymnasium envs over ``train``; evaluate on ``dev`` as it goes."""
+
+def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
+    """Train SB3 PPO on ``cfg.n_envs`` Gymnasium envs over ``inputs.learn``; evaluate on dev as it goes."""
     start = time.time()
-    base = EarlyExitEnv(train.to("cpu"), reward, reward_kwargs, reward_fn)  # rewards checked here, once
+    train, dev, writer, log_dir, metric = inputs.learn, inputs.dev, inputs.writer, inputs.log_dir, inputs.metric
+    base = EarlyExitEnv(train.to("cpu"), inputs.reward)  # rewards checked here, once
     layout = base.layout
-    box = feature_box(layout.feature_size(cfg.features))
+    box = observation_box(layout.feature_size(cfg.features))
 
     def make_env() -> gym.Env:
         return gym.wrappers.TransformObservation(base.spawn(), lambda obs: layout.select(obs, cfg.features), box)
@@ -126,3 +125,8 @@ def train_ppo(train: SplitTrace, dev: SplitTrace | None, cfg: PPOConfig, reward:
     info = {"config": asdict(cfg), "timesteps": int(model.num_timesteps), "updates": int(model.num_timesteps),
             "train_seconds": round(time.time() - start, 2), "history": callback.history}
     return policy, info
+
+
+AGENT = register(AgentSpec(
+    "ppo", PPOConfig, LEARNED, Knob("reward.alpha", ALPHA_GRID), train_ppo,
+    "Stable-Baselines3 PPO on exitrl/EarlyExit-v0 (n_envs DummyVecEnv copies sharing one trace)"))

@@ -18,11 +18,12 @@ from torchrl.modules import MLP, ProbabilisticActor, ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from exitrl.envs import ObservationLayout
+from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
 from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
 from exitrl.evaluate import evaluate_policy, log_eval
+from exitrl.observation import ObservationLayout, check_features
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
-from exitrl.trace import SplitTrace
 
 
 class FeatureView(nn.Module):
@@ -76,14 +77,16 @@ class TorchRLPPOConfig:
     num_cells: list[int] = field(default_factory=lambda: [64, 64])
     seed: int = 0
 
+    def __post_init__(self):
+        check_features(self.features)
 
-def train_ppo_torchrl(train: SplitTrace, dev: SplitTrace | None, cfg: TorchRLPPOConfig,
-                      reward: str | None = "hardness", reward_kwargs: dict | None = None,
-                      reward_fn: str | None = None, device="cpu", writer=None, metric: str = "accuracy"):
+
+def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRLExitPolicy, dict]:
+    """Train TorchRL PPO on ``cfg.num_envs`` batched episodes over ``inputs.learn``; evaluate on dev per batch."""
     torch.manual_seed(cfg.seed)
     start = time.time()
-    device = torch.device(device)
-    env = TorchRLEarlyExitEnv(train, cfg.num_envs, reward, reward_kwargs, reward_fn, device=device, seed=cfg.seed)
+    train, dev, device, writer, metric = inputs.learn, inputs.dev, inputs.device, inputs.writer, inputs.metric
+    env = TorchRLEarlyExitEnv(train, cfg.num_envs, inputs.reward, device=device, seed=cfg.seed)
     policy = TorchRLExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.num_cells).to(device)
     view = TensorDictModule(policy.view, in_keys=["observation"], out_keys=["features"])
     actor = ProbabilisticActor(
@@ -129,3 +132,8 @@ def train_ppo_torchrl(train: SplitTrace, dev: SplitTrace | None, cfg: TorchRLPPO
     info = {"config": asdict(cfg), "frames": frames, "updates": updates,
             "train_seconds": round(time.time() - start, 2), "history": history}
     return policy, info
+
+
+AGENT = register(AgentSpec(
+    "ppo_torchrl", TorchRLPPOConfig, LEARNED, Knob("reward.alpha", ALPHA_GRID), train_ppo_torchrl,
+    "TorchRL PPO (ClipPPOLoss, GAE, a collector) on the batched trace env; GPU when present"))

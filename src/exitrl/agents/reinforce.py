@@ -12,10 +12,9 @@ Facts from the paper and its official code:
 
 Inputs (``features``): ``state`` (default, the paper's: the layer's pooled state), ``confidence`` (layer position
 and the exit head's probabilities, max-prob and entropy) or ``observation`` (both), standardised per layer with
-training-trace statistics. Measured on RTE with MiniLM (dev, 2026-11-23): state-fed policies can learn which
-*training examples* an early head gets right, which does not transfer to dev (with a 3-epoch backbone they lost 2-4
-points even at alpha = 0.01); confidence-fed ones save as much on dev as on train but, on a 5-epoch backbone, saved
-only 15-19 % at alpha <= 0.08, while the state-fed policy kept 59.6 % of the full model's 60.3 % at 33.6 % saved.
+training-trace statistics. A state-fed policy can learn which *training examples* an early head gets right, which
+need not transfer to new ones: ``data.policy_split`` lets it learn on examples the backbone never saw (the README
+has the measurements).
 """
 
 from __future__ import annotations
@@ -27,10 +26,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from exitrl.envs import ObservationLayout, TraceVectorEnv, observation_table
+from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
+from exitrl.agents.standardize import fit_standardizer
+from exitrl.envs import TraceVectorEnv
 from exitrl.evaluate import evaluate_policy, log_eval
+from exitrl.observation import ObservationLayout, check_features, observation_table
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
-from exitrl.trace import SplitTrace
 
 
 class PerLayerExitNet(nn.Module):
@@ -43,11 +45,6 @@ class PerLayerExitNet(nn.Module):
         self.mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(input_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)) for _ in range(num_layers)
         )
-
-    def fit_normalizer(self, features: torch.Tensor) -> None:
-        """Per-layer mean and std from ``[N, L, D]`` training features."""
-        self.mean.copy_(features.mean(0))
-        self.std.copy_(features.std(0).clamp_min(1e-2))  # floor: near-constant features stay bounded
 
     def forward(self, features: torch.Tensor, layer: int) -> torch.Tensor:
         """Exit logits ``[B]`` for rows at 0-based ``layer``."""
@@ -95,23 +92,26 @@ class ReinforceConfig:
     clip_norm: float = 1.0
     seed: int = 0
 
+    def __post_init__(self):
+        check_features(self.features)
 
-def train_reinforce(train: SplitTrace, dev: SplitTrace | None, cfg: ReinforceConfig, reward: str = "hardness",
-                    reward_kwargs: dict | None = None, reward_fn: str | None = None, device="cpu", writer=None,
-                    metric: str = "accuracy", log_every: int = 20) -> tuple[ReinforcePolicy, dict]:
-    """Train the per-layer exit policy on ``train``; evaluate on ``dev`` after every epoch."""
+
+def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20) -> tuple[ReinforcePolicy, dict]:
+    """Train the per-layer exit policy on ``inputs.learn``; evaluate on dev after every epoch."""
     torch.manual_seed(cfg.seed)
-    device = torch.device(device)
+    device, writer, metric = inputs.device, inputs.writer, inputs.metric
+    train = inputs.learn.to(device)
+    dev = inputs.dev
     if len(train) < cfg.batch_size:
         raise ValueError(f"REINFORCE needs at least agent.batch_size={cfg.batch_size} training examples, the split has "
                          f"{len(train)}; lower agent.batch_size or give it more data.")
     dev = dev.to(device) if dev is not None else None
     num_layers, samples = train.num_layers, cfg.samples
-    env = TraceVectorEnv(train, cfg.batch_size * samples, reward, reward_kwargs, reward_fn, device=device,
-                         autoreset=False, seed=cfg.seed)
+    env = TraceVectorEnv(train, cfg.batch_size * samples, inputs.reward, device=device, autoreset=False,
+                         seed=cfg.seed)
     policy = ReinforcePolicy(num_layers, train.hidden_size, train.num_classes, cfg.hidden, cfg.features).to(device)
     table = observation_table(env.trace.states, env.trace.logits)
-    policy.net.fit_normalizer(policy.layout.select(table, cfg.features))
+    fit_standardizer(policy.net, policy.layout.select(table, cfg.features))
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.lr)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     history, step, start = [], 0, time.time()
@@ -165,3 +165,8 @@ def train_reinforce(train: SplitTrace, dev: SplitTrace | None, cfg: ReinforceCon
             log_eval(writer, metrics, step)
     info = {"config": asdict(cfg), "updates": step, "train_seconds": round(time.time() - start, 2), "history": history}
     return policy, info
+
+
+AGENT = register(AgentSpec(
+    "reinforce", ReinforceConfig, LEARNED, Knob("reward.alpha", ALPHA_GRID), train_reinforce,
+    "ConsistentEE: per-layer MLP pi_l = P(exit), REINFORCE with K samples per example and their mean as baseline"))

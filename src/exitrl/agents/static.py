@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from exitrl.agents.declaration import RULE, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
+
+
+def check_layer(layer: int) -> None:
+    if int(layer) < 1:
+        raise ValueError(f"static exit layer must be >= 1 (1-indexed), got {layer}.")
 
 
 class StaticPolicy(ExitPolicy):
@@ -13,8 +22,7 @@ class StaticPolicy(ExitPolicy):
     name = "static"
 
     def __init__(self, layer: int = 3):
-        if int(layer) < 1:
-            raise ValueError(f"static exit layer must be >= 1 (1-indexed), got {layer}.")
+        check_layer(layer)
         self.layer = int(layer)
 
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
@@ -22,3 +30,19 @@ class StaticPolicy(ExitPolicy):
 
     def config(self) -> dict:
         return {"layer": self.layer}
+
+
+@dataclass
+class StaticConfig:
+    layer: int = 3  # 1-indexed
+
+    def __post_init__(self):
+        check_layer(self.layer)
+
+
+def fit_static(cfg: StaticConfig, inputs: FitInputs) -> tuple[ExitPolicy, dict]:
+    return StaticPolicy(cfg.layer), {}
+
+
+AGENT = register(AgentSpec("static", StaticConfig, RULE, Knob("agent.layer"), fit_static,
+                           "every example exits at the same layer"))

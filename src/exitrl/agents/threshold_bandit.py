@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from exitrl.agents.confidence import ConfidencePolicy
+from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
+from exitrl.agents.inputs import FitInputs
 from exitrl.evaluate import evaluate_policy
-from exitrl.rewards import resolve_reward, reward_table
 from exitrl.trace import SplitTrace
 
-RULES = ("ucb", "thompson")
+SELECTION_RULES = ("ucb", "thompson")
 
 
 def exits_per_threshold(trace: SplitTrace, thresholds: torch.Tensor) -> torch.Tensor:
@@ -43,17 +44,17 @@ class BanditConfig:
     log_every: int = 500
     seed: int = 0
 
+    def __post_init__(self):
+        if self.rule not in SELECTION_RULES:
+            raise ValueError(f"Unknown bandit rule {self.rule!r}; valid: {', '.join(SELECTION_RULES)}.")
 
-def train_threshold_bandit(train: SplitTrace, dev: SplitTrace | None, cfg: BanditConfig,
-                           reward: str | None = "hardness", reward_kwargs: dict | None = None,
-                           reward_fn: str | None = None, writer=None, metric: str = "accuracy"):
-    """Run ``cfg.rounds`` online rounds over examples drawn from ``train``; returns the policy and a record."""
-    if cfg.rule not in RULES:
-        raise ValueError(f"Unknown bandit rule {cfg.rule!r}; valid: {', '.join(RULES)}.")
+
+def train_threshold_bandit(cfg: BanditConfig, inputs: FitInputs) -> tuple[ConfidencePolicy, dict]:
+    """Run ``cfg.rounds`` online rounds over examples drawn from ``inputs.learn``; returns the policy and a record."""
     start = time.time()
-    train = train.to("cpu")
+    train, dev, writer, metric = inputs.learn.to("cpu"), inputs.dev, inputs.writer, inputs.metric
     thresholds = torch.tensor(cfg.thresholds, dtype=torch.float32)
-    table = reward_table(resolve_reward(reward, reward_fn), train.logits, train.labels, train.memorized, reward_kwargs)
+    table = inputs.reward.table(train.logits, train.labels, train.memorized)
     arm_rewards = table.gather(1, exits_per_threshold(train, thresholds)).numpy()  # [N, A]: what each arm would pay
     best_possible = arm_rewards.mean(0)  # known only for the regret curve; the bandit never reads it
 
@@ -93,3 +94,21 @@ def train_threshold_bandit(train: SplitTrace, dev: SplitTrace | None, cfg: Bandi
             "best_arm_in_hindsight": cfg.thresholds[int(np.argmax(best_possible))], "regret": float(regret),
             "train_seconds": round(time.time() - start, 2), "history": history}
     return policy, info
+
+
+@dataclass
+class UCBBanditConfig(BanditConfig):
+    rule: str = field(default="ucb", init=False)  # fixed by the agent's name
+
+
+@dataclass
+class ThompsonBanditConfig(BanditConfig):
+    rule: str = field(default="thompson", init=False)
+
+
+UCB_AGENT = register(AgentSpec(
+    "bandit_ucb", UCBBanditConfig, LEARNED, Knob("reward.alpha", ALPHA_GRID), train_threshold_bandit,
+    "UCB1 over a grid of max-prob thresholds; label-free with reward=confidence"))
+THOMPSON_AGENT = register(AgentSpec(
+    "bandit_thompson", ThompsonBanditConfig, LEARNED, Knob("reward.alpha", ALPHA_GRID), train_threshold_bandit,
+    "Gaussian Thompson sampling over a grid of max-prob thresholds; label-free with reward=confidence"))

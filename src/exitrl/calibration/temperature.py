@@ -79,3 +79,10 @@ class TemperatureScaledPolicy(ExitPolicy):
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
+
+
+def with_temperatures(policy: ExitPolicy, held_out) -> tuple[ExitPolicy, dict]:
+    """``policy`` deciding on logits scaled by per-exit temperatures fitted on ``held_out`` (a trace split of
+    examples the backbone never saw), and the record of the temperatures."""
+    temperatures = fit_temperatures(held_out.logits, held_out.labels)
+    return TemperatureScaledPolicy(policy, temperatures), {"temperatures": temperatures.tolist()}

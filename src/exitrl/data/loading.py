@@ -19,6 +19,7 @@ import numpy as np
 
 from exitrl.data.tasks import GLUE_TASKS, TASK_NAMES, TaskSpec
 from exitrl.hashing import hash_json
+from exitrl.splits import HELD_OUT
 
 if TYPE_CHECKING:
     import datasets
@@ -97,7 +98,7 @@ def _carve_policy_split(data: TaskData, fraction: float, seed: int = 0) -> None:
     if count < 1 or count >= len(train):
         raise DataError(f"data.policy_split={fraction} of {len(train)} training rows leaves an empty split.")
     order = np.random.default_rng(seed).permutation(len(train))
-    data.splits["policy"] = _select(train, sorted(order[:count].tolist()))
+    data.splits[HELD_OUT] = _select(train, sorted(order[:count].tolist()))
     data.splits["train"] = _select(train, sorted(order[count:].tolist()))
 
 

@@ -25,10 +25,6 @@ class TaskSpec:
     local_splits: dict[str, str] = field(default_factory=lambda: {"train": "train.tsv", "dev": "dev.tsv"})
     hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "dev": "validation"})
 
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
 
 GLUE_TASKS: dict[str, TaskSpec] = {
     "rte": TaskSpec(

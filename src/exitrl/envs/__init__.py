@@ -7,8 +7,9 @@ imported on demand so that plain Gymnasium users never load TorchRL.
 import gymnasium as gym
 
 from exitrl.envs.early_exit_env import CONTINUE, EXIT, EarlyExitEnv
-from exitrl.envs.observation import FEATURES, ObservationLayout, build_observation, check_features, observation_table
+from exitrl.envs.spaces import observation_box
 from exitrl.envs.vector_env import TraceVectorEnv
+from exitrl.observation import FEATURES, ObservationLayout, build_observation, check_features, observation_table
 
 ENV_ID = "exitrl/EarlyExit-v0"
 if ENV_ID not in gym.registry:
@@ -16,5 +17,5 @@ if ENV_ID not in gym.registry:
 
 __all__ = [
     "CONTINUE", "ENV_ID", "EXIT", "FEATURES", "EarlyExitEnv", "ObservationLayout", "TraceVectorEnv",
-    "build_observation", "check_features", "observation_table",
+    "build_observation", "check_features", "observation_box", "observation_table",
 ]

@@ -1,7 +1,8 @@
 """`EarlyExitEnv`: one episode walks one example up the layers of a traced backbone.
 
 At layer l the agent sees that layer's observation and chooses 0 = continue or 1 = exit; the last layer always
-exits. The reward (a function of the exit context, see `exitrl.rewards`) is paid on exit, 0 otherwise. Rewards
+exits. The reward (a `RewardSpec`, a built-in name or an import path; see `exitrl.rewards`) is paid on exit, 0
+otherwise. Rewards
 and observations are precomputed tables over the trace, so a step is an array lookup.
 """
 
@@ -10,25 +11,24 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from exitrl.envs.observation import ObservationLayout, observation_box, observation_table
-from exitrl.rewards import resolve_reward, reward_table
+from exitrl.envs.spaces import observation_box
+from exitrl.observation import ObservationLayout, observation_table
+from exitrl.rewards import RewardSpec
 from exitrl.trace import SplitTrace
 
-CONTINUE, EXIT = 0, 1
+CONTINUE, EXIT = 0, 1  # the actions of every env
 
 
 class EarlyExitEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 30}
 
-    def __init__(self, trace: SplitTrace, reward: str = "hardness", reward_kwargs: dict | None = None,
-                 reward_fn: str | None = None, render_mode: str | None = None):
+    def __init__(self, trace: SplitTrace, reward: RewardSpec | str | None = None, render_mode: str | None = None):
         self.trace = trace.to("cpu")
         self.num_layers = trace.num_layers
         self.layout = ObservationLayout(trace.hidden_size, trace.num_classes)
         self._obs = observation_table(self.trace.states, self.trace.logits).numpy().astype(np.float32)
-        reward_callable = resolve_reward(reward, reward_fn)
-        self._rewards = reward_table(reward_callable, self.trace.logits, self.trace.labels, self.trace.memorized,
-                                     reward_kwargs).numpy()
+        self.reward = RewardSpec.coerce(reward)
+        self._rewards = self.reward.table(self.trace.logits, self.trace.labels, self.trace.memorized).numpy()
         self._pred = self.trace.logits.argmax(-1).numpy()
         self._labels = self.trace.labels.numpy()
         self.observation_space = observation_box(self.layout.size)

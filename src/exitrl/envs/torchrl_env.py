@@ -13,16 +13,16 @@ from torchrl.data import Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from exitrl.envs.vector_env import TraceVectorEnv
+from exitrl.rewards import RewardSpec
 from exitrl.trace import SplitTrace
 
 
 class TorchRLEarlyExitEnv(EnvBase):
-    def __init__(self, trace: SplitTrace, num_envs: int, reward: str | None = "hardness",
-                 reward_kwargs: dict | None = None, reward_fn: str | None = None, device="cpu", seed: int = 0):
+    def __init__(self, trace: SplitTrace, num_envs: int, reward: RewardSpec | str | None = None, device="cpu",
+                 seed: int = 0):
         device = torch.device(device)
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
-        self.inner = TraceVectorEnv(trace, num_envs, reward, reward_kwargs, reward_fn, device=device,
-                                    autoreset=False, seed=seed)
+        self.inner = TraceVectorEnv(trace, num_envs, reward, device=device, autoreset=False, seed=seed)
         size = self.inner.layout.size
         self.observation_spec = Composite(
             observation=Unbounded(shape=(num_envs, size), dtype=torch.float32, device=device),

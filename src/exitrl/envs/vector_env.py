@@ -17,17 +17,17 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from exitrl.envs.observation import ObservationLayout, observation_box, observation_table
-from exitrl.rewards import resolve_reward, reward_table
+from exitrl.envs.spaces import observation_box
+from exitrl.observation import ObservationLayout, observation_table
+from exitrl.rewards import RewardSpec
 from exitrl.trace import SplitTrace
 
 
 class TraceVectorEnv(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
 
-    def __init__(self, trace: SplitTrace, num_envs: int, reward: str = "hardness", reward_kwargs: dict | None = None,
-                 reward_fn: str | None = None, device: str | torch.device = "cpu", autoreset: bool = True,
-                 seed: int | None = None):
+    def __init__(self, trace: SplitTrace, num_envs: int, reward: RewardSpec | str | None = None,
+                 device: str | torch.device = "cpu", autoreset: bool = True, seed: int | None = None):
         self.device = torch.device(device)
         self.num_envs = int(num_envs)
         self.autoreset = autoreset
@@ -37,9 +37,8 @@ class TraceVectorEnv(gym.vector.VectorEnv):
         self.num_examples = len(trace)
         self.layout = ObservationLayout(trace.hidden_size, trace.num_classes)
         self._obs = observation_table(trace.states, trace.logits).reshape(-1, self.layout.size).contiguous()
-        reward_callable = resolve_reward(reward, reward_fn)
-        self._rewards = reward_table(reward_callable, trace.logits, trace.labels, trace.memorized,
-                                     reward_kwargs).reshape(-1)
+        self.reward = RewardSpec.coerce(reward)
+        self._rewards = self.reward.table(trace.logits, trace.labels, trace.memorized).reshape(-1)
         self._pred = trace.logits.argmax(-1).reshape(-1)
         self._correct = (trace.logits.argmax(-1) == trace.labels[:, None]).reshape(-1)
         self.single_observation_space = observation_box(self.layout.size)

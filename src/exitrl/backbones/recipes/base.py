@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from exitrl.backbones.finetune_config import FinetuneConfig
 from exitrl.backbones.multi_exit import MultiExitModel
-
-if TYPE_CHECKING:
-    from exitrl.backbones.finetune import FinetuneConfig
 
 
 @dataclass(frozen=True)

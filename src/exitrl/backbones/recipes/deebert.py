@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exitrl.backbones.losses import layer_ce
 from exitrl.backbones.multi_exit import MultiExitModel
-from exitrl.backbones.objectives import layer_ce
 from exitrl.backbones.recipes.base import Progress, Recipe, Stage, body_parameters
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from exitrl.backbones.losses import layer_ce
 from exitrl.backbones.multi_exit import MultiExitModel
-from exitrl.backbones.objectives import layer_ce
 from exitrl.backbones.recipes.base import Progress, Recipe
 
 CURRICULA = ("rotational", "gradual")

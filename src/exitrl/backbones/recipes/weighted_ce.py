@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from exitrl.backbones.losses import weighted_ce
 from exitrl.backbones.multi_exit import MultiExitModel
-from exitrl.backbones.objectives import weighted_ce
 from exitrl.backbones.recipes.base import Progress, Recipe
 
 

@@ -1,6 +1,7 @@
 """Loss functions of per-layer exit logits and labels, shared by the training recipes and co-training.
 
-The recipes that pick and combine them (``backbone.finetune.objective=``) live in `exitrl.backbones.recipes`.
+The recipes that pick and combine them (``backbone.finetune.objective=`` names the recipe) live in
+`exitrl.backbones.recipes`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The observation every env emits and every policy can rebuild: one layout, built by one function.
+"""The observation every env emits and every policy rebuilds at inference: one layout, built by one function.
+It sits below both envs and policies, so that neither has to import the other to agree on it.
 
 Layout of the flat float32 vector (D = H + C + 3):
 ``[pooled state (H) | layer position l/L (1) | exit-head probabilities (C) | max-prob (1) | entropy (1)]``.
@@ -8,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import gymnasium as gym
-import numpy as np
 import torch
 
 FEATURES = ("state", "confidence", "observation")
@@ -62,10 +61,6 @@ class ObservationLayout:
             return obs
         return obs[..., self.state] if features == "state" else obs[..., self.position:]
 
-    def layer_index(self, obs: torch.Tensor, num_layers: int) -> torch.Tensor:
-        """0-based layer of each observation, decoded from the position feature."""
-        return (obs[..., self.position] * num_layers).round().long() - 1
-
 
 def build_observation(states: torch.Tensor, logits: torch.Tensor, layer, num_layers: int) -> torch.Tensor:
     """Observations for states ``[..., H]`` and logits ``[..., C]`` at 1-indexed ``layer`` (int or tensor)."""
@@ -82,9 +77,3 @@ def observation_table(states: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
     num_layers = logits.shape[1]
     layers = torch.arange(1, num_layers + 1, device=states.device).expand(states.shape[0], num_layers)
     return build_observation(states, logits, layers, num_layers)
-
-
-def observation_box(size: int) -> gym.spaces.Box:
-    """Unbounded in principle (pooled states); the float32 range keeps checkers' infinity warnings quiet."""
-    limit = np.finfo(np.float32).max
-    return gym.spaces.Box(-limit, limit, (size,), np.float32)

@@ -1,0 +1,84 @@
+"""The one training loop for backbones: it runs a list of recipe `Stage`s over a tokenized split. Fine-tuning
+(every recipe) and ConsistentEE co-training (one stage whose loss is CE at the policy's exit layers) both call it.
+
+Per stage: every parameter outside the stage's groups is frozen, AdamW over the groups, optionally the linear
+warm-up/decay schedule, gradient clipping over the trained parameters. Hooks let callers log (``on_step``),
+evaluate after each epoch (``on_epoch``) and edit gradients between backward and the step (``after_backward``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from exitrl.backbones.batching import iterate_batches
+from exitrl.backbones.multi_exit import MultiExitModel
+from exitrl.backbones.recipes.base import Progress, Stage
+from exitrl.device import autocast
+
+
+def freeze_all_but(model: MultiExitModel, stage: Stage) -> list[torch.nn.Parameter]:
+    """Train only the stage's parameters; returns them."""
+    trained = [p for group in stage.groups for p in group["params"]]
+    ids = {id(p) for p in trained}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return trained
+
+
+def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages: list[Stage], *, batch_size: int,
+                 device: torch.device, generator: torch.Generator, clip_norm: float, weight_decay: float,
+                 warmup_ratio: float | None, desc: str, step: int = 0,
+                 on_step: Callable[[int, torch.Tensor, bool], None] | None = None,
+                 on_epoch: Callable[[int, Stage], None] | None = None,
+                 after_backward: Callable[[], None] | None = None) -> int:
+    """Train ``model`` stage by stage on ``examples``; returns the global step reached (counting from ``step``).
+
+    ``warmup_ratio`` None keeps each stage's learning rates constant; a number applies the linear schedule with
+    that warm-up fraction. ``on_step(step, loss, last)`` runs after every optimiser step, ``on_epoch(epoch, stage)``
+    after every epoch (1-indexed over all stages), ``after_backward()`` between backward and clipping."""
+    batches_per_epoch = (len(examples) + batch_size - 1) // batch_size
+    total = sum(s.epochs for s in stages) * batches_per_epoch
+    bar = tqdm(total=total, desc=desc, unit="batch")
+    epoch_index = 0
+    try:
+        for stage in stages:
+            trained = freeze_all_but(model, stage)
+            optimizer = torch.optim.AdamW(stage.groups, weight_decay=weight_decay)
+            stage_steps = stage.epochs * batches_per_epoch
+            scheduler = None if warmup_ratio is None else get_linear_schedule_with_warmup(
+                optimizer, int(warmup_ratio * stage_steps), stage_steps)
+            stage_step = 0
+            for _ in range(stage.epochs):
+                model.train()
+                for batch in iterate_batches(tokenizer, examples, batch_size, device, shuffle=True,
+                                             generator=generator):
+                    labels = batch.pop("labels")
+                    with autocast(device):
+                        loss = stage.loss(model, batch, labels, Progress(stage_step, stage_steps))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if after_backward is not None:
+                        after_backward()
+                    torch.nn.utils.clip_grad_norm_(trained, clip_norm)
+                    optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+                    step += 1
+                    stage_step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", stage=stage.name)
+                    if on_step is not None:
+                        on_step(step, loss, bar.n == total)
+                epoch_index += 1
+                if on_epoch is not None:
+                    on_epoch(epoch_index, stage)
+    finally:
+        bar.close()
+        for p in model.parameters():  # later users (tracing, co-training) get a fully trainable model back
+            p.requires_grad_(True)
+    model.eval()
+    return step

@@ -1,0 +1,192 @@
+"""One run pipeline: prepare (data → backbone → trace), fit one agent spec, evaluate it (and any baselines) on dev,
+write one run record. ``python -m exitrl.train``, every point of ``python -m exitrl.sweep``, the Python API and the
+benchmarks are loops over these steps; none of them writes a run another way.
+
+Everything a run could refuse is checked by `AgentRun.create` (agent, options, values, learn_on) before any
+fine-tuning starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from exitrl.agents.declaration import AgentSpec
+from exitrl.agents.inputs import FitInputs, learn_split
+from exitrl.agents.registry import get_agent
+from exitrl.backbones import FinetuneConfig, load_or_finetune
+from exitrl.data import TaskData, load_task
+from exitrl.evaluate import evaluate_policy, oracle_bounds
+from exitrl.options import checked_options
+from exitrl.policy import ExitPolicy
+from exitrl.record import RunRecord
+from exitrl.rewards import RewardSpec
+from exitrl.run_summary import log_run_summary
+from exitrl.trace import HELD_OUT, Trace
+from exitrl.tracing import load_or_build_trace
+
+log = logging.getLogger("exitrl.pipeline")
+
+
+# -- one agent spec: which agent, its validated options, the reward it learns from, where it learns ---------------
+@dataclass(frozen=True)
+class AgentRun:
+    spec: AgentSpec
+    options: Any  # the agent's options dataclass, validated
+    reward: RewardSpec = RewardSpec()
+    learn_on: str = "auto"
+
+    @classmethod
+    def create(cls, agent: str, options: dict | None = None, reward: RewardSpec | str | None = None,
+               learn_on: str = "auto", seed: int = 0) -> AgentRun:
+        """Validate everything about one agent spec; a ValueError names the bad key or value."""
+        spec = get_agent(agent)
+        learn_split(learn_on, True)  # a bad learn_on fails here; whether there is a held-out split, later
+        return cls(spec, spec.make_options(options, seed), RewardSpec.coerce(reward), learn_on)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> AgentRun:
+        """From a composed config: ``agent`` (name and options), ``reward``, ``learn_on``, ``seed``."""
+        agent = OmegaConf.to_container(cfg.agent, resolve=True)
+        return cls.create(agent.pop("name"), agent, RewardSpec.from_config(
+            OmegaConf.to_container(cfg.reward, resolve=True)), cfg.learn_on, cfg.seed)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def needs_held_out(self) -> bool:
+        return self.spec.needs_held_out(self.options)
+
+    def option_values(self) -> dict:
+        """The options as set (``seed`` aside), for hyperparameters and records."""
+        return {k: v for k, v in dataclasses.asdict(self.options).items() if k != "seed"}
+
+    def fit(self, trace: Trace, device: torch.device, writer=None, log_dir: Path | None = None,
+            metric: str = "accuracy") -> Fitted:
+        """Fit on ``trace`` (the split chosen by ``learn_on``); returns the policy, its record and the time."""
+        split = learn_split(self.learn_on, HELD_OUT in trace.splits)
+        inputs = FitInputs(trace, split, self.reward, device, writer, log_dir, metric)
+        started = time.time()
+        policy, info = self.spec.fit(self.options, inputs)
+        return Fitted(policy, info, time.time() - started, split)
+
+
+@dataclass
+class Fitted:
+    policy: ExitPolicy
+    info: dict
+    seconds: float
+    learned_on: str
+
+
+# -- preparing: data, backbone, trace ------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """What every agent of a run shares: the trace and where it came from (the data and the backbone, when the run
+    built them; a sweep of a saved trace has neither)."""
+
+    task: str
+    metric: str
+    trace: Trace
+    backbone: dict
+    device: torch.device
+    data: TaskData | None = None
+    model: Any = None
+    tokenizer: Any = None
+    finetune: FinetuneConfig | None = None
+    data_source: str | None = None
+
+    @cached_property
+    def bounds(self) -> dict:
+        """`oracle_bounds` on dev (full model, per-layer scores, oracles)."""
+        return oracle_bounds(self.trace["dev"], self.metric)
+
+
+def finetune_config(cfg: DictConfig) -> FinetuneConfig:
+    return FinetuneConfig(**checked_options(cfg.backbone.finetune, FinetuneConfig, "backbone.finetune"), seed=cfg.seed)
+
+
+def prepare(cfg: DictConfig, device: torch.device, writer=None) -> Prepared:
+    """Load the task, fine-tune the backbone (or reuse the cached one), trace it (or reuse the cached trace)."""
+    limit = OmegaConf.to_container(cfg.data.limit, resolve=True)
+    custom = OmegaConf.to_container(cfg.env.custom, resolve=True) if "custom" in cfg.env else None
+    data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom, policy_split=cfg.data.policy_split)
+    log.info("Task %s from %s: %s", data.name, data.source, {k: len(v) for k, v in data.splits.items()})
+    finetune = finetune_config(cfg)
+    model, tokenizer, info = load_or_finetune(cfg.backbone.name, data, finetune, cfg.cache_dir, device,
+                                              cfg.backbone.pooling, cfg.backbone.package, writer)
+    trace = load_or_build_trace(model, tokenizer, data, cfg.cache_dir, device, finetune.max_length,
+                                objective=finetune.objective)
+    backbone = {"name": cfg.backbone.name, "objective": finetune.objective,
+                **{k: v for k, v in info.items() if k != "dev_accuracy_per_epoch"}}
+    prepared = Prepared(data.name, data.metric, trace, backbone, device, data, model, tokenizer, finetune,
+                        data.source)
+    log.info("Dev %s per layer: %s", data.metric,
+             " ".join(f"{100 * s:.1f}" for s in prepared.bounds["per_layer_score"]))
+    return prepared
+
+
+def prepare_from_trace(path: str | Path, device: torch.device, task: str) -> Prepared:
+    """A saved trace file (`exitrl.trace.Trace.save`) instead of fine-tuning and tracing."""
+    trace = Trace.load(Path(path).expanduser())
+    return Prepared(trace.meta.get("task", task), trace.meta.get("metric", "accuracy"), trace,
+                    {"trace": str(path)}, device)
+
+
+# -- one run: fit, evaluate, record ------------------------------------------------------------------------------
+def open_run(run_dir: Path, cfg: DictConfig | None = None) -> SummaryWriter:
+    """Create the run folder, save the resolved config and open its TensorBoard writer."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg is not None:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def record_run(run: AgentRun, fitted: Fitted, prepared: Prepared, run_dir: Path, writer, *, seed: int,
+               baselines: list[AgentRun] = (), label: str | None = None, knob: dict | None = None,
+               extra: dict | None = None, started: float | None = None) -> RunRecord:
+    """Save the policy (before dev can move an online-adaptive rule), evaluate it and the ``baselines`` on dev,
+    log the run summary to TensorBoard, close ``writer`` and write the run record (``started``: when the run
+    began, for its total time)."""
+    fitted.policy.to(torch.device("cpu")).save(run_dir / "policy.pt")
+    trace, metric = prepared.trace, prepared.metric
+    dev = trace["dev"]
+    results = {run.name: evaluate_policy(fitted.policy, dev, metric)}
+    kinds = {run.name: run.spec.kind}
+    baseline_info = {}
+    for baseline in baselines:
+        if baseline.name != run.name:
+            fitted_baseline = baseline.fit(trace, prepared.device, metric=metric)
+            results[baseline.name] = evaluate_policy(fitted_baseline.policy, dev, metric)
+            kinds[baseline.name] = baseline.spec.kind
+            baseline_info[baseline.name] = fitted_baseline.info
+    hyperparameters = {
+        "agent": run.name, "family": label or run.name, "task": prepared.task, "learn_on": run.learn_on,
+        **({"knob": knob["key"], "knob_value": knob["value"]} if knob else {}), **run.option_values(),
+        "reward": {"name": run.reward.label, **run.reward.kwargs},
+        **{k: prepared.backbone[k] for k in ("name", "objective") if k in prepared.backbone}, "seed": seed,
+    }
+    log_run_summary(writer, results[run.name], dev.num_layers, hyperparameters, fitted.info.get("updates", 0))
+    writer.close()
+    record = RunRecord(
+        agent=run.name, family=label or run.name, kinds=kinds, task=prepared.task, metric=metric,
+        num_layers=dev.num_layers, results=results, oracle=prepared.bounds,
+        dev_per_layer=prepared.bounds["per_layer_score"], knob=knob, reward=run.reward.record(),
+        learn_on=run.learn_on, policy_trained_on=fitted.learned_on, trace_key=trace.meta.get("key"),
+        backbone=prepared.backbone, agent_info=fitted.info, baseline_info=baseline_info,
+        agent_seconds=round(fitted.seconds, 2), data_source=prepared.data_source, device=str(prepared.device),
+        run_dir=str(run_dir), total_seconds=None if started is None else round(time.time() - started, 1),
+        **(extra or {}))
+    record.write(run_dir)
+    return record

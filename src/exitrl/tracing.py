@@ -1,0 +1,72 @@
+"""Trace a frozen multi-exit backbone once per split, and cache the trace on disk under a content-hash key of the
+backbone weights (heads included), the tokenizer, the data and the settings: unchanged inputs reuse the file, any
+change rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from exitrl.backbones.batching import iterate_batches, tokenize_split
+from exitrl.backbones.multi_exit import MultiExitModel
+from exitrl.data import TaskData
+from exitrl.device import autocast
+from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
+from exitrl.trace import TRACE_FORMAT, SplitTrace, Trace
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def build_trace(model: MultiExitModel, tokenizer, data: TaskData, max_length: int, device: torch.device,
+                batch_size: int = 64, meta: dict | None = None) -> Trace:
+    """Run the backbone once over every split of ``data``."""
+    device = torch.device(device)
+    model.to(device).eval()
+    splits = {}
+    for name, ds in data.splits.items():
+        examples = tokenize_split(tokenizer, ds, max_length)
+        states, logits = [], []
+        for batch in tqdm(iterate_batches(tokenizer, examples, batch_size, device),
+                          total=(len(examples) + batch_size - 1) // batch_size, desc=f"trace {data.name}/{name}",
+                          unit="batch"):
+            batch.pop("labels")
+            with autocast(device):
+                out = model(**batch)
+            states.append(out.pooled.to(torch.float16).cpu())
+            logits.append(out.logits.float().cpu())
+        splits[name] = SplitTrace.from_logits(torch.cat(states), torch.cat(logits), torch.tensor(ds["label"]))
+    return Trace(splits, dict(meta or {}))
+
+
+def trace_key(model: MultiExitModel, tokenizer, data: TaskData, settings: dict) -> str:
+    return hash_json({"weights": hash_state_dict(model), "tokenizer": hash_tokenizer(tokenizer),
+                      "data": data.fingerprint(), "settings": settings, "format": TRACE_FORMAT})
+
+
+def load_or_build_trace(model: MultiExitModel, tokenizer, data: TaskData, cache_dir: str | Path,
+                        device: torch.device, max_length: int = 128, objective: str = "weighted_ce") -> Trace:
+    """The cached trace for exactly these weights, data and settings, building it when absent. ``objective`` names
+    the recipe the backbone was trained with; it is part of the key and the meta, so traces say where they came
+    from."""
+    device = torch.device(device)
+    precision = "bf16-autocast" if device.type == "cuda" else "fp32"  # see exitrl.device.autocast
+    settings = {"max_length": max_length, "pooling": model.pooling, "splits": sorted(data.splits),
+                "precision": precision, "objective": objective}
+    key = trace_key(model, tokenizer, data, settings)
+    path = Path(cache_dir).expanduser() / "traces" / f"{data.name}-{key}.pt"
+    if path.is_file():
+        log.info("Reusing trace %s", path)
+        return Trace.load(path)
+    meta = {"key": key, "task": data.name, "label_names": list(data.label_names), "metric": data.metric,
+            **settings}
+    trace = build_trace(model, tokenizer, data, max_length, device, meta=meta)
+    trace.save(path)
+    (path.with_suffix(".json")).write_text(json.dumps(meta, indent=2))
+    log.info("Saved trace %s", path)
+    return trace
