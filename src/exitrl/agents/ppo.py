@@ -17,7 +17,7 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import Logger, configure
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
@@ -113,8 +113,8 @@ def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
                 n_epochs=cfg.n_epochs, gamma=1.0, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
                 ent_coef=cfg.ent_coef, policy_kwargs={"net_arch": list(cfg.net_arch)}, seed=cfg.seed,
                 device="cpu", verbose=0)
-    if log_dir is not None:
-        model.set_logger(configure(str(log_dir), ["tensorboard"]))
+    # SB3's keys go to the run's TensorBoard folder; with no folder, nowhere (SB3 would make a temp folder per run)
+    model.set_logger(configure(str(log_dir), ["tensorboard"]) if log_dir is not None else Logger(None, []))
     policy = SB3ExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.net_arch, actor=model.policy)
     dev_cpu = dev.to("cpu") if dev is not None else None
     callback = ExitrlEvalCallback(policy, dev_cpu, writer, metric, cfg.eval_every)
