@@ -65,6 +65,18 @@ def test_no_source_names_both_ways(monkeypatch, tmp_path):
     assert "data.dir" in message and "EXITRL_DATA_DIR" in message and "hub" in message
 
 
+def test_unreachable_hub_fails_at_once_with_both_ways(monkeypatch, tmp_path):
+    """No local folder and no connection: one socket check says so, instead of the hub client's retries."""
+    monkeypatch.delenv("EXITRL_DATA_DIR", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens on loopback
+    with pytest.raises(DataError) as err:
+        load_task("rte", tmp_path / "nowhere")
+    message = str(err.value)
+    assert "unreachable" in message and "127.0.0.1:9" in message and "data.dir" in message
+
+
 def test_unknown_task_lists_valid_ones():
     with pytest.raises(DataError, match="rte, sst2, mrpc, qnli, custom"):
         load_task("cola")

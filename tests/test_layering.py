@@ -15,10 +15,10 @@ LAYERS = [
     ("exitrl.tradeoff",),
     ("exitrl.evaluate", "exitrl.calibration", "exitrl.run_summary"),
     ("exitrl.agents",),
-    ("exitrl.record", "exitrl.cotraining"),
+    ("exitrl.record", "exitrl.cotraining", "exitrl.runs"),
     ("exitrl.pipeline",),
     ("exitrl.cli",),
-    ("exitrl.train", "exitrl.compare"),
+    ("exitrl.train", "exitrl.compare", "exitrl.api", "exitrl.export"),
     ("exitrl.sweep",),
 ]
 

@@ -45,6 +45,12 @@ def test_cli_ppo_writes_sb3_and_exitrl_keys(tiny_bert, glue_dir, tmp_path):
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["results"]) == {"ppo", "confidence"} and metrics["agent_info"]["timesteps"] >= 4096
+    from stable_baselines3 import PPO
+
+    sb3 = PPO.load(run / "ppo_sb3.zip", device="cpu")  # SB3's own format: load, predict, train on
+    assert sb3.num_timesteps == metrics["agent_info"]["timesteps"]
+    saved = load_policy(run / "policy.pt").actor.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in sb3.policy.state_dict().items())
     tags = set()
     for events_file in (run / "tensorboard").glob("events.out.tfevents.*"):
         events = EventAccumulator(str(events_file))

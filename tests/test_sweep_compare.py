@@ -113,3 +113,35 @@ def test_compare_never_mixes_runs_of_different_traces(tmp_path):
         assert "broken" in str(err)
     else:
         raise AssertionError("a malformed metrics.json must be refused with its path")
+
+
+def test_compare_separates_rewards_and_keeps_train_baselines_apart(tmp_path, capsys):
+    from exitrl.compare import compare, read_runs
+    from exitrl.record import RunRecord
+
+    def point(score, saved):
+        return {"score": score, "saved_layers": saved, "speedup": 1 / (1 - saved), "accuracy": score,
+                "avg_exit_layer": 4 * (1 - saved), "deployable": True}
+
+    oracle = {"full_model": point(0.8, 0.0), "per_layer_score": [0.6, 0.7, 0.75, 0.8],
+              "consistency_oracle": point(0.8, 0.6), "oracle_frontier": []}
+    runs = [("hardness", None, 0.04, 0.78), ("hardness", None, 0.08, 0.74), (None, "mypkg.rewards:fn", 0.04, 0.70)]
+    for i, (name, fn, alpha, score) in enumerate(runs):
+        record = RunRecord(agent="reinforce", task="rte", metric="accuracy", num_layers=4, oracle=oracle,
+                           results={"reinforce": point(score, 0.3 + i / 10), "confidence": point(0.79, 0.2)},
+                           kinds={"reinforce": "learned", "confidence": "rule"}, trace_key="k",
+                           reward={"name": name, "fn": fn, "alpha": alpha, "depth": "layer"},
+                           policy_trained_on="train")
+        (tmp_path / f"run{i}").mkdir()
+        record.write(tmp_path / f"run{i}")
+    families = read_runs(tmp_path)["rte"]["families"]
+    assert set(families) == {"reinforce[reward=hardness,depth=layer]", "reinforce[reward=mypkg.rewards:fn,depth=layer]"}
+    assert sorted(p["setting"] for p in families["reinforce[reward=hardness,depth=layer]"]) == ["alpha=0.04",
+                                                                                                "alpha=0.08"]
+    with_baselines = read_runs(tmp_path, with_baselines=True)["rte"]["families"]
+    assert len(with_baselines["confidence"]) == 3 and all(p["setting"] == "baseline"
+                                                         for p in with_baselines["confidence"])
+    report = compare(tmp_path)
+    assert report["rte"]["learned"] == sorted(families)
+    png = tmp_path / "comparison_rte.png"
+    assert png.is_file() and str(png) in capsys.readouterr().out

@@ -5,14 +5,15 @@ evaluated policies by task and family, and writes into RUNS_DIR:
 
 * ``comparison.md`` and the terminal: per family its AUC (`exitrl.tradeoff`), best task metric at >= 30 % and
   >= 50 % of layers saved, and the layer speedup within 1 point of the full model;
-* ``comparison_<task>.png``: task metric against layer speedup, every point, each family's Pareto frontier, the
-  oracle frontier and the consistency oracle, the full model's line;
+* ``comparison_<task>.png``: task metric against layer speedup, every point labelled with its knob value, each
+  family's Pareto frontier, the oracle frontier and the consistency oracle, the full model's line;
 * ``comparison.json``: the same numbers and frontiers;
 * ``compare_tensorboard/``: the plot as an image and the table as text, for ``tensorboard --logdir RUNS_DIR``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -22,7 +23,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from exitrl.agents.declaration import LEARNED
 from exitrl.agents.registry import agents
-from exitrl.record import read_records
+from exitrl.cli import callable_module, fail
+from exitrl.record import RunRecord, read_records
 from exitrl.tradeoff import family_summary
 
 
@@ -34,31 +36,71 @@ def kind_of(name: str, kinds: dict) -> str | None:
     return spec.kind if spec else None
 
 
-def read_runs(runs_dir: Path) -> dict[str, dict]:
+def knob_setting(record: RunRecord) -> tuple[str | None, str]:
+    """The run's trade-off knob and its value as a label (``alpha=0.02``): the sweep's, else the one the agent
+    declares, read from the run's options or reward."""
+    if record.knob:
+        return record.knob["key"], f"{record.knob['key'].split('.')[-1]}={record.knob['value']}"
+    spec = agents().get(record.agent)
+    if spec is None:
+        return None, ""
+    section, option = spec.knob.key.split(".", 1)
+    value = (record.reward if section == "reward" else record.options).get(option)
+    return spec.knob.key, "" if value is None else f"{option}={value}"
+
+
+def family_traits(record: RunRecord, knob_key: str | None) -> dict:
+    """What makes two runs of one agent different curves: the reward (name, function and arguments other than
+    the swept knob; rules use no reward), where learned agents learned, and the sweep label."""
+    traits = {}
+    if kind_of(record.agent, record.kinds) == LEARNED:
+        reward = {k: v for k, v in record.reward.items() if v is not None and f"reward.{k}" != knob_key}
+        traits["reward"] = ",".join(f"{k}={v}" if k not in ("name", "fn") else str(v) for k, v in reward.items())
+        traits["learn_on"] = record.policy_trained_on or record.learn_on
+    return traits
+
+
+def read_runs(runs_dir: Path, with_baselines: bool = False) -> dict[str, dict]:
     """``{task: {"families": {family: [points]}, "learned": {families}, "oracle": ..., "num_layers": L,
     "metric": m}}``. Runs of one task on different traces (another backbone, recipe or data) become separate
-    groups, ``task@<trace key>``."""
+    groups, ``task@<trace key>``. Runs of one agent that differ in reward or in where they learned become separate
+    families, labelled by what differs (``reinforce[reward=mypkg.rewards:fn]``). The baselines a train run
+    evaluated beside its agent join their families only with ``with_baselines``."""
     tasks: dict[str, dict] = {}
     records = read_records(runs_dir)
     keys: dict[str, set] = defaultdict(set)
     for _, record in records:
         keys[record.task].add(record.trace_key)
+    points = []  # (task, agent, base family, traits, result, setting, run)
     for path, record in records:
         task = record.task
         if len(keys[task]) > 1:  # runs on different backbones or data: never mixed into one curve
             task = f"{task}@{str(record.trace_key)[:8]}"
-        entry = tasks.setdefault(task, {"families": defaultdict(list), "learned": set(), "oracle": record.oracle,
-                                        "num_layers": record.num_layers, "metric": record.metric})
-        knob = record.knob
+        tasks.setdefault(task, {"families": defaultdict(list), "learned": set(), "oracle": record.oracle,
+                                "num_layers": record.num_layers, "metric": record.metric})
+        knob_key, setting = knob_setting(record)
         for agent, result in record.results.items():
             if agent == "oracle" or not result.get("deployable", True):
                 continue
             own = agent == record.agent
-            family = record.family if own else agent
-            setting = f"{knob['key'].split('.')[-1]}={knob['value']}" if knob and own else ""
-            entry["families"][family].append({**result, "setting": setting, "run": str(path.parent)})
-            if kind_of(agent, record.kinds) == LEARNED:
-                entry["learned"].add(family)
+            if not own and not with_baselines:
+                continue
+            traits = family_traits(record, knob_key) if own else {}
+            points.append((task, agent, record.family if own else agent, traits, result,
+                           setting if own else "baseline", str(path.parent), kind_of(agent, record.kinds)))
+    variants: dict[tuple, list[dict]] = defaultdict(list)
+    for task, _, base, traits, *_ in points:
+        if traits not in variants[(task, base)]:
+            variants[(task, base)].append(traits)
+    for task, _, base, traits, result, setting, run, kind in points:
+        family = base
+        others = variants[(task, base)]
+        if len(others) > 1:  # name the family by the traits in which its runs differ from the others'
+            differing = [k for k in traits if any(o.get(k) != traits[k] for o in others)]
+            family = f"{base}[{','.join(f'{k}={traits[k]}' for k in differing)}]"
+        tasks[task]["families"][family].append({**result, "setting": setting, "run": run})
+        if kind == LEARNED:
+            tasks[task]["learned"].add(family)
     if not tasks:
         raise ValueError(f"No metrics.json under {runs_dir}: run python -m exitrl.sweep (or exitrl.train) first.")
     return tasks
@@ -110,6 +152,10 @@ def plot(name: str, task: dict, summary: dict, path: Path):
         learned = family in summary["learned"]
         ax.scatter([p["speedup"] for p in points], [100 * p["score"] for p in points], s=18, color=color,
                    alpha=0.55, marker="o" if learned else "s")
+        for point in points:  # each point names its knob value
+            if point.get("setting"):
+                ax.annotate(point["setting"].split("=")[-1], (point["speedup"], 100 * point["score"]), fontsize=5,
+                            color=color, alpha=0.8, xytext=(2, 2), textcoords="offset points")
         frontier = sorted(summary["families"][family]["frontier"], key=lambda p: p["speedup"])
         ax.plot([p["speedup"] for p in frontier], [100 * p["score"] for p in frontier], color=color,
                 label=f"{family} (AUC {100 * summary['families'][family]['auc']:.1f})",
@@ -135,9 +181,10 @@ def plot(name: str, task: dict, summary: dict, path: Path):
     return fig
 
 
-def compare(runs_dir: str | Path) -> dict:
+def compare(runs_dir: str | Path, with_baselines: bool = False) -> dict:
+    """Compare every run under ``runs_dir``; writes and returns the report (see the module docstring)."""
     runs_dir = Path(runs_dir)
-    tasks = read_runs(runs_dir)
+    tasks = read_runs(runs_dir, with_baselines)
     report, texts = {}, []
     writer = SummaryWriter(str(runs_dir / "compare_tensorboard"))
     for name, task in sorted(tasks.items()):
@@ -152,21 +199,35 @@ def compare(runs_dir: str | Path) -> dict:
     (runs_dir / "comparison.json").write_text(json.dumps(report, indent=2))
     (runs_dir / "comparison.md").write_text("\n\n".join(texts) + "\n")
     print("\n\n".join(texts))
-    print(f"\nwrote {runs_dir / 'comparison.md'}, comparison.json, comparison_<task>.png, compare_tensorboard/")
+    written = [runs_dir / "comparison.md", runs_dir / "comparison.json",
+               *(runs_dir / f"comparison_{name}.png" for name in sorted(tasks)), runs_dir / "compare_tensorboard"]
+    print("\nwrote " + ", ".join(str(path) for path in written))
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m exitrl.compare RUNS_DIR", file=sys.stderr)
-        sys.exit(2)
-    try:
-        compare(argv[0])
-    except ValueError as err:
-        print(f"exitrl: error: {err}", file=sys.stderr)
-        sys.exit(2)
+def parser() -> argparse.ArgumentParser:
+    parse = argparse.ArgumentParser(
+        prog="python -m exitrl.compare", description="Compare every run (metrics.json) under RUNS_DIR: a table per "
+        "task with each family's AUC, best task metric at >= 30 % and >= 50 % saved layers and speedup within 1 "
+        "point; trade-off plots with each family's Pareto frontier and the oracle frontier; comparison.json; "
+        "TensorBoard images. In Python: exitrl.compare(runs_dir).",
+        epilog="Runs on different traces are never mixed; runs of one agent that differ in reward or in where they "
+               "learned become separate families. Bad input exits with status 2.")
+    parse.add_argument("runs_dir", metavar="RUNS_DIR", help="a folder of runs (a sweep, or exitrl.train runs)")
+    parse.add_argument("--with-baselines", action="store_true",
+                       help="also count the baselines that train runs evaluated beside their agent")
+    return parse
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        compare(args.runs_dir, args.with_baselines)
+    except ValueError as err:
+        fail(err, "exitrl.compare")
+
+
+callable_module(__name__, compare)
 
 if __name__ == "__main__":
     main()

@@ -160,6 +160,7 @@ def record_run(run: AgentRun, fitted: Fitted, prepared: Prepared, run_dir: Path,
     log the run summary to TensorBoard, close ``writer`` and write the run record (``started``: when the run
     began, for its total time)."""
     fitted.policy.to(torch.device("cpu")).save(run_dir / "policy.pt")
+    fitted.policy.save_native(run_dir)
     trace, metric = prepared.trace, prepared.metric
     dev = trace["dev"]
     results = {run.name: evaluate_policy(fitted.policy, dev, metric)}
@@ -180,7 +181,8 @@ def record_run(run: AgentRun, fitted: Fitted, prepared: Prepared, run_dir: Path,
     log_run_summary(writer, results[run.name], dev.num_layers, hyperparameters, fitted.info.get("updates", 0))
     writer.close()
     record = RunRecord(
-        agent=run.name, family=label or run.name, kinds=kinds, task=prepared.task, metric=metric,
+        agent=run.name, family=label or run.name, options=run.option_values(), kinds=kinds, task=prepared.task,
+        metric=metric,
         num_layers=dev.num_layers, results=results, oracle=prepared.bounds,
         dev_per_layer=prepared.bounds["per_layer_score"], knob=knob, reward=run.reward.record(),
         learn_on=run.learn_on, policy_trained_on=fitted.learned_on, trace_key=trace.meta.get("key"),

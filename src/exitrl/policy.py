@@ -75,6 +75,11 @@ class ExitPolicy(ABC):
     def load_state_dict(self, state: dict) -> None:  # noqa: B027 - stateless policies have nothing to load
         """Restore tensors saved by `state_dict`."""
 
+    def save_native(self, folder: str | Path) -> list[str]:
+        """Write framework-native files beside policy.pt (an SB3 ``.zip``, so that ``PPO.load`` and continued
+        training work); returns their names. Default: none."""
+        return []
+
     def save(self, path: str | Path) -> None:
         payload = {"class": f"{type(self).__module__}:{type(self).__qualname__}", "config": self.config(),
                    "state": self.state_dict()}

@@ -6,8 +6,9 @@ Schema (version 1); every score is a fraction in [0, 1], every "result" is `exit
 ``disagreement``, ``loss_increase``, ``deployable``, ``metric``):
 
 * ``schema_version``: 1. Files without it were written before versioning and read as version 0.
-* ``agent``: the agent trained or fitted; ``family``: its name in comparisons (``agent[label]`` in labelled sweeps);
-  ``kinds``: ``{policy name: learned | rule | analysis}`` for every entry of ``results``.
+* ``agent``: the agent trained or fitted; ``options``: its options as set (seed aside); ``family``: its name in
+  comparisons (``agent[label]`` in labelled sweeps); ``kinds``: ``{policy name: learned | rule | analysis}`` for
+  every entry of ``results``.
 * ``task``, ``metric`` (accuracy | f1), ``num_layers``.
 * ``results``: ``{policy name: result}`` on dev: the agent's, then any baselines'.
 * ``oracle``: `exitrl.evaluate.oracle_bounds` on dev (full model, per-layer scores, both oracles, oracle frontier);
@@ -40,6 +41,7 @@ class RunRecord:
     results: dict
     oracle: dict
     family: str = ""
+    options: dict = field(default_factory=dict)
     kinds: dict = field(default_factory=dict)
     knob: dict | None = None
     reward: dict = field(default_factory=dict)

@@ -30,7 +30,18 @@ from tqdm.auto import tqdm
 
 from exitrl.agents.inputs import learn_split
 from exitrl.agents.registry import agent_names, get_agent
-from exitrl.cli import CONFIGS, USER_ERRORS, fail, prepare_cli
+from exitrl.cli import (
+    CONFIGS,
+    USER_ERRORS,
+    agents_text,
+    callable_module,
+    config_text,
+    fail,
+    groups_text,
+    overrides_from,
+    prepare_cli,
+    wants_help,
+)
 from exitrl.compare import compare
 from exitrl.device import pick_device
 from exitrl.pipeline import AgentRun, Prepared, open_run, prepare, prepare_from_trace, record_run
@@ -119,7 +130,8 @@ def with_value(cfg: DictConfig, key: str, value) -> DictConfig:
     return point
 
 
-def sweep(argv: list[str]) -> Path:
+def run_sweep(argv: list[str]) -> Path:
+    """The sweep of the command-line arguments ``argv``; returns its folder."""
     prepare_cli(argv)
     args = split_arguments(argv)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
@@ -173,15 +185,54 @@ def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: P
                       knob={"key": knob.key, "value": value})
 
 
+def sweep(agents: list[str] | str, env: str = "rte", overrides: list[str] = (), compare_runs: bool = True,
+          **options) -> Path:
+    """The Python form of ``python -m exitrl.sweep``: ``exitrl.sweep(["reinforce", "confidence"], "rte",
+    reinforce={"epochs": 10}, sweep={"grids": {"confidence": [0.9, 0.8]}})``; returns the sweep folder (compared
+    unless ``compare_runs=False``)."""
+    names = agents.split(",") if isinstance(agents, str) else list(agents)
+    out = run_sweep([f"agent={','.join(names)}", f"env={env}", *overrides, *overrides_from(options)])
+    if compare_runs:
+        compare(out)
+    return out
+
+
+def help_text() -> str:
+    return f"""usage: python -m exitrl.sweep agent=a,b,... [<family>.<option>=v ...] [sweep.grids.<family>=[...]]
+                             [key=value ...]
+       exitrl.sweep(["a", "b"], env="rte", **options) -> folder       (Python)
+
+Run each family over its trade-off knob's grid on ONE fine-tuned backbone and ONE trace, write one run folder per
+point (<out>/<family>/<knob>=<value>/, the same files as exitrl.train) and compare them (exitrl.compare). <out> is
+hydra.run.dir= when given, else sweep.out. Every exitrl.train key applies to every family; <family>.<option>=v sets
+one family's option; sweep.grids.<family>=[...] replaces its grid. Bad input exits with status 2.
+
+Config groups (group=option):
+{groups_text()}
+
+Families (per-family options <family>.<option>=<value>; defaults shown; the knob is swept):
+{agents_text("{family}.{option}")}
+
+Config keys (config.yaml; any key: key=value):
+{config_text(("hydra",))}
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     try:
-        out = sweep(argv)
+        if wants_help(argv):
+            prepare_cli(argv)
+            print(help_text())
+            return
+        out = run_sweep(argv)
     except USER_ERRORS as err:
         fail(err, log.name)
     compare(out)
 
+
+callable_module(__name__, sweep)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,8 @@
 """``python -m exitrl.train agent=reinforce env=rte``: fine-tune (or reuse) the backbone, trace it, train the
 agent, evaluate it beside the fixed baselines and the oracle bound, and write TensorBoard, metrics.json, the
 saved policy and the resolved config into the run folder (`exitrl.pipeline`).
+
+In Python the same run is ``exitrl.train(agent="reinforce", env="rte", reward={"alpha": 0.02}) -> Run``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,25 @@ from omegaconf import DictConfig
 from exitrl.agents.declaration import ANALYSIS
 from exitrl.agents.inputs import held_out_error, learn_split
 from exitrl.agents.registry import rules
-from exitrl.cli import USER_ERRORS, fail, prepare_cli
+from exitrl.cli import (
+    USER_ERRORS,
+    agents_text,
+    callable_module,
+    compose_config,
+    config_text,
+    fail,
+    groups_text,
+    overrides_from,
+    prepare_cli,
+    wants_help,
+)
 from exitrl.cotraining import CotrainConfig, cotrain_rounds
 from exitrl.device import pick_device
 from exitrl.options import checked_options
 from exitrl.pipeline import AgentRun, Prepared, open_run, prepare, record_run
 from exitrl.record import RunRecord
 from exitrl.report import results_table
+from exitrl.runs import Run
 
 log = logging.getLogger("exitrl.train")
 BACKBONE_MODES = ("frozen", "cotrain")
@@ -108,8 +122,11 @@ def report(record: RunRecord, prepared: Prepared) -> None:
             "correctness oracle": bounds["correctness_oracle"], **record.results}
     table = results_table(rows, record.metric, record.num_layers)
     notes = calibration_notes({record.agent: record.agent_info, **record.baseline_info}, record.results)
-    print(f"\nexitrl: {record.agent} on {record.task} (dev, {len(prepared.trace['dev'])} examples, "
-          f"{record.num_layers} layers)\n{table}\n{notes}run folder: {record.run_dir}")
+    text = (f"\nexitrl: {record.agent} on {record.task} (dev, {len(prepared.trace['dev'])} examples, "
+            f"{record.num_layers} layers)\n{table}\n{notes}run folder: {record.run_dir}")
+    print(text)
+    with open(Path(record.run_dir) / "train.log", "a") as log_file:  # the log ends with what the terminal showed
+        log_file.write(text + "\n")
 
 
 def calibration_notes(infos: dict[str, dict], results: dict[str, dict]) -> str:
@@ -126,6 +143,41 @@ def calibration_notes(infos: dict[str, dict], results: dict[str, dict]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def train(agent: str = "reinforce", env: str = "rte", run_dir: str | Path | None = None,
+          agent_options: dict | None = None, env_options: dict | None = None, overrides: list[str] = (),
+          **options) -> Run:
+    """The Python form of ``python -m exitrl.train``: the same config tree, defaults and pipeline. The agent's
+    options go in ``agent_options`` (``{"epochs": 10}`` is ``agent.epochs=10``), a custom task's in
+    ``env_options``; any other key is a keyword argument nested like the config (``reward={"alpha": 0.02}``,
+    ``data={"limit": {"train": 500}}``) or a CLI override (``overrides=["reward.alpha=0.02"]``). ``run_dir``
+    defaults to the CLI's folder."""
+    options = {**options, "agent": agent_options or {}, "env": env_options or {}}
+    cfg = compose_config([f"agent={agent}", f"env={env}", *overrides, *overrides_from(options)])
+    folder = Path(run_dir or cfg.pop("run_dir"))
+    cfg.pop("run_dir", None)
+    run(cfg, folder)
+    return Run.load(folder)
+
+
+def help_text() -> str:
+    return f"""usage: python -m exitrl.train [group=option ...] [key=value ...]
+       exitrl.train(agent="reinforce", env="rte", **options) -> exitrl.runs.Run      (Python)
+
+Fine-tune (or reuse) the backbone, trace it, train or fit the agent, evaluate it and the baselines on dev, and
+write metrics.json, policy.pt, config.yaml, train.log and tensorboard/ into the run folder (hydra.run.dir=).
+Bad input exits with status 2 and one line on stderr. Hydra's own help: --hydra-help.
+
+Config groups (group=option):
+{groups_text()}
+
+Agents (agent=<name>; options agent.<option>=<value>; defaults shown):
+{agents_text()}
+
+Config keys (config.yaml; any key: key=value):
+{config_text(("hydra", "sweep"))}
+"""
+
+
 @hydra.main(config_path="configs", config_name="config", version_base=None)
 def hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -140,8 +192,13 @@ def main() -> None:
         prepare_cli(sys.argv[1:])
     except ValueError as err:
         fail(err, log.name)
+    if wants_help(sys.argv[1:]):
+        print(help_text())
+        sys.exit(0)
     hydra_main()
 
+
+callable_module(__name__, train)
 
 if __name__ == "__main__":
     main()

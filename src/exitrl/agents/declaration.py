@@ -39,6 +39,12 @@ class Knob:
     def option(self) -> str:
         return self.key.split(".", 1)[1]
 
+    def describe(self) -> str:
+        """The default grid in words (the layer ranges depend on the model)."""
+        if self.grid is not None:
+            return ", ".join(map(str, self.grid))
+        return "1..L" if self.option == "layer" else "1..L-1"
+
     def values(self, num_layers: int, override: list | None = None) -> list:
         if override:
             return list(override)

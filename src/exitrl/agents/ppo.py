@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import gymnasium as gym
 import torch
@@ -28,6 +29,8 @@ from exitrl.observation import ObservationLayout, check_features
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 from exitrl.trace import SplitTrace
 
+SB3_FILE = "ppo_sb3.zip"
+
 
 class SB3ExitPolicy(ModuleExitPolicy):
     """Exit where the SB3 actor's most likely action is 'exit' (deterministic inference)."""
@@ -43,6 +46,7 @@ class SB3ExitPolicy(ModuleExitPolicy):
                                                 gym.spaces.Discrete(2), lambda _: 0.0, net_arch=self.net_arch)
         self.actor.set_training_mode(False)
         self.module = self.actor
+        self.model: PPO | None = None  # the SB3 algorithm that trained the actor (not part of policy.pt)
 
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
@@ -53,6 +57,13 @@ class SB3ExitPolicy(ModuleExitPolicy):
     def config(self) -> dict:
         return {"hidden_size": self.layout.hidden_size, "num_classes": self.layout.num_classes,
                 "features": self.features, "net_arch": self.net_arch}
+
+    def save_native(self, folder: str | Path) -> list[str]:
+        """``ppo_sb3.zip``: the whole SB3 algorithm, for ``PPO.load`` and ``learn`` (continued training)."""
+        if self.model is None:
+            return []
+        self.model.save(Path(folder) / SB3_FILE)
+        return [SB3_FILE]
 
 
 class ExitrlEvalCallback(BaseCallback):
@@ -116,6 +127,7 @@ def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
     # SB3's keys go to the run's TensorBoard folder; with no folder, nowhere (SB3 would make a temp folder per run)
     model.set_logger(configure(str(log_dir), ["tensorboard"]) if log_dir is not None else Logger(None, []))
     policy = SB3ExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.net_arch, actor=model.policy)
+    policy.model = model
     dev_cpu = dev.to("cpu") if dev is not None else None
     callback = ExitrlEvalCallback(policy, dev_cpu, writer, metric, cfg.eval_every)
     model.learn(total_timesteps=cfg.total_timesteps, callback=callback)

@@ -10,7 +10,7 @@ import pkgutil
 from typing import Any
 
 import exitrl.agents
-from exitrl.agents.declaration import ANALYSIS, LEARNED, RULE, AgentSpec, registered
+from exitrl.agents.declaration import ANALYSIS, KINDS, LEARNED, RULE, AgentSpec, registered
 
 _loaded = False
 
@@ -34,9 +34,9 @@ def load_plugins(modules: list[str] | tuple[str, ...]) -> None:
 
 
 def agents() -> dict[str, AgentSpec]:
-    """Every declared agent, built-in first."""
+    """Every declared agent: learned ones, then rules, then analysis-only ones, each by name."""
     _load_builtin()
-    return registered()
+    return dict(sorted(registered().items(), key=lambda item: (KINDS.index(item[1].kind), item[0])))
 
 
 def agent_names(kind: str | None = None) -> tuple[str, ...]:

@@ -202,8 +202,9 @@ class MultiExitModel(nn.Module):
         (directory / "exitrl_backbone.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu"):
-        """Load a saved model; returns ``(model, tokenizer, meta)``."""
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        """Load a saved model in ``dtype`` (fp32 by default, whatever precision it was saved in, e.g. an fp16
+        export); returns ``(model, tokenizer, meta)``."""
         directory = Path(directory)
         meta_path = directory / "exitrl_backbone.json"
         if not meta_path.is_file():
@@ -215,4 +216,4 @@ class MultiExitModel(nn.Module):
             model.share_heads()
         model.heads.load_state_dict(torch.load(directory / "heads.pt", map_location="cpu", weights_only=True))
         tokenizer = AutoTokenizer.from_pretrained(directory / "encoder")
-        return model.to(device), tokenizer, meta
+        return model.to(device=device, dtype=dtype), tokenizer, meta

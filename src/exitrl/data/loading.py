@@ -11,9 +11,11 @@ import csv
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -111,13 +113,28 @@ def _hub_disabled() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be used (offline by setting, or no connection to its host within ``timeout`` s), else
+    None. One quick check, so that an offline machine fails in seconds instead of after the client's retries."""
+    if _hub_disabled():
+        return "the hub is disabled by HF_HUB_OFFLINE / HF_DATASETS_OFFLINE"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"the hub ({host}:{port}) is unreachable: {err}"
+    return None
+
+
 def _load_glue(spec: TaskSpec, data_dir: str | os.PathLike | None, splits: tuple[str, ...]) -> TaskData:
     local_root = _resolve_data_dir(data_dir)
     if local_root is not None and (local_root / spec.local_folder).is_dir():
         return _load_glue_local(spec, local_root / spec.local_folder, splits)
     try:
-        if _hub_disabled():
-            raise ConnectionError("the hub is disabled by HF_HUB_OFFLINE / HF_DATASETS_OFFLINE")
+        unreachable = None if Path(spec.hub_path).is_dir() else hub_unreachable()  # a local dataset repo needs no hub
+        if unreachable:
+            raise ConnectionError(unreachable)
         return _load_glue_hub(spec, splits)
     except Exception as hub_error:  # noqa: BLE001 - any hub failure becomes one actionable message
         where = (

@@ -22,7 +22,12 @@ CONTINUE, EXIT = 0, 1  # the actions of every env
 class EarlyExitEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 30}
 
-    def __init__(self, trace: SplitTrace, reward: RewardSpec | str | None = None, render_mode: str | None = None):
+    def __init__(self, trace: SplitTrace | None = None, reward: RewardSpec | str | None = None,
+                 render_mode: str | None = None):
+        if not isinstance(trace, SplitTrace):
+            raise ValueError("exitrl/EarlyExit-v0 needs trace=<one split of a trace>: exitrl.make_env('rte') builds "
+                             "the env for a task, and exitrl.load_trace(run_dir or task)['train'] gives a split to "
+                             f"pass as gym.make('exitrl/EarlyExit-v0', trace=...); got {type(trace).__name__}.")
         self.trace = trace.to("cpu")
         self.num_layers = trace.num_layers
         self.layout = ObservationLayout(trace.hidden_size, trace.num_classes)
