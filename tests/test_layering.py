@@ -12,13 +12,13 @@ LAYERS = [
     ("exitrl.backbones",),
     ("exitrl.trace", "exitrl.rewards"),
     ("exitrl.tracing", "exitrl.envs", "exitrl.policy"),
-    ("exitrl.tradeoff",),
+    ("exitrl.tradeoff", "exitrl.walk"),
     ("exitrl.evaluate", "exitrl.calibration", "exitrl.run_summary"),
     ("exitrl.agents",),
-    ("exitrl.record", "exitrl.cotraining", "exitrl.runs"),
+    ("exitrl.record", "exitrl.cotraining", "exitrl.runs", "exitrl.runtime"),
     ("exitrl.pipeline",),
     ("exitrl.cli",),
-    ("exitrl.train", "exitrl.compare", "exitrl.api", "exitrl.export"),
+    ("exitrl.train", "exitrl.compare", "exitrl.api", "exitrl.export", "exitrl.predict"),
     ("exitrl.sweep",),
 ]
 

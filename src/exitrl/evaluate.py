@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from exitrl.metrics import EVAL_KEYS, log_eval, summarize_exits, task_metric
-from exitrl.policy import ExitPolicy, LayerBatch
+from exitrl.policy import ExitPolicy
 from exitrl.trace import SplitTrace
 from exitrl.tradeoff import oracle_frontier
+from exitrl.walk import TraceSource, walk
 
 __all__ = [  # the contract's numbers live in exitrl.metrics; evaluation re-exports them for its callers
     "EVAL_KEYS", "ORACLE_KINDS", "consistency_risks", "evaluate_policy", "log_eval", "oracle_bounds",
@@ -21,30 +22,15 @@ __all__ = [  # the contract's numbers live in exitrl.metrics; evaluation re-expo
 
 @torch.no_grad()
 def run_policy(policy: ExitPolicy, trace: SplitTrace, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Walk the trace layer by layer with compaction, as the runtime does; returns exit layers and predictions."""
+    """Walk the trace layer by layer with compaction (`exitrl.walk`, the runtime's loop); returns exit layers and
+    predictions."""
     device = trace.logits.device
-    num_layers = trace.num_layers
     exit_layers = torch.empty(len(trace), dtype=torch.long, device=device)
     predictions = torch.empty(len(trace), dtype=torch.long, device=device)
     for start in range(0, len(trace), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(trace)), device=device)
-        memory = policy.init_memory(rows.shape[0], device)
-        for layer in range(1, num_layers + 1):
-            logits = trace.logits[rows, layer - 1]
-            batch = LayerBatch(layer, num_layers, trace.states[rows, layer - 1].float(), logits,
-                               {"rows": rows, "split_size": len(trace)})
-            if layer == num_layers:
-                policy.observe_final(batch, memory)
-                leave = torch.ones_like(rows, dtype=torch.bool)
-            else:
-                leave = policy.decide(batch, memory).to(torch.bool)
-            exit_layers[rows[leave]] = layer
-            predictions[rows[leave]] = logits[leave].argmax(-1)
-            stay = ~leave
-            rows = rows[stay]
-            memory = {k: v[stay] for k, v in memory.items()}
-            if rows.numel() == 0:
-                break
+        exits = walk(policy, TraceSource(trace, rows), rows.numel(), device, ids=rows, split_size=len(trace))
+        exit_layers[rows], predictions[rows] = exits.layers, exits.predictions
     return exit_layers, predictions
 
 

@@ -182,7 +182,7 @@ def record_run(run: AgentRun, fitted: Fitted, prepared: Prepared, run_dir: Path,
     writer.close()
     record = RunRecord(
         agent=run.name, family=label or run.name, options=run.option_values(), kinds=kinds, task=prepared.task,
-        metric=metric,
+        metric=metric, label_names=trace.meta.get("label_names"), max_length=trace.meta.get("max_length"),
         num_layers=dev.num_layers, results=results, oracle=prepared.bounds,
         dev_per_layer=prepared.bounds["per_layer_score"], knob=knob, reward=run.reward.record(),
         learn_on=run.learn_on, policy_trained_on=fitted.learned_on, trace_key=trace.meta.get("key"),

@@ -9,7 +9,8 @@ Schema (version 1); every score is a fraction in [0, 1], every "result" is `exit
 * ``agent``: the agent trained or fitted; ``options``: its options as set (seed aside); ``family``: its name in
   comparisons (``agent[label]`` in labelled sweeps); ``kinds``: ``{policy name: learned | rule | analysis}`` for
   every entry of ``results``.
-* ``task``, ``metric`` (accuracy | f1), ``num_layers``.
+* ``task``, ``metric`` (accuracy | f1), ``num_layers``, ``label_names`` (by class id) and ``max_length`` (tokens),
+  what the inference runtime needs to answer new text as the run was traced.
 * ``results``: ``{policy name: result}`` on dev: the agent's, then any baselines'.
 * ``oracle``: `exitrl.evaluate.oracle_bounds` on dev (full model, per-layer scores, both oracles, oracle frontier);
   ``dev_per_layer``: its per-layer scores.
@@ -41,6 +42,8 @@ class RunRecord:
     results: dict
     oracle: dict
     family: str = ""
+    label_names: list | None = None
+    max_length: int | None = None
     options: dict = field(default_factory=dict)
     kinds: dict = field(default_factory=dict)
     knob: dict | None = None

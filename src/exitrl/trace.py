@@ -16,7 +16,8 @@ import torch
 from exitrl.splits import HELD_OUT
 
 TRACE_FORMAT = 1
-__all__ = ["HELD_OUT", "TRACE_FORMAT", "SplitTrace", "Trace", "memorized_layers"]
+STATE_DTYPE = torch.float16  # pooled states are kept at this precision; policies see them so at inference too
+__all__ = ["HELD_OUT", "STATE_DTYPE", "TRACE_FORMAT", "SplitTrace", "Trace", "memorized_layers"]
 
 
 def memorized_layers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

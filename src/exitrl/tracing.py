@@ -17,7 +17,7 @@ from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.data import TaskData
 from exitrl.device import autocast
 from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
-from exitrl.trace import TRACE_FORMAT, SplitTrace, Trace
+from exitrl.trace import STATE_DTYPE, TRACE_FORMAT, SplitTrace, Trace
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def build_trace(model: MultiExitModel, tokenizer, data: TaskData, max_length: in
             batch.pop("labels")
             with autocast(device):
                 out = model(**batch)
-            states.append(out.pooled.to(torch.float16).cpu())
+            states.append(out.pooled.to(STATE_DTYPE).cpu())
             logits.append(out.logits.float().cpu())
         splits[name] = SplitTrace.from_logits(torch.cat(states), torch.cat(logits), torch.tensor(ds["label"]))
     return Trace(splits, dict(meta or {}))

@@ -235,6 +235,27 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def read_texts(path: str | Path, text_columns: list[str] | tuple[str, ...]) -> tuple[list[str], list[str] | None]:
+    """The text columns (one, or a pair) of a TSV/CSV/JSONL file, for prediction: no label needed. Errors name the
+    file, the row and the columns it has."""
+    path = Path(path)
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path} has no data rows.")
+    if not 1 <= len(text_columns) <= 2:
+        raise DataError(f"Give one or two text columns, got {list(text_columns)}.")
+    for line, row in enumerate(rows, start=2):
+        absent = [c for c in text_columns if c not in row]
+        if absent:
+            raise DataError(f"{path}, row {line - 1}: lacks column(s) {absent}; it has {list(row)}. Name the text "
+                            "columns with --text-columns.")
+        empty = next((c for c in text_columns if row[c] in (None, "")), None)
+        if empty is not None:
+            raise DataError(f"{path}, row {line - 1}: column {empty!r} is empty.")
+    text_a = [str(r[text_columns[0]]) for r in rows]
+    return text_a, [str(r[text_columns[1]]) for r in rows] if len(text_columns) > 1 else None
+
+
 def _standardise(rows: list[dict], path: Path, text_columns, label_column: str, label_names: list[str],
                  ids_allowed: bool = False):
     """Validate columns and labels; ``ids_allowed`` also accepts labels written as ids (SST-2's 0/1)."""

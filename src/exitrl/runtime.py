@@ -1,0 +1,122 @@
+"""`EarlyExitClassifier`: answer new text with real early exits. The backbone runs one layer at a time on the rows
+still in the batch (`LiveSource`); at each layer the run's `ExitPolicy` decides through the same walk that evaluates
+it on a trace (`exitrl.walk`), so rows that exit leave the batch (compaction) and their hidden states, attention
+masks and the policy's per-row memory are dropped together. Inputs are sorted by length and padded per batch
+(length bucketing), so short rows do not carry long rows' padding.
+
+This is the eager path: on a CPU it is the whole story (compute-bound, so saved layers are saved time); the GPU
+path that keeps per-layer overhead small builds on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from exitrl.backbones.multi_exit import MultiExitModel, select_rows
+from exitrl.device import autocast, pick_device
+from exitrl.policy import ExitPolicy
+from exitrl.runs import Run
+from exitrl.trace import STATE_DTYPE
+from exitrl.walk import Exits, walk
+
+
+class LiveSource:
+    """The backbone itself, one layer at a time, on the rows still running."""
+
+    def __init__(self, model: MultiExitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor | None = None):
+        self.model, self.num_layers = model, model.num_layers
+        self.attention_mask = attention_mask
+        self.hidden, self.layer_mask = model.embed(input_ids, attention_mask, token_type_ids)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.hidden = self.model.run_layer(layer - 1, self.hidden, self.layer_mask)
+        pooled = self.model.pool(self.hidden, self.attention_mask)
+        logits = self.model.exit_logits(layer - 1, pooled).float()
+        return pooled.to(STATE_DTYPE), logits  # the precision a trace keeps, which policies learned from
+
+    def keep(self, stay: torch.Tensor) -> None:
+        self.hidden = self.hidden[stay]
+        self.attention_mask = self.attention_mask[stay]
+        self.layer_mask = select_rows(self.layer_mask, stay)
+
+
+class EarlyExitClassifier:
+    """A multi-exit backbone, its tokenizer and an exit policy: ``predict`` texts or text pairs."""
+
+    def __init__(self, model: MultiExitModel, tokenizer, policy: ExitPolicy, label_names: list[str],
+                 max_length: int = 128, device: str | torch.device = "cpu"):
+        if not policy.deployable:
+            raise ValueError(f"The {policy.name} policy is analysis only (it reads answers it cannot have at "
+                             "inference); pick a deployable agent or rule.")
+        if len(label_names) != model.num_labels:
+            raise ValueError(f"{len(label_names)} label names for a model with {model.num_labels} classes.")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer, self.label_names, self.max_length = tokenizer, list(label_names), int(max_length)
+        self.policy = policy.to(self.device)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto", cache: str | Path | None = None
+                 ) -> EarlyExitClassifier:
+        """What ``python -m exitrl.train`` left in ``run_dir``: the backbone the run used (in the folder when
+        co-trained or exported, else the cache entry its record names; a missing one is an error that says how to
+        rebuild it), the tokenizer, the label names, the traced length and the policy."""
+        run = Run.load(run_dir)
+        model, tokenizer, meta = MultiExitModel.load(run.backbone_path())
+        record = run.record
+        label_names = record.label_names
+        max_length = record.max_length
+        if label_names is None or max_length is None:  # records written before these fields: the trace has them
+            trace_meta = run.trace(cache).meta
+            label_names = label_names or trace_meta["label_names"]
+            max_length = max_length or trace_meta.get("max_length", 128)
+        return cls(model, tokenizer, run.policy, label_names, max_length, pick_device(device))
+
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
+        encoded = self.tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True,
+                                 max_length=self.max_length)
+        return [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(texts))]
+
+    @torch.no_grad()
+    def exits(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32, bucket: bool = True,
+              progress: bool = False) -> Exits:
+        """Exit layer, prediction and exit logits of every input, in input order."""
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pairs)} second texts of pairs.")
+        examples = self.encode(texts, pairs)
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"])) if bucket else list(
+            range(len(examples)))
+        n = len(examples)
+        layers = torch.empty(n, dtype=torch.long)
+        predictions = torch.empty(n, dtype=torch.long)
+        logits = torch.empty(n, self.model.num_labels)
+        starts = range(0, n, batch_size)
+        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+            chunk = order[start:start + batch_size]
+            padded = self.tokenizer.pad([examples[i] for i in chunk], return_tensors="pt").to(self.device)
+            with autocast(self.device):
+                source = LiveSource(self.model, padded["input_ids"], padded["attention_mask"],
+                                    padded.get("token_type_ids"))
+                found = walk(self.policy, source, len(chunk), self.device)
+            index = torch.tensor(chunk)
+            layers[index], predictions[index] = found.layers.cpu(), found.predictions.cpu()
+            logits[index] = found.logits.float().cpu()
+        return Exits(layers, predictions, logits)
+
+    def predict(self, texts: list[str] | list[tuple[str, str]], batch_size: int = 32, bucket: bool = True,
+                progress: bool = False) -> list[dict]:
+        """One answer per input (a text, or a (text, text) pair): ``label``, ``probs`` (by label name, at the exit
+        layer) and ``exit_layer`` (1-indexed)."""
+        texts = list(texts)
+        if texts and isinstance(texts[0], tuple | list):
+            first, second = [t[0] for t in texts], [t[1] for t in texts]
+        else:
+            first, second = texts, None
+        found = self.exits(first, second, batch_size, bucket, progress)
+        probs = torch.softmax(found.logits, -1)
+        return [{"label": self.label_names[int(p)], "probs": dict(zip(self.label_names, row.tolist())),
+                 "exit_layer": int(layer)} for p, row, layer in zip(found.predictions, probs, found.layers)]

@@ -1,0 +1,88 @@
+"""One walk up the layers, for every consumer: evaluating a policy on a trace, the inference runtime, co-training.
+
+A `LayerSource` gives, layer by layer, the pooled states and exit logits of the rows still running (read from a
+trace, or computed by the backbone itself); the policy sees them as a `LayerBatch` and says which rows exit; the
+rows that exit leave, and the source and the policy's per-row memory are compacted together. Since the policy meets
+the same `LayerBatch` whether the source is a trace or the live backbone, "runtime equals trace" is a property of
+this one loop, and tests check it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from exitrl.policy import ExitPolicy, LayerBatch
+from exitrl.trace import SplitTrace
+
+
+class LayerSource(Protocol):
+    num_layers: int
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled states ``[B, H]`` and exit logits ``[B, C]`` of the running rows at 1-indexed ``layer``."""
+
+    def keep(self, stay: torch.Tensor) -> None:
+        """Drop the rows where ``stay`` (bool ``[B]``) is False."""
+
+
+@dataclass
+class Exits:
+    """Where each row exited (1-indexed), what it predicted there and the exit head's logits there."""
+
+    layers: torch.Tensor
+    predictions: torch.Tensor
+    logits: torch.Tensor
+
+
+@torch.no_grad()
+def walk(policy: ExitPolicy, source: LayerSource, size: int, device: torch.device, ids: torch.Tensor | None = None,
+         split_size: int | None = None) -> Exits:
+    """Walk ``size`` rows up ``source``'s layers under ``policy``. ``ids`` (the rows' indices in an evaluated
+    split of ``split_size`` rows) reach the policy as ``LayerBatch.extras`` (only analysis oracles read them)."""
+    num_layers = source.num_layers
+    layers = torch.empty(size, dtype=torch.long, device=device)
+    predictions = torch.empty(size, dtype=torch.long, device=device)
+    exit_logits = None
+    position = torch.arange(size, device=device)  # where each running row's answer goes
+    memory = policy.init_memory(size, device)
+    extras = {} if ids is None else {"rows": ids, "split_size": split_size}
+    for layer in range(1, num_layers + 1):
+        states, logits = source.layer(layer)
+        batch = LayerBatch(layer, num_layers, states.float(), logits, extras)
+        if layer == num_layers:
+            policy.observe_final(batch, memory)
+            leave = torch.ones_like(position, dtype=torch.bool)
+        else:
+            leave = policy.decide(batch, memory).to(torch.bool)
+        if exit_logits is None:
+            exit_logits = torch.empty(size, logits.shape[-1], device=device)
+        done = position[leave]
+        layers[done] = layer
+        predictions[done] = logits[leave].argmax(-1)
+        exit_logits[done] = logits[leave].float()
+        stay = ~leave
+        position = position[stay]
+        if position.numel() == 0:
+            break
+        memory = {k: v[stay] for k, v in memory.items()}
+        source.keep(stay)
+        if ids is not None:
+            extras = {"rows": ids[stay], "split_size": split_size}
+            ids = ids[stay]
+    return Exits(layers, predictions, exit_logits)
+
+
+class TraceSource:
+    """Rows of a trace split, read layer by layer."""
+
+    def __init__(self, trace: SplitTrace, rows: torch.Tensor):
+        self.trace, self.rows, self.num_layers = trace, rows, trace.num_layers
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.trace.states[self.rows, layer - 1], self.trace.logits[self.rows, layer - 1]
+
+    def keep(self, stay: torch.Tensor) -> None:
+        self.rows = self.rows[stay]
