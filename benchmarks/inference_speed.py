@@ -53,13 +53,13 @@ def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
 @torch.no_grad()
 def naive_loop(model: MultiExitModel, policy, ids, mask) -> None:
     """Research-code style: every row runs every layer until all rows have exited; one host read per layer."""
-    hidden, layer_mask = model.embed(ids, mask)
+    hidden, layer_inputs = model.embed(ids, mask)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     memory = policy.init_memory(ids.shape[0], ids.device)
     from exitrl.policy import LayerBatch
 
     for i in range(model.num_layers):
-        hidden = model.run_layer(i, hidden, layer_mask)
+        hidden = model.run_layer(i, hidden, layer_inputs)
         pooled = model.pool(hidden, mask)
         logits = model.exit_logits(i, pooled)
         done |= policy.decide(LayerBatch(i + 1, model.num_layers, pooled.float(), logits.float()), memory)

@@ -49,15 +49,15 @@ def test_early_exit_path_runs_fewer_layers_and_matches_the_full_forward(tiny_ber
     with torch.no_grad():
         full = model(**batch).logits
         calls.clear()
-        hidden, layer_mask = model.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        hidden, layer_inputs = model.embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         rows, attention = torch.arange(4), batch["attention_mask"]
         for index in range(model.num_layers):
-            hidden = model.run_layer(index, hidden, layer_mask)
+            hidden = model.run_layer(index, hidden, layer_inputs)
             logits = model.exit_logits(index, model.pool(hidden, attention))
             torch.testing.assert_close(logits, full[rows, index], atol=1e-5, rtol=1e-5)
             stay = rows % 2 == 1 if index == 0 else torch.zeros_like(rows, dtype=torch.bool)
             rows, hidden, attention = rows[stay], hidden[stay], attention[stay]
-            layer_mask = select_rows(layer_mask, stay)
+            layer_inputs = select_rows(layer_inputs, stay)
             if rows.numel() == 0:
                 break
     assert calls == [4, 2]  # layer 1 saw 4 rows, layer 2 the 2 that stayed, layer 3 never ran

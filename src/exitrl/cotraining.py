@@ -51,7 +51,8 @@ def drop_unreached(model: MultiExitModel, exit_layers: torch.Tensor) -> None:
     (only zeros from stacking), and AdamW would otherwise still move them (weight decay, momentum)."""
     histogram = torch.bincount(exit_layers.cpu() - 1, minlength=model.num_layers)
     deepest = int(histogram.nonzero().max()) + 1
-    unreached = [model.layers[i] for i in range(deepest, model.num_layers)]
+    reached = {id(model.layers[i]) for i in range(deepest)}  # ALBERT shares one layer across depths
+    unreached = [model.layers[i] for i in range(deepest, model.num_layers) if id(model.layers[i]) not in reached]
     if not model.shared_heads:  # a shared head (LayerSkip) got signal from every layer where rows exited
         unreached += [model.heads[i] for i in range(model.num_layers) if histogram[i] == 0]
     for module in unreached:

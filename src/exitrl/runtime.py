@@ -30,10 +30,10 @@ class LiveSource:
                  token_type_ids: torch.Tensor | None = None):
         self.model, self.num_layers = model, model.num_layers
         self.attention_mask = attention_mask
-        self.hidden, self.layer_mask = model.embed(input_ids, attention_mask, token_type_ids)
+        self.hidden, self.layer_inputs = model.embed(input_ids, attention_mask, token_type_ids)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.hidden = self.model.run_layer(layer - 1, self.hidden, self.layer_mask)
+        self.hidden = self.model.run_layer(layer - 1, self.hidden, self.layer_inputs)
         pooled = self.model.pool(self.hidden, self.attention_mask)
         logits = self.model.exit_logits(layer - 1, pooled).float()
         return pooled.to(STATE_DTYPE), logits  # the precision a trace keeps, which policies learned from
@@ -41,7 +41,7 @@ class LiveSource:
     def keep(self, stay: torch.Tensor) -> None:
         self.hidden = self.hidden[stay]
         self.attention_mask = self.attention_mask[stay]
-        self.layer_mask = select_rows(self.layer_mask, stay)
+        self.layer_inputs = select_rows(self.layer_inputs, stay)
 
 
 class EarlyExitClassifier:

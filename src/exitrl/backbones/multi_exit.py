@@ -1,9 +1,11 @@
 """`MultiExitModel`: any Hugging Face encoder plus one exit head per layer, runnable layer by layer.
 
 No modeling code is copied or forked: the wrapper calls the encoder's own embedding module and its own layer
-modules one at a time, with the attention mask built by transformers' own mask utility. Training uses the
-same layer-by-layer path as inference, and a construction-time self-check proves it equals the model's
-ordinary forward, so an architecture whose layers need extra inputs is refused with a clear error.
+modules one at a time, with the attention mask built by transformers' own mask utility and, where a family needs
+more, its own helpers: ALBERT's embedding projection and layer groups shared across depth, MPNet's relative
+position bias. Training uses the same layer-by-layer path as inference, and a construction-time self-check proves
+it equals the model's ordinary forward, so an architecture whose layers need inputs exitrl does not pass is refused
+with a clear error.
 """
 
 from __future__ import annotations
@@ -33,7 +35,17 @@ class MultiExitOutput:
     pooled: torch.Tensor
 
 
+def _albert_layers(encoder: nn.Module) -> nn.ModuleList:
+    """ALBERT runs one of ``num_hidden_groups`` layer groups at each depth (weights shared across depth)."""
+    config = encoder.config
+    groups = encoder.encoder.albert_layer_groups
+    per_group = config.num_hidden_layers / config.num_hidden_groups
+    return nn.ModuleList(groups[int(i / per_group)] for i in range(config.num_hidden_layers))
+
+
 def _find_layers(encoder: nn.Module) -> nn.ModuleList:
+    if encoder.config.model_type == "albert":
+        return _albert_layers(encoder)
     for path in _LAYER_PATHS:
         module = encoder
         for part in path.split("."):
@@ -44,7 +56,8 @@ def _find_layers(encoder: nn.Module) -> nn.ModuleList:
             return module
     raise BackboneError(
         f"Cannot find the layer list of {type(encoder).__name__} (looked at {', '.join(_LAYER_PATHS)}). "
-        "exitrl drives BERT-style encoders (BERT, RoBERTa, MiniLM, ELECTRA, XLM-R) layer by layer."
+        "exitrl drives BERT-style encoders (BERT, RoBERTa, MiniLM, ELECTRA, XLM-R, DistilBERT, ALBERT, MPNet) layer "
+        "by layer."
     )
 
 
@@ -57,9 +70,9 @@ def _build_mask(encoder: PreTrainedModel, embedded: torch.Tensor, attention_mask
     return create_bidirectional_mask(config=encoder.config, inputs_embeds=embedded, attention_mask=attention_mask)
 
 
-def select_rows(mask, rows: torch.Tensor):
-    """Keep the rows of a layer mask (or ``None``) that are still in the batch."""
-    return None if mask is None else mask[rows]
+def select_rows(layer_inputs: dict, rows: torch.Tensor) -> dict:
+    """Keep the rows still in the batch of every per-row layer input (the attention mask, a position bias)."""
+    return {k: None if v is None else v[rows] for k, v in layer_inputs.items()}
 
 
 def skip_rows(inputs: torch.Tensor, outputs: torch.Tensor, rate: float) -> torch.Tensor:
@@ -93,17 +106,25 @@ class MultiExitModel(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(self.hidden_size, num_labels) for _ in range(self.num_layers))
 
     # -- the pieces inference calls one by one -------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
-        """Run the embedding module; returns the hidden states and the layers' attention mask."""
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict]:
+        """Run the embedding module; returns the hidden states and what every layer takes besides them (the
+        attention mask; MPNet's relative position bias), each with the batch as first dimension."""
         kwargs = {"input_ids": input_ids}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.embeddings(**kwargs)
-        return hidden, _build_mask(self.encoder, hidden, attention_mask)
+        layer_inputs = {"attention_mask": _build_mask(self.encoder, hidden, attention_mask)}
+        family = self.encoder.config.model_type
+        if family == "albert":  # embeddings are narrower than the layers: the encoder's own projection
+            hidden = self.encoder.encoder.embedding_hidden_mapping_in(hidden)
+        if family == "mpnet":
+            layer_inputs["position_bias"] = self.encoder.encoder.compute_position_bias(hidden)
+        return hidden, layer_inputs
 
-    def run_layer(self, index: int, hidden: torch.Tensor, layer_mask) -> torch.Tensor:
-        """Run layer ``index`` (0-based) of the encoder's own layer list."""
-        out = self.layers[index](hidden, attention_mask=layer_mask)
+    def run_layer(self, index: int, hidden: torch.Tensor, layer_inputs: dict) -> torch.Tensor:
+        """Run layer ``index`` (0-based) of the encoder's own layers."""
+        out = self.layers[index](hidden, **layer_inputs)
         return out[0] if isinstance(out, tuple) else out
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -142,12 +163,12 @@ class MultiExitModel(nn.Module):
         if layer_drop is not None and len(layer_drop) != self.num_layers:
             raise ValueError(f"layer_drop has {len(layer_drop)} rates for {self.num_layers} layers.")
         drop = layer_drop if self.training else None
-        hidden, layer_mask = self.embed(input_ids, attention_mask, token_type_ids)
+        hidden, layer_inputs = self.embed(input_ids, attention_mask, token_type_ids)
         logits, pooled = [], []
         for i in range(self.num_layers):
             if detach_between and i > 0:
                 hidden = hidden.detach()
-            out = self.run_layer(i, hidden, layer_mask)
+            out = self.run_layer(i, hidden, layer_inputs)
             hidden = out if drop is None or drop[i] <= 0 else skip_rows(hidden, out, drop[i])
             p = self.pool(hidden, attention_mask)
             pooled.append(p)
@@ -156,10 +177,10 @@ class MultiExitModel(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask, token_type_ids=None) -> list[torch.Tensor]:
         """Every layer's token states through the layer-by-layer path (used by the self-check and tests)."""
-        hidden, layer_mask = self.embed(input_ids, attention_mask, token_type_ids)
+        hidden, layer_inputs = self.embed(input_ids, attention_mask, token_type_ids)
         states = []
         for i in range(self.num_layers):
-            hidden = self.run_layer(i, hidden, layer_mask)
+            hidden = self.run_layer(i, hidden, layer_inputs)
             states.append(hidden)
         return states
 
