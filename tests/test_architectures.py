@@ -21,6 +21,10 @@ FAMILIES = {
                    embedding_size=16, num_hidden_groups=2),
     "mpnet": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64),
     "roberta": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64),
+    "deberta-v2": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                       relative_attention=True, position_buckets=16, max_relative_positions=32,
+                       pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", conv_kernel_size=3,
+                       share_att_key=True),
 }
 
 
@@ -67,8 +71,6 @@ def test_albert_shares_its_layer_groups_across_depth():
 
 
 @pytest.mark.parametrize("family, options, message", [
-    ("deberta-v2", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-     "relative positions"),
     ("modernbert", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                         eos_token_id=2, bos_token_id=3, cls_token_id=3, sep_token_id=2), "cannot be called one by one"),
 ])

@@ -3,9 +3,10 @@
 No modeling code is copied or forked: the wrapper calls the encoder's own embedding module and its own layer
 modules one at a time, with the attention mask built by transformers' own mask utility and, where a family needs
 more, its own helpers: ALBERT's embedding projection and layer groups shared across depth, MPNet's relative
-position bias. Training uses the same layer-by-layer path as inference, and a construction-time self-check proves
-it equals the model's ordinary forward, so an architecture whose layers need inputs exitrl does not pass is refused
-with a clear error.
+position bias, DeBERTa-v2/v3's relative positions, relative embeddings, mask and first-layer convolution.
+Training uses the same layer-by-layer path as inference, and a construction-time self-check proves it equals the
+model's ordinary forward, so an architecture whose layers need inputs exitrl does not pass is refused with a clear
+error.
 """
 
 from __future__ import annotations
@@ -110,12 +111,17 @@ class MultiExitModel(nn.Module):
               ) -> tuple[torch.Tensor, dict]:
         """Run the embedding module; returns the hidden states and what every layer takes besides them (the
         attention mask; MPNet's relative position bias), each with the batch as first dimension."""
+        family = self.encoder.config.model_type
+        if family == "deberta-v2":  # its embeddings mask padding; its layers take the encoder's own 4-D mask
+            token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=attention_mask)
+            return hidden, {"attention_mask": self.encoder.encoder.get_attention_mask(attention_mask),
+                            "input_mask": attention_mask}
         kwargs = {"input_ids": input_ids}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.embeddings(**kwargs)
         layer_inputs = {"attention_mask": _build_mask(self.encoder, hidden, attention_mask)}
-        family = self.encoder.config.model_type
         if family == "albert":  # embeddings are narrower than the layers: the encoder's own projection
             hidden = self.encoder.encoder.embedding_hidden_mapping_in(hidden)
         if family == "mpnet":
@@ -124,8 +130,21 @@ class MultiExitModel(nn.Module):
 
     def run_layer(self, index: int, hidden: torch.Tensor, layer_inputs: dict) -> torch.Tensor:
         """Run layer ``index`` (0-based) of the encoder's own layers."""
+        if self.encoder.config.model_type == "deberta-v2":
+            return self._run_deberta_layer(index, hidden, layer_inputs)
         out = self.layers[index](hidden, **layer_inputs)
         return out[0] if isinstance(out, tuple) else out
+
+    def _run_deberta_layer(self, index: int, hidden: torch.Tensor, layer_inputs: dict) -> torch.Tensor:
+        """DeBERTa-v2/v3: relative positions (of the current length) and embeddings shared by every row, and the
+        convolution some checkpoints add after the first layer, all by the encoder's own methods."""
+        encoder = self.encoder.encoder
+        out = self.layers[index](hidden, layer_inputs["attention_mask"], relative_pos=encoder.get_rel_pos(hidden),
+                                 rel_embeddings=encoder.get_rel_embedding())
+        out = out[0] if isinstance(out, tuple) else out
+        if index == 0 and encoder.conv is not None:
+            out = encoder.conv(hidden, out, layer_inputs["input_mask"])
+        return out
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
