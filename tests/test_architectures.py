@@ -25,6 +25,9 @@ FAMILIES = {
                        relative_attention=True, position_buckets=16, max_relative_positions=32,
                        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", conv_kernel_size=3,
                        share_att_key=True),
+    "modernbert": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                       global_attn_every_n_layers=2, local_attention=4, eos_token_id=2, bos_token_id=3,
+                       cls_token_id=3, sep_token_id=2),
 }
 
 
@@ -70,14 +73,17 @@ def test_albert_shares_its_layer_groups_across_depth():
     assert model.layers[1] is not model.layers[2]
 
 
-@pytest.mark.parametrize("family, options, message", [
-    ("modernbert", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                        eos_token_id=2, bos_token_id=3, cls_token_id=3, sep_token_id=2), "cannot be called one by one"),
-])
-def test_families_that_need_more_inputs_are_refused_clearly(family, options, message, tiny_bert):
-    from transformers import AutoTokenizer
+def test_modernbert_mixes_full_and_sliding_attention_and_its_exits_read_the_final_norm():
+    model, ids, mask = tiny("modernbert", **FAMILIES["modernbert"])
+    assert [layer.attention_type for layer in model.layers] == ["full_attention", "sliding_attention"] * 2
+    with torch.no_grad():
+        last = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # after the final norm
+        pooled = model(ids, mask).pooled[:, -1]
+    weights = mask.unsqueeze(-1).float()
+    torch.testing.assert_close(pooled, (last * weights).sum(1) / weights.sum(1), atol=1e-5, rtol=1e-5)
 
-    model, _, _ = tiny(family, vocab_size=500, **options)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)  # any tokenizer whose ids fit the vocabulary
-    with pytest.raises(BackboneError, match=message):
-        model.check_layerwise(tokenizer)
+
+def test_an_encoder_without_a_layer_list_is_refused_clearly():
+    config = AutoConfig.for_model("xlnet", vocab_size=100, d_model=32, n_layer=2, n_head=2, d_inner=64)
+    with pytest.raises(BackboneError, match="Cannot find the layer list of XLNetModel"):
+        MultiExitModel(AutoModel.from_config(config), 2)

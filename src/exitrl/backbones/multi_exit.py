@@ -3,7 +3,9 @@
 No modeling code is copied or forked: the wrapper calls the encoder's own embedding module and its own layer
 modules one at a time, with the attention mask built by transformers' own mask utility and, where a family needs
 more, its own helpers: ALBERT's embedding projection and layer groups shared across depth, MPNet's relative
-position bias, DeBERTa-v2/v3's relative positions, relative embeddings, mask and first-layer convolution.
+position bias, DeBERTa-v2/v3's relative positions, relative embeddings, mask and first-layer convolution,
+ModernBERT's rotary embeddings, full and sliding-window masks and final norm (which its exits read, as its own
+output does).
 Training uses the same layer-by-layer path as inference, and a construction-time self-check proves it equals the
 model's ordinary forward, so an architecture whose layers need inputs exitrl does not pass is refused with a clear
 error.
@@ -117,6 +119,13 @@ class MultiExitModel(nn.Module):
             hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=attention_mask)
             return hidden, {"attention_mask": self.encoder.encoder.get_attention_mask(attention_mask),
                             "input_mask": attention_mask}
+        if family == "modernbert":  # one mask per attention type; each layer takes its own
+            from transformers.masking_utils import create_bidirectional_sliding_window_mask
+
+            hidden = self.embeddings(input_ids=input_ids)
+            return hidden, {"full_attention": _build_mask(self.encoder, hidden, attention_mask),
+                            "sliding_attention": create_bidirectional_sliding_window_mask(
+                                config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)}
         kwargs = {"input_ids": input_ids}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
@@ -130,8 +139,15 @@ class MultiExitModel(nn.Module):
 
     def run_layer(self, index: int, hidden: torch.Tensor, layer_inputs: dict) -> torch.Tensor:
         """Run layer ``index`` (0-based) of the encoder's own layers."""
-        if self.encoder.config.model_type == "deberta-v2":
+        family = self.encoder.config.model_type
+        if family == "deberta-v2":
             return self._run_deberta_layer(index, hidden, layer_inputs)
+        if family == "modernbert":
+            layer = self.layers[index]
+            positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            rotary = self.encoder.rotary_emb(hidden, positions, layer.attention_type)  # shared by every row
+            out = layer(hidden, attention_mask=layer_inputs[layer.attention_type], position_embeddings=rotary)
+            return out[0] if isinstance(out, tuple) else out
         out = self.layers[index](hidden, **layer_inputs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -147,6 +163,8 @@ class MultiExitModel(nn.Module):
         return out
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.encoder.config.model_type == "modernbert":
+            hidden = self.encoder.final_norm(hidden)
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -195,12 +213,15 @@ class MultiExitModel(nn.Module):
         return MultiExitOutput(torch.stack(logits, 1), torch.stack(pooled, 1))
 
     def hidden_states(self, input_ids, attention_mask, token_type_ids=None) -> list[torch.Tensor]:
-        """Every layer's token states through the layer-by-layer path (used by the self-check and tests)."""
+        """Every layer's token states through the layer-by-layer path, as the model's own ``hidden_states`` report
+        them (ModernBERT reports its last layer after the final norm); used by the self-check and tests."""
         hidden, layer_inputs = self.embed(input_ids, attention_mask, token_type_ids)
         states = []
         for i in range(self.num_layers):
             hidden = self.run_layer(i, hidden, layer_inputs)
             states.append(hidden)
+        if self.encoder.config.model_type == "modernbert":
+            states[-1] = self.encoder.final_norm(states[-1])
         return states
 
     @torch.no_grad()
