@@ -4,7 +4,7 @@ A `LayerSource` gives, layer by layer, the pooled states and exit logits of the 
 trace, or computed by the backbone itself); the policy sees them as a `LayerBatch` and says which rows exit; the
 rows that exit leave, and the source and the policy's per-row memory are compacted together. Since the policy meets
 the same `LayerBatch` whether the source is a trace or the live backbone, "runtime equals trace" is a property of
-this one loop, and tests check it.
+this one loop, and tests check it. Per layer the loop reads one thing back from the device: which rows stay.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class LayerSource(Protocol):
         """Pooled states ``[B, H]`` and exit logits ``[B, C]`` of the running rows at 1-indexed ``layer``."""
 
     def keep(self, stay: torch.Tensor) -> None:
-        """Drop the rows where ``stay`` (bool ``[B]``) is False."""
+        """Keep only the rows at the indices ``stay`` (long ``[B']``, in order)."""
 
 
 @dataclass
@@ -59,19 +59,19 @@ def walk(policy: ExitPolicy, source: LayerSource, size: int, device: torch.devic
             leave = policy.decide(batch, memory).to(torch.bool)
         if exit_logits is None:
             exit_logits = torch.empty(size, logits.shape[-1], device=device)
-        done = position[leave]
-        layers[done] = layer
-        predictions[done] = logits[leave].argmax(-1)
-        exit_logits[done] = logits[leave].float()
-        stay = ~leave
-        position = position[stay]
-        if position.numel() == 0:
+        # record the exits with device-side selects (no host read), then one host read: which rows stay
+        layers[position] = torch.where(leave, layer, layers[position])
+        predictions[position] = torch.where(leave, logits.argmax(-1), predictions[position])
+        exit_logits[position] = torch.where(leave[:, None], logits.float(), exit_logits[position])
+        stay = torch.nonzero(~leave).squeeze(1)  # the layer's one host read
+        if stay.numel() == 0:
             break
+        position = position[stay]
         memory = {k: v[stay] for k, v in memory.items()}
         source.keep(stay)
         if ids is not None:
-            extras = {"rows": ids[stay], "split_size": split_size}
             ids = ids[stay]
+            extras = {"rows": ids, "split_size": split_size}
     return Exits(layers, predictions, exit_logits)
 
 
