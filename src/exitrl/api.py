@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import gymnasium as gym
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from exitrl.cli import compose_config, overrides_from
 from exitrl.device import pick_device
 from exitrl.envs import ENV_ID
-from exitrl.pipeline import prepare
+from exitrl.pipeline import Prepared, prepare
 from exitrl.rewards import RewardSpec
 from exitrl.runs import Run
 from exitrl.splits import HELD_OUT
@@ -20,10 +20,15 @@ from exitrl.trace import Trace
 SPLIT_NAMES = {"train": "train", "dev": "dev", "held_out": HELD_OUT, HELD_OUT: HELD_OUT}
 
 
-def task_trace(env: str = "rte", overrides: list[str] = (), **options) -> Trace:
+def prepared_task(env: str, overrides: list[str] = (), **options) -> tuple[DictConfig, Prepared]:
     """Fine-tune (or reuse) the backbone of ``env`` and trace it (or reuse the trace), as a train run would."""
     cfg = compose_config([f"env={env}", *overrides, *overrides_from(options)])
-    return prepare(cfg, pick_device(cfg.device)).trace
+    return cfg, prepare(cfg, pick_device(cfg.device))
+
+
+def task_trace(env: str = "rte", overrides: list[str] = (), **options) -> Trace:
+    """The trace a train run on ``env`` with these options would use."""
+    return prepared_task(env, overrides, **options)[1].trace
 
 
 def load_trace(source: str | Path, **options) -> Trace:
@@ -45,8 +50,8 @@ def make_env(env: str = "rte", split: str = "train", reward: RewardSpec | str | 
         raise ValueError(f"Unknown split {split!r}; valid: train, dev, held_out.")
     if isinstance(reward, dict):
         options, reward = {**options, "reward": reward}, None
-    cfg = compose_config([f"env={env}", *overrides_from(options)])
-    trace = prepare(cfg, pick_device(cfg.device)).trace
+    cfg, prepared = prepared_task(env, **options)
+    trace = prepared.trace
     spec = RewardSpec.coerce(reward) if reward is not None else RewardSpec.from_config(
         OmegaConf.to_container(cfg.reward, resolve=True))
     return gym.make(ENV_ID, trace=trace[SPLIT_NAMES[split]], reward=spec)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from exitrl.agents.registry import agents, load_plugins
@@ -91,8 +92,6 @@ def overrides_from(options: dict, prefix: str = "") -> list[str]:
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config a CLI run with these overrides would get (plugins loaded, ``hydra.run.dir`` resolved into
     ``run_dir``); a bad override is a ValueError."""
-    from hydra.errors import HydraException
-
     prepare_cli(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):

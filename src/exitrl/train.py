@@ -7,6 +7,7 @@ In Python the same run is ``exitrl.train(agent="reinforce", env="rte", reward={"
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -110,9 +111,8 @@ def cotrain(agent: AgentRun, fitted, prepared: Prepared, cotrain_cfg: CotrainCon
         cfg.cache_dir, prepared.device, prepared.finetune.max_length, run_dir, writer, prepared.metric)
     prepared.model.save(run_dir / "backbone", prepared.tokenizer, extra={"cotrain": asdict(cotrain_cfg)})
     fitted.policy, fitted.info = policy, last_info or fitted.info
-    prepared = Prepared(prepared.task, prepared.metric, trace, prepared.backbone, prepared.device, prepared.data,
-                        prepared.model, prepared.tokenizer, prepared.finetune, prepared.data_source)
-    return prepared, fitted, {"config": asdict(cotrain_cfg), "rounds": rounds, "backbone": str(run_dir / "backbone")}
+    record = {"config": asdict(cotrain_cfg), "rounds": rounds, "backbone": str(run_dir / "backbone")}
+    return dataclasses.replace(prepared, trace=trace), fitted, record
 
 
 def report(record: RunRecord, prepared: Prepared) -> None:

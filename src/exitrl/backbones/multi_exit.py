@@ -73,9 +73,12 @@ def _build_mask(encoder: PreTrainedModel, embedded: torch.Tensor, attention_mask
     return create_bidirectional_mask(config=encoder.config, inputs_embeds=embedded, attention_mask=attention_mask)
 
 
+SHARED = "shared"  # the layer inputs every row shares (relative positions, rotary tables): never compacted
+
+
 def select_rows(layer_inputs: dict, rows: torch.Tensor) -> dict:
     """Keep the rows still in the batch of every per-row layer input (the attention mask, a position bias)."""
-    return {k: None if v is None else v[rows] for k, v in layer_inputs.items()}
+    return {k: v if k == SHARED or v is None else v[rows] for k, v in layer_inputs.items()}
 
 
 def skip_rows(inputs: torch.Tensor, outputs: torch.Tensor, rate: float) -> torch.Tensor:
@@ -117,15 +120,20 @@ class MultiExitModel(nn.Module):
         if family == "deberta-v2":  # its embeddings mask padding; its layers take the encoder's own 4-D mask
             token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=attention_mask)
-            return hidden, {"attention_mask": self.encoder.encoder.get_attention_mask(attention_mask),
-                            "input_mask": attention_mask}
+            encoder = self.encoder.encoder  # shared inputs computed once per batch, as the encoder itself does
+            return hidden, {"attention_mask": encoder.get_attention_mask(attention_mask), "input_mask": attention_mask,
+                            SHARED: {"relative_pos": encoder.get_rel_pos(hidden),
+                                     "rel_embeddings": encoder.get_rel_embedding()}}
         if family == "modernbert":  # one mask per attention type; each layer takes its own
             from transformers.masking_utils import create_bidirectional_sliding_window_mask
 
             hidden = self.embeddings(input_ids=input_ids)
+            positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            kinds = {layer.attention_type for layer in self.layers}
             return hidden, {"full_attention": _build_mask(self.encoder, hidden, attention_mask),
                             "sliding_attention": create_bidirectional_sliding_window_mask(
-                                config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)}
+                                config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask),
+                            SHARED: {kind: self.encoder.rotary_emb(hidden, positions, kind) for kind in kinds}}
         kwargs = {"input_ids": input_ids}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
@@ -144,19 +152,17 @@ class MultiExitModel(nn.Module):
             return self._run_deberta_layer(index, hidden, layer_inputs)
         if family == "modernbert":
             layer = self.layers[index]
-            positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-            rotary = self.encoder.rotary_emb(hidden, positions, layer.attention_type)  # shared by every row
-            out = layer(hidden, attention_mask=layer_inputs[layer.attention_type], position_embeddings=rotary)
+            out = layer(hidden, attention_mask=layer_inputs[layer.attention_type],
+                        position_embeddings=layer_inputs[SHARED][layer.attention_type])
             return out[0] if isinstance(out, tuple) else out
         out = self.layers[index](hidden, **layer_inputs)
         return out[0] if isinstance(out, tuple) else out
 
     def _run_deberta_layer(self, index: int, hidden: torch.Tensor, layer_inputs: dict) -> torch.Tensor:
-        """DeBERTa-v2/v3: relative positions (of the current length) and embeddings shared by every row, and the
-        convolution some checkpoints add after the first layer, all by the encoder's own methods."""
+        """DeBERTa-v2/v3: relative positions and embeddings shared by every row, and the convolution some
+        checkpoints add after the first layer, all by the encoder's own methods."""
         encoder = self.encoder.encoder
-        out = self.layers[index](hidden, layer_inputs["attention_mask"], relative_pos=encoder.get_rel_pos(hidden),
-                                 rel_embeddings=encoder.get_rel_embedding())
+        out = self.layers[index](hidden, layer_inputs["attention_mask"], **layer_inputs[SHARED])
         out = out[0] if isinstance(out, tuple) else out
         if index == 0 and encoder.conv is not None:
             out = encoder.conv(hidden, out, layer_inputs["input_mask"])
