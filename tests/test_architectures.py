@@ -1,6 +1,6 @@
 """Encoder families beyond BERT, each on a tiny random config: the layer-by-layer path equals the model's own
-forward, and the runtime's live walk equals the walk over a trace of the same model. Families whose layers need
-inputs exitrl does not pass yet are refused with a clear error."""
+forward, and the runtime's live walk (eager, and the fast path's buckets) equals the walk over a trace of the same
+model. Families whose layers need inputs exitrl does not pass yet are refused with a clear error."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.backbones import BackboneError, MultiExitModel
 from exitrl.evaluate import run_policy
+from exitrl.fast_walk import FastWalker
 from exitrl.runtime import LiveSource
 from exitrl.trace import STATE_DTYPE, SplitTrace
 from exitrl.walk import walk
@@ -65,6 +66,8 @@ def test_runtime_walk_equals_the_trace_walk(family):
         found = walk(ConfidencePolicy(threshold), LiveSource(model, ids, mask), len(ids), torch.device("cpu"))
     assert len(set(expected_layers.tolist())) > 1
     assert torch.equal(found.layers, expected_layers) and torch.equal(found.predictions, expected_predictions)
+    fast = FastWalker(model, ConfidencePolicy(threshold), max_batch=32, token_types=False).run(ids, mask)
+    assert torch.equal(fast.layers, expected_layers) and torch.equal(fast.predictions, expected_predictions)
 
 
 def test_albert_shares_its_layer_groups_across_depth():

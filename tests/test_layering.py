@@ -13,6 +13,7 @@ LAYERS = [
     ("exitrl.trace", "exitrl.rewards"),
     ("exitrl.tracing", "exitrl.envs", "exitrl.policy"),
     ("exitrl.tradeoff", "exitrl.walk"),
+    ("exitrl.fast_walk",),
     ("exitrl.evaluate", "exitrl.calibration", "exitrl.run_summary"),
     ("exitrl.agents",),
     ("exitrl.record", "exitrl.cotraining", "exitrl.runs", "exitrl.runtime"),

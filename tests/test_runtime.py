@@ -61,12 +61,14 @@ def test_runtime_exits_equal_the_trace_for_every_agent(live, agent, options):
     model, tokenizer, trace, data = live
     policy = AgentRun.create(agent, dict(options), reward="vanilla").fit(trace, torch.device("cpu")).policy
     expected_layers, expected_predictions = run_policy(copy.deepcopy(policy), trace["dev"])  # FREE adapts online
-    classifier = EarlyExitClassifier(model, tokenizer, copy.deepcopy(policy), list(data.label_names), 32)
     dev = data.splits["dev"]
-    for bucket in (False, True):  # the trace's own batching, and sorted by length
-        found = classifier.exits(list(dev["text_a"]), None, batch_size=64 if not bucket else 8, bucket=bucket)
-        assert torch.equal(found.layers, expected_layers), (agent, options, bucket)
-        assert torch.equal(found.predictions, expected_predictions), (agent, options, bucket)
+    for fast in (False, True):  # the eager walk, and the fast path's buckets (graphs only on CUDA)
+        classifier = EarlyExitClassifier(model, tokenizer, copy.deepcopy(policy), list(data.label_names), 32,
+                                         fast=fast)
+        for bucket in (False, True):  # the trace's own batching, and sorted by length
+            found = classifier.exits(list(dev["text_a"]), None, batch_size=64 if not bucket else 8, bucket=bucket)
+            assert torch.equal(found.layers, expected_layers), (agent, options, fast, bucket)
+            assert torch.equal(found.predictions, expected_predictions), (agent, options, fast, bucket)
     if agent == "confidence" and not options.get("temperature"):
         assert len(set(expected_layers.tolist())) > 1  # rows leave at different layers: compaction is exercised
 

@@ -67,8 +67,11 @@ def build_observation(states: torch.Tensor, logits: torch.Tensor, layer, num_lay
     probs = torch.softmax(logits.float(), -1)
     log_probs = torch.log_softmax(logits.float(), -1)
     entropy = -(probs * log_probs).sum(-1, keepdim=True)
-    position = torch.as_tensor(layer, dtype=torch.float32, device=states.device) / num_layers
-    position = position.expand(states.shape[:-1]).unsqueeze(-1) if position.dim() == 0 else position.unsqueeze(-1)
+    if isinstance(layer, torch.Tensor):
+        position = layer.to(device=states.device, dtype=torch.float32) / num_layers
+        position = position.expand(states.shape[:-1]).unsqueeze(-1) if position.dim() == 0 else position.unsqueeze(-1)
+    else:  # a Python number: no host-to-device copy (which a captured CUDA graph cannot hold)
+        position = torch.full((*states.shape[:-1], 1), layer, dtype=torch.float32, device=states.device) / num_layers
     return torch.cat([states.float(), position, probs, probs.max(-1, keepdim=True).values, entropy], -1)
 
 

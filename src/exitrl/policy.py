@@ -50,6 +50,17 @@ class ExitPolicy(ABC):
 
     name: str = "policy"
     deployable: bool = True
+    # What the GPU fast path (`exitrl.fast_walk`) may rely on. ``graph_safe``: `decide` is tensor operations only,
+    # with no host reads and no Python state that changes between calls, so it can be captured in a CUDA graph.
+    # ``first_exit_layer``: no row ever exits before this 1-indexed layer, so `decide` need not run (nor exit
+    # heads be computed) below it; a policy whose memory must see every layer keeps 1.
+    graph_safe: bool = False
+    first_exit_layer: int = 1
+
+    @property
+    def observes_final(self) -> bool:
+        """Whether `observe_final` does anything (the fast path then shows it the rows at the last layer)."""
+        return type(self).observe_final is not ExitPolicy.observe_final
 
     def init_memory(self, batch_size: int, device: torch.device) -> Memory:
         """Per-row memory for a new batch; stateless policies keep none."""

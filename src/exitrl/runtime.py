@@ -4,8 +4,9 @@ it on a trace (`exitrl.walk`), so rows that exit leave the batch (compaction) an
 masks and the policy's per-row memory are dropped together. Inputs are sorted by length and padded per batch
 (length bucketing), so short rows do not carry long rows' padding.
 
-This is the eager path: on a CPU it is the whole story (compute-bound, so saved layers are saved time); the GPU
-path that keeps per-layer overhead small builds on it.
+Two paths walk the same way: the eager `walk` (``fast=False``), and `exitrl.fast_walk` (``fast=True``, the
+default on CUDA): per-bucket CUDA graphs, decisions on the device and one 8-byte host read per layer where a row may
+exit. On a CPU both are compute-bound, so saved layers are saved time either way.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from exitrl.backbones.multi_exit import MultiExitModel, select_rows
 from exitrl.device import autocast, pick_device
+from exitrl.fast_walk import FastWalker
 from exitrl.policy import ExitPolicy
 from exitrl.runs import Run
 from exitrl.trace import STATE_DTYPE
@@ -48,23 +50,30 @@ class EarlyExitClassifier:
     """A multi-exit backbone, its tokenizer and an exit policy: ``predict`` texts or text pairs."""
 
     def __init__(self, model: MultiExitModel, tokenizer, policy: ExitPolicy, label_names: list[str],
-                 max_length: int = 128, device: str | torch.device = "cpu"):
+                 max_length: int = 128, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 fast: bool | None = None):
+        """``dtype``: the backbone's weights (default bf16 on CUDA, fp32 on the CPU); ``fast``: the fast path
+        (`exitrl.fast_walk`; default on CUDA, where it captures CUDA graphs)."""
         if not policy.deployable:
             raise ValueError(f"The {policy.name} policy is analysis only (it reads answers it cannot have at "
                              "inference); pick a deployable agent or rule.")
         if len(label_names) != model.num_labels:
             raise ValueError(f"{len(label_names)} label names for a model with {model.num_labels} classes.")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = model.to(self.device, dtype).eval()
+        self.fast = self.device.type == "cuda" if fast is None else bool(fast)
+        self._walkers: dict[tuple[int, int], FastWalker] = {}
         self.tokenizer, self.label_names, self.max_length = tokenizer, list(label_names), int(max_length)
         self.policy = policy.to(self.device)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", cache: str | Path | None = None
+    def from_run(cls, run_dir: str | Path, device: str = "auto", cache: str | Path | None = None, **options
                  ) -> EarlyExitClassifier:
         """What ``python -m exitrl.train`` left in ``run_dir``: the backbone the run used (in the folder when
         co-trained or exported, else the cache entry its record names; a missing one is an error that says how to
-        rebuild it), the tokenizer, the label names, the traced length and the policy."""
+        rebuild it), the tokenizer, the label names, the traced length and the policy. ``options``: ``dtype``,
+        ``fast`` (see the constructor)."""
         run = Run.load(run_dir)
         model, tokenizer, meta = MultiExitModel.load(run.backbone_path())
         record = run.record
@@ -74,7 +83,7 @@ class EarlyExitClassifier:
             trace_meta = run.trace(cache).meta
             label_names = label_names or trace_meta["label_names"]
             max_length = max_length or trace_meta.get("max_length", 128)
-        return cls(model, tokenizer, run.policy, label_names, max_length, pick_device(device))
+        return cls(model, tokenizer, run.policy, label_names, max_length, pick_device(device), **options)
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
         encoded = self.tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True,
@@ -97,15 +106,28 @@ class EarlyExitClassifier:
         starts = range(0, n, batch_size)
         for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
             chunk = order[start:start + batch_size]
-            padded = self.tokenizer.pad([examples[i] for i in chunk], return_tensors="pt").to(self.device)
-            with autocast(self.device):
-                source = LiveSource(self.model, padded["input_ids"], padded["attention_mask"],
-                                    padded.get("token_type_ids"))
-                found = walk(self.policy, source, len(chunk), self.device)
+            padded = self.tokenizer.pad([examples[i] for i in chunk], return_tensors="pt")
+            if self.fast:
+                found = self.walker(batch_size).run(padded["input_ids"], padded["attention_mask"],
+                                                    padded.get("token_type_ids"))
+            else:
+                padded = padded.to(self.device)
+                with autocast(self.device):
+                    source = LiveSource(self.model, padded["input_ids"], padded["attention_mask"],
+                                        padded.get("token_type_ids"))
+                    found = walk(self.policy, source, len(chunk), self.device)
             index = torch.tensor(chunk)
             layers[index], predictions[index] = found.layers.cpu(), found.predictions.cpu()
             logits[index] = found.logits.float().cpu()
         return Exits(layers, predictions, logits)
+
+    def walker(self, batch_size: int) -> FastWalker:
+        """The fast path for this policy and batch size (its buckets and graphs are kept between calls)."""
+        key = (id(self.policy), batch_size)
+        if key not in self._walkers or self._walkers[key].policy is not self.policy:
+            self._walkers[key] = FastWalker(self.model, self.policy, batch_size,
+                                            token_types="token_type_ids" in self.tokenizer.model_input_names)
+        return self._walkers[key]
 
     def predict(self, texts: list[str] | list[tuple[str, str]], batch_size: int = 32, bucket: bool = True,
                 progress: bool = False) -> list[dict]:

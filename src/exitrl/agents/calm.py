@@ -66,6 +66,10 @@ class CalmPolicy(ExitPolicy):
 
     name = "calm"
 
+    @property
+    def graph_safe(self) -> bool:
+        return self.measure != "saturation"  # its memory changes shape after the first layer
+
     def __init__(self, measure: str = "margin", threshold: float | None = None, hidden_size: int | None = None,
                  meta_hidden: int = 64):
         if measure not in MEASURES:

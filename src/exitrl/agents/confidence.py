@@ -44,6 +44,7 @@ class ConfidencePolicy(ExitPolicy):
     """Exit where the head's ``measure`` passes ``threshold`` (>= for maxprob and margin, <= for entropy)."""
 
     name = "confidence"
+    graph_safe = True
 
     def __init__(self, threshold: float = 0.9, measure: str = "maxprob"):
         check_threshold(threshold, measure)

@@ -53,6 +53,15 @@ class FreePolicy(ExitPolicy):
         self.agrees = torch.empty(0, dtype=torch.bool)
         self.pending = 0  # pairs added since the last refit
         self.refits = 0
+        self.first_exit_layer = self.shallow_layer
+
+    @property
+    def graph_safe(self) -> bool:
+        return not self.adaptive  # an adaptive threshold changes between calls: it cannot be baked into a graph
+
+    @property
+    def observes_final(self) -> bool:
+        return self.adaptive
 
     # -- inference -------------------------------------------------------------------------------------------
     def init_memory(self, batch_size: int, device: torch.device) -> Memory:

@@ -51,6 +51,7 @@ class LinUCBPolicy(ModuleExitPolicy):
     """Exit where the estimated value of exiting is at least that of continuing (no exploration bonus)."""
 
     name = "linucb"
+    graph_safe = True
 
     def __init__(self, num_layers: int, hidden_size: int, num_classes: int, features: str = "confidence"):
         self.layout = ObservationLayout(hidden_size, num_classes)

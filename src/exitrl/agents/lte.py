@@ -36,6 +36,7 @@ class ExitUnit(nn.Module):
 
 class LearnToExitPolicy(ModuleExitPolicy):
     name = "lte"
+    graph_safe = True
 
     def __init__(self, hidden_size: int, threshold: float = 0.3):
         if not 0.0 <= threshold <= 1.0:

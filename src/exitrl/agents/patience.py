@@ -23,6 +23,7 @@ def check_patience(patience: int) -> None:
 
 class PatiencePolicy(ExitPolicy):
     name = "patience"
+    graph_safe = True
 
     def __init__(self, patience: int = 2):
         check_patience(patience)

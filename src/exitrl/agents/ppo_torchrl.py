@@ -41,6 +41,7 @@ class TorchRLExitPolicy(ModuleExitPolicy):
     """Exit where the actor's logits favour 'exit' (deterministic inference)."""
 
     name = "ppo_torchrl"
+    graph_safe = True
 
     def __init__(self, hidden_size: int, num_classes: int, features: str = "state", num_cells=(64, 64)):
         self.layout = ObservationLayout(hidden_size, num_classes)

@@ -56,6 +56,7 @@ class ReinforcePolicy(ModuleExitPolicy):
     """Deployable form: exit at the first layer whose π_l exceeds ``threshold`` (0.5 in ConsistentEE)."""
 
     name = "reinforce"
+    graph_safe = True
 
     def __init__(self, num_layers: int, hidden_size: int, num_classes: int, hidden: int = 128,
                  features: str = "state", threshold: float = 0.5):

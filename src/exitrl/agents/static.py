@@ -20,10 +20,12 @@ class StaticPolicy(ExitPolicy):
     """Exit every row at 1-indexed ``layer`` (or at the last layer when the model is shallower)."""
 
     name = "static"
+    graph_safe = True
 
     def __init__(self, layer: int = 3):
         check_layer(layer)
         self.layer = int(layer)
+        self.first_exit_layer = self.layer
 
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
         return torch.full((batch.logits.shape[0],), batch.layer >= self.layer, device=batch.logits.device)

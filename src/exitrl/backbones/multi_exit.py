@@ -13,6 +13,7 @@ error.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,13 +65,22 @@ def _find_layers(encoder: nn.Module) -> nn.ModuleList:
     )
 
 
-def _build_mask(encoder: PreTrainedModel, embedded: torch.Tensor, attention_mask: torch.Tensor):
-    """The encoder layers' attention mask, made by transformers' own utility for this version."""
+def _build_mask(encoder: PreTrainedModel, embedded: torch.Tensor, attention_mask: torch.Tensor,
+                materialize: bool = False):
+    """The encoder layers' attention mask, made by transformers' own utility for this version. ``materialize``
+    always builds a tensor: the utility otherwise returns None when no row has padding, a choice made by reading
+    the mask on the host, which a captured CUDA graph must not bake in."""
     try:
         from transformers.masking_utils import create_bidirectional_mask
     except ImportError:  # transformers < 4.53
         return encoder.get_extended_attention_mask(attention_mask, attention_mask.shape)
-    return create_bidirectional_mask(config=encoder.config, inputs_embeds=embedded, attention_mask=attention_mask)
+    extra = {}
+    if materialize:
+        if "allow_is_bidirectional_skip" not in inspect.signature(create_bidirectional_mask).parameters:
+            return encoder.get_extended_attention_mask(attention_mask, attention_mask.shape)
+        extra["allow_is_bidirectional_skip"] = False
+    return create_bidirectional_mask(config=encoder.config, inputs_embeds=embedded, attention_mask=attention_mask,
+                                     **extra)
 
 
 SHARED = "shared"  # the layer inputs every row shares (relative positions, rotary tables): never compacted
@@ -112,10 +122,11 @@ class MultiExitModel(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(self.hidden_size, num_labels) for _ in range(self.num_layers))
 
     # -- the pieces inference calls one by one -------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, dict]:
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+              materialize_mask: bool = False) -> tuple[torch.Tensor, dict]:
         """Run the embedding module; returns the hidden states and what every layer takes besides them (the
-        attention mask; MPNet's relative position bias), each with the batch as first dimension."""
+        attention mask; MPNet's relative position bias), each with the batch as first dimension.
+        ``materialize_mask``: always a mask tensor, never None (see `_build_mask`)."""
         family = self.encoder.config.model_type
         if family == "deberta-v2":  # its embeddings mask padding; its layers take the encoder's own 4-D mask
             token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
@@ -130,15 +141,16 @@ class MultiExitModel(nn.Module):
             hidden = self.embeddings(input_ids=input_ids)
             positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
             kinds = {layer.attention_type for layer in self.layers}
-            return hidden, {"full_attention": _build_mask(self.encoder, hidden, attention_mask),
+            return hidden, {"full_attention": _build_mask(self.encoder, hidden, attention_mask, materialize_mask),
                             "sliding_attention": create_bidirectional_sliding_window_mask(
-                                config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask),
+                                config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                **({"allow_is_bidirectional_skip": False} if materialize_mask else {})),
                             SHARED: {kind: self.encoder.rotary_emb(hidden, positions, kind) for kind in kinds}}
         kwargs = {"input_ids": input_ids}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.embeddings(**kwargs)
-        layer_inputs = {"attention_mask": _build_mask(self.encoder, hidden, attention_mask)}
+        layer_inputs = {"attention_mask": _build_mask(self.encoder, hidden, attention_mask, materialize_mask)}
         if family == "albert":  # embeddings are narrower than the layers: the encoder's own projection
             hidden = self.encoder.encoder.embedding_hidden_mapping_in(hidden)
         if family == "mpnet":

@@ -55,6 +55,18 @@ class TemperatureScaledPolicy(ExitPolicy):
         self.name = inner.name
         self.deployable = inner.deployable
 
+    @property
+    def graph_safe(self) -> bool:
+        return self.inner.graph_safe
+
+    @property
+    def first_exit_layer(self) -> int:
+        return self.inner.first_exit_layer
+
+    @property
+    def observes_final(self) -> bool:
+        return self.inner.observes_final
+
     def init_memory(self, batch_size: int, device: torch.device) -> Memory:
         return self.inner.init_memory(batch_size, device)
 

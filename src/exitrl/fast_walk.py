@@ -1,0 +1,325 @@
+"""The fast path of the inference runtime: the walk of `exitrl.walk`, shaped so a GPU can run it with almost no
+per-layer overhead.
+
+On a GPU, small batches are launch-bound: an eager layer costs more in kernel launches than in arithmetic, and a
+host read per layer stalls the pipeline, so a naive early-exit loop is slower than not exiting at all. Here:
+
+- each batch is padded to a **bucket** of batch size and of sequence length (a multiple of ``seq_multiple``), and
+  every step on a bucket works on fixed tensors owned by that bucket (`Bucket`): the hidden states, the layer
+  inputs, which rows are still alive, where each row's answer goes, the policy's memory and each row's answer;
+- each step (the embedding; a layer with its pooling, exit head, policy decision and exit bookkeeping) runs eagerly
+  once, is then captured as a CUDA graph and replayed from then on (`Replayable`): one launch per layer;
+- decisions stay on the device: rows that exit are marked dead in the bucket (their answer recorded by a
+  device-side select); the only host read is the number of rows alive, 8 bytes, and only at layers where a row may
+  exit (``ExitPolicy.first_exit_layer``; a static exit reads once). Rows move to a smaller bucket (compaction,
+  alive rows first, with their memory and answers) only when the alive count fits one, so the graphs stay few;
+- a policy that cannot be captured (``graph_safe`` False: host reads, or Python state that changes between calls,
+  like FREE's online threshold) runs eagerly after the captured layer, on the same buffers; one that learns at the
+  last layer (``observes_final``) sees exactly the rows that reached it.
+
+Without CUDA (or with ``graphs=False``) every step simply runs eagerly: the same code, which is how the CPU tests
+check that this path equals `exitrl.walk.walk` exit for exit.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from exitrl.backbones.multi_exit import SHARED, MultiExitModel
+from exitrl.policy import ExitPolicy, LayerBatch
+from exitrl.trace import STATE_DTYPE
+from exitrl.walk import Exits
+
+TOKEN_PLANES = 4  # input ids, attention mask, token types, and a plane whose column 0 marks the real rows
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes graphs are captured for: powers of two to 16, then steps of 16 (a dead row costs at most 16 rows
+    of work per layer), up to ``max_batch``."""
+    sizes = {1, 2, 4, 8, 16, *range(32, max_batch + 16, 16)}
+    return sorted(size for size in sizes if size < max_batch) + [max_batch]
+
+
+def tree_map(fn: Callable, value):
+    """``fn`` on every tensor of nested dicts / tuples / lists (None stays None)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: tree_map(fn, v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(tree_map(fn, v) for v in value)
+    return value
+
+
+def tree_copy(target, source) -> None:
+    """Copy ``source`` into the same-shaped tensors of ``target`` in place."""
+    if isinstance(target, torch.Tensor):
+        target.copy_(source)
+    elif isinstance(target, dict):
+        for k in target:
+            tree_copy(target[k], source[k])
+    elif isinstance(target, tuple | list):
+        for t, s in zip(target, source):
+            tree_copy(t, s)
+
+
+class Replayable:
+    """A step on fixed tensors: run eagerly the first time, then (with a graph pool, on CUDA) captured as a CUDA
+    graph and replayed. Steps only write into tensors allocated outside them, so their graphs can share one memory
+    pool: they never run concurrently, and nothing they allocate outlives them. A step that cannot be captured
+    (a model's own code that copies a host tensor, as DeBERTa's relative positions do) stays eager, with a
+    warning naming it."""
+
+    def __init__(self, fn: Callable[[], None], pool=None, name: str = "step"):
+        self.fn, self.pool, self.name, self.graph = fn, pool, name, None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self.fn()
+        if self.pool is not None:
+            self.graph = self._capture()
+            self.pool = None if self.graph is None else self.pool
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        graph = torch.cuda.CUDAGraph()
+        collecting = gc.isenabled()
+        gc.disable()  # a collection during capture may free CUDA memory or graphs, which capture forbids
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):  # collects garbage before it starts capturing
+                self.fn()
+        except RuntimeError as error:
+            warnings.warn(f"{self.name} cannot be captured in a CUDA graph and runs eagerly: "
+                          f"{str(error).splitlines()[-1]}", stacklevel=3)
+            torch.cuda.synchronize()
+            return None
+        finally:
+            if collecting:
+                gc.enable()
+        return graph
+
+
+class Bucket:
+    """Everything a batch of ``size`` rows and ``seq`` tokens needs on the device, allocated once."""
+
+    def __init__(self, walker: FastWalker, size: int, seq: int):
+        self.walker, self.size, self.seq = walker, size, seq
+        model, device = walker.model, walker.device
+        self.tokens = torch.zeros(TOKEN_PLANES, size, seq, dtype=torch.long, device=device)
+        self.tokens[1] = 1
+        self.tokens[3, :, 0] = 1
+        hidden, inputs = self._embed()
+        self.hidden, self.inputs = hidden, inputs  # the first embedding's outputs become the bucket's buffers
+        self.alive = torch.zeros(size, dtype=torch.bool, device=device)
+        self.position = torch.zeros(size, dtype=torch.long, device=device)
+        self.memory = walker.policy.init_memory(size, device)
+        self.states = torch.zeros(size, model.hidden_size, dtype=STATE_DTYPE, device=device)
+        self.logits = torch.zeros(size, model.num_labels, device=device)
+        self.answers = torch.zeros(size, 2 + model.num_labels, device=device)  # exit layer, prediction, logits
+        pinned = device.type == "cuda"
+        # the answers as of the last decision, copied to the host with the alive count: when the batch never
+        # moved bucket, they are final once nobody is alive, with no further round trip
+        self.host_answers = torch.zeros(self.answers.shape, pin_memory=pinned)
+        self.steps: dict[int, Replayable] = {}  # 0: the embedding; 1..L: the layers
+        self.moves: dict[int, Replayable] = {}  # compaction into the bucket of that size
+        # where a batch is staged on the host: pinned, so the one copy per batch overlaps nothing it must wait for
+        self.staging = torch.zeros(self.tokens.shape, dtype=torch.long, pin_memory=pinned)
+
+    # -- the steps --------------------------------------------------------------------------------------------
+    def _embed(self) -> tuple[torch.Tensor, dict]:
+        ids, mask, types = self.tokens[0], self.tokens[1], self.tokens[2]
+        return self.walker.model.embed(ids, mask, types if self.walker.token_types else None, materialize_mask=True)
+
+    def embed(self) -> None:
+        """Embed the staged tokens; reset which rows are alive, where their answers go and the policy's memory."""
+        hidden, inputs = self._embed()
+        self.hidden.copy_(hidden)
+        tree_copy(self.inputs, inputs)
+        self.alive.copy_(self.tokens[3, :, 0].bool())
+        rows = torch.arange(self.size, device=self.alive.device)
+        self.position.copy_(torch.where(self.alive, rows, self.walker.capacity))  # padding writes a spare slot
+        if self.walker.policy.graph_safe:  # else `reset_memory` runs eagerly after the step
+            for key, value in self.walker.policy.init_memory(self.size, self.alive.device).items():
+                self.memory[key].copy_(value)
+
+    def reset_memory(self) -> None:
+        """A fresh memory for a policy whose memory may change shape (not graph-safe): allocated eagerly."""
+        self.memory = self.walker.policy.init_memory(self.size, self.alive.device)
+
+    def layer(self, layer: int, with_exit: bool) -> None:
+        """Layer ``layer`` (1-indexed) on the bucket's hidden states; with its exit head where a row may leave."""
+        model = self.walker.model
+        hidden = model.run_layer(layer - 1, self.hidden, self.inputs)
+        self.hidden.copy_(hidden)
+        if with_exit:
+            pooled = model.pool(hidden, self.tokens[1])
+            self.logits.copy_(model.exit_logits(layer - 1, pooled).float())
+            self.states.copy_(pooled)  # the precision a trace keeps, which policies learned from
+
+    def decide(self, layer: int, captured: bool) -> None:
+        """The policy's decision and the exit bookkeeping; writes the alive count to the walker's host slot."""
+        walker = self.walker
+        batch = LayerBatch(layer, walker.num_layers, self.states.float(), self.logits)
+        if layer == walker.num_layers:
+            leave = torch.ones_like(self.alive)
+        else:
+            memory = dict(self.memory)
+            leave = walker.policy.decide(batch, memory).to(torch.bool)
+            for key, value in memory.items():
+                if captured:
+                    self.memory[key].copy_(value)  # graphs read and write fixed tensors
+                else:
+                    self.memory[key] = value
+        leave = leave & self.alive
+        answer = torch.cat([torch.full_like(self.logits[:, :1], layer), self.logits.argmax(-1, keepdim=True).float(),
+                            self.logits], 1)
+        self.answers.copy_(torch.where(leave[:, None], answer, self.answers))
+        self.alive.logical_and_(~leave)
+        self.host_answers.copy_(self.answers, non_blocking=True)
+        walker.alive_count.copy_(self.alive.sum(), non_blocking=True)
+
+    def run_layer(self, layer: int) -> None:
+        """One layer through its graphs (captured the first time)."""
+        walker = self.walker
+        if layer < walker.first_exit:
+            self.run_step(layer, lambda: self.layer(layer, False))
+            return
+        last = layer == walker.num_layers
+        if walker.policy.graph_safe and not (last and walker.policy.observes_final):
+            self.run_step(layer, lambda: (self.layer(layer, True), self.decide(layer, True)))
+            return
+        self.run_step(layer, lambda: self.layer(layer, True))
+        if last and walker.policy.observes_final:
+            reached = torch.nonzero(self.alive).squeeze(1)
+            walker.policy.observe_final(
+                LayerBatch(layer, walker.num_layers, self.states[reached].float(), self.logits[reached]),
+                {k: v[reached] for k, v in self.memory.items()})
+        self.decide(layer, False)
+
+    def run_step(self, step: int, fn: Callable[[], None]) -> None:
+        """Step ``step`` (0: embedding, else a layer), made from ``fn`` the first time."""
+        if step not in self.steps:
+            name = "the embedding" if step == 0 else f"layer {step}"
+            family = self.walker.model.encoder.config.model_type
+            self.steps[step] = Replayable(fn, self.walker.pool, f"{name} of {family}")
+        self.steps[step]()
+
+    # -- moving rows --------------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write every row's answer to the walker's answer table (rows still running are rewritten later)."""
+        self.walker.answers[self.position] = self.answers
+
+    def move(self, other: Bucket) -> None:
+        """`move_to` ``other``, captured as a graph like the steps when the policy's memory keeps its shape."""
+        if not self.walker.policy.graph_safe:
+            self.move_to(other)
+            return
+        if other.size not in self.moves:
+            self.moves[other.size] = Replayable(lambda: self.move_to(other), self.walker.pool,
+                                                f"compaction {self.size} -> {other.size} rows")
+        self.moves[other.size]()
+
+    def move_to(self, other: Bucket) -> None:
+        """Compaction: the alive rows first (in order), then dead ones to fill ``other``'s size; all on the device
+        (the order comes from a sort, not from the host)."""
+        self.flush()
+        order = torch.argsort((~self.alive).to(torch.int8), stable=True)[:other.size]
+        other.hidden.copy_(self.hidden[order])
+        tree_copy({k: v for k, v in other.inputs.items() if k != SHARED},
+                  {k: tree_map(lambda t: t[order], v) for k, v in self.inputs.items() if k != SHARED})
+        other.tokens.copy_(self.tokens[:, order])
+        other.alive.copy_(self.alive[order])
+        other.position.copy_(self.position[order])
+        other.answers.copy_(self.answers[order])
+        for key, value in self.memory.items():
+            moved = value[order]
+            if other.memory[key].shape == moved.shape:
+                other.memory[key].copy_(moved)
+            else:  # memory that changes shape (only eager policies have it)
+                other.memory[key] = moved
+
+
+class FastWalker:
+    """Walks batches of token ids up ``model`` under ``policy`` through per-bucket CUDA graphs (or eagerly, on the
+    same buffers, without CUDA or with ``graphs=False``). Build one per (model, policy); buckets and graphs are made
+    on first use and kept."""
+
+    def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
+                 graphs: bool | None = None, token_types: bool = True):
+        self.model, self.policy = model, policy
+        self.device = next(model.parameters()).device
+        self.num_layers = model.num_layers
+        self.first_exit = max(1, min(int(policy.first_exit_layer), self.num_layers))
+        self.buckets = batch_buckets(max_batch)
+        self.capacity, self.seq_multiple = self.buckets[-1], int(seq_multiple)
+        self.token_types = token_types
+        use_graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
+        if use_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device; use graphs=False on the CPU.")
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        pinned = self.device.type == "cuda"
+        self.alive_count = torch.zeros((), dtype=torch.long, pin_memory=pinned)
+        self.answers = torch.zeros(self.capacity + 1, 2 + model.num_labels, device=self.device)  # + a spare slot
+        self._buckets: dict[tuple[int, int], Bucket] = {}
+
+    def bucket(self, rows: int, seq: int) -> Bucket:
+        size = next(size for size in self.buckets if size >= rows)
+        key = (size, seq)
+        if key not in self._buckets:
+            self._buckets[key] = Bucket(self, size, seq)
+        return self._buckets[key]
+
+    def _read_alive(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return int(self.alive_count)
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            token_type_ids: torch.Tensor | None = None) -> Exits:
+        """Exit layer, prediction and exit logits of each row (rows in order; at most ``max_batch`` of them).
+        Token tensors on the host (where a tokenizer leaves them) reach the device in one copy."""
+        rows, length = input_ids.shape
+        if rows > self.capacity:
+            raise ValueError(f"{rows} rows in one batch, more than this walker's max_batch={self.capacity}.")
+        if rows == 0:
+            return Exits(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                         torch.empty(0, self.model.num_labels))
+        seq = -(-length // self.seq_multiple) * self.seq_multiple
+        bucket = start = self.bucket(rows, seq)
+        staged = bucket.staging if input_ids.device.type == "cpu" else bucket.tokens
+        staged.zero_()
+        staged[0, :rows, :length] = input_ids
+        staged[1, :rows, :length] = attention_mask
+        if token_type_ids is not None:
+            staged[2, :rows, :length] = token_type_ids
+        staged[3, :rows, 0] = 1
+        staged[:3, rows:] = staged[:3, :1]  # padding rows repeat the first row (finite values; never recorded)
+        if staged is not bucket.tokens:
+            bucket.tokens.copy_(staged, non_blocking=True)
+        bucket.run_step(0, bucket.embed)
+        if not self.policy.graph_safe:
+            bucket.reset_memory()
+        for layer in range(1, self.num_layers + 1):
+            bucket.run_layer(layer)
+            if layer < self.first_exit:
+                continue
+            alive = self._read_alive()  # the layer's one host read
+            if alive == 0:
+                break
+            size = next(size for size in self.buckets if size >= alive)
+            if size < bucket.size:
+                smaller = self.bucket(alive, seq)
+                bucket.move(smaller)
+                bucket = smaller
+        if bucket is start:  # never moved: the answers are in row order, and on the host since the last read
+            answers = bucket.host_answers[:rows].clone()
+        else:
+            bucket.flush()
+            answers = self.answers[:rows].cpu()
+        return Exits(answers[:, 0].long(), answers[:, 1].long(), answers[:, 2:])

@@ -1,0 +1,92 @@
+"""The fast path (`exitrl.fast_walk`). Everywhere: its buckets and its limits. On a CUDA machine: replayed CUDA
+graphs give exactly what the same steps give run eagerly, on new data after capture, for policies captured with
+their layer (graph-safe) and for those run eagerly after it (memory that changes shape, FREE's online threshold),
+in fp32 and bf16, for every encoder family (every layer captured; an embedding whose model code copies host
+tensors runs eagerly); and the fast path agrees with the eager walk. CI has no GPU: the CUDA
+tests run on the lent H200 (README, "Inference speed"); the CPU runs the same code without graphs in
+test_runtime.py and test_architectures.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_architectures import FAMILIES, tiny
+
+from exitrl.agents.calm import CalmPolicy
+from exitrl.agents.confidence import ConfidencePolicy
+from exitrl.agents.free import FreePolicy
+from exitrl.agents.lte import LearnToExitPolicy
+from exitrl.agents.patience import PatiencePolicy
+from exitrl.agents.reinforce import ReinforcePolicy
+from exitrl.agents.static import StaticPolicy
+from exitrl.backbones import MultiExitModel
+from exitrl.fast_walk import FastWalker, batch_buckets
+from exitrl.runtime import LiveSource
+from exitrl.walk import walk
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def test_batch_buckets_are_fine_above_16_and_end_at_the_batch_size():
+    buckets = batch_buckets(256)
+    assert buckets[:6] == [1, 2, 4, 8, 16, 32] and buckets[-1] == 256
+    assert max(b - a for a, b in zip(buckets[4:], buckets[5:])) == 16
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20] and batch_buckets(1) == [1]
+
+
+def test_a_batch_larger_than_the_walker_is_refused_and_an_empty_one_answers_nothing():
+    model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64)
+    walker = FastWalker(model, StaticPolicy(1), max_batch=8)
+    with pytest.raises(ValueError, match="max_batch=8"):
+        walker.run(ids, mask)
+    assert walker.run(ids[:0], mask[:0]).layers.numel() == 0
+    assert torch.equal(walker.run(ids[:5], mask[:5]).layers, torch.ones(5, dtype=torch.long))
+
+
+def policies(model: MultiExitModel, threshold: float) -> dict:
+    hidden, layers = model.hidden_size, model.num_layers
+    torch.manual_seed(1)
+    return {"static": StaticPolicy(2), "confidence": ConfidencePolicy(threshold), "patience": PatiencePolicy(1),
+            "reinforce": ReinforcePolicy(layers, hidden, 2, hidden=16), "lte": LearnToExitPolicy(hidden, 0.5),
+            "calm_margin": CalmPolicy("margin", 2 * threshold - 1),
+            "calm_saturation": CalmPolicy("saturation", 0.9),  # memory changes shape: eager after the layer
+            "free_fixed": FreePolicy(1, threshold, adaptive=False),
+            "free_adaptive": FreePolicy(1, threshold, refit_every=8)}  # refits between batches: eager
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["bert", *sorted(FAMILIES)])
+def test_cuda_graphs_equal_the_same_steps_run_eagerly(family, dtype):
+    options = FAMILIES.get(family, dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                        intermediate_size=64))
+    model, ids, mask = tiny(family, **options)
+    device = torch.device("cuda")
+    model = model.to(device, dtype)
+    with torch.no_grad():
+        first = model(ids.to(device), mask.to(device)).logits[:, 0].float()
+    threshold = float(torch.softmax(first, -1).max(-1).values.median())
+    batches = [(ids, mask), (ids[4:].flip(0), mask[4:].flip(0)), (ids[:3], mask[:3])]  # new data after capture
+    mixed = set()
+    for name, policy in policies(model, threshold).items():
+        graphed = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=32, token_types=False)
+        eager = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=32, graphs=False, token_types=False)
+        reference = copy.deepcopy(policy).to(device)
+        for batch_ids, batch_mask in batches * 2:  # the second pass replays every graph
+            a = graphed.run(batch_ids, batch_mask)
+            b = eager.run(batch_ids.to(device), batch_mask.to(device))  # device inputs: the other staging
+            assert torch.equal(a.layers, b.layers), (family, name)
+            assert torch.equal(a.predictions, b.predictions) and torch.equal(a.logits, b.logits), (family, name)
+            with torch.no_grad():
+                walked = walk(reference, LiveSource(model, batch_ids.to(device), batch_mask.to(device)),
+                              len(batch_ids), device)
+            agree = float((walked.layers.cpu() == a.layers).float().mean())
+            assert agree >= (0.95 if dtype == torch.float32 else 0.8), (family, name, agree)  # padded shapes
+            mixed.add((name, len(set(a.layers.tolist())) > 1))
+        layers = [step for b in graphed._buckets.values() for i, step in b.steps.items() if i > 0]
+        layers += [move for b in graphed._buckets.values() for move in b.moves.values()]  # compactions
+        assert layers and all(step.graph is not None for step in layers), (family, name)  # the embedding may not
+    assert ("confidence", True) in mixed  # rows left at different layers: the buckets moved rows
