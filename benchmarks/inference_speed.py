@@ -125,7 +125,7 @@ def file_labels(path: str) -> list[int] | None:
 
 
 def run_benchmark(run_dir: str, texts_path: str, batches: list[int], device: torch.device, warmup: int,
-                  reps: int, text_columns: list[str] | None = None) -> dict:
+                  reps: int, text_columns: list[str] | None = None, compile_decisions: bool = False) -> dict:
     """A trained run on real text (its real lengths, sorted into length buckets): whole-split examples/s of the
     full model and of early exit at each batch size, on the runtime's default path and on the eager walk; and how
     often the default path's exits and answers equal the eager walk's."""
@@ -134,12 +134,13 @@ def run_benchmark(run_dir: str, texts_path: str, batches: list[int], device: tor
         from exitrl.runs import Run
 
         text_columns = default_columns(Path(run_dir), Run.load(run_dir).record.task)
-    classifier = EarlyExitClassifier.from_run(run_dir, str(device))
+    classifier = EarlyExitClassifier.from_run(run_dir, str(device), compile_decisions=compile_decisions)
     eager = EarlyExitClassifier.from_run(run_dir, str(device), fast=False)
     first, second = read_texts(texts_path, text_columns)
     layers = classifier.model.num_layers
     labels = file_labels(texts_path)
     out = {"run": str(run_dir), "texts": texts_path, "examples": len(first), "fast_path": classifier.fast,
+           "compiled": compile_decisions,
            "batches": []}
     for batch in batches:
         policy = classifier.policy
@@ -230,6 +231,8 @@ def main() -> None:
     parser.add_argument("--texts", help="a TSV/CSV/JSONL of texts for --run (e.g. the task's dev file)")
     parser.add_argument("--run-batches", nargs="+", type=int, default=[32, 256])
     parser.add_argument("--text-columns", nargs="+", help="the --texts columns (default: the run's task's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the trained run's fast path with torch.compile'd exit heads and decisions")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -248,7 +251,7 @@ def main() -> None:
               "warmup": args.warmup, "reps": args.reps, "rows": rows}
     if args.run:
         trained = run_benchmark(args.run, args.texts, args.run_batches, device, max(1, min(args.warmup, 2)),
-                                max(1, min(args.reps, 5)), args.text_columns)
+                                max(1, min(args.reps, 5)), args.text_columns, args.compile)
         record["trained_run"] = trained
         for row in trained["batches"]:
             rates = {k: row[k]["examples_per_second"] for k in ("full", "early_exit", "eager_walk_early_exit")}

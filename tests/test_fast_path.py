@@ -90,3 +90,22 @@ def test_cuda_graphs_equal_the_same_steps_run_eagerly(family, dtype):
         layers += [move for b in graphed._buckets.values() for move in b.moves.values()]  # compactions
         assert layers and all(step.graph is not None for step in layers), (family, name)  # the embedding may not
     assert ("confidence", True) in mixed  # rows left at different layers: the buckets moved rows
+
+
+@CUDA
+def test_compiled_decisions_in_graphs_agree_with_the_eager_steps():
+    model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    device = torch.device("cuda")
+    model = model.to(device)
+    with torch.no_grad():
+        first = model(ids.to(device), mask.to(device)).logits[:, 0].float()
+    threshold = float(torch.softmax(first, -1).max(-1).values.median())
+    for policy in (ConfidencePolicy(threshold), PatiencePolicy(1), ReinforcePolicy(3, 32, 2, hidden=16)):
+        policy.to(device)
+        compiled = FastWalker(model, policy, max_batch=32, token_types=False, compile_decisions=True)
+        eager = FastWalker(model, policy, max_batch=32, graphs=False, token_types=False)
+        for batch_ids, batch_mask in [(ids, mask), (ids[4:].flip(0), mask[4:].flip(0))] * 2:
+            a, b = compiled.run(batch_ids, batch_mask), eager.run(batch_ids, batch_mask)
+            assert float((a.layers == b.layers).float().mean()) >= 0.95, type(policy).__name__
+            same = a.layers == b.layers
+            assert torch.allclose(a.logits[same], b.logits[same], atol=1e-4)

@@ -157,12 +157,31 @@ class Bucket:
         hidden = model.run_layer(layer - 1, self.hidden, self.inputs)
         self.hidden.copy_(hidden)
         if with_exit:
-            pooled = model.pool(hidden, self.tokens[1])
-            self.logits.copy_(model.exit_logits(layer - 1, pooled).float())
-            self.states.copy_(pooled)  # the precision a trace keeps, which policies learned from
+            self.exit_head(layer, hidden)
+
+    def exit_head(self, layer: int, hidden: torch.Tensor) -> None:
+        model = self.walker.model
+        pooled = model.pool(hidden, self.tokens[1])
+        self.logits.copy_(model.exit_logits(layer - 1, pooled).float())
+        self.states.copy_(pooled)  # the precision a trace keeps, which policies learned from
+
+    def exit_and_decide(self, layer: int) -> None:
+        """The layer's exit head, the policy's decision and the bookkeeping, on the device: what
+        ``FastWalker(compile_decisions=True)`` hands to torch.compile, so its many small kernels fuse into few."""
+        self.exit_head(layer, self.hidden)
+        self.decide_on_device(layer, True)
 
     def decide(self, layer: int, captured: bool) -> None:
         """The policy's decision and the exit bookkeeping; writes the alive count to the walker's host slot."""
+        self.decide_on_device(layer, captured)
+        self.report()
+
+    def report(self) -> None:
+        """Copy the answers and the alive count to pinned host memory (read after the step)."""
+        self.host_answers.copy_(self.answers, non_blocking=True)
+        self.walker.alive_count.copy_(self.alive.sum(), non_blocking=True)
+
+    def decide_on_device(self, layer: int, captured: bool) -> None:
         walker = self.walker
         batch = LayerBatch(layer, walker.num_layers, self.states.float(), self.logits)
         if layer == walker.num_layers:
@@ -180,8 +199,6 @@ class Bucket:
                             self.logits], 1)
         self.answers.copy_(torch.where(leave[:, None], answer, self.answers))
         self.alive.logical_and_(~leave)
-        self.host_answers.copy_(self.answers, non_blocking=True)
-        walker.alive_count.copy_(self.alive.sum(), non_blocking=True)
 
     def run_layer(self, layer: int) -> None:
         """One layer through its graphs (captured the first time)."""
@@ -191,7 +208,10 @@ class Bucket:
             return
         last = layer == walker.num_layers
         if walker.policy.graph_safe and not (last and walker.policy.observes_final):
-            self.run_step(layer, lambda: (self.layer(layer, True), self.decide(layer, True)))
+            if walker.compiled is not None:
+                self.run_step(layer, lambda: (self.layer(layer, False), walker.compiled(self, layer), self.report()))
+            else:
+                self.run_step(layer, lambda: (self.layer(layer, True), self.decide(layer, True)))
             return
         self.run_step(layer, lambda: self.layer(layer, True))
         if last and walker.policy.observes_final:
@@ -250,7 +270,7 @@ class FastWalker:
     on first use and kept."""
 
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
-                 graphs: bool | None = None, token_types: bool = True):
+                 graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False):
         self.model, self.policy = model, policy
         self.device = next(model.parameters()).device
         self.num_layers = model.num_layers
@@ -266,6 +286,12 @@ class FastWalker:
         self.alive_count = torch.zeros((), dtype=torch.long, pin_memory=pinned)
         self.answers = torch.zeros(self.capacity + 1, 2 + model.num_labels, device=self.device)  # + a spare slot
         self._buckets: dict[tuple[int, int], Bucket] = {}
+        # compile: the exit head, decision and bookkeeping of each layer through torch.compile (kernels fused; a
+        # warm-up of minutes, once per layer and shape family) before capture
+        self.compiled = None
+        if compile_decisions:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+            self.compiled = torch.compile(Bucket.exit_and_decide, dynamic=True)
 
     def bucket(self, rows: int, seq: int) -> Bucket:
         size = next(size for size in self.buckets if size >= rows)

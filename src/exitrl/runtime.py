@@ -51,9 +51,10 @@ class EarlyExitClassifier:
 
     def __init__(self, model: MultiExitModel, tokenizer, policy: ExitPolicy, label_names: list[str],
                  max_length: int = 128, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 fast: bool | None = None):
+                 fast: bool | None = None, compile_decisions: bool = False):
         """``dtype``: the backbone's weights (default bf16 on CUDA, fp32 on the CPU); ``fast``: the fast path
-        (`exitrl.fast_walk`; default on CUDA, where it captures CUDA graphs)."""
+        (`exitrl.fast_walk`; default on CUDA, where it captures CUDA graphs); ``compile_decisions``: the fast
+        path's exit heads and decisions through torch.compile (fewer kernels per layer, minutes of warm-up)."""
         if not policy.deployable:
             raise ValueError(f"The {policy.name} policy is analysis only (it reads answers it cannot have at "
                              "inference); pick a deployable agent or rule.")
@@ -63,6 +64,7 @@ class EarlyExitClassifier:
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, dtype).eval()
         self.fast = self.device.type == "cuda" if fast is None else bool(fast)
+        self.compile_decisions = bool(compile_decisions)
         self._walkers: dict[tuple[int, int], FastWalker] = {}
         self.tokenizer, self.label_names, self.max_length = tokenizer, list(label_names), int(max_length)
         self.policy = policy.to(self.device)
@@ -73,7 +75,7 @@ class EarlyExitClassifier:
         """What ``python -m exitrl.train`` left in ``run_dir``: the backbone the run used (in the folder when
         co-trained or exported, else the cache entry its record names; a missing one is an error that says how to
         rebuild it), the tokenizer, the label names, the traced length and the policy. ``options``: ``dtype``,
-        ``fast`` (see the constructor)."""
+        ``fast``, ``compile_decisions`` (see the constructor)."""
         run = Run.load(run_dir)
         model, tokenizer, meta = MultiExitModel.load(run.backbone_path())
         record = run.record
@@ -126,7 +128,8 @@ class EarlyExitClassifier:
         key = (id(self.policy), batch_size)
         if key not in self._walkers or self._walkers[key].policy is not self.policy:
             self._walkers[key] = FastWalker(self.model, self.policy, batch_size,
-                                            token_types="token_type_ids" in self.tokenizer.model_input_names)
+                                            token_types="token_type_ids" in self.tokenizer.model_input_names,
+                                            compile_decisions=self.compile_decisions)
         return self._walkers[key]
 
     def predict(self, texts: list[str] | list[tuple[str, str]], batch_size: int = 32, bucket: bool = True,
