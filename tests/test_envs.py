@@ -11,6 +11,7 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 from exitrl.envs import ENV_ID, EXIT, EarlyExitEnv, TraceVectorEnv
+from exitrl.observation import HISTORY
 from exitrl.rewards import RewardError, RewardSpec
 
 
@@ -23,7 +24,7 @@ def test_registered_env_passes_gymnasium_and_sb3_checkers(trace):
     env = gym.make(ENV_ID, trace=trace, reward=RewardSpec("hardness", kwargs={"alpha": 0.1}))
     gym_check_env(env.unwrapped)
     sb3_check_env(EarlyExitEnv(trace), warn=True)
-    assert env.observation_space.shape == (8 + 2 + 3,)
+    assert env.observation_space.shape == (8 + 2 + 3 + len(HISTORY),)
 
 
 def test_episode_rules(trace):

@@ -8,6 +8,7 @@ import torch
 from exitrl.backbones import FinetuneConfig, load_or_finetune, resolve_backbone_path
 from exitrl.data import load_task
 from exitrl.envs import TraceVectorEnv
+from exitrl.observation import HISTORY
 from exitrl.tracing import load_or_build_trace
 
 pytestmark = pytest.mark.integration
@@ -27,7 +28,7 @@ def test_minilm_finetune_trace_and_env_on_rte_slice(glue_dir, tmp_path):
     assert trace["train"].memorized.min() >= 1 and trace["train"].memorized.max() <= 6
     env = TraceVectorEnv(trace["train"], 96, seed=0)
     obs, _ = env.reset()
-    assert obs.shape == (96, 384 + 2 + 3) and torch.isfinite(obs).all()
+    assert obs.shape == (96, 384 + 2 + 3 + len(HISTORY)) and torch.isfinite(obs).all()
     _, again, info2 = load_or_finetune(NAME, data, cfg, tmp_path, torch.device("cpu"), pooling="mean",
                                        package=PACKAGE)
     assert info2["cached"] is True

@@ -30,7 +30,9 @@ BUDGETS = {
 }
 VARIANTS = [*BUDGETS.items(), ("confidence", {"threshold": 0.9, "temperature": True}),
             ("calm", {"measure": "saturation", "delta": 0.3}), ("calm", {"measure": "meta", "delta": 0.3}),
-            ("reinforce", {"epochs": 3, "batch_size": 8, "features": "state"})]
+            ("reinforce", {"epochs": 3, "batch_size": 8, "features": "state"}),
+            ("reinforce", {"epochs": 3, "batch_size": 8, "features": "history"}),
+            ("linucb", {"rounds": 2000, "features": "full"})]
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from exitrl.backbones.multi_exit import SHARED, MultiExitModel
+from exitrl.observation import init_history, step_history
 from exitrl.policy import ExitPolicy, LayerBatch
 from exitrl.trace import STATE_DTYPE
 from exitrl.walk import Exits
@@ -117,7 +118,7 @@ class Bucket:
         self.hidden, self.inputs = hidden, inputs  # the first embedding's outputs become the bucket's buffers
         self.alive = torch.zeros(size, dtype=torch.bool, device=device)
         self.position = torch.zeros(size, dtype=torch.long, device=device)
-        self.memory = walker.policy.init_memory(size, device)
+        self.memory = walker.init_memory(size)
         self.states = torch.zeros(size, model.hidden_size, dtype=STATE_DTYPE, device=device)
         self.logits = torch.zeros(size, model.num_labels, device=device)
         self.answers = torch.zeros(size, 2 + model.num_labels, device=device)  # exit layer, prediction, logits
@@ -144,12 +145,12 @@ class Bucket:
         rows = torch.arange(self.size, device=self.alive.device)
         self.position.copy_(torch.where(self.alive, rows, self.walker.capacity))  # padding writes a spare slot
         if self.walker.policy.graph_safe:  # else `reset_memory` runs eagerly after the step
-            for key, value in self.walker.policy.init_memory(self.size, self.alive.device).items():
+            for key, value in self.walker.init_memory(self.size).items():
                 self.memory[key].copy_(value)
 
     def reset_memory(self) -> None:
         """A fresh memory for a policy whose memory may change shape (not graph-safe): allocated eagerly."""
-        self.memory = self.walker.policy.init_memory(self.size, self.alive.device)
+        self.memory = self.walker.init_memory(self.size)
 
     def layer(self, layer: int, with_exit: bool) -> None:
         """Layer ``layer`` (1-indexed) on the bucket's hidden states; with its exit head where a row may leave."""
@@ -183,11 +184,12 @@ class Bucket:
 
     def decide_on_device(self, layer: int, captured: bool) -> None:
         walker = self.walker
-        batch = LayerBatch(layer, walker.num_layers, self.states.float(), self.logits)
         if layer == walker.num_layers:
             leave = torch.ones_like(self.alive)
         else:
             memory = dict(self.memory)
+            history = step_history(memory, self.states, self.logits) if walker.policy.uses_history else None
+            batch = LayerBatch(layer, walker.num_layers, self.states.float(), self.logits, history=history)
             leave = walker.policy.decide(batch, memory).to(torch.bool)
             for key, value in memory.items():
                 if captured:
@@ -274,7 +276,8 @@ class FastWalker:
         self.model, self.policy = model, policy
         self.device = next(model.parameters()).device
         self.num_layers = model.num_layers
-        self.first_exit = max(1, min(int(policy.first_exit_layer), self.num_layers))
+        # a policy that reads the history needs every layer's head and decision step, from layer 1
+        self.first_exit = 1 if policy.uses_history else max(1, min(int(policy.first_exit_layer), self.num_layers))
         self.buckets = batch_buckets(max_batch)
         self.capacity, self.seq_multiple = self.buckets[-1], int(seq_multiple)
         self.token_types = token_types
@@ -292,6 +295,13 @@ class FastWalker:
         if compile_decisions:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
             self.compiled = torch.compile(Bucket.exit_and_decide, dynamic=True)
+
+    def init_memory(self, size: int) -> dict[str, torch.Tensor]:
+        """The policy's per-row memory for ``size`` rows, with the history entries when the policy reads them."""
+        memory = self.policy.init_memory(size, self.device)
+        if self.policy.uses_history:
+            memory.update(init_history(size, self.model.hidden_size, self.device))
+        return memory
 
     def bucket(self, rows: int, seq: int) -> Bucket:
         size = next(size for size in self.buckets if size >= rows)

@@ -24,18 +24,20 @@ from exitrl.observation import build_observation
 class LayerBatch:
     """The rows still running at 1-indexed ``layer``: pooled ``states [B, H]`` and exit ``logits [B, C]``.
     ``extras`` may carry ``rows``, the rows' indices in the evaluated split, and ``split_size``, its length (only
-    analysis oracles read them)."""
+    analysis oracles read them). ``history`` ``[B, K]``: the rows' history features (`exitrl.observation`), which
+    the walks track for a policy whose ``uses_history`` is True (None otherwise)."""
 
     layer: int
     num_layers: int
     states: torch.Tensor
     logits: torch.Tensor
     extras: dict = field(default_factory=dict)
+    history: torch.Tensor | None = None
 
     @cached_property
     def observations(self) -> torch.Tensor:
         """The same observation vector the envs emit (see `exitrl.observation`)."""
-        return build_observation(self.states, self.logits, self.layer, self.num_layers)
+        return build_observation(self.states, self.logits, self.layer, self.num_layers, self.history)
 
     @cached_property
     def probs(self) -> torch.Tensor:
@@ -56,6 +58,8 @@ class ExitPolicy(ABC):
     # heads be computed) below it; a policy whose memory must see every layer keeps 1.
     graph_safe: bool = False
     first_exit_layer: int = 1
+    # Whether `decide` reads ``LayerBatch.history``: the walks then track it in the per-row memory from layer 1.
+    uses_history: bool = False
 
     @property
     def observes_final(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from exitrl.observation import init_history, step_history
 from exitrl.policy import ExitPolicy, LayerBatch
 from exitrl.trace import SplitTrace
 
@@ -51,7 +52,12 @@ def walk(policy: ExitPolicy, source: LayerSource, size: int, device: torch.devic
     extras = {} if ids is None else {"rows": ids, "split_size": split_size}
     for layer in range(1, num_layers + 1):
         states, logits = source.layer(layer)
-        batch = LayerBatch(layer, num_layers, states.float(), logits, extras)
+        history = None
+        if policy.uses_history:
+            if layer == 1:
+                memory.update(init_history(size, states.shape[-1], device))
+            history = step_history(memory, states, logits)
+        batch = LayerBatch(layer, num_layers, states.float(), logits, extras, history)
         if layer == num_layers:
             policy.observe_final(batch, memory)
             leave = torch.ones_like(position, dtype=torch.bool)

@@ -26,7 +26,7 @@ from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, regi
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.observation import ObservationLayout, check_features, observation_table
+from exitrl.observation import ObservationLayout, check_features, observation_table, view_reads_history
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 EXIT_ARM, CONTINUE_ARM = 0, 1  # rows of each layer's theta (saved in policy files), not the env's action ids
@@ -56,6 +56,7 @@ class LinUCBPolicy(ModuleExitPolicy):
     def __init__(self, num_layers: int, hidden_size: int, num_classes: int, features: str = "confidence"):
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
+        self.uses_history = view_reads_history(features)
         self._config = {"num_layers": num_layers, "hidden_size": hidden_size, "num_classes": num_classes,
                         "features": features}
         self.values = LinearExitValues(num_layers, self.layout.feature_size(features))
@@ -79,7 +80,7 @@ def spd_inverse(matrices: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LinUCBConfig:
-    features: str = "confidence"  # confidence | state | observation (views of the env observation)
+    features: str = "confidence"  # state | confidence | observation | history | full (exitrl.observation)
     bonus: float = 0.5  # LinUCB's α: width of the optimism bonus, in reward units
     ridge: float = 1.0  # λ: prior precision of every θ
     rounds: int = 50_000  # examples seen online

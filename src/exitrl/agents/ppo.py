@@ -25,7 +25,7 @@ from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, regi
 from exitrl.agents.inputs import FitInputs
 from exitrl.envs import EarlyExitEnv, observation_box
 from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.observation import ObservationLayout, check_features
+from exitrl.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 from exitrl.trace import SplitTrace
 
@@ -41,6 +41,7 @@ class SB3ExitPolicy(ModuleExitPolicy):
                  actor: ActorCriticPolicy | None = None):
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
+        self.uses_history = view_reads_history(features)
         self.net_arch = list(net_arch)
         self.actor = actor or ActorCriticPolicy(observation_box(self.layout.feature_size(features)),
                                                 gym.spaces.Discrete(2), lambda _: 0.0, net_arch=self.net_arch)

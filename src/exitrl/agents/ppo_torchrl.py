@@ -22,7 +22,7 @@ from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, regi
 from exitrl.agents.inputs import FitInputs
 from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
 from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.observation import ObservationLayout, check_features
+from exitrl.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 
@@ -46,6 +46,7 @@ class TorchRLExitPolicy(ModuleExitPolicy):
     def __init__(self, hidden_size: int, num_classes: int, features: str = "state", num_cells=(64, 64)):
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
+        self.uses_history = view_reads_history(features)
         self.num_cells = list(num_cells)
         self.view = FeatureView(self.layout, features)
         self.logits_net = MLP(in_features=self.layout.feature_size(features), out_features=2,

@@ -11,7 +11,9 @@ Facts from the paper and its official code:
 * inference exits at the first layer with π_l > 0.5.
 
 Inputs (``features``): ``state`` (default, the paper's: the layer's pooled state), ``confidence`` (layer position
-and the exit head's probabilities, max-prob and entropy) or ``observation`` (both), standardised per layer with
+and the exit head's probabilities, max-prob and entropy), ``observation`` (both), ``history`` (confidence and the
+walk's history: agreement streak, changes of max-prob and entropy, cos of consecutive states) or ``full`` (all),
+standardised per layer with
 training-trace statistics. A state-fed policy can learn which *training examples* an early head gets right, which
 need not transfer to new ones: ``data.policy_split`` lets it learn on examples the backbone never saw (the README
 has the measurements).
@@ -31,7 +33,7 @@ from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.envs import TraceVectorEnv
 from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.observation import ObservationLayout, check_features, observation_table
+from exitrl.observation import ObservationLayout, check_features, observation_table, view_reads_history
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 
@@ -62,6 +64,7 @@ class ReinforcePolicy(ModuleExitPolicy):
                  features: str = "state", threshold: float = 0.5):
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
+        self.uses_history = view_reads_history(features)
         self.threshold = threshold
         self._config = {"num_layers": num_layers, "hidden_size": hidden_size, "num_classes": num_classes,
                         "hidden": hidden, "features": features, "threshold": threshold}
