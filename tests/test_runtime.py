@@ -32,7 +32,8 @@ VARIANTS = [*BUDGETS.items(), ("confidence", {"threshold": 0.9, "temperature": T
             ("calm", {"measure": "saturation", "delta": 0.3}), ("calm", {"measure": "meta", "delta": 0.3}),
             ("reinforce", {"epochs": 3, "batch_size": 8, "features": "state"}),
             ("reinforce", {"epochs": 3, "batch_size": 8, "features": "history"}),
-            ("linucb", {"rounds": 2000, "features": "full"})]
+            ("linucb", {"rounds": 2000, "features": "full"}), ("confidence_per_layer", {"cost_weight": 0.1}),
+            ("exit_scorer", {"cost_weight": 0.1, "steps": 50})]
 
 
 @pytest.fixture(scope="module")
