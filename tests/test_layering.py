@@ -12,7 +12,7 @@ LAYERS = [
     ("exitrl.backbones",),
     ("exitrl.trace", "exitrl.rewards"),
     ("exitrl.tracing", "exitrl.envs", "exitrl.policy"),
-    ("exitrl.tradeoff", "exitrl.walk"),
+    ("exitrl.tradeoff", "exitrl.walk", "exitrl.crossfit", "exitrl.protocol"),
     ("exitrl.fast_walk",),
     ("exitrl.evaluate", "exitrl.calibration", "exitrl.run_summary"),
     ("exitrl.agents",),

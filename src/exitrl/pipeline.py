@@ -24,6 +24,7 @@ from exitrl.agents.declaration import AgentSpec
 from exitrl.agents.inputs import FitInputs, learn_split
 from exitrl.agents.registry import get_agent
 from exitrl.backbones import FinetuneConfig, load_or_finetune
+from exitrl.crossfit import check_crossfit, crossfit_train
 from exitrl.data import TaskData, load_task
 from exitrl.evaluate import evaluate_policy, oracle_bounds
 from exitrl.options import checked_options
@@ -121,13 +122,18 @@ def prepare(cfg: DictConfig, device: torch.device, writer=None) -> Prepared:
     """Load the task, fine-tune the backbone (or reuse the cached one), trace it (or reuse the cached trace)."""
     limit = OmegaConf.to_container(cfg.data.limit, resolve=True)
     custom = OmegaConf.to_container(cfg.env.custom, resolve=True) if "custom" in cfg.env else None
+    crossfit = check_crossfit(cfg.data.get("crossfit", 0))
     data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom, policy_split=cfg.data.policy_split)
     log.info("Task %s from %s: %s", data.name, data.source, {k: len(v) for k, v in data.splits.items()})
+    check_crossfit(crossfit, len(data.splits["train"]))
     finetune = finetune_config(cfg)
     model, tokenizer, info = load_or_finetune(cfg.backbone.name, data, finetune, cfg.cache_dir, device,
                                               cfg.backbone.pooling, cfg.backbone.package, writer)
     trace = load_or_build_trace(model, tokenizer, data, cfg.cache_dir, device, finetune.max_length,
                                 objective=finetune.objective)
+    if crossfit:
+        trace = crossfit_train(trace, data, cfg.backbone.name, finetune, cfg.cache_dir, device, crossfit,
+                               cfg.backbone.pooling, cfg.backbone.package)
     backbone = {"name": cfg.backbone.name, "objective": finetune.objective,
                 **{k: v for k, v in info.items() if k != "dev_accuracy_per_epoch"}}
     prepared = Prepared(data.name, data.metric, trace, backbone, device, data, model, tokenizer, finetune,

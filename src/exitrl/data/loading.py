@@ -81,7 +81,7 @@ def load_task(
         raise DataError(f"Unknown task {task!r}. Valid tasks: {', '.join(TASK_NAMES)}.")
     for split, n in (limit or {}).items():
         if n is not None and split in data.splits:
-            data.splits[split] = _select(data.splits[split], list(range(min(int(n), len(data.splits[split])))))
+            data.splits[split] = select_rows(data.splits[split], list(range(min(int(n), len(data.splits[split])))))
     if policy_split:
         _carve_policy_split(data, float(policy_split))
     for split, ds in data.splits.items():
@@ -100,8 +100,8 @@ def _carve_policy_split(data: TaskData, fraction: float, seed: int = 0) -> None:
     if count < 1 or count >= len(train):
         raise DataError(f"data.policy_split={fraction} of {len(train)} training rows leaves an empty split.")
     order = np.random.default_rng(seed).permutation(len(train))
-    data.splits[HELD_OUT] = _select(train, sorted(order[:count].tolist()))
-    data.splits["train"] = _select(train, sorted(order[count:].tolist()))
+    data.splits[HELD_OUT] = select_rows(train, sorted(order[:count].tolist()))
+    data.splits["train"] = select_rows(train, sorted(order[count:].tolist()))
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
@@ -296,5 +296,6 @@ def _make_dataset(columns: dict[str, list]) -> datasets.Dataset:
     return datasets.Dataset(InMemoryTable.from_pydict(columns), fingerprint=hash_json(columns))
 
 
-def _select(ds: datasets.Dataset, indices: list[int]) -> datasets.Dataset:
+def select_rows(ds: datasets.Dataset, indices: list[int]) -> datasets.Dataset:
+    """Rows ``indices`` of ``ds``, fingerprinted by our content hash (no dill hashing)."""
     return ds.select(indices, new_fingerprint=hash_json([ds._fingerprint, indices]))
