@@ -34,6 +34,7 @@ import torch
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.agents.confidence_per_layer import AGENT as PER_LAYER
 from exitrl.agents.exit_scorer import AGENT as SCORER
+from exitrl.agents.exit_scorer import train_exit_scorer
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.patience import PatiencePolicy
 from exitrl.agents.reinforce import AGENT as REINFORCE
@@ -101,16 +102,19 @@ def family_points(trace: Trace, learn: dict[str, SplitTrace], device, reinforce_
         inputs = FitInputs(Trace({"train": learn[split], "dev": dev}), "train", device=device)
         return spec.fit(spec.make_options(options), inputs)[0]
 
-    for weight in PER_LAYER.knob.values(num_layers):
+    weights = PER_LAYER.knob.values(num_layers)
+    for weight in weights:
         points["confidence_per_layer"].append((f"w={weight}", fit(PER_LAYER, {"cost_weight": weight}, "crossfit")))
-        for family, features, split in (
-            ("exit_scorer", "history", "crossfit"),
-            ("exit_scorer[full]", "full", "crossfit"),
-            ("exit_scorer[deployed train]", "history", "deployed"),
-            ("exit_scorer[held-out]", "history", "held_out"),
-        ):
-            points[family].append((f"w={weight}", fit(SCORER, {"cost_weight": weight, "features": features}, split)))
-    for alpha in (0.01, 0.05, 0.2):
+    for family, features, split in (
+        ("exit_scorer", "history", "crossfit"),
+        ("exit_scorer[full]", "full", "crossfit"),
+        ("exit_scorer[deployed train]", "history", "deployed"),
+        ("exit_scorer[held-out]", "history", "held_out"),
+    ):  # one trained scorer per family, a whole curve from its thresholds
+        inputs = FitInputs(Trace({"train": learn[split], "dev": dev}), "train", device=device)
+        trained = train_exit_scorer(SCORER.make_options({"features": features}), inputs)
+        points[family] = [(f"w={w}", trained.with_cost_weight(w)[0]) for w in weights]
+    for alpha in (0.02, 0.1):
         options = REINFORCE.make_options({"features": "history", "epochs": reinforce_epochs})
         inputs = FitInputs(
             Trace({"train": learn["crossfit"]}), "train", RewardSpec("hardness", kwargs={"alpha": alpha}), device

@@ -18,6 +18,7 @@ of labels) or ``correct``; the thresholds always maximise the task's own gain (`
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -117,7 +118,37 @@ def train_net(net: PerLayerExitNet, x: torch.Tensor, target: torch.Tensor, cfg: 
         optimizer.step()
 
 
-def fit_exit_scorer(cfg: ExitScorerConfig, inputs: FitInputs) -> tuple[ExitScorerPolicy, dict]:
+@dataclass
+class TrainedScorer:
+    """A scorer trained once, with what choosing its thresholds needs: the out-of-part learned scores, the rule's
+    score and the gains, all ``[N, L]`` on the learn split. One trained scorer gives a whole curve:
+    `with_cost_weight` for each point."""
+
+    policy: ExitScorerPolicy
+    learned: torch.Tensor
+    rule: torch.Tensor
+    gains: torch.Tensor
+    blends: list[float]
+    learn_on: str
+    seconds: float
+
+    def with_cost_weight(self, cost_weight: float) -> tuple[ExitScorerPolicy, dict]:
+        """A copy of the policy with β and per-layer thresholds chosen for ``cost_weight``."""
+        fits = {}
+        for blend in sorted(set(self.blends)):  # ascending: on a tie the simpler score (nearer the rule) stays
+            score = self.rule if blend == 0 else (1 - blend) * self.rule + blend * self.learned
+            fits[blend] = fit_per_layer_thresholds(score, self.gains, cost_weight)
+        blend = max(fits, key=lambda b: (fits[b][1], -b))
+        policy = copy.copy(self.policy)  # the networks are shared; β and the thresholds are the copy's own
+        policy.blend, policy.thresholds = blend, fits[blend][0].tolist()
+        info = {"blend": blend, "objective_by_blend": {str(b): round(v[1], 6) for b, v in fits.items()},
+                "thresholds": [None if t == float("inf") else t for t in policy.thresholds],
+                "fitted_on": self.learn_on, "train_seconds": round(self.seconds, 2)}
+        return policy, info
+
+
+def train_exit_scorer(cfg: ExitScorerConfig, inputs: FitInputs) -> TrainedScorer:
+    """Train the parts' networks and score every row of the learn split with the network that never saw it."""
     torch.manual_seed(cfg.seed)
     started = time.time()
     learn = inputs.learn.to(inputs.device)
@@ -138,18 +169,13 @@ def fit_exit_scorer(cfg: ExitScorerConfig, inputs: FitInputs) -> tuple[ExitScore
         with torch.no_grad():
             held = part == k
             learned[held] = torch.stack([net(x[held, layer], layer) for layer in range(num_layers)], 1)
-    rule = max_prob_logit(table, policy.layout)
-    gains = exit_gains(learn.logits, learn.labels, cfg.gain)
-    fits = {}
-    for blend in sorted(set(cfg.blends)):  # ascending: on a tie the simpler score (nearer the rule) stays
-        score = rule if blend == 0 else (1 - blend) * rule + blend * learned
-        fits[blend] = fit_per_layer_thresholds(score, gains, cfg.cost_weight)
-    blend = max(fits, key=lambda b: (fits[b][1], -b))
-    policy.blend, policy.thresholds = blend, fits[blend][0].tolist()
-    info = {"blend": blend, "objective_by_blend": {str(b): round(v[1], 6) for b, v in fits.items()},
-            "thresholds": [None if t == float("inf") else t for t in policy.thresholds],
-            "fitted_on": inputs.learn_on, "train_seconds": round(time.time() - started, 2)}
-    return policy, info
+    return TrainedScorer(policy, learned, max_prob_logit(table, policy.layout),
+                         exit_gains(learn.logits, learn.labels, cfg.gain), list(cfg.blends), inputs.learn_on,
+                         time.time() - started)
+
+
+def fit_exit_scorer(cfg: ExitScorerConfig, inputs: FitInputs) -> tuple[ExitScorerPolicy, dict]:
+    return train_exit_scorer(cfg, inputs).with_cost_weight(cfg.cost_weight)
 
 
 AGENT = register(AgentSpec(
