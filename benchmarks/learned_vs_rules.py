@@ -49,6 +49,7 @@ from exitrl.protocol import (
     chosen_saving,
     chosen_within,
     paired_bootstrap,
+    picks,
     validated_auc,
     validation_auc,
 )
@@ -316,6 +317,54 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot(results: dict, report: dict, folder: Path, stamp: str) -> list[Path]:
+    """Per task: dev score against dev layer speedup at the points validation picked (seed of the lowest number),
+    one line per main family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task, r in report["tasks"].items():
+        task_out = results["tasks"][task]
+        seed = min(task_out["seeds"])
+        seed_out = task_out["seeds"][seed]
+        labels, metric, num_layers = seed_out["labels"], r["metric"], r["num_layers"]
+        full = fixed(num_layers, labels, seed_out, "full")
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+        for family in sorted(f for f in r["families"] if "[" not in f):
+            chosen = picks(as_points(seed_out["families"][family], labels), full, metric, num_layers)
+            xy = sorted(
+                {
+                    (num_layers / float(p.dev.layers.double().mean()), 100 * float(p.dev.score(metric)))
+                    for p in chosen
+                    if p is not None
+                }
+            )
+            style = "--" if family in RULES else "-"
+            ax.plot(
+                [x for x, _ in xy],
+                [y for _, y in xy],
+                style,
+                marker="o",
+                markersize=3,
+                label=f"{family} (AUC {100 * r['families'][family]['validated_auc']['mean']:.2f})",
+            )
+        ax.axhline(100 * float(full.dev.score(metric)), color="black", linewidth=0.8, label="full model")
+        ax.set_xlabel(f"dev layer speedup (L / mean exit layer, L = {num_layers})")
+        ax.set_ylabel(f"dev {metric} (%)")
+        ax.set_title(f"{task}, seed {seed}: points chosen on validation (dashed: rules)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / f"{stamp}_{task}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc", "sst2"])
@@ -335,7 +384,8 @@ def main() -> None:
     parser.add_argument("--reinforce-epochs", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/learned_vs_rules.pt")
     parser.add_argument("--analyze", help="a saved .pt of a run: only analyse it")
-    parser.add_argument("--report", help="folder for the markdown and JSON report")
+    parser.add_argument("--report", help="folder for the markdown, JSON and PNG report")
+    parser.add_argument("--stamp", help="file name stem of the report (default learned_vs_rules_<date>)")
     args = parser.parse_args()
     if not args.analyze:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -347,9 +397,10 @@ def main() -> None:
     if args.report:
         folder = Path(args.report)
         folder.mkdir(parents=True, exist_ok=True)
-        stamp = f"learned_vs_rules_{report['date']}"
+        stamp = args.stamp or f"learned_vs_rules_{report['date']}"
         (folder / f"{stamp}.md").write_text(text)
         (folder / f"{stamp}.json").write_text(json.dumps(report, indent=1))
+        plot(results, report, folder, stamp)
 
 
 if __name__ == "__main__":
