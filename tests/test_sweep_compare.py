@@ -63,6 +63,31 @@ def test_sweep_then_compare(tiny_bert, glue_dir, tmp_path):
     table = (out / "comparison.md").read_text()
     assert "reinforce (learned)" in table and "| static |" in table and "AUC" in result.stdout
 
+    # the honest protocol (calm held 20 % of train out: the validation split), recomputed from the records'
+    # validation and dev summaries: at each saving level the point best on validation, read on dev
+    protocol = comparison["protocol"]
+    assert set(protocol["families"]) == set(per_family) and "honest protocol" in table
+    records = [json.loads(path.read_text()) for path in runs]
+    full_val = max(r["validation_results"][r["agent"]]["score"] for r in records if r["agent"] == "static"
+                   and r["knob"]["value"] == 3)
+    layer_one_val = [r for r in records if r["agent"] == "static" and r["knob"]["value"] == 1][0]
+    layer_one_dev = layer_one_val["results"]["static"]["score"]
+    for family in per_family:
+        mine = [(r["validation_results"][family], r["results"][family]) for r in records if r["agent"] == family]
+        pool = [*mine, ({"score": full_val, "saved_layers": 0.0}, full)]
+        values = []
+        for level in grid:
+            eligible = [p for p in pool if p[0]["saved_layers"] >= level - 1e-9]
+            if not eligible:  # nothing saves this much on validation: exiting everything at layer 1
+                values.append(layer_one_dev)
+                continue
+            pick = max(eligible, key=lambda p: p[0]["score"])  # first on ties, as the protocol does
+            values.append(max(pick[1]["score"], layer_one_dev))
+        assert abs(protocol["families"][family]["validated_auc"]["mean"] - sum(values) / 16) < 1e-6, family
+    assert protocol["best_learned"] == "reinforce" and protocol["best_rule"] in per_family
+    low, high = protocol["difference"]["ci95"]
+    assert low <= protocol["difference"]["estimate"] <= high
+
     image = matplotlib.image.imread(out / "comparison_rte.png")
     assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
     events = EventAccumulator(str(out / "compare_tensorboard"), size_guidance={"images": 0})

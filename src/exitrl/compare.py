@@ -19,12 +19,23 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from exitrl.agents.declaration import LEARNED
 from exitrl.agents.registry import agents
 from exitrl.cli import callable_module, fail
-from exitrl.record import RunRecord, read_records
+from exitrl.protocol import (
+    Point,
+    SplitExits,
+    chosen_saving,
+    chosen_within,
+    paired_bootstrap,
+    validated_auc,
+    validation_auc,
+)
+from exitrl.record import EXITS_FILE, RunRecord, read_exits, read_records
+from exitrl.trace import HELD_OUT
 from exitrl.tradeoff import family_summary
 
 
@@ -72,6 +83,7 @@ def read_runs(runs_dir: Path, with_baselines: bool = False) -> dict[str, dict]:
     for _, record in records:
         keys[record.task].add(record.trace_key)
     points = []  # (task, agent, base family, traits, result, setting, run)
+    seeds = {str(path.parent): record.seed for path, record in records}
     for path, record in records:
         task = record.task
         if len(keys[task]) > 1:  # runs on different backbones or data: never mixed into one curve
@@ -92,13 +104,14 @@ def read_runs(runs_dir: Path, with_baselines: bool = False) -> dict[str, dict]:
     for task, _, base, traits, *_ in points:
         if traits not in variants[(task, base)]:
             variants[(task, base)].append(traits)
-    for task, _, base, traits, result, setting, run, kind in points:
+    for task, agent, base, traits, result, setting, run, kind in points:
         family = base
         others = variants[(task, base)]
         if len(others) > 1:  # name the family by the traits in which its runs differ from the others'
             differing = [k for k in traits if any(o.get(k) != traits[k] for o in others)]
             family = f"{base}[{','.join(f'{k}={traits[k]}' for k in differing)}]"
-        tasks[task]["families"][family].append({**result, "setting": setting, "run": run})
+        tasks[task]["families"][family].append({**result, "setting": setting, "run": run, "agent": agent,
+                                                "seed": seeds[run]})
         if kind == LEARNED:
             tasks[task]["learned"].add(family)
     if not tasks:
@@ -115,6 +128,113 @@ def summarize(task: dict) -> dict:
             "learned": sorted(task["learned"]),
             "consistency_oracle": task["oracle"]["consistency_oracle"],
             "oracle_frontier": task["oracle"].get("oracle_frontier", []), "families": families}
+
+
+def protocol_points(task: dict) -> tuple[dict, Point, Point] | str:
+    """``({family: {seed: [Point]}}, full model, layer 1)`` from the runs' ``exits.pt``, or why there are none."""
+    loaded: dict[str, dict | None] = {}
+    families: dict[str, dict] = defaultdict(lambda: defaultdict(list))
+    reference = None
+    for family, points in sorted(task["families"].items()):
+        for point in points:
+            if point["run"] not in loaded:
+                loaded[point["run"]] = read_exits(point["run"])
+            exits = loaded[point["run"]]
+            if exits is None:
+                return f"{point['run']} has no {EXITS_FILE} (written by exitrl before the honest protocol)"
+            if HELD_OUT not in exits["labels"]:
+                return ("the runs have no held-out split, so knobs could only be read off dev: add "
+                        "data.policy_split=0.2 (or sweep.trace= a trace with a held-out split)")
+            labels = {k: v.long() for k, v in exits["labels"].items()}
+
+            def split(entry: dict, name: str, labels=labels) -> SplitExits:
+                return SplitExits(entry[name]["layers"].long(), entry[name]["predictions"].long(), labels[name])
+
+            mine = exits["policies"][point["agent"]]
+            families[family][point["seed"]].append(Point(point["setting"], split(mine, HELD_OUT), split(mine, "dev")))
+            if reference is None:
+                num_layers = task["num_layers"]
+
+                def fixed(key: str, layer: int, exits=exits, labels=labels) -> Point:
+                    made = {name: SplitExits(torch.full_like(labels[name], layer), exits["reference"][key][name].long(),
+                                             labels[name]) for name in (HELD_OUT, "dev")}
+                    return Point(key, made[HELD_OUT], made["dev"])
+
+                reference = (fixed("full", num_layers), fixed("layer_one", 1))
+    return families, *reference
+
+
+def protocol_summary(task: dict, resamples: int = 2000) -> dict:
+    """The honest protocol (`exitrl.protocol`): per family, mean ± std over seeds of the validated AUC, the
+    validation AUC and the points chosen on validation; the best learned and best rule family by validation AUC and
+    a paired bootstrap CI of their validated-AUC difference. ``{"unavailable": why}`` when the runs cannot."""
+    found = protocol_points(task)
+    if isinstance(found, str):
+        return {"unavailable": found}
+    families, full, one = found
+    metric, num_layers = task["metric"], task["num_layers"]
+
+    def mean_std(values: list) -> dict | None:
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        t = torch.tensor(values, dtype=torch.float64)
+        return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "n": len(values)}
+
+    rows = {}
+    for family, by_seed in families.items():
+        columns = defaultdict(list)
+        for points in by_seed.values():
+            columns["validated_auc"].append(float(validated_auc(points, full, one, metric, num_layers)))
+            columns["validation_auc"].append(validation_auc(points, full, one, metric, num_layers))
+            within = chosen_within(points, full, metric, num_layers)
+            columns["speedup_within_1pt"].append(num_layers / float(within.dev.layers.double().mean()))
+            columns["score_within_1pt"].append(float(within.dev.score(metric)))
+            half = chosen_saving(points, metric, num_layers)
+            columns["score_saved_50"].append(None if half is None else float(half.dev.score(metric)))
+        rows[family] = {key: mean_std(values) for key, values in columns.items()}
+        rows[family].update(seeds=len(by_seed), points=sum(len(p) for p in by_seed.values()))
+    summary = {"families": rows, "metric": metric}
+    learned = [f for f in rows if f in task["learned"]]
+    rules = [f for f in rows if f not in task["learned"]]
+    if learned and rules:
+        best_learned = max(learned, key=lambda f: rows[f]["validation_auc"]["mean"])
+        best_rule = max(rules, key=lambda f: rows[f]["validation_auc"]["mean"])
+        common = sorted(set(families[best_learned]) & set(families[best_rule]), key=str)
+
+        def difference(resampled):
+            return torch.stack([
+                validated_auc(families[best_learned][seed], full, one, metric, num_layers, resampled)
+                - validated_auc(families[best_rule][seed], full, one, metric, num_layers, resampled)
+                for seed in common]).mean(0)
+
+        summary.update(best_learned=best_learned, best_rule=best_rule,
+                       difference=paired_bootstrap(difference, len(full.dev.labels), resamples))
+    return summary
+
+
+def protocol_table(name: str, summary: dict) -> str:
+    """The honest protocol's markdown: choices on the held-out split, numbers on dev."""
+    if "unavailable" in summary:
+        return f"### {name}: honest protocol unavailable: {summary['unavailable']}."
+
+    def ms(value, scale=100, unit=""):
+        return "–" if value is None else f"{scale * value['mean']:.2f} ± {scale * value['std']:.2f}{unit}"
+
+    lines = [f"### {name}: honest protocol (every choice on the held-out split; dev numbers; mean ± std over seeds)",
+             ""]
+    if "difference" in summary:
+        d = summary["difference"]
+        lines += [f"Best learned by validation AUC: {summary['best_learned']}; best rule: {summary['best_rule']}. "
+                  f"Validated AUC difference {100 * d['estimate']:+.2f} points, paired bootstrap 95 % CI "
+                  f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] over dev rows.", ""]
+    lines += ["| family | validated AUC | validation AUC | speedup within 1 point | its dev score | dev score, ≥ 50 % "
+              "saved | seeds | points |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for family, row in sorted(summary["families"].items(), key=lambda kv: -kv[1]["validated_auc"]["mean"]):
+        lines.append(f"| {family} | {ms(row['validated_auc'])} | {ms(row['validation_auc'])} | "
+                     f"{ms(row['speedup_within_1pt'], 1, '×')} | {ms(row['score_within_1pt'])} | "
+                     f"{ms(row['score_saved_50'])} | {row['seeds']} | {row['points']} |")
+    return "\n".join(lines)
 
 
 def table(name: str, summary: dict) -> str:
@@ -189,8 +309,9 @@ def compare(runs_dir: str | Path, with_baselines: bool = False) -> dict:
     writer = SummaryWriter(str(runs_dir / "compare_tensorboard"))
     for name, task in sorted(tasks.items()):
         summary = summarize(task)
+        summary["protocol"] = protocol_summary(task)
         report[name] = summary
-        text = table(name, summary)
+        text = protocol_table(name, summary["protocol"]) + "\n\n" + table(name, summary)
         texts.append(text)
         figure = plot(name, task, summary, runs_dir / f"comparison_{name}.png")
         writer.add_figure(f"compare/{name}/tradeoff", figure, 0)

@@ -46,11 +46,17 @@ def consistency_risks(predictions: torch.Tensor, trace: SplitTrace) -> dict:
 
 def evaluate_policy(policy: ExitPolicy, trace: SplitTrace, metric: str = "accuracy") -> dict:
     """The metric contract, plus the consistency risks, for one policy on one split."""
+    return evaluate_exits(policy, trace, metric)[0]
+
+
+def evaluate_exits(policy: ExitPolicy, trace: SplitTrace, metric: str = "accuracy") -> tuple[dict, dict]:
+    """`evaluate_policy`'s result and the per-example exits behind it (``layers`` and ``predictions``, int16 on
+    the CPU), which the honest comparison (`exitrl.protocol`) resamples."""
     exit_layers, predictions = run_policy(policy, trace)
     result = summarize_exits(exit_layers, predictions, trace.labels, trace.num_layers, metric)
     result.update(consistency_risks(predictions, trace))
     result["deployable"] = policy.deployable
-    return result
+    return result, {"layers": exit_layers.cpu().to(torch.int16), "predictions": predictions.cpu().to(torch.int16)}
 
 
 ORACLE_KINDS = ("consistency", "correctness")

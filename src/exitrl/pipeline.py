@@ -8,6 +8,7 @@ fine-tuning starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -26,10 +27,10 @@ from exitrl.agents.registry import get_agent
 from exitrl.backbones import FinetuneConfig, load_or_finetune
 from exitrl.crossfit import check_crossfit, crossfit_train
 from exitrl.data import TaskData, load_task
-from exitrl.evaluate import evaluate_policy, oracle_bounds
+from exitrl.evaluate import evaluate_exits, oracle_bounds
 from exitrl.options import checked_options
 from exitrl.policy import ExitPolicy
-from exitrl.record import RunRecord
+from exitrl.record import RunRecord, write_exits
 from exitrl.rewards import RewardSpec
 from exitrl.run_summary import log_run_summary
 from exitrl.trace import HELD_OUT, Trace
@@ -168,16 +169,31 @@ def record_run(run: AgentRun, fitted: Fitted, prepared: Prepared, run_dir: Path,
     fitted.policy.to(torch.device("cpu")).save(run_dir / "policy.pt")
     fitted.policy.save_native(run_dir)
     trace, metric = prepared.trace, prepared.metric
-    dev = trace["dev"]
-    results = {run.name: evaluate_policy(fitted.policy, dev, metric)}
+    dev, validation = trace["dev"], trace.splits.get(HELD_OUT)
+    results, validation_results, exits = {}, {}, {}
+
+    def assess(name: str, policy: ExitPolicy) -> None:
+        """Dev (and held-out) results and per-example exits; the held-out walk runs on a copy, so an online-adaptive
+        rule meets dev as it would without it."""
+        exits[name] = {}
+        if validation is not None:
+            validation_results[name], exits[name][HELD_OUT] = evaluate_exits(copy.deepcopy(policy), validation,
+                                                                             metric)
+        results[name], exits[name]["dev"] = evaluate_exits(policy, dev, metric)
+
+    assess(run.name, fitted.policy)
     kinds = {run.name: run.spec.kind}
     baseline_info = {}
     for baseline in baselines:
         if baseline.name != run.name:
             fitted_baseline = baseline.fit(trace, prepared.device, metric=metric)
-            results[baseline.name] = evaluate_policy(fitted_baseline.policy, dev, metric)
+            assess(baseline.name, fitted_baseline.policy)
             kinds[baseline.name] = baseline.spec.kind
             baseline_info[baseline.name] = fitted_baseline.info
+    splits = {"dev": dev, **({HELD_OUT: validation} if validation is not None else {})}
+    write_exits(run_dir, {k: v.labels.cpu().to(torch.int16) for k, v in splits.items()}, exits,
+                {"full": {k: v.logits[:, -1].argmax(-1).cpu().to(torch.int16) for k, v in splits.items()},
+                 "layer_one": {k: v.logits[:, 0].argmax(-1).cpu().to(torch.int16) for k, v in splits.items()}})
     hyperparameters = {
         "agent": run.name, "family": label or run.name, "task": prepared.task, "learn_on": run.learn_on,
         **({"knob": knob["key"], "knob_value": knob["value"]} if knob else {}), **run.option_values(),
@@ -195,6 +211,7 @@ def record_run(run: AgentRun, fitted: Fitted, prepared: Prepared, run_dir: Path,
         backbone=prepared.backbone, agent_info=fitted.info, baseline_info=baseline_info,
         agent_seconds=round(fitted.seconds, 2), data_source=prepared.data_source, device=str(prepared.device),
         run_dir=str(run_dir), total_seconds=None if started is None else round(time.time() - started, 1),
+        seed=seed, validation_results=validation_results,
         **(extra or {}))
     record.write(run_dir)
     return record

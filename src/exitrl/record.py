@@ -18,6 +18,11 @@ Schema (version 1); every score is a fraction in [0, 1], every "result" is `exit
 * ``reward``: ``{"name", "fn", **kwargs}``; ``learn_on`` (the setting) and ``policy_trained_on`` (the split used).
 * ``trace_key``: content hash of the trace; ``backbone``: the backbone's name, recipe, cache key and path, or the
   trace file swept; ``backbone_mode`` (frozen | cotrain) and ``cotrain`` (per-round records, or null).
+* ``seed``: the run's seed; ``validation_results``: ``{policy name: result}`` on the held-out split (the validation
+  split of the honest comparison, `exitrl.protocol`), empty when the trace has none.
+* ``exits.pt`` beside ``metrics.json`` (`write_exits` / `read_exits`): per policy and split (dev, held-out) the
+  per-example exit layers and predictions, the labels, and the full model's and layer 1's predictions, so that
+  comparisons choose on validation and bootstrap dev without the trace.
 * ``agent_info`` and ``baseline_info``: what fitting reported (configs, learning curves, calibration);
   ``agent_seconds``, ``total_seconds``, ``data_source``, ``device``, ``run_dir``.
 """
@@ -31,6 +36,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 FILE_NAME = "metrics.json"
+EXITS_FILE = "exits.pt"
 
 
 @dataclass
@@ -62,6 +68,8 @@ class RunRecord:
     data_source: str | None = None
     device: str | None = None
     run_dir: str | None = None
+    seed: int | None = None
+    validation_results: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -108,3 +116,21 @@ class RunRecord:
 def read_records(root: str | Path) -> list[tuple[Path, RunRecord]]:
     """Every run record under ``root``, in path order."""
     return [(path, RunRecord.read(path)) for path in sorted(Path(root).rglob(FILE_NAME))]
+
+
+def write_exits(run_dir: str | Path, labels: dict, policies: dict, reference: dict) -> Path:
+    """``exits.pt``: ``labels`` ``{split: [N]}``, ``policies`` ``{name: {split: {"layers", "predictions"}}}`` and
+    ``reference`` ``{"full" | "layer_one": {split: predictions}}`` (all small int tensors)."""
+    import torch
+
+    path = Path(run_dir) / EXITS_FILE
+    torch.save({"labels": labels, "policies": policies, "reference": reference}, path)
+    return path
+
+
+def read_exits(run_dir: str | Path) -> dict | None:
+    """The run's ``exits.pt``, or None for runs written before it existed."""
+    import torch
+
+    path = Path(run_dir) / EXITS_FILE
+    return torch.load(path, weights_only=True) if path.is_file() else None
