@@ -34,11 +34,16 @@ def test_sweep_then_compare(tiny_bert, glue_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list((cache / "backbones").iterdir())) == 1  # one fine-tuning for 5 families
     runs = sorted(out.rglob("metrics.json"))
-    assert len(runs) == 2 + 3 + 2 + 2 + 3  # reinforce, static 1..3, patience 1..2 (3 layers), calm, confidence
+    # reinforce: 2 alphas x 5 thresholds on pi from 2 fits (one policy, a curve); static 1..3, patience 1..2
+    # (3 layers), calm, confidence
+    assert len(runs) == 2 * 5 + 3 + 2 + 2 + 3
     per_family: dict[str, list[dict]] = {}
     for path in runs:
         record = json.loads(path.read_text())
-        assert path.parent.name == f"{record['knob']['key'].split('.')[-1]}={record['knob']['value']}"
+        folder = path.parent.parent if record["knob"].get("curve") else path.parent
+        assert folder.name == f"{record['knob']['key'].split('.')[-1]}={record['knob']['value']}"
+        if record["knob"].get("curve"):
+            assert path.parent.name == f"threshold={record['knob']['curve']['value']}"
         per_family.setdefault(record["agent"], []).append(record["results"][record["agent"]])
     full = json.loads(runs[0].read_text())["oracle"]["full_model"]
 

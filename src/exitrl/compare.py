@@ -51,7 +51,10 @@ def knob_setting(record: RunRecord) -> tuple[str | None, str]:
     """The run's trade-off knob and its value as a label (``alpha=0.02``): the sweep's, else the one the agent
     declares, read from the run's options or reward."""
     if record.knob:
-        return record.knob["key"], f"{record.knob['key'].split('.')[-1]}={record.knob['value']}"
+        label = f"{record.knob['key'].split('.')[-1]}={record.knob['value']}"
+        if record.knob.get("curve"):
+            label += f",{record.knob['curve']['attribute']}={record.knob['curve']['value']}"
+        return record.knob["key"], label
     spec = agents().get(record.agent)
     if spec is None:
         return None, ""

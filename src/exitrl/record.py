@@ -14,7 +14,8 @@ Schema (version 1); every score is a fraction in [0, 1], every "result" is `exit
 * ``results``: ``{policy name: result}`` on dev: the agent's, then any baselines'.
 * ``oracle``: `exitrl.evaluate.oracle_bounds` on dev (full model, per-layer scores, both oracles, oracle frontier);
   ``dev_per_layer``: its per-layer scores.
-* ``knob``: ``{"key", "value"}`` for a sweep point, else null.
+* ``knob``: ``{"key", "value"}`` for a sweep point, else null; with ``"curve": {"attribute", "value"}`` for a point
+  of a fitted policy's curve (`exitrl.agents.declaration.Curve`).
 * ``reward``: ``{"name", "fn", **kwargs}``; ``learn_on`` (the setting) and ``policy_trained_on`` (the split used).
 * ``trace_key``: content hash of the trace; ``backbone``: the backbone's name, recipe, cache key and path, or the
   trace file swept; ``backbone_mode`` (frozen | cotrain) and ``cotrain`` (per-round records, or null).

@@ -5,7 +5,9 @@ costs one fine-tuning, not one per point. Then ``python -m exitrl.compare runs/s
 Every override of ``python -m exitrl.train`` works and applies to every family (``env=sst2``,
 ``data.policy_split=0.2``, ``reward=vanilla``, ``backbone.finetune.epochs=3``); ``<family>.<option>=<value>`` sets
 an option of one family (``reinforce.epochs=10``); ``sweep.grids.<family>=[...]`` replaces a family's grid;
-``sweep.trace=PATH`` sweeps a saved trace instead of fine-tuning; ``sweep.label=x`` names the families ``a[x]`` in
+``sweep.trace=PATH`` sweeps a saved trace instead of fine-tuning; a family with a curve (REINFORCE's π threshold)
+records one point per curve value from each fitted policy (``sweep.curve=false``: only its default);
+``sweep.label=x`` names the families ``a[x]`` in
 comparisons (e.g. a second sweep with ``learn_on=train``). Each point writes
 ``<out>/<family>/<knob>=<value>/`` with ``metrics.json``, ``policy.pt``, ``config.yaml`` and ``tensorboard/``
 (eval/*, exit/layer, hparams), through the same pipeline as ``exitrl.train``; ``<out>`` is ``hydra.run.dir=`` when
@@ -14,6 +16,8 @@ given, else ``sweep.out``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import logging
 import sys
@@ -173,16 +177,30 @@ def run_sweep(argv: list[str]) -> Path:
 
 
 def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: Path):
-    """Fit one family at one knob value and record it (the same pipeline as ``exitrl.train``)."""
-    knob = get_agent(family).knob
+    """Fit one family at one knob value and record it (the same pipeline as ``exitrl.train``). A family that
+    declares a curve (REINFORCE's π threshold) and ``sweep.curve=true`` records one point per curve value from the
+    one fitted policy, in ``<knob>=<value>/<attribute>=<v>/``."""
+    spec = get_agent(family)
+    knob = spec.knob
     cfg = with_value(cfg, knob.key, value)
     run = AgentRun.from_config(cfg)
     label = f"{family}[{cfg.sweep.label}]" if cfg.sweep.label else family
     run_dir = out / label / f"{knob.option}={value}"
     writer = open_run(run_dir, cfg)
     fitted = run.fit(prepared.trace, prepared.device, writer, Path(writer.log_dir), prepared.metric)
-    return record_run(run, fitted, prepared, run_dir, writer, seed=cfg.seed, label=label,
-                      knob={"key": knob.key, "value": value})
+    point = {"key": knob.key, "value": value}
+    if spec.curve is None or not cfg.sweep.get("curve", True):
+        return record_run(run, fitted, prepared, run_dir, writer, seed=cfg.seed, label=label, knob=point)
+    writer.close()  # the fit's learning curves stay in <knob>=<value>/tensorboard
+    records = []
+    for setting in spec.curve.values:
+        policy = copy.deepcopy(fitted.policy)
+        setattr(policy, spec.curve.attribute, setting)
+        curve_dir = run_dir / f"{spec.curve.attribute}={setting}"
+        records.append(record_run(run, dataclasses.replace(fitted, policy=policy), prepared, curve_dir,
+                                  open_run(curve_dir, cfg), seed=cfg.seed, label=label,
+                                  knob={**point, "curve": {"attribute": spec.curve.attribute, "value": setting}}))
+    return records
 
 
 def sweep(agents: list[str] | str, env: str = "rte", overrides: list[str] = (), compare_runs: bool = True,

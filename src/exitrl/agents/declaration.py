@@ -54,6 +54,16 @@ class Knob:
         return list(range(1, top + 1))
 
 
+@dataclass(frozen=True)
+class Curve:
+    """An attribute of the *fitted* policy that moves it along a trade-off curve without refitting (REINFORCE's
+    threshold on π, ConsistentEE's 0.5): a sweep fits once per knob value and records one point per value here, so
+    one trained policy yields a whole curve."""
+
+    attribute: str
+    values: tuple
+
+
 def never(options: Any) -> bool:
     return False
 
@@ -70,6 +80,7 @@ class AgentSpec:
     fit: Callable[[Any, FitInputs], tuple[ExitPolicy, dict]]
     summary: str
     needs_held_out: Callable[[Any], bool] = never
+    curve: Curve | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
+from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Curve, Knob, register
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.envs import TraceVectorEnv
@@ -173,4 +173,5 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
 
 AGENT = register(AgentSpec(
     "reinforce", ReinforceConfig, LEARNED, Knob("reward.alpha", ALPHA_GRID), train_reinforce,
-    "ConsistentEE: per-layer MLP pi_l = P(exit), REINFORCE with K samples per example and their mean as baseline"))
+    "ConsistentEE: per-layer MLP pi_l = P(exit), REINFORCE with K samples per example and their mean as baseline",
+    curve=Curve("threshold", (0.1, 0.3, 0.5, 0.7, 0.9))))
