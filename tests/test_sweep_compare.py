@@ -175,3 +175,39 @@ def test_compare_separates_rewards_and_keeps_train_baselines_apart(tmp_path, cap
     assert report["rte"]["learned"] == sorted(families)
     png = tmp_path / "comparison_rte.png"
     assert png.is_file() and str(png) in capsys.readouterr().out
+
+
+def test_adaptive_alpha_grid_spans_the_saved_layers(tmp_path):
+    """A learned family whose default α grid saves too little (on the held-out split) gets larger α values until
+    its points reach the saved-layer range, or the rounds run out."""
+    from conftest import synthetic_trace
+
+    from exitrl.trace import HELD_OUT, Trace
+
+    splits = {name: synthetic_trace(n=256, num_layers=4, hidden=8, seed=i)[0]
+              for i, name in enumerate(("train", "dev", HELD_OUT))}
+    trace_path = tmp_path / "trace.pt"
+    Trace(splits, {"task": "rte", "metric": "accuracy", "key": "synthetic"}).save(trace_path)
+    out = tmp_path / "sweep"
+    result = run_module("exitrl.sweep", "agent=reinforce", "env=rte", f"sweep.trace={trace_path}", f"sweep.out={out}",
+                        "reinforce.epochs=1", "reinforce.features=state", "sweep.curve=false", "reward=vanilla",
+                        cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in out.rglob("metrics.json")]
+    alphas = sorted(r["knob"]["value"] for r in records)
+    saved = {r["knob"]["value"]: r["validation_results"]["reinforce"]["saved_layers"] for r in records}
+    default = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+    extra = [a for a in alphas if a not in default]
+    top = 3 / 4
+    assert all(a in alphas for a in default)
+    up, down = [a for a in extra if a > 0.2], [a for a in extra if a < 0.002]
+    assert len(up) + len(down) == len(extra) and len(up) <= 4 and len(down) <= 4
+    if max(saved[a] for a in default) < 0.7 * top:  # the default grid fell short: it must have been extended
+        assert up and (max(saved.values()) >= 0.7 * top or len(up) == 4)
+        assert all(saved[a] < 0.7 * top for a in up[:-1])  # it stopped as soon as the range was reached
+    else:
+        assert not up
+    if min(saved[a] for a in default) > 0.15 * top:
+        assert down and (min(saved.values()) <= 0.15 * top or len(down) == 4)
+    else:
+        assert not down

@@ -6,7 +6,9 @@ Every override of ``python -m exitrl.train`` works and applies to every family (
 ``data.policy_split=0.2``, ``reward=vanilla``, ``backbone.finetune.epochs=3``); ``<family>.<option>=<value>`` sets
 an option of one family (``reinforce.epochs=10``); ``sweep.grids.<family>=[...]`` replaces a family's grid;
 ``sweep.trace=PATH`` sweeps a saved trace instead of fine-tuning; a family with a curve (REINFORCE's π threshold)
-records one point per curve value from each fitted policy (``sweep.curve=false``: only its default);
+records one point per curve value from each fitted policy (``sweep.curve=false``: only its default); a learned
+family's α grid is extended until its points span the saved-layer range on the held-out split
+(``sweep.adaptive=false``: the default grid only);
 ``sweep.label=x`` names the families ``a[x]`` in
 comparisons (e.g. a second sweep with ``learn_on=train``). Each point writes
 ``<out>/<family>/<knob>=<value>/`` with ``metrics.json``, ``policy.pt``, ``config.yaml`` and ``tensorboard/``
@@ -168,12 +170,51 @@ def run_sweep(argv: list[str]) -> Path:
     log.info("Sweeping %d points of %d families on %s (%d layers)", len(points), len(args.families), prepared.task,
              num_layers)
     bar = tqdm(points, desc=f"sweep {prepared.task}", unit="point")
+    recorded = {family: [] for family in args.families}
     for family, value in bar:
         bar.set_postfix(family=family, **{runs[family].spec.knob.option: value})
-        record_point(configs[family], family, value, prepared, out)
+        recorded[family].append((value, record_point(configs[family], family, value, prepared, out)))
     bar.close()
+    for family in args.families:
+        if first.sweep.get("adaptive", True) and runs[family].spec.knob.key == "reward.alpha" \
+                and family not in args.grids:
+            extend_alpha(configs[family], family, recorded[family], prepared, out, num_layers)
     log.info("Sweep done in %.0f s: %s", time.time() - started, out)
     return out
+
+
+ALPHA_STEP, ALPHA_ROUNDS = 3.0, 4
+COVER_LOW, COVER_HIGH = 0.15, 0.7  # the saved-layer fractions a learned family's curve must reach, of (L - 1) / L
+
+
+def saved_off_dev(records) -> list[float]:
+    """Saved layers of a point's policy on the held-out split (never dev: the grid must not be chosen by it)."""
+    records = records if isinstance(records, list) else [records]
+    return [r.validation_results[r.agent]["saved_layers"] for r in records if r.agent in r.validation_results]
+
+
+def extend_alpha(cfg: DictConfig, family: str, recorded: list, prepared: Prepared, out: Path,
+                 num_layers: int) -> None:
+    """Adaptive α grid: while no point of the family saves ``COVER_HIGH`` of the layers (measured on the
+    held-out split), add α × 3 beyond the largest; while none saves as little as ``COVER_LOW``, α / 3 below the
+    smallest; at most ``ALPHA_ROUNDS`` each way. Without a held-out split the default grid stays."""
+    top = (num_layers - 1) / num_layers
+    saved = [s for _, records in recorded for s in saved_off_dev(records)]
+    if not saved:
+        log.info("%s: no held-out split to check its alpha grid's coverage on; keeping the default grid", family)
+        return
+    values = [value for value, _ in recorded]
+    for direction in (+1, -1):
+        for _ in range(ALPHA_ROUNDS):
+            if direction > 0 and max(saved) >= COVER_HIGH * top:
+                break
+            if direction < 0 and min(saved) <= COVER_LOW * top:
+                break
+            value = float(f"{(max(values) * ALPHA_STEP if direction > 0 else min(values) / ALPHA_STEP):.3g}")
+            log.info("%s: extending its alpha grid to %s (held-out saved layers so far %.2f-%.2f)", family, value,
+                     min(saved), max(saved))
+            values.append(value)
+            saved += saved_off_dev(record_point(cfg, family, value, prepared, out))
 
 
 def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: Path):
