@@ -196,7 +196,8 @@ def protocol_summary(task: dict, resamples: int = 2000) -> dict:
             half = chosen_saving(points, metric, num_layers)
             columns["score_saved_50"].append(None if half is None else float(half.dev.score(metric)))
         rows[family] = {key: mean_std(values) for key, values in columns.items()}
-        rows[family].update(seeds=len(by_seed), points=sum(len(p) for p in by_seed.values()))
+        rows[family].update(seeds=len(by_seed), points=sum(len(p) for p in by_seed.values()),
+                            learned=family in task["learned"])
     summary = {"families": rows, "metric": metric}
     learned = [f for f in rows if f in task["learned"]]
     rules = [f for f in rows if f not in task["learned"]]
@@ -234,7 +235,8 @@ def protocol_table(name: str, summary: dict) -> str:
     lines += ["| family | validated AUC | validation AUC | speedup within 1 point | its dev score | dev score, ≥ 50 % "
               "saved | seeds | points |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for family, row in sorted(summary["families"].items(), key=lambda kv: -kv[1]["validated_auc"]["mean"]):
-        lines.append(f"| {family} | {ms(row['validated_auc'])} | {ms(row['validation_auc'])} | "
+        label = f"{family} (learned)" if row["learned"] else family
+        lines.append(f"| {label} | {ms(row['validated_auc'])} | {ms(row['validation_auc'])} | "
                      f"{ms(row['speedup_within_1pt'], 1, '×')} | {ms(row['score_within_1pt'])} | "
                      f"{ms(row['score_saved_50'])} | {row['seeds']} | {row['points']} |")
     return "\n".join(lines)
