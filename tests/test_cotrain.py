@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import run_cli
@@ -71,3 +72,25 @@ def test_cli_cotrain_logs_every_round_and_saves_the_backbone(tiny_bert, glue_dir
     assert (run / "tensorboard" / "cotrain_round2").is_dir()
     bad = run_cli(tmp_path, "backbone.mode=joint", *common, run_name="bad")
     assert bad.returncode == 2 and "frozen, cotrain" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_remedies_keep_the_weighted_ce_and_freeze_lower_layers(tiny_bert, tmp_path):
+    """keep_weighted_ce: every head and layer learns even when every row exits at layer 1; freeze_layers: the
+    embeddings and the first k layers stay bit-identical while the rest moves; bad values are refused."""
+    data = _small_task(tmp_path)
+    model, tok = load_multi_exit(str(tiny_bert), 2, "cls")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cotrain_backbone(model, tok, data.splits["train"], ConfidencePolicy(0.0),
+                     CotrainConfig(epochs=1, lr=1e-3, head_lr=1e-3, batch_size=16, keep_weighted_ce=1.0,
+                                   freeze_layers=1), torch.device("cpu"))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("heads.2.") for k in changed) and any(".layer.2." in k for k in changed)
+    assert any(k.startswith("heads.0.") for k in changed)  # the heads always train
+    assert not any("embeddings" in k or ".layer.0." in k for k in changed)
+    for bad in ({"keep_weighted_ce": -1.0}, {"freeze_layers": -1}):
+        with pytest.raises(ValueError, match="cotrain"):
+            CotrainConfig(**bad)
+    with pytest.raises(ValueError, match="freeze_layers"):
+        cotrain_backbone(model, tok, data.splits["train"], ConfidencePolicy(0.0), CotrainConfig(freeze_layers=3),
+                         torch.device("cpu"))

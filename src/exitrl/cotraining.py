@@ -21,7 +21,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from exitrl.backbones.batching import tokenize_split
-from exitrl.backbones.losses import exit_layer_ce
+from exitrl.backbones.losses import exit_layer_ce, weighted_ce
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Stage, body_parameters
 from exitrl.backbones.training import train_stages
@@ -43,7 +43,29 @@ class CotrainConfig:
     batch_size: int = 16
     weight_decay: float = 0.01
     clip_norm: float = 1.0
+    # remedies, for when the exit-layer CE alone hurts the heads (measured on RTE and SST-2): keep the ordinary
+    # weighted CE over every head beside it, with this weight; and keep the embeddings and the first k layers fixed
+    keep_weighted_ce: float = 0.0
+    freeze_layers: int = 0
     seed: int = 0
+
+    def __post_init__(self):
+        if self.keep_weighted_ce < 0:
+            raise ValueError(f"cotrain.keep_weighted_ce must be >= 0, got {self.keep_weighted_ce}.")
+        if int(self.freeze_layers) < 0:
+            raise ValueError(f"cotrain.freeze_layers must be >= 0, got {self.freeze_layers}.")
+
+
+def trainable_body(model: MultiExitModel, freeze_layers: int) -> list[torch.nn.Parameter]:
+    """The body's parameters that co-training moves: all, or all but the embeddings and the first ``freeze_layers``
+    layers (a layer shared across depth, as in ALBERT, is then frozen at every depth)."""
+    if freeze_layers >= model.num_layers:
+        raise ValueError(f"cotrain.freeze_layers={freeze_layers} would freeze all {model.num_layers} layers; use "
+                         f"at most {model.num_layers - 1}.")
+    if freeze_layers == 0:
+        return body_parameters(model)
+    frozen = {id(p) for module in (model.embeddings, *model.layers[:freeze_layers]) for p in module.parameters()}
+    return [p for p in body_parameters(model) if id(p) not in frozen]
 
 
 def drop_unreached(model: MultiExitModel, exit_layers: torch.Tensor) -> None:
@@ -76,7 +98,10 @@ def cotrain_backbone(model: MultiExitModel, tokenizer, train_split, policy: Exit
             seen = SplitTrace.from_logits(out.pooled.detach().float(), out.logits.detach().float(), labels)
             exit_layers, _ = run_policy(policy, seen)  # the frozen policy picks where each example exits
             latest["exit_layers"] = exit_layers
-            return exit_layer_ce(out.logits.float(), labels, exit_layers - 1)
+            loss = exit_layer_ce(out.logits.float(), labels, exit_layers - 1)
+            if cfg.keep_weighted_ce:
+                loss = loss + cfg.keep_weighted_ce * weighted_ce(out.logits.float(), labels)
+            return loss
 
     def count_and_log(step: int, loss: torch.Tensor, last: bool) -> None:
         exit_layers = latest["exit_layers"]
@@ -85,13 +110,23 @@ def cotrain_backbone(model: MultiExitModel, tokenizer, train_split, policy: Exit
             writer.add_scalar("cotrain/loss", loss.item(), step)
             writer.add_scalar("cotrain/avg_exit_layer", exit_layers.float().mean().item(), step)
 
-    stage = Stage("cotrain", cfg.epochs, [{"params": body_parameters(model), "lr": cfg.lr},
+    moving = trainable_body(model, int(cfg.freeze_layers))
+    moving_ids = {id(p) for p in moving}
+    fixed = [p for p in body_parameters(model) if id(p) not in moving_ids]
+
+    def after_backward() -> None:
+        for parameter in fixed:
+            parameter.grad = None
+        if not cfg.keep_weighted_ce:  # with the weighted CE every layer and head gets signal
+            drop_unreached(model, latest["exit_layers"])
+
+    stage = Stage("cotrain", cfg.epochs, [{"params": moving, "lr": cfg.lr},
                                           {"params": list(model.heads.parameters()), "lr": cfg.head_lr}], loss_at_exits)
     step = train_stages(model, tokenizer, examples, [stage], batch_size=cfg.batch_size, device=device,
                         generator=torch.Generator().manual_seed(cfg.seed + step), clip_norm=cfg.clip_norm,
                         weight_decay=cfg.weight_decay, warmup_ratio=None, desc="co-train backbone (CE at exit layer)",
                         step=step, on_step=count_and_log,
-                        after_backward=lambda: drop_unreached(model, latest["exit_layers"]))
+                        after_backward=after_backward)
     return {"exit_histogram": exits.tolist(), "step": step}
 
 
