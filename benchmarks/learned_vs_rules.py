@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import platform
 import time
@@ -43,16 +42,7 @@ from exitrl.backbones import FinetuneConfig, load_or_finetune
 from exitrl.crossfit import crossfit_train
 from exitrl.data import load_task
 from exitrl.evaluate import run_policy
-from exitrl.protocol import (
-    Point,
-    SplitExits,
-    chosen_saving,
-    chosen_within,
-    paired_bootstrap,
-    picks,
-    validated_auc,
-    validation_auc,
-)
+from exitrl.protocol import Point, SeedRun, SplitExits, chosen_within, difference_ci, family_row, picks
 from exitrl.rewards import RewardSpec
 from exitrl.trace import HELD_OUT, SplitTrace, Trace
 from exitrl.tracing import load_or_build_trace
@@ -196,21 +186,19 @@ def as_points(entries: list[dict], labels: dict) -> list[Point]:
     return [Point(e["setting"], split(e, HELD_OUT), split(e, "dev")) for e in entries]
 
 
-def fixed(layer: int, labels: dict, seed_out: dict, name: str) -> Point:
+def fixed(layer: int, labels: dict, seed_out: dict) -> Point:
     """The static exit at ``layer`` (the full model, or layer 1) from the static family's points."""
     entry = next(e for e in seed_out["families"]["static"] if e["setting"] == f"l={layer}")
     return as_points([entry], labels)[0]
 
 
-def auc_difference(rows, stash: dict, learned: str, rule: str, metric: str, num_layers: int) -> torch.Tensor:
-    """Validated AUC of ``learned`` minus ``rule`` on dev ``rows``, averaged over the seeds in ``stash``."""
-    values = []
-    for full, one, points in stash.values():
-        values.append(
-            validated_auc(points[learned], full, one, metric, num_layers, rows)
-            - validated_auc(points[rule], full, one, metric, num_layers, rows)
-        )
-    return torch.stack(values).mean(0)
+def within_at_70(run: SeedRun, metric: str, num_layers: int) -> bool:
+    """Whether the fastest point within 1 point of the full model on validation, among those saving ≥ 70 % on
+    validation, stays within 1 point of the full model on dev."""
+    point = chosen_within(
+        [p for p in run.points if p.validation.saved(num_layers) >= 0.7], run.full, metric, num_layers
+    )
+    return point is not run.full and float(point.dev.score(metric)) >= float(run.full.dev.score(metric)) - 0.01
 
 
 def analyze(results: dict, resamples: int = 2000) -> dict:
@@ -218,54 +206,20 @@ def analyze(results: dict, resamples: int = 2000) -> dict:
     for task, task_out in results["tasks"].items():
         metric, num_layers = task_out["metric"], task_out["num_layers"]
         seeds = sorted(task_out["seeds"])
-        per_family = defaultdict(lambda: defaultdict(list))
-        stash = {}
+        runs = defaultdict(dict)  # family -> seed -> SeedRun
         for seed in seeds:
             seed_out = task_out["seeds"][seed]
             labels = seed_out["labels"]
-            full, one = fixed(num_layers, labels, seed_out, "full"), fixed(1, labels, seed_out, "layer 1")
-            stash[seed] = (full, one, {})
+            full, one = fixed(num_layers, labels, seed_out), fixed(1, labels, seed_out)
             for family, entries in seed_out["families"].items():
-                points = as_points(entries, labels)
-                stash[seed][2][family] = points
-                row = per_family[family]
-                row["validated_auc"].append(float(validated_auc(points, full, one, metric, num_layers)))
-                row["validation_auc"].append(validation_auc(points, full, one, metric, num_layers))
-                within = chosen_within(points, full, metric, num_layers)
-                row["within_1pt_speedup"].append(num_layers / float(within.dev.layers.double().mean()))
-                row["within_1pt_score"].append(float(within.dev.score(metric)))
-                half = chosen_saving(points, metric, num_layers, 0.5)
-                row["score_at_50"].append(None if half is None else float(half.dev.score(metric)))
-                seventy = chosen_within(
-                    [p for p in points if p.validation.saved(num_layers) >= 0.7], full, metric, num_layers
-                )
-                row["within_1pt_at_70_saved"].append(
-                    seventy is not full and float(seventy.dev.score(metric)) >= float(full.dev.score(metric)) - 0.01
-                )
-                row["full"].append(float(full.dev.score(metric)))
-                row["points"].append(len(points))
-
-        def mean_std(values):
-            values = [v for v in values if v is not None]
-            if not values:
-                return None
-            t = torch.tensor(values, dtype=torch.float64)
-            return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "n": len(values)}
-
-        families = {
-            f: {k: (mean_std(v) if k != "within_1pt_at_70_saved" else v) for k, v in row.items()}
-            for f, row in per_family.items()
-        }
-        main = [f for f in families if "[" not in f]
-        learned = [f for f in main if f not in RULES]
+                runs[family][seed] = SeedRun(as_points(entries, labels), full, one)
+        families = {}
+        for family, by_seed in runs.items():
+            families[family] = family_row(list(by_seed.values()), metric, num_layers)
+            families[family]["within_1pt_at_70_saved"] = [within_at_70(r, metric, num_layers) for r in by_seed.values()]
+        learned = [f for f in families if "[" not in f and f not in RULES]
         best_learned = max(learned, key=lambda f: families[f]["validation_auc"]["mean"])
         best_rule = max(RULES, key=lambda f: families[f]["validation_auc"]["mean"])
-        dev_size = len(task_out["seeds"][seeds[0]]["labels"]["dev"])
-
-        difference = functools.partial(
-            auc_difference, stash=stash, learned=best_learned, rule=best_rule, metric=metric, num_layers=num_layers
-        )
-
         report["tasks"][task] = {
             "metric": metric,
             "num_layers": num_layers,
@@ -273,7 +227,7 @@ def analyze(results: dict, resamples: int = 2000) -> dict:
             "families": families,
             "best_learned": best_learned,
             "best_rule": best_rule,
-            "difference": paired_bootstrap(difference, dev_size, resamples),
+            "difference": difference_ci(runs[best_learned], runs[best_rule], metric, num_layers, resamples),
             "sizes": task_out["seeds"][seeds[0]]["sizes"],
             "per_layer": {s: task_out["seeds"][s]["per_layer"] for s in seeds},
             "crossfit_train_per_layer": {s: task_out["seeds"][s]["crossfit_train_per_layer"] for s in seeds},
@@ -303,16 +257,16 @@ def markdown(report: dict) -> str:
             "of dev).",
             "",
             "| family | validated AUC (dev) | validation AUC | speedup within 1 pt | its dev score | score at ≥ 50 % "
-            "saved | within 1 pt at ≥ 70 % saved (seeds) | points |",
+            "saved | within 1 pt at ≥ 70 % saved (seeds) | points per seed |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for family, f in sorted(r["families"].items(), key=lambda kv: -kv[1]["validated_auc"]["mean"]):
             kind = "rule" if family in RULES else "learned"
             out.append(
                 f"| {family} ({kind}) | {ms(f['validated_auc'])} | {ms(f['validation_auc'])} | "
-                f"{ms(f['within_1pt_speedup'], 1, '×')} | {ms(f['within_1pt_score'])} | {ms(f['score_at_50'])} | "
+                f"{ms(f['speedup_within_1pt'], 1, '×')} | {ms(f['score_within_1pt'])} | {ms(f['score_saved_50'])} | "
                 f"{sum(f['within_1pt_at_70_saved'])}/{len(f['within_1pt_at_70_saved'])} | "
-                f"{int(f['points']['mean'])} |"
+                f"{f['points'] // f['seeds']} |"
             )
     return "\n".join(out) + "\n"
 
@@ -331,7 +285,7 @@ def plot(results: dict, report: dict, folder: Path, stamp: str) -> list[Path]:
         seed = min(task_out["seeds"])
         seed_out = task_out["seeds"][seed]
         labels, metric, num_layers = seed_out["labels"], r["metric"], r["num_layers"]
-        full = fixed(num_layers, labels, seed_out, "full")
+        full = fixed(num_layers, labels, seed_out)
         fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
         for family in sorted(f for f in r["families"] if "[" not in f):
             chosen = picks(as_points(seed_out["families"][family], labels), full, metric, num_layers)

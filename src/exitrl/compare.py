@@ -25,15 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from exitrl.agents.declaration import LEARNED
 from exitrl.agents.registry import agents
 from exitrl.cli import callable_module, fail
-from exitrl.protocol import (
-    Point,
-    SplitExits,
-    chosen_saving,
-    chosen_within,
-    paired_bootstrap,
-    validated_auc,
-    validation_auc,
-)
+from exitrl.protocol import Point, SeedRun, SplitExits, difference_ci, family_row
 from exitrl.record import EXITS_FILE, RunRecord, read_exits, read_records
 from exitrl.trace import HELD_OUT
 from exitrl.tradeoff import family_summary
@@ -176,44 +168,18 @@ def protocol_summary(task: dict, resamples: int = 2000) -> dict:
         return {"unavailable": found}
     families, full, one = found
     metric, num_layers = task["metric"], task["num_layers"]
-
-    def mean_std(values: list) -> dict | None:
-        values = [v for v in values if v is not None]
-        if not values:
-            return None
-        t = torch.tensor(values, dtype=torch.float64)
-        return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "n": len(values)}
-
-    rows = {}
-    for family, by_seed in families.items():
-        columns = defaultdict(list)
-        for points in by_seed.values():
-            columns["validated_auc"].append(float(validated_auc(points, full, one, metric, num_layers)))
-            columns["validation_auc"].append(validation_auc(points, full, one, metric, num_layers))
-            within = chosen_within(points, full, metric, num_layers)
-            columns["speedup_within_1pt"].append(num_layers / float(within.dev.layers.double().mean()))
-            columns["score_within_1pt"].append(float(within.dev.score(metric)))
-            half = chosen_saving(points, metric, num_layers)
-            columns["score_saved_50"].append(None if half is None else float(half.dev.score(metric)))
-        rows[family] = {key: mean_std(values) for key, values in columns.items()}
-        rows[family].update(seeds=len(by_seed), points=sum(len(p) for p in by_seed.values()),
-                            learned=family in task["learned"])
+    runs = {family: {seed: SeedRun(points, full, one) for seed, points in by_seed.items()}
+            for family, by_seed in families.items()}
+    rows = {family: {**family_row(list(by_seed.values()), metric, num_layers), "learned": family in task["learned"]}
+            for family, by_seed in runs.items()}
     summary = {"families": rows, "metric": metric}
     learned = [f for f in rows if f in task["learned"]]
     rules = [f for f in rows if f not in task["learned"]]
     if learned and rules:
         best_learned = max(learned, key=lambda f: rows[f]["validation_auc"]["mean"])
         best_rule = max(rules, key=lambda f: rows[f]["validation_auc"]["mean"])
-        common = sorted(set(families[best_learned]) & set(families[best_rule]), key=str)
-
-        def difference(resampled):
-            return torch.stack([
-                validated_auc(families[best_learned][seed], full, one, metric, num_layers, resampled)
-                - validated_auc(families[best_rule][seed], full, one, metric, num_layers, resampled)
-                for seed in common]).mean(0)
-
         summary.update(best_learned=best_learned, best_rule=best_rule,
-                       difference=paired_bootstrap(difference, len(full.dev.labels), resamples))
+                       difference=difference_ci(runs[best_learned], runs[best_rule], metric, num_layers, resamples))
     return summary
 
 

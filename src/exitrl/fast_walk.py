@@ -30,8 +30,8 @@ from collections.abc import Callable
 import torch
 
 from exitrl.backbones.multi_exit import SHARED, MultiExitModel
-from exitrl.observation import init_history, step_history
-from exitrl.policy import ExitPolicy, LayerBatch
+from exitrl.observation import step_history
+from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
 from exitrl.trace import STATE_DTYPE
 from exitrl.walk import Exits
 
@@ -297,11 +297,7 @@ class FastWalker:
             self.compiled = torch.compile(Bucket.exit_and_decide, dynamic=True)
 
     def init_memory(self, size: int) -> dict[str, torch.Tensor]:
-        """The policy's per-row memory for ``size`` rows, with the history entries when the policy reads them."""
-        memory = self.policy.init_memory(size, self.device)
-        if self.policy.uses_history:
-            memory.update(init_history(size, self.model.hidden_size, self.device))
-        return memory
+        return walk_memory(self.policy, size, self.model.hidden_size, self.device)
 
     def bucket(self, rows: int, seq: int) -> Bucket:
         size = next(size for size in self.buckets if size >= rows)

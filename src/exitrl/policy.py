@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from exitrl.observation import build_observation
+from exitrl.observation import build_observation, init_history
 
 
 @dataclass
@@ -116,6 +116,14 @@ class ModuleExitPolicy(ExitPolicy):
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state)
+
+
+def walk_memory(policy: ExitPolicy, batch_size: int, hidden_size: int, device: torch.device) -> Memory:
+    """The per-row memory a walk keeps for ``policy``: its own, plus the history entries when it reads them."""
+    memory = policy.init_memory(batch_size, device)
+    if policy.uses_history:
+        memory.update(init_history(batch_size, hidden_size, device))
+    return memory
 
 
 def load_policy(path: str | Path, device: str | torch.device = "cpu") -> ExitPolicy:

@@ -104,3 +104,57 @@ def paired_bootstrap(differences, dev_size: int, resamples: int = 2000, seed: in
     values = differences(rows)
     low, high = torch.quantile(values.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"estimate": float(differences(everything)[0]), "ci95": [low, high], "resamples": resamples}
+
+
+@dataclass
+class SeedRun:
+    """One seed of a family: its points, and that seed's full model and layer-1 references (the seed's backbone's)."""
+
+    points: list[Point]
+    full: Point
+    layer_one: Point
+
+
+def mean_std(values: list) -> dict | None:
+    """``{"mean", "std", "n"}`` over the values that are not None (std 0 for one value), or None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def seed_numbers(run: SeedRun, metric: str, num_layers: int) -> dict:
+    """One seed's row: validated and validation AUC, the point within 1 point (its dev speedup and score) and the
+    dev score of the point at ≥ 50 % saved, all chosen on validation."""
+    within = chosen_within(run.points, run.full, metric, num_layers)
+    half = chosen_saving(run.points, metric, num_layers)
+    return {"validated_auc": float(validated_auc(run.points, run.full, run.layer_one, metric, num_layers)),
+            "validation_auc": validation_auc(run.points, run.full, run.layer_one, metric, num_layers),
+            "speedup_within_1pt": num_layers / float(within.dev.layers.double().mean()),
+            "score_within_1pt": float(within.dev.score(metric)),
+            "score_saved_50": None if half is None else float(half.dev.score(metric))}
+
+
+def family_row(runs: list[SeedRun], metric: str, num_layers: int) -> dict:
+    """A family's row over its seeds: mean ± std of each of `seed_numbers`, the seed count and the point count."""
+    numbers = [seed_numbers(run, metric, num_layers) for run in runs]
+    row = {key: mean_std([n[key] for n in numbers]) for key in numbers[0]}
+    row.update(seeds=len(runs), points=sum(len(run.points) for run in runs))
+    return row
+
+
+def difference_ci(learned: dict, rule: dict, metric: str, num_layers: int, resamples: int = 2000) -> dict:
+    """Paired bootstrap of validated AUC(learned) − AUC(rule) over dev rows, averaged over the seeds both families
+    have (``{seed: SeedRun}`` each; a seed's two runs share its dev rows)."""
+    common = sorted(set(learned) & set(rule), key=str)
+    if not common:
+        raise ValueError("the two families share no seed: nothing to pair.")
+
+    def difference(rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([
+            validated_auc(learned[s].points, learned[s].full, learned[s].layer_one, metric, num_layers, rows)
+            - validated_auc(rule[s].points, rule[s].full, rule[s].layer_one, metric, num_layers, rows)
+            for s in common]).mean(0)
+
+    return paired_bootstrap(difference, len(learned[common[0]].full.dev.labels), resamples)

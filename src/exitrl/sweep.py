@@ -51,6 +51,7 @@ from exitrl.cli import (
 from exitrl.compare import compare
 from exitrl.device import pick_device
 from exitrl.pipeline import AgentRun, Prepared, open_run, prepare, prepare_from_trace, record_run
+from exitrl.record import RunRecord
 from exitrl.rewards import resolve_reward
 from exitrl.trace import HELD_OUT
 
@@ -187,9 +188,8 @@ ALPHA_STEP, ALPHA_ROUNDS = 3.0, 4
 COVER_LOW, COVER_HIGH = 0.15, 0.7  # the saved-layer fractions a learned family's curve must reach, of (L - 1) / L
 
 
-def saved_off_dev(records) -> list[float]:
-    """Saved layers of a point's policy on the held-out split (never dev: the grid must not be chosen by it)."""
-    records = records if isinstance(records, list) else [records]
+def saved_off_dev(records: list[RunRecord]) -> list[float]:
+    """Saved layers of a point's policies on the held-out split (never dev: the grid must not be chosen by it)."""
     return [r.validation_results[r.agent]["saved_layers"] for r in records if r.agent in r.validation_results]
 
 
@@ -217,10 +217,10 @@ def extend_alpha(cfg: DictConfig, family: str, recorded: list, prepared: Prepare
             saved += saved_off_dev(record_point(cfg, family, value, prepared, out))
 
 
-def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: Path):
+def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: Path) -> list[RunRecord]:
     """Fit one family at one knob value and record it (the same pipeline as ``exitrl.train``). A family that
     declares a curve (REINFORCE's π threshold) and ``sweep.curve=true`` records one point per curve value from the
-    one fitted policy, in ``<knob>=<value>/<attribute>=<v>/``."""
+    one fitted policy, in ``<knob>=<value>/<attribute>=<v>/``; returns the records."""
     spec = get_agent(family)
     knob = spec.knob
     cfg = with_value(cfg, knob.key, value)
@@ -231,7 +231,7 @@ def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: P
     fitted = run.fit(prepared.trace, prepared.device, writer, Path(writer.log_dir), prepared.metric)
     point = {"key": knob.key, "value": value}
     if spec.curve is None or not cfg.sweep.get("curve", True):
-        return record_run(run, fitted, prepared, run_dir, writer, seed=cfg.seed, label=label, knob=point)
+        return [record_run(run, fitted, prepared, run_dir, writer, seed=cfg.seed, label=label, knob=point)]
     writer.close()  # the fit's learning curves stay in <knob>=<value>/tensorboard
     records = []
     for setting in spec.curve.values:

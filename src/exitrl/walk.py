@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
-from exitrl.observation import init_history, step_history
-from exitrl.policy import ExitPolicy, LayerBatch
+from exitrl.observation import step_history
+from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
 from exitrl.trace import SplitTrace
 
 
@@ -48,15 +48,12 @@ def walk(policy: ExitPolicy, source: LayerSource, size: int, device: torch.devic
     predictions = torch.empty(size, dtype=torch.long, device=device)
     exit_logits = None
     position = torch.arange(size, device=device)  # where each running row's answer goes
-    memory = policy.init_memory(size, device)
     extras = {} if ids is None else {"rows": ids, "split_size": split_size}
     for layer in range(1, num_layers + 1):
         states, logits = source.layer(layer)
-        history = None
-        if policy.uses_history:
-            if layer == 1:
-                memory.update(init_history(size, states.shape[-1], device))
-            history = step_history(memory, states, logits)
+        if layer == 1:  # the first layer says how wide the states are (the history keeps the previous one)
+            memory = walk_memory(policy, size, states.shape[-1], device)
+        history = step_history(memory, states, logits) if policy.uses_history else None
         batch = LayerBatch(layer, num_layers, states.float(), logits, extras, history)
         if layer == num_layers:
             policy.observe_final(batch, memory)
