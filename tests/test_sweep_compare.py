@@ -211,3 +211,70 @@ def test_adaptive_alpha_grid_spans_the_saved_layers(tmp_path):
         assert down and (min(saved.values()) <= 0.15 * top or len(down) == 4)
     else:
         assert not down
+
+
+def test_compare_averages_backbone_seeds_of_one_group(tmp_path):
+    """Backbones differing only in their fine-tuning seed (one ``seed_group``) are seeds of one protocol row, each
+    judged against its own full model; another group stays apart; other dev rows are refused."""
+    import torch
+
+    from exitrl.compare import compare, protocol_summary, read_runs
+    from exitrl.protocol import Point, SplitExits, validated_auc
+    from exitrl.record import RunRecord, write_exits
+    from exitrl.trace import HELD_OUT
+
+    num_layers, n = 4, 60
+    labels = {"dev": torch.arange(n) % 2, HELD_OUT: (torch.arange(n) // 3) % 2}
+
+    def point(score, saved):
+        return {"score": score, "saved_layers": saved, "speedup": 1 / (1 - saved), "accuracy": score,
+                "avg_exit_layer": num_layers * (1 - saved), "deployable": True}
+
+    oracle = {"full_model": point(0.8, 0.0), "per_layer_score": [0.6, 0.7, 0.75, 0.8],
+              "consistency_oracle": point(0.8, 0.6), "oracle_frontier": []}
+    expected = {}
+    for backbone, group in ((0, "g1"), (1, "g1"), (2, "g2")):
+        generator = torch.Generator().manual_seed(backbone)
+        reference = {key: {s: torch.where(torch.rand(n, generator=generator) < p, labels[s], 1 - labels[s])
+                           for s in labels} for key, p in (("full", 0.85), ("layer_one", 0.6))}
+        points = []
+        for agent, kind in (("confidence", "rule"), ("reinforce", "learned")):
+            layers = {s: torch.randint(1, num_layers + 1, (n,), generator=generator) for s in labels}
+            predictions = {s: torch.where(torch.rand(n, generator=generator) < 0.75, labels[s], 1 - labels[s])
+                           for s in labels}
+            run = tmp_path / f"b{backbone}" / agent
+            run.mkdir(parents=True)
+            write_exits(run, labels, {agent: {s: {"layers": layers[s], "predictions": predictions[s]}
+                                              for s in labels}}, reference)
+            RunRecord(agent=agent, task="rte", metric="accuracy", num_layers=num_layers, oracle=oracle,
+                      results={agent: point(0.75, 0.4)}, kinds={agent: kind}, trace_key=f"trace{backbone}",
+                      backbone={"seed_group": group}, seed=backbone).write(run)
+            made = {s: SplitExits(layers[s], predictions[s], labels[s]) for s in labels}
+            points.append((agent, Point("", made[HELD_OUT], made["dev"])))
+
+        def fixed(key, layer, reference=reference):
+            made = {s: SplitExits(torch.full((n,), layer), reference[key][s], labels[s]) for s in labels}
+            return Point(key, made[HELD_OUT], made["dev"])
+
+        for agent, p in points:
+            expected.setdefault((group, agent), []).append(
+                float(validated_auc([p], fixed("full", num_layers), fixed("layer_one", 1), "accuracy", num_layers)))
+
+    tasks = read_runs(tmp_path)
+    assert len(tasks) == 2 and all(name.startswith("rte@") for name in tasks)
+    one = next(task for task in tasks.values() if len(task["traces"]) == 2)
+    summary = protocol_summary(one, resamples=50)
+    assert summary["backbones"] == 2
+    for agent in ("confidence", "reinforce"):
+        row = summary["families"][agent]
+        assert row["seeds"] == 2
+        assert abs(row["validated_auc"]["mean"] - sum(expected[("g1", agent)]) / 2) < 1e-9
+    report = compare(tmp_path)
+    assert sum(r["protocol"].get("backbones") == 2 for r in report.values()) == 1
+    assert "seeds of 2 backbones" in (tmp_path / "comparison.md").read_text()
+
+    other = tmp_path / "b1" / "reinforce"
+    exits = torch.load(other / "exits.pt", weights_only=True)
+    exits["labels"]["dev"] = 1 - exits["labels"]["dev"]
+    torch.save(exits, other / "exits.pt")
+    assert "other dev rows" in protocol_summary(one, resamples=50)["unavailable"]

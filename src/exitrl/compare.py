@@ -66,25 +66,33 @@ def family_traits(record: RunRecord, knob_key: str | None) -> dict:
     return traits
 
 
+def group_of(record: RunRecord) -> str:
+    """The runs' group: backbones differing only in their fine-tuning seed share one (see `read_runs`)."""
+    return str(record.backbone.get("seed_group") or record.trace_key)
+
+
 def read_runs(runs_dir: Path, with_baselines: bool = False) -> dict[str, dict]:
     """``{task: {"families": {family: [points]}, "learned": {families}, "oracle": ..., "num_layers": L,
-    "metric": m}}``. Runs of one task on different traces (another backbone, recipe or data) become separate
-    groups, ``task@<trace key>``. Runs of one agent that differ in reward or in where they learned become separate
-    families, labelled by what differs (``reinforce[reward=mypkg.rewards:fn]``). The baselines a train run
-    evaluated beside its agent join their families only with ``with_baselines``."""
+    "metric": m, "traces": [trace keys]}}``. Runs of one task on backbones that differ only in their fine-tuning
+    seed (the record's ``backbone.seed_group``) are seeds of one group; runs on other traces (another backbone,
+    recipe or data) become separate groups, ``task@<key>``. Runs of one agent that differ in reward or in where they
+    learned become separate families, labelled by what differs (``reinforce[reward=mypkg.rewards:fn]``). The
+    baselines a train run evaluated beside its agent join their families only with ``with_baselines``."""
     tasks: dict[str, dict] = {}
     records = read_records(runs_dir)
     keys: dict[str, set] = defaultdict(set)
     for _, record in records:
-        keys[record.task].add(record.trace_key)
+        keys[record.task].add(group_of(record))
     points = []  # (task, agent, base family, traits, result, setting, run)
-    seeds = {str(path.parent): record.seed for path, record in records}
+    seeds = {str(path.parent): (str(record.trace_key), record.seed) for path, record in records}
     for path, record in records:
         task = record.task
         if len(keys[task]) > 1:  # runs on different backbones or data: never mixed into one curve
-            task = f"{task}@{str(record.trace_key)[:8]}"
+            task = f"{task}@{group_of(record)[:8]}"
         tasks.setdefault(task, {"families": defaultdict(list), "learned": set(), "oracle": record.oracle,
-                                "num_layers": record.num_layers, "metric": record.metric})
+                                "num_layers": record.num_layers, "metric": record.metric, "traces": []})
+        if str(record.trace_key) not in tasks[task]["traces"]:
+            tasks[task]["traces"].append(str(record.trace_key))
         knob_key, setting = knob_setting(record)
         for agent, result in record.results.items():
             if agent == "oracle" or not result.get("deployable", True):
@@ -106,7 +114,7 @@ def read_runs(runs_dir: Path, with_baselines: bool = False) -> dict[str, dict]:
             differing = [k for k in traits if any(o.get(k) != traits[k] for o in others)]
             family = f"{base}[{','.join(f'{k}={traits[k]}' for k in differing)}]"
         tasks[task]["families"][family].append({**result, "setting": setting, "run": run, "agent": agent,
-                                                "seed": seeds[run]})
+                                                "trace": seeds[run][0], "seed": seeds[run]})
         if kind == LEARNED:
             tasks[task]["learned"].add(family)
     if not tasks:
@@ -114,22 +122,34 @@ def read_runs(runs_dir: Path, with_baselines: bool = False) -> dict[str, dict]:
     return tasks
 
 
+def first_backbone(task: dict) -> dict:
+    """The task with only the points of its first trace: a dev frontier over several backbones' points would pick
+    the luckiest backbone per point; the honest protocol averages the backbone seeds instead."""
+    first = task["traces"][0]
+    families = {name: [p for p in points if p["trace"] == first] for name, points in task["families"].items()}
+    return {**task, "families": {name: points for name, points in families.items() if points}}
+
+
 def summarize(task: dict) -> dict:
+    """The dev-frontier summary (`exitrl.tradeoff`) of the task's first backbone (see `first_backbone`)."""
+    task = first_backbone(task)
     full = task["oracle"]["full_model"]
     layer_one = task["oracle"]["per_layer_score"][0]
     families = {name: family_summary(points, full, layer_one, task["num_layers"])
                 for name, points in sorted(task["families"].items())}
     return {"metric": task["metric"], "num_layers": task["num_layers"], "full_model": full,
-            "learned": sorted(task["learned"]),
+            "learned": sorted(task["learned"] & set(families)), "backbones": len(task["traces"]),
             "consistency_oracle": task["oracle"]["consistency_oracle"],
             "oracle_frontier": task["oracle"].get("oracle_frontier", []), "families": families}
 
 
-def protocol_points(task: dict) -> tuple[dict, Point, Point] | str:
-    """``({family: {seed: [Point]}}, full model, layer 1)`` from the runs' ``exits.pt``, or why there are none."""
+def protocol_points(task: dict) -> tuple[dict, dict] | str:
+    """``({family: {(trace, seed): [Point]}}, {trace: (full model, layer 1)})`` from the runs' ``exits.pt``, or
+    why there are none. Every backbone of a group must have evaluated the same dev and held-out rows."""
     loaded: dict[str, dict | None] = {}
     families: dict[str, dict] = defaultdict(lambda: defaultdict(list))
-    reference = None
+    references: dict[str, tuple[Point, Point]] = {}
+    rows: dict[str, torch.Tensor] = {}
     for family, points in sorted(task["families"].items()):
         for point in points:
             if point["run"] not in loaded:
@@ -141,13 +161,17 @@ def protocol_points(task: dict) -> tuple[dict, Point, Point] | str:
                 return ("the runs have no held-out split, so knobs could only be read off dev: add "
                         "data.policy_split=0.2 (or sweep.trace= a trace with a held-out split)")
             labels = {k: v.long() for k, v in exits["labels"].items()}
+            for name in (HELD_OUT, "dev"):
+                if not torch.equal(rows.setdefault(name, labels[name]), labels[name]):
+                    return (f"{point['run']} evaluated other {name} rows than the group's first run: backbone "
+                            "seeds can only be averaged on the same data")
 
             def split(entry: dict, name: str, labels=labels) -> SplitExits:
                 return SplitExits(entry[name]["layers"].long(), entry[name]["predictions"].long(), labels[name])
 
             mine = exits["policies"][point["agent"]]
             families[family][point["seed"]].append(Point(point["setting"], split(mine, HELD_OUT), split(mine, "dev")))
-            if reference is None:
+            if point["trace"] not in references:
                 num_layers = task["num_layers"]
 
                 def fixed(key: str, layer: int, exits=exits, labels=labels) -> Point:
@@ -155,8 +179,8 @@ def protocol_points(task: dict) -> tuple[dict, Point, Point] | str:
                                              labels[name]) for name in (HELD_OUT, "dev")}
                     return Point(key, made[HELD_OUT], made["dev"])
 
-                reference = (fixed("full", num_layers), fixed("layer_one", 1))
-    return families, *reference
+                references[point["trace"]] = (fixed("full", num_layers), fixed("layer_one", 1))
+    return families, references
 
 
 def protocol_summary(task: dict, resamples: int = 2000) -> dict:
@@ -166,13 +190,13 @@ def protocol_summary(task: dict, resamples: int = 2000) -> dict:
     found = protocol_points(task)
     if isinstance(found, str):
         return {"unavailable": found}
-    families, full, one = found
+    families, references = found
     metric, num_layers = task["metric"], task["num_layers"]
-    runs = {family: {seed: SeedRun(points, full, one) for seed, points in by_seed.items()}
+    runs = {family: {seed: SeedRun(points, *references[seed[0]]) for seed, points in by_seed.items()}
             for family, by_seed in families.items()}
     rows = {family: {**family_row(list(by_seed.values()), metric, num_layers), "learned": family in task["learned"]}
             for family, by_seed in runs.items()}
-    summary = {"families": rows, "metric": metric}
+    summary = {"families": rows, "metric": metric, "backbones": len(references)}
     learned = [f for f in rows if f in task["learned"]]
     rules = [f for f in rows if f not in task["learned"]]
     if learned and rules:
@@ -191,7 +215,8 @@ def protocol_table(name: str, summary: dict) -> str:
     def ms(value, scale=100, unit=""):
         return "–" if value is None else f"{scale * value['mean']:.2f} ± {scale * value['std']:.2f}{unit}"
 
-    lines = [f"### {name}: honest protocol (every choice on the held-out split; dev numbers; mean ± std over seeds)",
+    seeds = "seeds" if summary.get("backbones", 1) == 1 else f"seeds of {summary['backbones']} backbones"
+    lines = [f"### {name}: honest protocol (every choice on the held-out split; dev numbers; mean ± std over {seeds})",
              ""]
     if "difference" in summary:
         d = summary["difference"]
@@ -216,7 +241,9 @@ def table(name: str, summary: dict) -> str:
     def pct(value):
         return "–" if value is None else f"{100 * value:.2f}"
 
-    lines = [f"### {name}: full model {pct(full['score'])} {metric}; consistency oracle saves "
+    backbones = summary.get("backbones", 1)
+    first = "" if backbones == 1 else f" (dev frontiers of the first of {backbones} backbones)"
+    lines = [f"### {name}{first}: full model {pct(full['score'])} {metric}; consistency oracle saves "
              f"{100 * oracle['saved_layers']:.1f} % ({oracle['speedup']:.2f}×) at {pct(oracle['score'])}", "",
              f"| family | AUC | best {metric}, ≥ 30 % saved | best {metric}, ≥ 50 % saved | speedup within 1 point "
              "| points |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -284,7 +311,7 @@ def compare(runs_dir: str | Path, with_baselines: bool = False) -> dict:
         report[name] = summary
         text = protocol_table(name, summary["protocol"]) + "\n\n" + table(name, summary)
         texts.append(text)
-        figure = plot(name, task, summary, runs_dir / f"comparison_{name}.png")
+        figure = plot(name, first_backbone(task), summary, runs_dir / f"comparison_{name}.png")
         writer.add_figure(f"compare/{name}/tradeoff", figure, 0)
         writer.add_text(f"compare/{name}/table", text, 0)
     writer.close()

@@ -28,6 +28,7 @@ from exitrl.backbones import FinetuneConfig, load_or_finetune
 from exitrl.crossfit import check_crossfit, crossfit_train
 from exitrl.data import TaskData, load_task
 from exitrl.evaluate import evaluate_exits, oracle_bounds
+from exitrl.hashing import hash_json
 from exitrl.options import checked_options
 from exitrl.policy import ExitPolicy
 from exitrl.record import RunRecord, write_exits
@@ -119,6 +120,16 @@ def finetune_config(cfg: DictConfig) -> FinetuneConfig:
     return FinetuneConfig(**checked_options(cfg.backbone.finetune, FinetuneConfig, "backbone.finetune"), seed=cfg.seed)
 
 
+def seed_group(name: str, finetune: FinetuneConfig, data, meta: dict, crossfit: int) -> str:
+    """What a backbone's trace is, its fine-tuning seed aside: runs whose backbones differ only in that seed are
+    seeds of one experiment (`exitrl.compare` averages them); anything else (data, recipe, settings) keeps runs
+    apart."""
+    recipe = {k: v for k, v in dataclasses.asdict(finetune).items() if k != "seed"}
+    settings = {k: meta.get(k) for k in ("max_length", "pooling", "splits", "precision", "objective")}
+    return hash_json({"backbone": name, "recipe": recipe, "data": data.fingerprint(), "settings": settings,
+                      "crossfit": crossfit})
+
+
 def prepare(cfg: DictConfig, device: torch.device, writer=None) -> Prepared:
     """Load the task, fine-tune the backbone (or reuse the cached one), trace it (or reuse the cached trace)."""
     limit = OmegaConf.to_container(cfg.data.limit, resolve=True)
@@ -136,7 +147,8 @@ def prepare(cfg: DictConfig, device: torch.device, writer=None) -> Prepared:
         trace = crossfit_train(trace, data, cfg.backbone.name, finetune, cfg.cache_dir, device, crossfit,
                                cfg.backbone.pooling, cfg.backbone.package)
     backbone = {"name": cfg.backbone.name, "objective": finetune.objective,
-                **{k: v for k, v in info.items() if k != "dev_accuracy_per_epoch"}}
+                **{k: v for k, v in info.items() if k != "dev_accuracy_per_epoch"},
+                "seed_group": seed_group(cfg.backbone.name, finetune, data, trace.meta, crossfit)}
     prepared = Prepared(data.name, data.metric, trace, backbone, device, data, model, tokenizer, finetune,
                         data.source)
     log.info("Dev %s per layer: %s", data.metric,
