@@ -40,11 +40,12 @@ def test_ppo_optimises_a_user_reward():
 def test_cli_ppo_writes_sb3_and_exitrl_keys(tiny_bert, glue_dir, tmp_path):
     out = run_cli(tmp_path, "agent=ppo", "agent.total_timesteps=4096", "agent.eval_every=2048", "agent.n_envs=4",
                   f"backbone.name={tiny_bert}", "backbone.package=null", "env=rte", f"data.dir={glue_dir}",
-                  "data.limit.train=64", "data.limit.dev=32", "backbone.finetune.epochs=1")
+                  "data.limit.train=64", "data.limit.dev=32", "backbone.finetune.epochs=1", "data.policy_split=0.25")
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["results"]) == {"ppo", "confidence"} and metrics["agent_info"]["timesteps"] >= 4096
+    assert metrics["validation_results"]["ppo"]["num_examples"] == 16  # the held-out walk ran on a copy
     from stable_baselines3 import PPO
 
     sb3 = PPO.load(run / "ppo_sb3.zip", device="cpu")  # SB3's own format: load, predict, train on

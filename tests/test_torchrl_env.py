@@ -66,7 +66,8 @@ def test_cli_ppo_torchrl(tiny_bert, glue_dir, tmp_path):
     out = run_cli(tmp_path, "agent=ppo_torchrl", "agent.total_frames=8192", "agent.num_envs=64",
                   "agent.frames_per_batch=4096", "agent.minibatch_size=1024", f"backbone.name={tiny_bert}",
                   "backbone.package=null", "env=rte", f"data.dir={glue_dir}", "data.limit.train=64",
-                  "data.limit.dev=32", "backbone.finetune.epochs=1")
+                  "data.limit.dev=32", "backbone.finetune.epochs=1", "data.policy_split=0.25")
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics["results"]) == {"ppo_torchrl", "confidence"} and metrics["agent_info"]["frames"] == 8192
+    assert metrics["validation_results"]["ppo_torchrl"]["num_examples"] == 16

@@ -18,7 +18,8 @@ Schema (version 1); every score is a fraction in [0, 1], every "result" is `exit
   of a fitted policy's curve (`exitrl.agents.declaration.Curve`).
 * ``reward``: ``{"name", "fn", **kwargs}``; ``learn_on`` (the setting) and ``policy_trained_on`` (the split used).
 * ``trace_key``: content hash of the trace; ``backbone``: the backbone's name, recipe, cache key and path (and
-  ``seed_group``: the same hash for backbones differing only in their fine-tuning seed), or the trace file swept; ``backbone_mode`` (frozen | cotrain) and ``cotrain`` (per-round records, or null).
+  ``seed_group``: the same hash for backbones differing only in their fine-tuning seed), or the trace file swept;
+  ``backbone_mode`` (frozen | cotrain) and ``cotrain`` (per-round records, or null).
 * ``seed``: the run's seed; ``validation_results``: ``{policy name: result}`` on the held-out split (the validation
   split of the honest comparison, `exitrl.protocol`), empty when the trace has none.
 * ``exits.pt`` beside ``metrics.json`` (`write_exits` / `read_exits`): per policy and split (dev, held-out) the

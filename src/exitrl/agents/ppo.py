@@ -9,6 +9,7 @@ SB3 logs its usual keys (rollout/ep_rew_mean, train/approx_kl, train/entropy_los
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,12 @@ class SB3ExitPolicy(ModuleExitPolicy):
         self.actor.set_training_mode(False)
         self.module = self.actor
         self.model: PPO | None = None  # the SB3 algorithm that trained the actor (not part of policy.pt)
+
+    def __deepcopy__(self, memo: dict) -> SB3ExitPolicy:
+        """A copy of the policy, without the SB3 algorithm that trained it (its envs hold locks and cannot be
+        copied; a copy only decides)."""
+        return SB3ExitPolicy(self.layout.hidden_size, self.layout.num_classes, self.features, self.net_arch,
+                             actor=copy.deepcopy(self.actor, memo))
 
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
