@@ -67,3 +67,17 @@ def test_plugins_are_read_from_the_command_line():
 
     with pytest.raises(ValueError, match="no_such_module"):
         load_plugins(["no_such_module"])
+
+
+def test_an_agent_whose_package_is_missing_is_skipped_and_named():
+    """Without torchrl the other agents still load, and asking for ppo_torchrl says what to install."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torchrl'] = None\n"
+            "from exitrl.agents.registry import agent_names, get_agent\n"
+            "names = agent_names(); assert 'ppo_torchrl' not in names and 'reinforce' in names, names\n"
+            "try:\n    get_agent('ppo_torchrl')\nexcept ValueError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "needs the package 'torchrl'" in out.stdout and "pip install torchrl" in out.stdout

@@ -13,13 +13,21 @@ import exitrl.agents
 from exitrl.agents.declaration import ANALYSIS, KINDS, LEARNED, RULE, AgentSpec, registered
 
 _loaded = False
+_unavailable: dict[str, str] = {}  # built-in agent module -> the third-party package it could not import
 
 
 def _load_builtin() -> None:
+    """Import every built-in agent module. One whose third-party package is missing (torchrl on a machine without
+    it) is skipped and remembered, so the other agents still work and asking for it says what to install."""
     global _loaded
     if not _loaded:
         for module in pkgutil.iter_modules(exitrl.agents.__path__):  # modules that declare nothing are harmless
-            importlib.import_module(f"exitrl.agents.{module.name}")
+            try:
+                importlib.import_module(f"exitrl.agents.{module.name}")
+            except ModuleNotFoundError as err:
+                if not err.name or err.name.split(".")[0] == "exitrl":
+                    raise
+                _unavailable[module.name] = err.name.split(".")[0]
         _loaded = True
 
 
@@ -60,6 +68,9 @@ def get_agent(name: str) -> AgentSpec:
     """The declaration of ``name``; an unknown name is a ValueError that lists the valid ones."""
     known = agents()
     if name not in known:
+        if name in _unavailable:
+            raise ValueError(f"Agent {name!r} needs the package {_unavailable[name]!r}, which is not installed: "
+                             f"pip install {_unavailable[name]}.")
         raise ValueError(f"Unknown agent {name!r}; valid agents: {', '.join(known)}.")
     return known[name]
 
