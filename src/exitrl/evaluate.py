@@ -23,8 +23,9 @@ __all__ = [  # the contract's numbers live in exitrl.metrics; evaluation re-expo
 @torch.no_grad()
 def run_policy(policy: ExitPolicy, trace: SplitTrace, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Walk the trace layer by layer with compaction (`exitrl.walk`, the runtime's loop); returns exit layers and
-    predictions."""
+    predictions. The policy is moved to the trace's device (a policy trained on the GPU meets a CPU trace)."""
     device = trace.logits.device
+    policy = policy.to(device)
     exit_layers = torch.empty(len(trace), dtype=torch.long, device=device)
     predictions = torch.empty(len(trace), dtype=torch.long, device=device)
     for start in range(0, len(trace), batch_size):
