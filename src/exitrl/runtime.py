@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from exitrl.backbones.multi_exit import MultiExitModel, select_rows
 from exitrl.device import autocast, pick_device
 from exitrl.fast_walk import FastWalker
 from exitrl.policy import ExitPolicy
+from exitrl.progress import progress as show_progress
 from exitrl.runs import Run
 from exitrl.trace import STATE_DTYPE
 from exitrl.walk import Exits, walk
@@ -106,7 +106,7 @@ class EarlyExitClassifier:
         predictions = torch.empty(n, dtype=torch.long)
         logits = torch.empty(n, self.model.num_labels)
         starts = range(0, n, batch_size)
-        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+        for start in show_progress(starts, desc="predict", unit="batch", disable=not progress):
             chunk = order[start:start + batch_size]
             padded = self.tokenizer.pad([examples[i] for i in chunk], return_tensors="pt")
             if self.fast:

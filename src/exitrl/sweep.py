@@ -32,7 +32,6 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from exitrl.agents.inputs import learn_split
 from exitrl.agents.registry import agent_names, get_agent
@@ -51,6 +50,7 @@ from exitrl.cli import (
 from exitrl.compare import compare
 from exitrl.device import pick_device
 from exitrl.pipeline import AgentRun, Prepared, open_run, prepare, prepare_from_trace, record_run
+from exitrl.progress import progress
 from exitrl.record import RunRecord
 from exitrl.rewards import resolve_reward
 from exitrl.trace import HELD_OUT
@@ -170,7 +170,7 @@ def run_sweep(argv: list[str]) -> Path:
     points = [(f, v) for f in args.families for v in runs[f].spec.knob.values(num_layers, args.grids.get(f))]
     log.info("Sweeping %d points of %d families on %s (%d layers)", len(points), len(args.families), prepared.task,
              num_layers)
-    bar = tqdm(points, desc=f"sweep {prepared.task}", unit="point")
+    bar = progress(points, desc=f"sweep {prepared.task}", unit="point")
     recorded = {family: [] for family in args.families}
     for family, value in bar:
         bar.set_postfix(family=family, **{runs[family].spec.knob.option: value})

@@ -10,13 +10,13 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from exitrl.backbones.batching import iterate_batches, tokenize_split
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.data import TaskData
 from exitrl.device import autocast
 from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
+from exitrl.progress import progress
 from exitrl.trace import STATE_DTYPE, TRACE_FORMAT, SplitTrace, Trace
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def build_trace(model: MultiExitModel, tokenizer, data: TaskData, max_length: in
     for name, ds in data.splits.items():
         examples = tokenize_split(tokenizer, ds, max_length)
         states, logits = [], []
-        for batch in tqdm(iterate_batches(tokenizer, examples, batch_size, device),
+        for batch in progress(iterate_batches(tokenizer, examples, batch_size, device),
                           total=(len(examples) + batch_size - 1) // batch_size, desc=f"trace {data.name}/{name}",
                           unit="batch"):
             batch.pop("labels")

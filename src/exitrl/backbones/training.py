@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from exitrl.backbones.batching import iterate_batches
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Stage
 from exitrl.device import autocast
+from exitrl.progress import progress
 
 
 def freeze_all_but(model: MultiExitModel, stage: Stage) -> list[torch.nn.Parameter]:
@@ -42,7 +42,7 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
     after every epoch (1-indexed over all stages), ``after_backward()`` between backward and clipping."""
     batches_per_epoch = (len(examples) + batch_size - 1) // batch_size
     total = sum(s.epochs for s in stages) * batches_per_epoch
-    bar = tqdm(total=total, desc=desc, unit="batch")
+    bar = progress(total=total, desc=desc, unit="batch")
     epoch_index = 0
     try:
         for stage in stages:
