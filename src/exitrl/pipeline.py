@@ -25,6 +25,7 @@ from exitrl.agents.declaration import AgentSpec
 from exitrl.agents.inputs import FitInputs, learn_split
 from exitrl.agents.registry import get_agent
 from exitrl.backbones import FinetuneConfig, load_or_finetune
+from exitrl.checkpoint import Checkpoints
 from exitrl.crossfit import check_crossfit, crossfit_train
 from exitrl.data import TaskData, load_task
 from exitrl.evaluate import evaluate_exits, oracle_bounds
@@ -76,10 +77,11 @@ class AgentRun:
         return {k: v for k, v in dataclasses.asdict(self.options).items() if k != "seed"}
 
     def fit(self, trace: Trace, device: torch.device, writer=None, log_dir: Path | None = None,
-            metric: str = "accuracy") -> Fitted:
-        """Fit on ``trace`` (the split chosen by ``learn_on``); returns the policy, its record and the time."""
+            metric: str = "accuracy", checkpoints: Checkpoints | None = None) -> Fitted:
+        """Fit on ``trace`` (the split chosen by ``learn_on``); returns the policy, its record and the time.
+        ``checkpoints``: where an agent that checkpoints its training saves and resumes."""
         split = learn_split(self.learn_on, HELD_OUT in trace.splits)
-        inputs = FitInputs(trace, split, self.reward, device, writer, log_dir, metric)
+        inputs = FitInputs(trace, split, self.reward, device, writer, log_dir, metric, checkpoints)
         started = time.time()
         policy, info = self.spec.fit(self.options, inputs)
         return Fitted(policy, info, time.time() - started, split)
@@ -120,6 +122,11 @@ def finetune_config(cfg: DictConfig) -> FinetuneConfig:
     return FinetuneConfig(**checked_options(cfg.backbone.finetune, FinetuneConfig, "backbone.finetune"), seed=cfg.seed)
 
 
+def checkpoint_seconds(cfg: DictConfig) -> float:
+    """``checkpoint.every_seconds``: how often fine-tuning and policy training save their state."""
+    return float(cfg.get("checkpoint", {}).get("every_seconds", 300.0))
+
+
 def seed_group(name: str, finetune: FinetuneConfig, data, meta: dict, crossfit: int) -> str:
     """What a backbone's trace is, its fine-tuning seed aside: runs whose backbones differ only in that seed are
     seeds of one experiment (`exitrl.compare` averages them); anything else (data, recipe, settings) keeps runs
@@ -140,7 +147,8 @@ def prepare(cfg: DictConfig, device: torch.device, writer=None) -> Prepared:
     check_crossfit(crossfit, len(data.splits["train"]))
     finetune = finetune_config(cfg)
     model, tokenizer, info = load_or_finetune(cfg.backbone.name, data, finetune, cfg.cache_dir, device,
-                                              cfg.backbone.pooling, cfg.backbone.package, writer)
+                                              cfg.backbone.pooling, cfg.backbone.package, writer,
+                                              checkpoint_seconds(cfg))
     trace = load_or_build_trace(model, tokenizer, data, cfg.cache_dir, device, finetune.max_length,
                                 objective=finetune.objective)
     if crossfit:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from exitrl.agents.declaration import ANALYSIS
 from exitrl.agents.inputs import held_out_error, learn_split
 from exitrl.agents.registry import rules
+from exitrl.checkpoint import Checkpoints
 from exitrl.cli import (
     USER_ERRORS,
     agents_text,
@@ -37,13 +38,14 @@ from exitrl.cli import (
 from exitrl.cotraining import CotrainConfig, cotrain_rounds
 from exitrl.device import pick_device
 from exitrl.options import checked_options
-from exitrl.pipeline import AgentRun, Prepared, open_run, prepare, record_run
+from exitrl.pipeline import AgentRun, Prepared, checkpoint_seconds, open_run, prepare, record_run
 from exitrl.record import RunRecord
 from exitrl.report import results_table
 from exitrl.runs import Run
 
 log = logging.getLogger("exitrl.train")
 BACKBONE_MODES = ("frozen", "cotrain")
+AGENT_CHECKPOINT = "checkpoint_agent.pt"  # the agent's training state, in the run folder, until it finishes
 
 
 @dataclass
@@ -88,7 +90,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device, writer)
     agent = steps.agent
-    fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric)
+    fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric,
+                       Checkpoints(run_dir / AGENT_CHECKPOINT, checkpoint_seconds(cfg)))
     extra = {"backbone_mode": steps.mode}
     if steps.mode == "cotrain":
         prepared, fitted, extra["cotrain"] = cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, writer)
@@ -187,8 +190,33 @@ def hydra_main(cfg: DictConfig) -> None:
         fail(err, log.name)
 
 
+def resume_arguments(argv: list[str]) -> list[str]:
+    """``resume=RUN_DIR`` becomes the run's own overrides (``RUN_DIR/.hydra/overrides.yaml``) and
+    ``hydra.run.dir=RUN_DIR``: the same config, the same folder, its checkpoints. Other overrides are refused (a
+    resumed run must be the run that was started)."""
+    wanted = [a for a in argv if a.startswith("resume=")]
+    if not wanted:
+        return argv
+    folder = Path(wanted[-1].split("=", 1)[1]).expanduser()
+    others = [a for a in argv if not a.startswith("resume=")]
+    if others:
+        raise ValueError(f"resume={folder} continues that run with its own config; drop the other overrides "
+                         f"{others} (or start a new run).")
+    overrides = folder / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        raise ValueError(f"resume={folder}: no {overrides.relative_to(folder)} there; name the folder of a run that "
+                         "python -m exitrl.train started.")
+    if (folder / "metrics.json").is_file():
+        raise ValueError(f"resume={folder}: that run already finished (metrics.json is there); nothing to resume.")
+    import yaml
+
+    original = [a for a in yaml.safe_load(overrides.read_text()) or [] if not a.startswith("resume=")]
+    return [*original, f"hydra.run.dir={folder}", f"resume={folder}"]
+
+
 def main() -> None:
     try:
+        sys.argv[1:] = resume_arguments(sys.argv[1:])
         prepare_cli(sys.argv[1:])
     except ValueError as err:
         fail(err, log.name)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from exitrl.checkpoint import Checkpoints
 from exitrl.rewards import RewardSpec
 from exitrl.trace import HELD_OUT, SplitTrace, Trace
 
@@ -48,6 +49,7 @@ class FitInputs:
     writer: object = None  # a TensorBoard SummaryWriter, or None
     log_dir: Path | None = None  # the run's TensorBoard folder, for agents with a logger of their own (SB3)
     metric: str = "accuracy"
+    checkpoints: Checkpoints | None = None  # where an agent that checkpoints saves, and resumes from
 
     @classmethod
     def from_splits(cls, learn: SplitTrace, dev: SplitTrace | None = None, held_out: SplitTrace | None = None,

@@ -31,6 +31,7 @@ from torch import nn
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Curve, Knob, register
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
+from exitrl.checkpoint import set_rng_state
 from exitrl.envs import TraceVectorEnv
 from exitrl.evaluate import evaluate_policy, log_eval
 from exitrl.observation import ObservationLayout, check_features, observation_table, view_reads_history
@@ -119,11 +120,22 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.lr)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     history, step, start = [], 0, time.time()
+    # 0. A checkpoint found (a killed run's) puts every piece of state back, mid-epoch included.
+    checkpoints, resumed = inputs.checkpoints, None
+    if checkpoints is not None and (resumed := checkpoints.load()) is not None:
+        policy.net.load_state_dict(resumed["policy"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        generator.set_state(resumed["epoch_generator"])
+        env.set_generator_state(resumed["env_generator"])
+        history, step = resumed["history"], resumed["step"]
+        set_rng_state(resumed["rng"])
 
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(resumed["epoch"] if resumed else 1, cfg.epochs + 1):
+        epoch_generator = generator.get_state()
         order = torch.randperm(len(train), generator=generator).to(device)
         starts = range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)
-        for first in starts:
+        done = resumed["batches"] if resumed and epoch == resumed["epoch"] else 0
+        for batch_number, first in enumerate(starts[done:], start=done):
             # 1. K copies of each example in the batch walk up the layers together.
             examples = order[first:first + cfg.batch_size]
             obs, _ = env.reset(options={"indices": examples.repeat_interleave(samples)})
@@ -162,12 +174,19 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
                 writer.add_scalar("train/entropy", (entropy_sum / decisions.clamp_min(1)).item(), step)
                 writer.add_scalar("train/epsilon", epsilon, step)
                 writer.add_scalar("train/avg_exit_layer", exit_layer.float().mean().item(), step)
+            if checkpoints is not None and checkpoints.due():
+                checkpoints.save({"epoch": epoch, "batches": batch_number + 1, "epoch_generator": epoch_generator,
+                                  "env_generator": env.generator_state(), "policy": policy.net.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "history": history, "step": step})
         if dev is not None:
             metrics = evaluate_policy(policy, dev, metric)
             metrics.update(epoch=epoch, step=step)
             history.append(metrics)
             log_eval(writer, metrics, step)
     info = {"config": asdict(cfg), "updates": step, "train_seconds": round(time.time() - start, 2), "history": history}
+    if checkpoints is not None:
+        info["checkpoints"] = checkpoints.summary()
+        checkpoints.clear()
     return policy, info
 
 

@@ -36,9 +36,10 @@ def _batch_order(examples: list[dict], batch_size: int, shuffle: bool, generator
 
 
 def iterate_batches(tokenizer, examples: list[dict], batch_size: int, device: torch.device,
-                    shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[dict]:
-    """Padded batches on ``device``; padding only to the longest example of each batch."""
-    for chunk_ids in _batch_order(examples, batch_size, shuffle, generator):
+                    shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0) -> Iterator[dict]:
+    """Padded batches on ``device``; padding only to the longest example of each batch. ``skip`` leaves out the
+    first batches of the order (a resumed epoch), drawing the same order as a whole epoch would."""
+    for chunk_ids in _batch_order(examples, batch_size, shuffle, generator)[skip:]:
         chunk = [examples[i] for i in chunk_ids]
         labels = torch.tensor([c["labels"] for c in chunk])
         padded = tokenizer.pad([{k: v for k, v in c.items() if k != "labels"} for c in chunk], return_tensors="pt")

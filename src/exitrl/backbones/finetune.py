@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +23,7 @@ from exitrl.backbones.loading import load_multi_exit
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes import build_recipe, recipe_settings
 from exitrl.backbones.training import train_stages
+from exitrl.checkpoint import Checkpoints
 from exitrl.data import TaskData
 from exitrl.device import autocast
 from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
@@ -41,16 +44,17 @@ def per_layer_accuracy(model: MultiExitModel, tokenizer, examples: list[dict], d
 
 
 def finetune(model: MultiExitModel, tokenizer, data: TaskData, cfg: FinetuneConfig, device: torch.device,
-             writer=None) -> dict:
+             writer=None, checkpoints: Checkpoints | None = None) -> dict:
     """Train the model with the recipe ``cfg.objective``, stage by stage; returns per-layer dev accuracy after
-    each epoch (of all stages in order) and the stages run."""
+    each epoch (of all stages in order) and the stages run. With ``checkpoints`` it saves periodically and resumes
+    from a checkpoint it finds (`train_stages`)."""
     recipe = build_recipe(cfg)
     train = tokenize_split(tokenizer, data.splits["train"], cfg.max_length)
     dev = tokenize_split(tokenizer, data.splits["dev"], cfg.max_length) if "dev" in data.splits else None
     recipe.prepare(model)
     model.to(device).train()
     stages = recipe.stages(model)
-    history = []
+    carry = {"history": []}  # saved with each checkpoint
 
     def log_loss(step: int, loss: torch.Tensor, last: bool) -> None:
         if writer is not None and step % 10 == 0:
@@ -60,7 +64,7 @@ def finetune(model: MultiExitModel, tokenizer, data: TaskData, cfg: FinetuneConf
         if dev is None:
             return
         accs = per_layer_accuracy(model, tokenizer, dev, device)
-        history.append(accs)
+        carry["history"].append(accs)
         log.info("epoch %d (%s) dev per-layer accuracy: %s", epoch, stage.name, " ".join(f"{a:.3f}" for a in accs))
         if writer is not None:
             for i, a in enumerate(accs):
@@ -69,13 +73,18 @@ def finetune(model: MultiExitModel, tokenizer, data: TaskData, cfg: FinetuneConf
     train_stages(model, tokenizer, train, stages, batch_size=cfg.batch_size, device=device,
                  generator=torch.Generator().manual_seed(cfg.seed), clip_norm=cfg.clip_norm,
                  weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-                 desc=f"fine-tune {data.name} ({cfg.objective})", on_step=log_loss, on_epoch=evaluate_epoch)
-    return {"dev_accuracy_per_epoch": history, "stages": [{"name": s.name, "epochs": s.epochs} for s in stages]}
+                 desc=f"fine-tune {data.name} ({cfg.objective})", on_step=log_loss, on_epoch=evaluate_epoch,
+                 checkpoints=checkpoints, carry=carry)
+    return {"dev_accuracy_per_epoch": carry["history"],
+            "stages": [{"name": s.name, "epochs": s.epochs} for s in stages]}
 
 
 def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: str | Path, device: torch.device,
-                     pooling: str = "cls", package: str | None = None, writer=None):
-    """Return ``(model, tokenizer, info)``, fine-tuning only when no cached model matches the inputs."""
+                     pooling: str = "cls", package: str | None = None, writer=None,
+                     checkpoint_seconds: float = 300.0):
+    """Return ``(model, tokenizer, info)``, fine-tuning only when no cached model matches the inputs. Fine-tuning
+    checkpoints every ``checkpoint_seconds`` beside the cache entry (``<entry>.checkpoint``), so a killed run's
+    rerun continues where it stopped."""
     build_recipe(cfg)  # an unknown objective or a bad option fails here, before loading or training
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_multi_exit(name, data.num_labels, pooling=pooling, package=package)
@@ -90,11 +99,17 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
         model, tokenizer, meta = MultiExitModel.load(folder, device)
         return model.eval(), tokenizer, {"key": key, "path": str(folder), "cached": True, **meta}
     start = time.time()
-    history = finetune(model, tokenizer, data, cfg, device, writer)
+    checkpoints = Checkpoints(folder.with_name(folder.name + ".checkpoint"), checkpoint_seconds)
+    history = finetune(model, tokenizer, data, cfg, device, writer, checkpoints)
     info = {"key": key, "base": name, "task": data.name, "finetune": asdict(cfg),
             "train_seconds": round(time.time() - start, 1), **history}
-    tmp = folder.with_name(folder.name + ".partial")
+    info["checkpoints"] = checkpoints.summary()
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     model.save(tmp, tokenizer, extra=info)
-    tmp.rename(folder)
-    (folder / "finetune.json").write_text(json.dumps(info, indent=2))
+    (tmp / "finetune.json").write_text(json.dumps(info, indent=2))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished the same entry first: keep theirs, which has the same content key
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("%s was written by another process meanwhile; using it.", folder)
     return model.eval(), tokenizer, {"path": str(folder), "cached": False, **info}

@@ -16,6 +16,7 @@ from transformers import get_linear_schedule_with_warmup
 from exitrl.backbones.batching import iterate_batches
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Stage
+from exitrl.checkpoint import Checkpoints, set_rng_state
 from exitrl.device import autocast
 from exitrl.progress import progress
 
@@ -34,28 +35,58 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                  warmup_ratio: float | None, desc: str, step: int = 0,
                  on_step: Callable[[int, torch.Tensor, bool], None] | None = None,
                  on_epoch: Callable[[int, Stage], None] | None = None,
-                 after_backward: Callable[[], None] | None = None) -> int:
+                 after_backward: Callable[[], None] | None = None,
+                 checkpoints: Checkpoints | None = None, carry: dict | None = None) -> int:
     """Train ``model`` stage by stage on ``examples``; returns the global step reached (counting from ``step``).
 
     ``warmup_ratio`` None keeps each stage's learning rates constant; a number applies the linear schedule with
     that warm-up fraction. ``on_step(step, loss, last)`` runs after every optimiser step, ``on_epoch(epoch, stage)``
-    after every epoch (1-indexed over all stages), ``after_backward()`` between backward and clipping."""
+    after every epoch (1-indexed over all stages), ``after_backward()`` between backward and clipping.
+
+    With ``checkpoints``, the model, optimiser, scheduler, position (stage, epoch, batch), the data order's generator
+    as it was at the epoch's start, every RNG and ``carry`` (the callbacks' own state, updated in place) are saved
+    whenever a checkpoint is due, and a run that finds a checkpoint continues from it: the same batches in the same
+    order, the same dropout masks, so the result equals an uninterrupted run's. The file is removed at the end."""
     batches_per_epoch = (len(examples) + batch_size - 1) // batch_size
     total = sum(s.epochs for s in stages) * batches_per_epoch
+    resume = checkpoints.load() if checkpoints is not None else None
+    position = resume["position"] if resume else {"stage": 0, "epoch": 0, "batch": 0}
+    if resume:
+        model.load_state_dict(resume["model"])
+        step, epoch_index = resume["step"], resume["epoch_index"]
+        if carry is not None:
+            carry.clear()
+            carry.update(resume["carry"])
+    else:
+        epoch_index = 0
+    done = position["batch"] + batches_per_epoch * epoch_index  # batches trained (before a resumed checkpoint too)
     bar = progress(total=total, desc=desc, unit="batch")
-    epoch_index = 0
+    bar.update(done)
     try:
-        for stage in stages:
+        for stage_index, stage in enumerate(stages):
+            if stage_index < position["stage"]:
+                continue
             trained = freeze_all_but(model, stage)
             optimizer = torch.optim.AdamW(stage.groups, weight_decay=weight_decay)
             stage_steps = stage.epochs * batches_per_epoch
             scheduler = None if warmup_ratio is None else get_linear_schedule_with_warmup(
                 optimizer, int(warmup_ratio * stage_steps), stage_steps)
             stage_step = 0
-            for _ in range(stage.epochs):
+            first_epoch, skip = 0, 0
+            if resume and stage_index == position["stage"]:
+                optimizer.load_state_dict(resume["optimizer"])
+                if scheduler is not None:
+                    scheduler.load_state_dict(resume["scheduler"])
+                first_epoch, skip = position["epoch"], position["batch"]
+                stage_step = first_epoch * batches_per_epoch + skip
+                generator.set_state(resume["epoch_generator"])
+                set_rng_state(resume["rng"])
+            for epoch in range(first_epoch, stage.epochs):
                 model.train()
-                for batch in iterate_batches(tokenizer, examples, batch_size, device, shuffle=True,
-                                             generator=generator):
+                epoch_generator = generator.get_state()
+                batches = iterate_batches(tokenizer, examples, batch_size, device, shuffle=True, generator=generator,
+                                          skip=skip if epoch == first_epoch else 0)
+                for batch_number, batch in enumerate(batches, start=skip if epoch == first_epoch else 0):
                     labels = batch.pop("labels")
                     with autocast(device):
                         loss = stage.loss(model, batch, labels, Progress(stage_step, stage_steps))
@@ -69,10 +100,18 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                         scheduler.step()
                     step += 1
                     stage_step += 1
+                    done += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.3f}", stage=stage.name)
                     if on_step is not None:
-                        on_step(step, loss, bar.n == total)
+                        on_step(step, loss, done == total)
+                    if checkpoints is not None and checkpoints.due():
+                        checkpoints.save({
+                            "position": {"stage": stage_index, "epoch": epoch, "batch": batch_number + 1},
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": None if scheduler is None else scheduler.state_dict(),
+                            "epoch_generator": epoch_generator, "step": step, "epoch_index": epoch_index,
+                            "carry": dict(carry or {})})
                 epoch_index += 1
                 if on_epoch is not None:
                     on_epoch(epoch_index, stage)
@@ -80,5 +119,7 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
         bar.close()
         for p in model.parameters():  # later users (tracing, co-training) get a fully trainable model back
             p.requires_grad_(True)
+    if checkpoints is not None:
+        checkpoints.clear()
     model.eval()
     return step

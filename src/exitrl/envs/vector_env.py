@@ -55,6 +55,13 @@ class TraceVectorEnv(gym.vector.VectorEnv):
     def _draw(self, count: int) -> torch.Tensor:
         return torch.randint(self.num_examples, (count,), generator=self._generator, device=self.device)
 
+    def generator_state(self) -> torch.Tensor:
+        """The state of the generator that draws examples (for checkpoints)."""
+        return self._generator.get_state()
+
+    def set_generator_state(self, state: torch.Tensor) -> None:
+        self._generator.set_state(state)
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if isinstance(seed, (list, tuple)):  # VectorEnv allows one seed per sub-env; one generator drives them all
             seed = seed[0]

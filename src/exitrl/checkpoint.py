@@ -1,0 +1,129 @@
+"""Files that survive a kill: atomic, checksummed writes, and periodic training checkpoints with every RNG state.
+
+A checked file is ``MAGIC``, the SHA-256 of the payload in hex, a newline, then the payload (``torch.save`` bytes).
+It is written to a temporary file in the same folder, flushed and fsynced, then renamed over the target, so a
+reader sees the old file or the new one, never half of one; two processes writing the same file at once each
+rename a whole file. `load_checked` verifies the checksum and raises `CorruptFile` (naming the file) on a
+truncated or altered one.
+
+`Checkpoints` decides when a training loop saves (every ``every_seconds`` of wall time, 0: after every step) and
+holds the file; `rng_state` / `set_rng_state` carry Python's, NumPy's and torch's (CPU and CUDA) generators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("exitrl.checkpoint")
+MAGIC = b"exitrl-checked-v1\n"
+
+
+class CorruptFile(Exception):
+    """A checked file that is truncated, altered or not a checked file at all."""
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checked(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` into a checked file (see the module docstring)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    return write_atomic(path, MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+
+
+def load_checked(path: str | Path, weights_only: bool = False) -> Any:
+    """The object in a checked file; `CorruptFile` when it is truncated, altered or not a checked file."""
+    path = Path(path)
+    data = path.read_bytes()
+    header = len(MAGIC) + 65
+    if not data.startswith(MAGIC) or len(data) < header or data[header - 1:header] != b"\n":
+        raise CorruptFile(f"{path} is not a checked exitrl file (written by another program, or cut short).")
+    expected, payload = data[len(MAGIC):header - 1].decode(), data[header:]
+    if hashlib.sha256(payload).hexdigest() != expected:
+        raise CorruptFile(f"{path} is corrupt: its checksum does not match its content (truncated or altered).")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=weights_only)
+
+
+def rng_state() -> dict:
+    """Every generator a training loop may draw from: Python's, NumPy's, torch's CPU and (when present) CUDA's."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpoints:
+    """One training loop's checkpoint file: `due` says when to save, `save` writes it atomically, `load` returns
+    the last good one (a corrupt file is reported and ignored, so the work restarts rather than resumes from
+    garbage), `clear` removes it once the work is done."""
+
+    def __init__(self, path: str | Path, every_seconds: float = 300.0):
+        if not every_seconds >= 0:
+            raise ValueError(f"checkpoint.every_seconds must be >= 0 (0: after every step), got {every_seconds}.")
+        self.path, self.every_seconds = Path(path), float(every_seconds)
+        self.last = time.monotonic()
+        self.seconds_writing = 0.0
+        self.saves = 0
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every_seconds
+
+    def save(self, state: dict) -> None:
+        started = time.monotonic()
+        save_checked({**state, "rng": rng_state()}, self.path)
+        self.last = time.monotonic()
+        self.seconds_writing += self.last - started
+        self.saves += 1
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = load_checked(self.path)
+        except CorruptFile as err:
+            log.warning("%s; starting this work from the beginning.", err)
+            return None
+        log.warning("Resuming from the checkpoint %s", self.path)
+        return state
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def summary(self) -> dict:
+        return {"saves": self.saves, "seconds_writing": round(self.seconds_writing, 3),
+                "every_seconds": self.every_seconds}

@@ -1,0 +1,119 @@
+"""A train run killed with SIGKILL at a random point (in fine-tuning, and in policy training) and resumed with
+``resume=RUN_DIR`` ends with exactly the numbers of an uninterrupted run; checked files catch corruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import TESTS, run_cli
+
+from exitrl.checkpoint import Checkpoints, CorruptFile, load_checked, save_checked
+
+
+def common(tiny_bert, glue_dir) -> list[str]:
+    return [f"backbone.name={tiny_bert}", "backbone.package=null", "backbone.pooling=cls", "env=rte",
+            f"data.dir={glue_dir}", "data.limit.train=192", "data.limit.dev=48", "backbone.finetune.epochs=2",
+            "backbone.finetune.batch_size=8", "agent=reinforce", "agent.epochs=80", "agent.batch_size=8",
+            "data.policy_split=0.25", "checkpoint.every_seconds=0", "seed=3"]
+
+
+def numbers(run: Path) -> dict:
+    """What must not depend on an interruption: every score, the backbone's dev accuracy, the learning curve."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {"results": metrics["results"], "validation": metrics["validation_results"],
+            "dev_per_layer": metrics["dev_per_layer"], "oracle": metrics["oracle"],
+            "history": metrics["agent_info"]["history"], "updates": metrics["agent_info"]["updates"],
+            "backbone_history": metrics["backbone"].get("dev_accuracy_per_epoch")}
+
+
+def kill_when(tmp_path: Path, overrides: list[str], marker, run_name: str) -> Path:
+    """Start the run, wait until ``marker()`` finds a checkpoint, SIGKILL it at a random moment soon after."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "EXITRL_CACHE_DIR": str(tmp_path / "cache")}
+    run = tmp_path / run_name
+    process = subprocess.Popen([sys.executable, "-m", "exitrl.train", *overrides, f"hydra.run.dir={run}"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not marker() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
+    time.sleep(random.uniform(0.0, 0.2))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run / "metrics.json").exists()
+    return run
+
+
+def resume(tmp_path: Path, run: Path):
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "EXITRL_CACHE_DIR": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "exitrl.train", f"resume={run}"], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("stage", ["fine-tuning", "policy training"])
+def test_a_killed_run_resumes_to_the_same_numbers(tiny_bert, glue_dir, tmp_path, stage):
+    overrides = common(tiny_bert, glue_dir)
+    reference = run_cli(tmp_path / "reference", *overrides)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = numbers(tmp_path / "reference" / "run")
+
+    interrupted = tmp_path / "interrupted"
+    if stage == "fine-tuning":
+        def marker():
+            return any((interrupted / "cache" / "backbones").glob("*.checkpoint"))
+    else:
+        def marker():
+            return (interrupted / "run" / "checkpoint_agent.pt").is_file()
+    run = kill_when(interrupted, overrides, marker, "run")
+    resumed = resume(interrupted, run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from the checkpoint" in (run / "train.log").read_text()
+    assert numbers(run) == expected
+    assert not (run / "checkpoint_agent.pt").exists()
+    assert not list((interrupted / "cache" / "backbones").glob("*.checkpoint"))
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    from exitrl.train import resume_arguments
+
+    with pytest.raises(ValueError, match="no .hydra/overrides.yaml"):
+        resume_arguments([f"resume={tmp_path}"])
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- agent=reinforce\n- env=rte\n- resume=/old\n")
+    assert resume_arguments([f"resume={tmp_path}"]) == ["agent=reinforce", "env=rte", f"hydra.run.dir={tmp_path}",
+                                                        f"resume={tmp_path}"]
+    with pytest.raises(ValueError, match="drop the other overrides"):
+        resume_arguments([f"resume={tmp_path}", "agent.epochs=3"])
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="already finished"):
+        resume_arguments([f"resume={tmp_path}"])
+
+
+def test_checked_files_catch_truncation_and_tampering(tmp_path, caplog):
+    path = save_checked({"weights": torch.arange(1000.0)}, tmp_path / "state.pt")
+    assert torch.equal(load_checked(path)["weights"], torch.arange(1000.0))
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(CorruptFile, match="checksum"):
+        load_checked(path)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(CorruptFile, match="checksum"):
+        load_checked(path)
+    path.write_bytes(b"PK\x03\x04 something else")
+    with pytest.raises(CorruptFile, match="not a checked"):
+        load_checked(path)
+    checkpoints = Checkpoints(path)  # a corrupt checkpoint is reported and ignored: the work starts over
+    assert checkpoints.load() is None and "starting this work from the beginning" in caplog.text
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+    with pytest.raises(ValueError, match="every_seconds"):
+        Checkpoints(path, -1)
