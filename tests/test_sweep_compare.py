@@ -278,3 +278,29 @@ def test_compare_averages_backbone_seeds_of_one_group(tmp_path):
     exits["labels"]["dev"] = 1 - exits["labels"]["dev"]
     torch.save(exits, other / "exits.pt")
     assert "other dev rows" in protocol_summary(one, resamples=50)["unavailable"]
+
+
+def test_a_rerun_sweep_skips_finished_points_and_redoes_a_half_written_one(tmp_path):
+    from conftest import synthetic_trace
+
+    from exitrl.trace import HELD_OUT, Trace
+
+    splits = {name: synthetic_trace(n=128, num_layers=4, hidden=8, seed=i)[0]
+              for i, name in enumerate(("train", "dev", HELD_OUT))}
+    trace_path = tmp_path / "trace.pt"
+    Trace(splits, {"task": "rte", "metric": "accuracy", "key": "synthetic"}).save(trace_path)
+    out = tmp_path / "sweep"
+    args = ("exitrl.sweep", "agent=confidence,static", "env=rte", f"sweep.trace={trace_path}", f"sweep.out={out}")
+    first = run_module(*args, cache=tmp_path / "cache")
+    assert first.returncode == 0, first.stderr[-3000:]
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+    assert len(written) == 10 + 4  # 10 thresholds, static at layers 1..4
+    half = out / "confidence" / "threshold=0.9"
+    (half / "metrics.json").unlink()  # killed before its record was written
+    again = run_module(*args, cache=tmp_path / "cache")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("finished by an earlier run of this sweep, skipped") == 13
+    assert (half / "metrics.json").is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items() if p.parent != half)
+    changed = run_module(*args, "seed=1", cache=tmp_path / "cache")  # another config: nothing is skipped
+    assert changed.returncode == 0 and "skipped" not in changed.stderr

@@ -81,9 +81,9 @@ class RunRecord:
         return dataclasses.asdict(self)
 
     def write(self, run_dir: str | Path) -> Path:
-        path = Path(run_dir) / FILE_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        from exitrl.checkpoint import write_atomic
+
+        return write_atomic(Path(run_dir) / FILE_NAME, json.dumps(self.to_dict(), indent=2).encode())
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "record") -> RunRecord:
@@ -125,9 +125,13 @@ def write_exits(run_dir: str | Path, labels: dict, policies: dict, reference: di
     ``reference`` ``{"full" | "layer_one": {split: predictions}}`` (all small int tensors)."""
     import torch
 
-    path = Path(run_dir) / EXITS_FILE
-    torch.save({"labels": labels, "policies": policies, "reference": reference}, path)
-    return path
+    import io
+
+    from exitrl.checkpoint import write_atomic
+
+    buffer = io.BytesIO()
+    torch.save({"labels": labels, "policies": policies, "reference": reference}, buffer)
+    return write_atomic(Path(run_dir) / EXITS_FILE, buffer.getvalue())
 
 
 def read_exits(run_dir: str | Path) -> dict | None:

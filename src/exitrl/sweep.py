@@ -51,7 +51,7 @@ from exitrl.compare import compare
 from exitrl.device import pick_device
 from exitrl.pipeline import AgentRun, Prepared, open_run, prepare, prepare_from_trace, record_run
 from exitrl.progress import progress
-from exitrl.record import RunRecord
+from exitrl.record import FILE_NAME, RunRecord
 from exitrl.rewards import resolve_reward
 from exitrl.trace import HELD_OUT
 
@@ -217,6 +217,29 @@ def extend_alpha(cfg: DictConfig, family: str, recorded: list, prepared: Prepare
             saved += saved_off_dev(record_point(cfg, family, value, prepared, out))
 
 
+def finished(run_dirs: list[Path], cfg: DictConfig, prepared: Prepared) -> list[RunRecord] | None:
+    """The records of a point a previous sweep finished with this very config on this trace (a rerun skips it), or
+    None: a point with a missing ``metrics.json`` (killed half-way; it is the last file written) or another config
+    is done again."""
+    wanted = OmegaConf.to_yaml(cfg, resolve=True)
+    records = []
+    for run_dir in run_dirs:
+        metrics, config = run_dir / FILE_NAME, run_dir / "config.yaml"
+        if not metrics.is_file() or not config.is_file():
+            return None
+        try:
+            record = RunRecord.read(metrics)
+        except ValueError:
+            return None
+        if config.read_text() != wanted or record.trace_key != prepared.trace.meta.get("key"):
+            log.warning("%s holds a point of another sweep (config or trace differ): running it again.", run_dir)
+            return None
+        records.append(record)
+    log.info("%s: finished by an earlier run of this sweep, skipped.", run_dirs[0].parent if len(run_dirs) > 1
+             else run_dirs[0])
+    return records
+
+
 def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: Path) -> list[RunRecord]:
     """Fit one family at one knob value and record it (the same pipeline as ``exitrl.train``). A family that
     declares a curve (REINFORCE's π threshold) and ``sweep.curve=true`` records one point per curve value from the
@@ -227,6 +250,11 @@ def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: P
     run = AgentRun.from_config(cfg)
     label = f"{family}[{cfg.sweep.label}]" if cfg.sweep.label else family
     run_dir = out / label / f"{knob.option}={value}"
+    curve_dirs = ([run_dir / f"{spec.curve.attribute}={v}" for v in spec.curve.values]
+                  if spec.curve is not None and cfg.sweep.get("curve", True) else [run_dir])
+    done = finished(curve_dirs, cfg, prepared)
+    if done is not None:
+        return done
     writer = open_run(run_dir, cfg)
     fitted = run.fit(prepared.trace, prepared.device, writer, Path(writer.log_dir), prepared.metric)
     point = {"key": knob.key, "value": value}
