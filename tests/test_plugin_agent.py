@@ -26,7 +26,7 @@ def test_a_plugin_agent_trains_and_sweeps(tiny_bert, glue_dir, tmp_path):
     assert "layer: 3" in (tmp_path / "toy" / "config.yaml").read_text()
 
     bad = run_cli(tmp_path, "agent=toy", "agent.layer=0", *common, run_name="bad")
-    assert bad.returncode == 2 and "layer must be >= 1" in bad.stderr
+    assert bad.returncode == 2 and "agent.layer=0 is out of range: it must be >= 1" in bad.stderr
 
     sweep = tmp_path / "sweep"
     result = run_module("exitrl.sweep", "agent=toy,static", *common, f"hydra.run.dir={sweep}",  # as exitrl.train

@@ -120,6 +120,32 @@ def callable_module(name: str, function: Callable) -> None:
 
 
 # -- --help -------------------------------------------------------------------------------------------------------
+GROUPS = ("agent", "env", "backbone", "reward", "hydra")  # checked by their own schemas (options, rewards, tasks)
+FREE_FORM = ("sweep.grids", "data.limit")  # keys chosen by the user (family names, split names)
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key of a composed config outside the groups is one ``config.yaml`` declares: a ``+key=value`` typo
+    (``+confidence.treshold=0.5``, ``+data.limits.train=5``) fails naming it instead of being silently ignored."""
+    import yaml
+
+    base = yaml.safe_load((CONFIGS / "config.yaml").read_text())
+    base.pop("defaults", None)
+
+    def walk(node, declared: dict, path: str) -> None:
+        for key in node:
+            where = f"{path}{key}"
+            if not path and key in GROUPS:
+                continue
+            if key not in declared:
+                raise ValueError(f"Unknown config key {where!r}; valid here: {sorted(declared)}. (A '+' override "
+                                 "adds a key exitrl never reads.)")
+            if isinstance(declared[key], dict) and where not in FREE_FORM and OmegaConf.is_dict(node[key]):
+                walk(node[key], declared[key], f"{where}.")
+
+    walk(cfg, base, "")
+
+
 def wants_help(argv: list[str]) -> bool:
     return any(arg in ("--help", "-h") for arg in argv)
 

@@ -8,11 +8,50 @@ import torch
 
 
 def pick_device(preference: str = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; anything else, or CUDA where there is none, is a ValueError that
+    names ``device``."""
+    if not isinstance(preference, str):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {preference!r}.")
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if preference.startswith("cuda") and not torch.cuda.is_available():
+    kind, _, index = preference.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {preference!r}.")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={preference} was asked for but CUDA is not available; use device=auto or cpu.")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device={preference}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     return torch.device(preference)
+
+
+def check_threads(threads) -> int | None:
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads must be a whole number >= 1 (or null: torch's default), got {threads!r}.")
+    return threads
+
+
+def set_reproducibility(deterministic: bool = False, threads: int | None = None) -> dict:
+    """Pin what a run's numbers depend on beyond its seed, and say what it was (recorded in ``metrics.json``).
+
+    ``threads`` fixes torch's CPU thread count: matrix products split their sums by thread, so the same seed on
+    another thread count gives slightly different floats (measured: README, Reproducibility). ``deterministic``
+    makes CUDA use deterministic kernels only (``torch.use_deterministic_algorithms``; cuBLAS's workspace is set
+    for it), slower, and an error names any operation that has no deterministic kernel."""
+    import os
+    import platform
+
+    import transformers
+
+    if check_threads(threads) is not None:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(bool(deterministic))
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "deterministic": bool(deterministic),
+            "machine": platform.machine(), "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def autocast(device: torch.device | str):

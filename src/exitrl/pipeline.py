@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from exitrl.crossfit import check_crossfit, crossfit_train
 from exitrl.data import TaskData, load_task
 from exitrl.evaluate import evaluate_exits, oracle_bounds
 from exitrl.hashing import hash_json
-from exitrl.options import checked_options
+from exitrl.options import check_value, checked_options
 from exitrl.policy import ExitPolicy
 from exitrl.record import RunRecord, write_exits
 from exitrl.rewards import RewardSpec
@@ -55,7 +55,7 @@ class AgentRun:
         """Validate everything about one agent spec; a ValueError names the bad key or value."""
         spec = get_agent(agent)
         learn_split(learn_on, True)  # a bad learn_on fails here; whether there is a held-out split, later
-        return cls(spec, spec.make_options(options, seed), RewardSpec.coerce(reward), learn_on)
+        return cls(spec, spec.make_options(options, seed), RewardSpec.coerce(reward).check(), learn_on)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> AgentRun:
@@ -81,10 +81,23 @@ class AgentRun:
         """Fit on ``trace`` (the split chosen by ``learn_on``); returns the policy, its record and the time.
         ``checkpoints``: where an agent that checkpoints its training saves and resumes."""
         split = learn_split(self.learn_on, HELD_OUT in trace.splits)
+        check_depth(self.spec.name, self.option_values(), trace["dev" if "dev" in trace.splits else split].num_layers)
         inputs = FitInputs(trace, split, self.reward, device, writer, log_dir, metric, checkpoints)
         started = time.time()
         policy, info = self.spec.fit(self.options, inputs)
         return Fitted(policy, info, time.time() - started, split)
+
+
+LAYER_OPTIONS = ("layer", "shallow_layer")  # 1-indexed layers: within the backbone's depth
+
+
+def check_depth(agent: str, options: dict, num_layers: int, where: str = "agent.") -> None:
+    """Layer-valued options (``static``'s layer, FREE's shallow layer) name a layer the backbone has."""
+    for key in LAYER_OPTIONS:
+        value = options.get(key)
+        if value is not None and not 1 <= value <= num_layers:
+            raise ValueError(f"agent={agent}: {where}{key}={value} is not a layer of this backbone; valid: "
+                             f"1..{num_layers}.")
 
 
 @dataclass
@@ -111,6 +124,7 @@ class Prepared:
     tokenizer: Any = None
     finetune: FinetuneConfig | None = None
     data_source: str | None = None
+    environment: dict = field(default_factory=dict)  # `exitrl.device.set_reproducibility`'s, for the records
 
     @cached_property
     def bounds(self) -> dict:
@@ -119,12 +133,31 @@ class Prepared:
 
 
 def finetune_config(cfg: DictConfig) -> FinetuneConfig:
-    return FinetuneConfig(**checked_options(cfg.backbone.finetune, FinetuneConfig, "backbone.finetune"), seed=cfg.seed)
+    return FinetuneConfig(**checked_options(cfg.backbone.finetune, FinetuneConfig, "backbone.finetune",
+                                          "backbone.finetune."), seed=cfg.seed)
 
 
 def checkpoint_seconds(cfg: DictConfig) -> float:
     """``checkpoint.every_seconds``: how often fine-tuning and policy training save their state."""
-    return float(cfg.get("checkpoint", {}).get("every_seconds", 300.0))
+    value = check_value("checkpoint.every_seconds", cfg.get("checkpoint", {}).get("every_seconds", 300.0), float)
+    if value < 0:
+        raise ValueError(f"checkpoint.every_seconds={value} is out of range: it must be >= 0 (0: after every step).")
+    return value
+
+
+def check_data_options(cfg: DictConfig) -> None:
+    """The run-level values outside any dataclass, checked before any work: ``seed``, ``data.policy_split``,
+    ``data.limit.*``, ``data.crossfit``, ``confidence_threshold`` and ``checkpoint.every_seconds``."""
+    check_value("seed", cfg.seed, int)
+    check_value("data.policy_split", cfg.data.policy_split, float)
+    for split, limit in (OmegaConf.to_container(cfg.data.limit, resolve=True) or {}).items():
+        if limit is not None:
+            check_value(f"data.limit.{split}", limit, int)
+            if limit < 1:
+                raise ValueError(f"data.limit.{split}={limit} is out of range: it must be >= 1 (or null: all rows).")
+    check_crossfit(cfg.data.get("crossfit", 0))
+    check_value("confidence_threshold", cfg.get("confidence_threshold", 0.9), float)
+    checkpoint_seconds(cfg)
 
 
 def seed_group(name: str, finetune: FinetuneConfig, data, meta: dict, crossfit: int) -> str:
@@ -231,7 +264,7 @@ def record_run(run: AgentRun, fitted: Fitted, prepared: Prepared, run_dir: Path,
         backbone=prepared.backbone, agent_info=fitted.info, baseline_info=baseline_info,
         agent_seconds=round(fitted.seconds, 2), data_source=prepared.data_source, device=str(prepared.device),
         run_dir=str(run_dir), total_seconds=None if started is None else round(time.time() - started, 1),
-        seed=seed, validation_results=validation_results,
+        seed=seed, validation_results=validation_results, environment=prepared.environment,
         **(extra or {}))
     record.write(run_dir)
     return record

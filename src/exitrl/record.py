@@ -25,6 +25,8 @@ Schema (version 1); every score is a fraction in [0, 1], every "result" is `exit
 * ``exits.pt`` beside ``metrics.json`` (`write_exits` / `read_exits`): per policy and split (dev, held-out) the
   per-example exit layers and predictions, the labels, and the full model's and layer 1's predictions, so that
   comparisons choose on validation and bootstrap dev without the trace.
+* ``environment``: what the numbers depend on beyond the seed (`exitrl.device.set_reproducibility`: torch and
+  transformers versions, CPU threads, deterministic kernels, the GPU).
 * ``agent_info`` and ``baseline_info``: what fitting reported (configs, learning curves, calibration);
   ``agent_seconds``, ``total_seconds``, ``data_source``, ``device``, ``run_dir``.
 """
@@ -72,6 +74,7 @@ class RunRecord:
     run_dir: str | None = None
     seed: int | None = None
     validation_results: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -123,9 +126,9 @@ def read_records(root: str | Path) -> list[tuple[Path, RunRecord]]:
 def write_exits(run_dir: str | Path, labels: dict, policies: dict, reference: dict) -> Path:
     """``exits.pt``: ``labels`` ``{split: [N]}``, ``policies`` ``{name: {split: {"layers", "predictions"}}}`` and
     ``reference`` ``{"full" | "layer_one": {split: predictions}}`` (all small int tensors)."""
-    import torch
-
     import io
+
+    import torch
 
     from exitrl.checkpoint import write_atomic
 

@@ -14,10 +14,13 @@ about 0.01-0.09 for 12 layers); ``depth="fraction"`` uses l / L, which makes α 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from exitrl.options import check_value
 
 DEPTHS = ("layer", "fraction")
 
@@ -176,6 +179,26 @@ class RewardSpec:
 
     def resolve(self) -> Callable[..., torch.Tensor]:
         return resolve_reward(self.name, self.fn)
+
+    def check(self) -> RewardSpec:
+        """Before any work: the reward resolves, takes every keyword argument given, and the built-ins' ``alpha``
+        is a finite number >= 0 and ``depth`` a known convention. Returns the spec."""
+        reward = self.resolve()
+        parameters = inspect.signature(reward).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        unexpected = sorted(k for k in self.kwargs if k not in parameters and not takes_any)
+        if unexpected:
+            hint = (" reward.fn=... without reward=custom keeps the built-in reward's alpha and depth: use "
+                    "reward=custom reward.fn=... and pass your own arguments as reward.kwargs.<name>=..."
+                    if self.fn and set(unexpected) & {"alpha", "depth"} else "")
+            raise RewardError(f"Reward {self.label} takes no argument(s) {unexpected}; it takes "
+                              f"{[p for p in parameters if p != next(iter(parameters))]}.{hint}")
+        if not self.fn:
+            if "alpha" in self.kwargs:
+                check_value("reward.alpha", self.kwargs["alpha"], float)
+            if self.kwargs.get("depth", "layer") not in DEPTHS:
+                raise RewardError(f"reward.depth={self.kwargs['depth']!r}: valid: {', '.join(DEPTHS)}.")
+        return self
 
     def table(self, logits: torch.Tensor, labels: torch.Tensor, memorized: torch.Tensor) -> torch.Tensor:
         """``R[n, l-1]`` for every example and exit layer, validated once (see `reward_table`)."""

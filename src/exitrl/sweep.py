@@ -40,6 +40,7 @@ from exitrl.cli import (
     USER_ERRORS,
     agents_text,
     callable_module,
+    check_known_keys,
     config_text,
     fail,
     groups_text,
@@ -48,8 +49,9 @@ from exitrl.cli import (
     wants_help,
 )
 from exitrl.compare import compare
-from exitrl.device import pick_device
-from exitrl.pipeline import AgentRun, Prepared, open_run, prepare, prepare_from_trace, record_run
+from exitrl.device import pick_device, set_reproducibility
+from exitrl.options import check_value
+from exitrl.pipeline import AgentRun, Prepared, check_depth, open_run, prepare, prepare_from_trace, record_run
 from exitrl.progress import progress
 from exitrl.record import FILE_NAME, RunRecord
 from exitrl.rewards import resolve_reward
@@ -85,9 +87,12 @@ def split_arguments(argv: list[str]) -> SweepArguments:
     args = SweepArguments(families, [], {}, {}, None)
     for arg in argv:
         key, _, value = arg.partition("=")
-        family, _, option = key.partition(".")
+        family, _, option = key.lstrip("+~").partition(".")
         if key == "agent":
             continue
+        if family in known and family not in families and option:
+            raise ValueError(f"{key}: {family} is not one of the swept families {families}; add it to agent=... or "
+                             "drop the option.")
         if key.startswith("sweep.grids."):
             name = key.removeprefix("sweep.grids.")
             if name not in known:
@@ -99,6 +104,10 @@ def split_arguments(argv: list[str]) -> SweepArguments:
         elif key == RUN_DIR:
             args.out = value
         elif family in families and option:
+            valid = get_agent(family).defaults()
+            if option.split(".")[0] not in valid:
+                raise ValueError(f"{key}: agent {family} has no option {option.split('.')[0]!r}; valid: "
+                                 f"{sorted(valid)}.")
             args.own.setdefault(family, []).append(f"agent.{option}={value}")
         else:
             args.shared.append(arg)
@@ -143,6 +152,8 @@ def run_sweep(argv: list[str]) -> Path:
     args = split_arguments(argv)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         configs = {f: compose_family(f, args.shared, args.own.get(f, [])) for f in args.families}
+    for config in configs.values():
+        check_known_keys(config)
     runs = {f: AgentRun.from_config(c) for f, c in configs.items()}  # every option checked before any fine-tuning
     first = configs[args.families[0]]
     calibrating = [f for f, run in runs.items() if run.needs_held_out]
@@ -153,7 +164,17 @@ def run_sweep(argv: list[str]) -> Path:
         first = configs[args.families[0]]
     learn_split(first.learn_on, bool(first.data.policy_split) or bool(first.sweep.trace))
     check_swept_reward(runs, first)
+    for family, grid in args.grids.items():  # every grid value is checked as its point will use it, before any work
+        if family not in runs:
+            raise ValueError(f"sweep.grids.{family}: {family} is not one of the swept families {args.families}.")
+        for value in grid:
+            knob = runs[family].spec.knob
+            if knob.key.startswith("agent."):
+                runs[family].spec.make_options({**runs[family].option_values(), knob.option: value})
+            else:
+                check_value(knob.key, value, float)
     device = pick_device(first.device)
+    environment = set_reproducibility(first.get("deterministic", False), first.get("threads"))
     torch.manual_seed(first.seed)
     out = Path(args.out or first.sweep.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,8 +187,12 @@ def run_sweep(argv: list[str]) -> Path:
     else:
         prepared = prepare(first, device)
         prepared.model = None
+    prepared.environment = environment
     num_layers = prepared.trace["dev"].num_layers
     points = [(f, v) for f in args.families for v in runs[f].spec.knob.values(num_layers, args.grids.get(f))]
+    for family, value in points:  # a grid naming a layer the backbone lacks fails before any point runs
+        check_depth(family, {**runs[family].option_values(), runs[family].spec.knob.option: value}, num_layers,
+                    f"sweep.grids.{family}: ")
     log.info("Sweeping %d points of %d families on %s (%d layers)", len(points), len(args.families), prepared.task,
              num_layers)
     bar = progress(points, desc=f"sweep {prepared.task}", unit="point")

@@ -27,6 +27,7 @@ from exitrl.cli import (
     USER_ERRORS,
     agents_text,
     callable_module,
+    check_known_keys,
     compose_config,
     config_text,
     fail,
@@ -36,9 +37,18 @@ from exitrl.cli import (
     wants_help,
 )
 from exitrl.cotraining import CotrainConfig, cotrain_rounds
-from exitrl.device import pick_device
+from exitrl.device import check_threads, pick_device, set_reproducibility
 from exitrl.options import checked_options
-from exitrl.pipeline import AgentRun, Prepared, checkpoint_seconds, open_run, prepare, record_run
+from exitrl.pipeline import (
+    AgentRun,
+    Prepared,
+    check_data_options,
+    checkpoint_seconds,
+    finetune_config,
+    open_run,
+    prepare,
+    record_run,
+)
 from exitrl.record import RunRecord
 from exitrl.report import results_table
 from exitrl.runs import Run
@@ -61,15 +71,21 @@ class TrainPlan:
 def plan(cfg: DictConfig) -> TrainPlan:
     """Check every choice of the config (agent, options, baselines, mode, learn_on, held-out needs); a typo costs
     nothing because nothing has been fine-tuned yet."""
+    check_known_keys(cfg)
     agent = AgentRun.from_config(cfg)
     mode = cfg.backbone.get("mode", "frozen")
     if mode not in BACKBONE_MODES:
         raise ValueError(f"Unknown backbone.mode {mode!r}; valid: {', '.join(BACKBONE_MODES)}.")
     if mode == "cotrain" and agent.spec.kind == ANALYSIS:
         raise ValueError(f"agent={agent.name} reads dev answers and is analysis only: it cannot steer co-training.")
+    pick_device(cfg.device)
+    check_threads(cfg.get("threads"))
+    finetune_config(cfg)
+    check_data_options(cfg)
     has_held_out = bool(cfg.data.policy_split)
     learn_split(cfg.learn_on, has_held_out)
-    cotrain = CotrainConfig(**checked_options(cfg.get("cotrain") or {}, CotrainConfig, "cotrain"), seed=cfg.seed)
+    cotrain = CotrainConfig(**checked_options(cfg.get("cotrain") or {}, CotrainConfig, "cotrain", "cotrain."),
+                            seed=cfg.seed)
     unknown = [b for b in cfg.baselines if b not in rules()]
     if unknown:
         raise ValueError(f"Unknown baseline(s) {unknown}; valid: {', '.join(rules())}.")
@@ -87,11 +103,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     steps = plan(cfg)
     writer = open_run(run_dir, cfg)
     device = pick_device(cfg.device)
+    environment = set_reproducibility(cfg.get("deterministic", False), cfg.get("threads"))
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device, writer)
     agent = steps.agent
     fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric,
                        Checkpoints(run_dir / AGENT_CHECKPOINT, checkpoint_seconds(cfg)))
+    prepared.environment = environment
     extra = {"backbone_mode": steps.mode}
     if steps.mode == "cotrain":
         prepared, fitted, extra["cotrain"] = cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, writer)

@@ -102,7 +102,7 @@ class AgentSpec:
 
     def make_options(self, values: dict | None = None, seed: int | None = None) -> Any:
         """The options dataclass from ``values`` (unknown keys and bad values raise a ValueError naming them)."""
-        kwargs = checked_options(dict(values or {}), self.options, f"agent={self.name}")
+        kwargs = checked_options(dict(values or {}), self.options, f"agent={self.name}", "agent.")
         if seed is not None and "seed" in {f.name for f in dataclasses.fields(self.options)}:
             kwargs["seed"] = seed
         try:
