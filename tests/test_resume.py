@@ -117,3 +117,45 @@ def test_checked_files_catch_truncation_and_tampering(tmp_path, caplog):
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
     with pytest.raises(ValueError, match="every_seconds"):
         Checkpoints(path, -1)
+
+
+def test_corrupt_cache_entries_are_rebuilt_never_used(tiny_bert, glue_dir, tmp_path):
+    """A truncated trace and an altered backbone file in the cache are detected, set aside or rebuilt with a
+    warning, and the run's numbers equal a clean run's."""
+    overrides = [*common(tiny_bert, glue_dir), "agent.epochs=2"]
+    clean = run_cli(tmp_path, *overrides, run_name="clean")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    cache = tmp_path / "cache"
+    trace = next((cache / "traces").glob("*.pt"))
+    trace.write_bytes(trace.read_bytes()[: trace.stat().st_size // 2])
+    heads = next((cache / "backbones").glob("*/heads.pt"))
+    data = bytearray(heads.read_bytes())
+    data[-1] ^= 1
+    heads.write_bytes(bytes(data))
+    again = run_cli(tmp_path, *overrides, run_name="again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (tmp_path / "again" / "train.log").read_text()
+    assert "does not match its checksum" in log and "fine-tuning again" in log and "rebuilding it" in log
+    assert list((cache / "backbones").glob("*.corrupt-*"))
+    assert numbers(tmp_path / "again") == numbers(tmp_path / "clean")
+
+
+def test_two_processes_building_one_cache_entry_at_once(tiny_bert, glue_dir, tmp_path):
+    """Both runs fine-tune and trace the same entry at the same time; both finish with the same numbers, and the
+    cache holds one whole backbone and one whole trace."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "EXITRL_CACHE_DIR": str(tmp_path / "cache")}
+    overrides = [*common(tiny_bert, glue_dir), "agent.epochs=2", "checkpoint.every_seconds=300"]
+    processes = [subprocess.Popen([sys.executable, "-m", "exitrl.train", *overrides, f"hydra.run.dir={tmp_path / n}"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in ("a", "b")]
+    for process in processes:
+        assert process.wait(timeout=600) == 0, process.stderr.read().decode()[-3000:]
+    assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
+    from exitrl.checkpoint import verify_manifest
+    from exitrl.trace import Trace
+
+    backbones = [p for p in (tmp_path / "cache" / "backbones").iterdir() if p.is_dir()]
+    assert len(backbones) == 1 and (backbones[0] / "checksums.json").is_file()
+    verify_manifest(backbones[0])
+    traces = list((tmp_path / "cache" / "traces").glob("*.pt"))
+    assert len(traces) == 1 and Trace.load(traces[0]).meta["task"] == "rte"

@@ -4,7 +4,8 @@ A checked file is ``MAGIC``, the SHA-256 of the payload in hex, a newline, then 
 It is written to a temporary file in the same folder, flushed and fsynced, then renamed over the target, so a
 reader sees the old file or the new one, never half of one; two processes writing the same file at once each
 rename a whole file. `load_checked` verifies the checksum and raises `CorruptFile` (naming the file) on a
-truncated or altered one.
+truncated or altered one. `write_manifest` / `verify_manifest` do the same for a folder of files (a saved
+backbone).
 
 `Checkpoints` decides when a training loop saves (every ``every_seconds`` of wall time, 0: after every step) and
 holds the file; `rng_state` / `set_rng_state` carry Python's, NumPy's and torch's (CPU and CUDA) generators.
@@ -29,8 +30,8 @@ log = logging.getLogger("exitrl.checkpoint")
 MAGIC = b"exitrl-checked-v1\n"
 
 
-class CorruptFile(Exception):
-    """A checked file that is truncated, altered or not a checked file at all."""
+class CorruptFile(ValueError):
+    """A checked file (or a folder with a manifest) that is truncated, altered or not a checked file at all."""
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
@@ -69,6 +70,45 @@ def load_checked(path: str | Path, weights_only: bool = False) -> Any:
     if hashlib.sha256(payload).hexdigest() != expected:
         raise CorruptFile(f"{path} is corrupt: its checksum does not match its content (truncated or altered).")
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=weights_only)
+
+
+MANIFEST = "checksums.json"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """``checksums.json`` in ``folder``: the SHA-256 of every other file in it (a saved backbone), so a cache hit
+    can tell a whole folder from a truncated or altered one."""
+    import json
+
+    folder = Path(folder)
+    sums = {str(p.relative_to(folder)): file_digest(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+    return write_atomic(folder / MANIFEST, json.dumps(sums, indent=1).encode())
+
+
+def verify_manifest(folder: str | Path) -> None:
+    """`CorruptFile` naming the first missing or altered file of ``folder``; folders without a manifest (written
+    before it existed) pass."""
+    import json
+
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    for name, expected in json.loads(manifest.read_text()).items():
+        path = folder / name
+        if not path.is_file():
+            raise CorruptFile(f"{folder} is incomplete: {name} is missing.")
+        if file_digest(path) != expected:
+            raise CorruptFile(f"{folder} is corrupt: {name} does not match its checksum (truncated or altered).")
 
 
 def rng_state() -> dict:

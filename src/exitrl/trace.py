@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from exitrl.checkpoint import MAGIC, load_checked, save_checked
 from exitrl.splits import HELD_OUT
 
 TRACE_FORMAT = 1
@@ -84,13 +85,17 @@ class Trace:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": TRACE_FORMAT, "meta": self.meta,
                    "splits": {k: vars(v) for k, v in self.splits.items()}}
-        tmp = path.with_suffix(".partial")
-        torch.save(payload, tmp)
-        tmp.rename(path)
+        save_checked(payload, path)  # atomic and checksummed: a killed writer or a bad disk is caught on load
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        """A saved trace; `CorruptFile` (a ValueError) when it is truncated or altered. Traces saved before
+        checksums existed load as before."""
+        path = Path(path)
+        with open(path, "rb") as file:
+            checked = file.read(len(MAGIC)) == MAGIC
+        payload = (load_checked(path, weights_only=True) if checked
+                   else torch.load(path, map_location="cpu", weights_only=True))
         if payload.get("format") != TRACE_FORMAT:
             raise ValueError(f"{path} was written by another trace format; delete it to rebuild.")
         return cls({k: SplitTrace(**v) for k, v in payload["splits"].items()}, payload["meta"])

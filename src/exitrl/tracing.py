@@ -13,6 +13,7 @@ import torch
 
 from exitrl.backbones.batching import iterate_batches, tokenize_split
 from exitrl.backbones.multi_exit import MultiExitModel
+from exitrl.checkpoint import CorruptFile, write_atomic
 from exitrl.data import TaskData
 from exitrl.device import autocast
 from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
@@ -61,12 +62,16 @@ def load_or_build_trace(model: MultiExitModel, tokenizer, data: TaskData, cache_
     key = trace_key(model, tokenizer, data, settings)
     path = Path(cache_dir).expanduser() / "traces" / f"{data.name}-{key}.pt"
     if path.is_file():
-        log.info("Reusing trace %s", path)
-        return Trace.load(path)
+        try:
+            trace = Trace.load(path)
+            log.info("Reusing trace %s", path)
+            return trace
+        except CorruptFile as err:
+            log.warning("%s; rebuilding it.", err)
     meta = {"key": key, "task": data.name, "label_names": list(data.label_names), "metric": data.metric,
             **settings}
     trace = build_trace(model, tokenizer, data, max_length, device, meta=meta)
     trace.save(path)
-    (path.with_suffix(".json")).write_text(json.dumps(meta, indent=2))
+    write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
     log.info("Saved trace %s", path)
     return trace

@@ -23,7 +23,7 @@ from exitrl.backbones.loading import load_multi_exit
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes import build_recipe, recipe_settings
 from exitrl.backbones.training import train_stages
-from exitrl.checkpoint import Checkpoints
+from exitrl.checkpoint import Checkpoints, CorruptFile, verify_manifest, write_manifest
 from exitrl.data import TaskData
 from exitrl.device import autocast
 from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
@@ -95,9 +95,15 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
     })
     folder = Path(cache_dir).expanduser() / "backbones" / f"{data.name}-{key}"
     if (folder / "exitrl_backbone.json").is_file():
-        log.info("Reusing fine-tuned backbone %s", folder)
-        model, tokenizer, meta = MultiExitModel.load(folder, device)
-        return model.eval(), tokenizer, {"key": key, "path": str(folder), "cached": True, **meta}
+        try:
+            verify_manifest(folder)
+            log.info("Reusing fine-tuned backbone %s", folder)
+            model, tokenizer, meta = MultiExitModel.load(folder, device)
+            return model.eval(), tokenizer, {"key": key, "path": str(folder), "cached": True, **meta}
+        except CorruptFile as err:  # set it aside (never silently used, never deleted) and fine-tune again
+            aside = folder.with_name(f"{folder.name}.corrupt-{os.getpid()}")
+            folder.rename(aside)
+            log.warning("%s; moved to %s and fine-tuning again.", err, aside)
     start = time.time()
     checkpoints = Checkpoints(folder.with_name(folder.name + ".checkpoint"), checkpoint_seconds)
     history = finetune(model, tokenizer, data, cfg, device, writer, checkpoints)
@@ -107,6 +113,7 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
     tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     model.save(tmp, tokenizer, extra=info)
     (tmp / "finetune.json").write_text(json.dumps(info, indent=2))
+    write_manifest(tmp)
     try:
         tmp.rename(folder)
     except OSError:  # another process finished the same entry first: keep theirs, which has the same content key
