@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from exitrl.backbones.batching import iterate_batches, tokenize_split
+from exitrl.backbones.batching import by_length, iterate_batches, tokenize_split
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.checkpoint import CorruptFile, write_atomic
 from exitrl.data import TaskData
@@ -32,6 +32,8 @@ def build_trace(model: MultiExitModel, tokenizer, data: TaskData, max_length: in
     splits = {}
     for name, ds in data.splits.items():
         examples = tokenize_split(tokenizer, ds, max_length)
+        order = by_length(examples)  # run shortest first (little padding), then put rows back in split order
+        examples = [examples[i] for i in order]
         states, logits = [], []
         for batch in progress(iterate_batches(tokenizer, examples, batch_size, device),
                           total=(len(examples) + batch_size - 1) // batch_size, desc=f"trace {data.name}/{name}",
@@ -41,7 +43,10 @@ def build_trace(model: MultiExitModel, tokenizer, data: TaskData, max_length: in
                 out = model(**batch)
             states.append(out.pooled.to(STATE_DTYPE).cpu())
             logits.append(out.logits.float().cpu())
-        splits[name] = SplitTrace.from_logits(torch.cat(states), torch.cat(logits), torch.tensor(ds["label"]))
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        splits[name] = SplitTrace.from_logits(torch.cat(states)[back], torch.cat(logits)[back],
+                                              torch.tensor(ds["label"]))
     return Trace(splits, dict(meta or {}))
 
 

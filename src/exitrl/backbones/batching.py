@@ -20,6 +20,12 @@ def tokenize_split(tokenizer, split: datasets.Dataset, max_length: int) -> list[
     return [{**{k: enc[k][i] for k in enc.keys()}, "labels": labels[i]} for i in range(len(labels))]
 
 
+def by_length(examples: list[dict]) -> list[int]:
+    """Indices of ``examples`` from shortest to longest: batches in this order pad almost nothing (inference,
+    where the order does not matter or is undone)."""
+    return sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+
+
 def _batch_order(examples: list[dict], batch_size: int, shuffle: bool, generator) -> list[list[int]]:
     """Index lists of batches. Shuffled batches group similar lengths (within windows of 50 batches) so that
     dynamic padding wastes little compute on the CPU, and the order of batches is then shuffled again."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from exitrl.backbones.batching import iterate_batches, tokenize_split
+from exitrl.backbones.batching import by_length, iterate_batches, tokenize_split
 from exitrl.backbones.finetune_config import FinetuneConfig
 from exitrl.backbones.loading import load_multi_exit
 from exitrl.backbones.multi_exit import MultiExitModel
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 def per_layer_accuracy(model: MultiExitModel, tokenizer, examples: list[dict], device, batch_size: int = 64):
     model.eval()
     correct = torch.zeros(model.num_layers)
+    examples = [examples[i] for i in by_length(examples)]  # counting does not care about order; padding does
     for batch in iterate_batches(tokenizer, examples, batch_size, device):
         labels = batch.pop("labels")
         with autocast(device):
