@@ -158,3 +158,38 @@ def test_policy_split_is_a_fixed_disjoint_slice_of_train(glue_dir):
     assert data.fingerprint() != whole.fingerprint()
     with pytest.raises(DataError, match="policy_split"):
         load_task("rte", glue_dir, policy_split=1.5)
+
+
+def test_encoding_errors_name_the_line_and_quoted_tsv_is_an_option(tmp_path):
+    (tmp_path / "train.tsv").write_bytes(b"text\ty\nfine\tpos\ncaf\xe9\tneg\n")
+    (tmp_path / "dev.tsv").write_text("text\ty\nhi\tpos\n")
+    with pytest.raises(DataError, match=r"train.tsv, line 3: not UTF-8 text \(byte b'\\xe9' at column 4\)"):
+        load_task("custom", custom=_custom({"train": tmp_path / "train.tsv", "dev": tmp_path / "dev.tsv"}))
+    (tmp_path / "train.tsv").write_text('text\ty\n"a\tb"\tpos\nplain\tneg\n')
+    quoted = load_task("custom", custom={**_custom({"train": tmp_path / "train.tsv", "dev": tmp_path / "dev.tsv"}),
+                                         "quoted_tsv": True})
+    assert quoted.splits["train"]["text_a"][0] == "a\tb"
+    with pytest.raises(DataError, match="more fields than the header"):  # unquoted, the tab splits the field
+        load_task("custom", custom=_custom({"train": tmp_path / "train.tsv", "dev": tmp_path / "dev.tsv"}))
+
+
+def test_a_one_class_training_split_is_refused(tmp_path):
+    (tmp_path / "train.tsv").write_text("text\ty\na\tpos\nb\tpos\n")
+    (tmp_path / "dev.tsv").write_text("text\ty\nc\tneg\n")
+    custom = {**_custom({"train": tmp_path / "train.tsv", "dev": tmp_path / "dev.tsv"}), "label_names": ["neg", "pos"]}
+    with pytest.raises(DataError, match="every row of .*train.tsv has the same label \\('pos'\\)"):
+        load_task("custom", custom=custom)
+
+
+def test_overlong_texts_are_cut_with_a_count(tiny_bert, caplog):
+    from transformers import AutoTokenizer
+
+    from exitrl.backbones.batching import tokenize_split
+    from exitrl.data.loading import _make_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    split = _make_dataset({"text_a": ["short", "a much longer text " * 20, "also " * 30], "text_b": [None] * 3,
+                           "label": [0, 1, 0]})
+    examples = tokenize_split(tokenizer, split, max_length=16)
+    assert max(len(e["input_ids"]) for e in examples) == 16
+    assert "2 of 3 rows reach max_length=16 tokens and are cut there" in caplog.text

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import datasets
@@ -17,6 +20,10 @@ def tokenize_split(tokenizer, split: datasets.Dataset, max_length: int) -> list[
     pairs = text_b is not None and any(t is not None for t in text_b)
     enc = tokenizer(list(split["text_a"]), list(text_b) if pairs else None, truncation=True, max_length=max_length)
     labels = list(split["label"])
+    cut = sum(len(ids) >= max_length for ids in enc["input_ids"])
+    if cut:
+        log.warning("%d of %d rows reach max_length=%d tokens and are cut there (backbone.finetune.max_length= "
+                    "to change it).", cut, len(labels), max_length)
     return [{**{k: enc[k][i] for k in enc.keys()}, "labels": labels[i]} for i in range(len(labels))]
 
 

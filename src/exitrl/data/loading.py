@@ -191,7 +191,7 @@ def _load_custom(cfg: dict, splits: tuple[str, ...]) -> TaskData:
     if missing:
         raise DataError(f"task=custom needs a file for each split {list(splits)}; missing: {missing}. "
                         "Set data.custom.files.train=... and data.custom.files.dev=... (TSV, CSV or JSONL).")
-    raw = {s: _read_rows(Path(files[s]).expanduser()) for s in splits}
+    raw = {s: _read_rows(Path(files[s]).expanduser(), bool(cfg.get("quoted_tsv", False))) for s in splits}
     label_names = cfg.get("label_names")
     if label_names is None:
         first = "train" if "train" in raw else splits[0]
@@ -203,14 +203,31 @@ def _load_custom(cfg: dict, splits: tuple[str, ...]) -> TaskData:
         raise DataError(f"task=custom: found {len(label_names)} distinct label(s) in column {label_column!r}; "
                         "a classification task needs at least two.")
     out = {s: _standardise(raw[s], Path(files[s]), text_columns, label_column, label_names) for s in splits}
+    if "train" in out and len(set(out["train"]["label"])) < 2:
+        raise DataError(f"task=custom: every row of {files['train']} has the same label "
+                        f"({label_names[out['train']['label'][0]]!r}); a classifier needs at least two classes to "
+                        "learn from.")
     return TaskData(cfg.get("name") or "custom", tuple(label_names), cfg.get("metric") or "accuracy", out,
                     "custom:" + ",".join(str(files[s]) for s in splits))
 
 
-def _read_rows(path: Path) -> list[dict]:
-    """Read TSV (no quote processing: GLUE has raw quotes), CSV (quoted) or JSONL into dict rows."""
+def _check_encoding(path: Path) -> None:
+    """UTF-8 text, or a DataError naming the first line that is not (with the byte that breaks it)."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}, line {number}: not UTF-8 text (byte {line[err.start:err.start + 1]!r} at "
+                                f"column {err.start + 1}); save the file as UTF-8.") from err
+
+
+def _read_rows(path: Path, quoted_tsv: bool = False) -> list[dict]:
+    """Read TSV (no quote processing by default: GLUE has raw quotes; ``quoted_tsv`` reads CSV-style quoted
+    fields), CSV (quoted) or JSONL into dict rows."""
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
+    _check_encoding(path)
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".json"):
@@ -223,6 +240,8 @@ def _read_rows(path: Path) -> list[dict]:
         with path.open(encoding="utf-8-sig", newline="") as f:
             if suffix == ".csv":
                 reader = csv.DictReader(f)
+            elif quoted_tsv:
+                reader = csv.DictReader(f, delimiter="\t")
             else:
                 reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             rows = list(reader)
