@@ -17,6 +17,7 @@ import torch
 from test_cli import TESTS, run_cli
 
 from exitrl.checkpoint import Checkpoints, CorruptFile, load_checked, save_checked
+from exitrl.hashing import hash_state_dict
 
 
 def common(tiny_bert, glue_dir) -> list[str]:
@@ -27,16 +28,22 @@ def common(tiny_bert, glue_dir) -> list[str]:
 
 
 def numbers(run: Path) -> dict:
-    """What must not depend on an interruption: every score, the backbone's dev accuracy, the learning curve."""
+    """What must not depend on an interruption: every score, the backbone's weights (the trace key hashes them) and
+    its learning curve, the policy's learning curve and its weights, bit for bit."""
+    from exitrl.policy import load_policy
+
     metrics = json.loads((run / "metrics.json").read_text())
+    finetuned = json.loads((Path(metrics["backbone"]["path"]) / "finetune.json").read_text())
+    policy = load_policy(run / "policy.pt")
     return {"results": metrics["results"], "validation": metrics["validation_results"],
-            "dev_per_layer": metrics["dev_per_layer"], "oracle": metrics["oracle"],
+            "dev_per_layer": metrics["dev_per_layer"], "oracle": metrics["oracle"], "trace_key": metrics["trace_key"],
             "history": metrics["agent_info"]["history"], "updates": metrics["agent_info"]["updates"],
-            "backbone_history": metrics["backbone"].get("dev_accuracy_per_epoch")}
+            "backbone_history": finetuned["dev_accuracy_per_epoch"],
+            "policy": hash_state_dict(policy.module)}
 
 
-def kill_when(tmp_path: Path, overrides: list[str], marker, run_name: str) -> Path:
-    """Start the run, wait until ``marker()`` finds a checkpoint, SIGKILL it at a random moment soon after."""
+def kill_when(tmp_path: Path, overrides: list[str], marker, run_name: str, delay=(0.0, 0.2)) -> Path:
+    """Start the run, wait until ``marker()`` finds a checkpoint, SIGKILL it at a random moment ``delay`` s after."""
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "HF_HUB_OFFLINE": "1", "EXITRL_CACHE_DIR": str(tmp_path / "cache")}
     run = tmp_path / run_name
@@ -46,7 +53,7 @@ def kill_when(tmp_path: Path, overrides: list[str], marker, run_name: str) -> Pa
     while not marker() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
-    time.sleep(random.uniform(0.0, 0.2))
+    time.sleep(random.uniform(*delay))
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (run / "metrics.json").exists()
@@ -60,9 +67,15 @@ def resume(tmp_path: Path, run: Path):
                           text=True, timeout=600)
 
 
-@pytest.mark.parametrize("stage", ["fine-tuning", "policy training"])
+PPO = ["agent=ppo", "agent.total_timesteps=40960", "agent.n_envs=4", "agent.n_steps=128", "agent.batch_size=128",
+       "agent.eval_every=2048"]
+
+
+@pytest.mark.parametrize("stage", ["fine-tuning", "policy training", "ppo training"])
 def test_a_killed_run_resumes_to_the_same_numbers(tiny_bert, glue_dir, tmp_path, stage):
     overrides = common(tiny_bert, glue_dir)
+    if stage == "ppo training":
+        overrides = [o for o in overrides if not o.startswith("agent")] + PPO
     reference = run_cli(tmp_path / "reference", *overrides)
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = numbers(tmp_path / "reference" / "run")
@@ -74,10 +87,14 @@ def test_a_killed_run_resumes_to_the_same_numbers(tiny_bert, glue_dir, tmp_path,
     else:
         def marker():
             return (interrupted / "run" / "checkpoint_agent.pt").is_file()
-    run = kill_when(interrupted, overrides, marker, "run")
+    run = kill_when(interrupted, overrides, marker, "run", (0.5, 1.5) if stage == "ppo training" else (0.0, 0.2))
+    if stage == "ppo training":  # it resumes from a later rollout than the first, whose state a fresh start has too
+        assert load_checked(run / "checkpoint_agent.pt")["sb3"]["num_timesteps"] > 0
     resumed = resume(interrupted, run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from the checkpoint" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    resumed_from = ".checkpoint" if stage == "fine-tuning" else "checkpoint_agent.pt"
+    assert f"Resuming from the checkpoint {interrupted}" in log and resumed_from in log.split("Resuming from")[1]
     assert numbers(run) == expected
     assert not (run / "checkpoint_agent.pt").exists()
     assert not list((interrupted / "cache" / "backbones").glob("*.checkpoint"))

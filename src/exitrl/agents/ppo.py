@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
+from exitrl.checkpoint import Checkpoints, set_rng_state
 from exitrl.envs import EarlyExitEnv, observation_box
 from exitrl.evaluate import evaluate_policy, log_eval
 from exitrl.observation import ObservationLayout, check_features, view_reads_history
@@ -75,13 +77,20 @@ class SB3ExitPolicy(ModuleExitPolicy):
 
 
 class ExitrlEvalCallback(BaseCallback):
-    """Evaluate on dev with the metric contract every ``every`` timesteps; write eval/* beside SB3's keys."""
+    """Evaluate on dev with the metric contract every ``every`` timesteps; write eval/* beside SB3's keys; with
+    ``checkpoints``, save the whole training state at the start of a rollout when one is due."""
 
-    def __init__(self, policy: SB3ExitPolicy, dev: SplitTrace | None, writer, metric: str, every: int):
+    def __init__(self, policy: SB3ExitPolicy, dev: SplitTrace | None, writer, metric: str, every: int,
+                 checkpoints: Checkpoints | None = None):
         super().__init__()
         self.exit_policy, self.dev, self.writer, self.metric, self.every = policy, dev, writer, metric, every
+        self.checkpoints = checkpoints
         self.history: list[dict] = []
         self._next = every
+
+    def _on_rollout_start(self) -> None:
+        if self.checkpoints is not None and self.checkpoints.due():
+            self.checkpoints.save({"sb3": training_state(self.model), "history": self.history, "next": self._next})
 
     def _on_step(self) -> bool:
         if self.dev is not None and self.num_timesteps >= self._next:
@@ -116,6 +125,41 @@ class PPOConfig:
         check_features(self.features)
 
 
+def training_state(model: PPO) -> dict:
+    """Everything SB3 PPO's next rollout depends on, between two rollouts: weights, optimiser, counters, the last
+    observations, the episode statistics, and each env's example, layer, generator and episode-in-progress."""
+    envs = []
+    for monitor in model.get_env().envs:
+        env = monitor.unwrapped
+        envs.append({"index": env._index, "layer": env._layer, "np_random": env.np_random.bit_generator.state,
+                     "monitor": {k: copy.deepcopy(getattr(monitor, k)) for k in MONITOR_STATE}})
+    return {"policy": model.policy.state_dict(), "optimizer": model.policy.optimizer.state_dict(),
+            "num_timesteps": model.num_timesteps, "n_updates": model._n_updates, "episode_num": model._episode_num,
+            "last_obs": model._last_obs, "last_episode_starts": model._last_episode_starts,
+            "ep_info_buffer": list(model.ep_info_buffer), "ep_success_buffer": list(model.ep_success_buffer),
+            "progress_remaining": model._current_progress_remaining, "envs": envs}
+
+
+MONITOR_STATE = ("rewards", "needs_reset", "episode_returns", "episode_lengths", "episode_times", "total_steps")
+
+
+def restore_training_state(model: PPO, state: dict) -> None:
+    model.policy.load_state_dict(state["policy"])
+    model.policy.optimizer.load_state_dict(state["optimizer"])
+    model.num_timesteps, model._n_updates = state["num_timesteps"], state["n_updates"]
+    model._episode_num = state["episode_num"]
+    model._last_obs, model._last_episode_starts = state["last_obs"], state["last_episode_starts"]
+    model.ep_info_buffer = deque(state["ep_info_buffer"], maxlen=model._stats_window_size)
+    model.ep_success_buffer = deque(state["ep_success_buffer"], maxlen=model._stats_window_size)
+    model._current_progress_remaining = state["progress_remaining"]
+    for monitor, saved in zip(model.get_env().envs, state["envs"]):
+        env = monitor.unwrapped
+        env._index, env._layer = saved["index"], saved["layer"]
+        env.np_random.bit_generator.state = saved["np_random"]
+        for key, value in saved["monitor"].items():
+            setattr(monitor, key, value)
+
+
 def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
     """Train SB3 PPO on ``cfg.n_envs`` Gymnasium envs over ``inputs.learn``; evaluate on dev as it goes."""
     start = time.time()
@@ -137,13 +181,23 @@ def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
     policy = SB3ExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.net_arch, actor=model.policy)
     policy.model = model
     dev_cpu = dev.to("cpu") if dev is not None else None
-    callback = ExitrlEvalCallback(policy, dev_cpu, writer, metric, cfg.eval_every)
-    model.learn(total_timesteps=cfg.total_timesteps, callback=callback)
+    checkpoints = inputs.checkpoints
+    callback = ExitrlEvalCallback(policy, dev_cpu, writer, metric, cfg.eval_every, checkpoints)
+    resumed = checkpoints.load() if checkpoints is not None else None
+    if resumed is not None:  # a killed run's state, put back between the same two rollouts
+        restore_training_state(model, resumed["sb3"])
+        callback.history, callback._next = resumed["history"], resumed["next"]
+        set_rng_state(resumed["rng"])
+    model.learn(total_timesteps=cfg.total_timesteps - model.num_timesteps if resumed else cfg.total_timesteps,
+                callback=callback, reset_num_timesteps=resumed is None)
     if dev_cpu is not None:
         callback.evaluate()
     policy.actor.set_training_mode(False)
     info = {"config": asdict(cfg), "timesteps": int(model.num_timesteps), "updates": int(model.num_timesteps),
             "train_seconds": round(time.time() - start, 2), "history": callback.history}
+    if checkpoints is not None:
+        info["checkpoints"] = checkpoints.summary()
+        checkpoints.clear()
     return policy, info
 
 
