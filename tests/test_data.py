@@ -192,4 +192,4 @@ def test_overlong_texts_are_cut_with_a_count(tiny_bert, caplog):
                            "label": [0, 1, 0]})
     examples = tokenize_split(tokenizer, split, max_length=16)
     assert max(len(e["input_ids"]) for e in examples) == 16
-    assert "2 of 3 rows reach max_length=16 tokens and are cut there" in caplog.text
+    assert "2 of 3 rows reach max_length=16 tokens; longer ones are cut there" in caplog.text

@@ -176,3 +176,28 @@ def test_two_processes_building_one_cache_entry_at_once(tiny_bert, glue_dir, tmp
     verify_manifest(backbones[0])
     traces = list((tmp_path / "cache" / "traces").glob("*.pt"))
     assert len(traces) == 1 and Trace.load(traces[0]).meta["task"] == "rte"
+
+
+def test_checkpoints_of_other_work_are_ignored_and_files_are_readable(tmp_path, caplog):
+    checkpoints = Checkpoints(tmp_path / "agent.pt", 0, work="reinforce lr=3e-4")
+    checkpoints.save({"step": 7})
+    assert Checkpoints(tmp_path / "agent.pt", 0, work="reinforce lr=3e-4").load()["step"] == 7
+    assert Checkpoints(tmp_path / "agent.pt", 0, work="reinforce lr=1e-2").load() is None
+    assert "belongs to other work" in caplog.text
+    umask = os.umask(0o022)
+    try:
+        path = save_checked({"x": 1}, tmp_path / "shared.pt")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # others can read a shared cache
+
+
+def test_an_unreadable_manifest_is_corruption(tmp_path):
+    from exitrl.checkpoint import verify_manifest, write_manifest
+
+    (tmp_path / "heads.pt").write_bytes(b"weights")
+    write_manifest(tmp_path)
+    verify_manifest(tmp_path)
+    (tmp_path / "checksums.json").write_text('{"heads.pt": "ab')
+    with pytest.raises(CorruptFile, match="cannot be read"):
+        verify_manifest(tmp_path)

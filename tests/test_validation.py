@@ -54,7 +54,7 @@ def test_train_refuses_bad_values_naming_the_key(override, message):
 
 @pytest.mark.parametrize("agent, override, message", [
     ("confidence", "agent.threshold=high", "agent.threshold='high': expected a number"),
-    ("confidence", "agent.threshold=1.2", "agent.threshold=1.2 is out of range: it must be in [0, 1]"),
+    ("confidence", "agent.threshold=1.2", "a maxprob threshold must lie in [0, 1], got 1.2"),
     ("ppo", "agent.net_arch=[64,0]", "agent.net_arch=0 is out of range: it must be >= 1"),
     ("bandit_ucb", "agent.thresholds=[0.5,x]", "agent.thresholds='x': expected a number"),
     ("calm", "agent.temperature=maybe", "agent.temperature='maybe': expected true or false"),
@@ -88,3 +88,13 @@ def test_the_cli_fails_before_any_work(tmp_path):
                              env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert not (tmp_path / "cache").exists()
+
+
+def test_measure_dependent_thresholds_and_numeric_grids_are_accepted():
+    planned("agent=confidence", "agent.measure=entropy", "agent.threshold=1.05")  # nats: above 1 is valid
+    planned("agent=calm", "agent.measure=saturation", "agent.threshold=-0.5", "data.policy_split=0.2")
+    planned("backbone.finetune.warmup_ratio=null", "backbone.finetune.layerskip_e_scale=0")
+    with pytest.raises(ValueError, match="agent.prior_std=0 is out of range"):
+        planned("agent=bandit_ucb", "agent.prior_std=0")
+    assert split_arguments(["agent=reinforce", "sweep.grids.reinforce=[1e-3,3e-3]"]).grids["reinforce"] == [0.001,
+                                                                                                         0.003]

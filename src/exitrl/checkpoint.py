@@ -39,6 +39,9 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)  # as an ordinary open() would create it (mkstemp makes it private)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
@@ -103,7 +106,11 @@ def verify_manifest(folder: str | Path) -> None:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return
-    for name, expected in json.loads(manifest.read_text()).items():
+    try:
+        sums = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFile(f"{folder} is corrupt: its {MANIFEST} cannot be read ({err}).") from err
+    for name, expected in sums.items():
         path = folder / name
         if not path.is_file():
             raise CorruptFile(f"{folder} is incomplete: {name} is missing.")
@@ -129,13 +136,14 @@ def set_rng_state(state: dict) -> None:
 
 class Checkpoints:
     """One training loop's checkpoint file: `due` says when to save, `save` writes it atomically, `load` returns
-    the last good one (a corrupt file is reported and ignored, so the work restarts rather than resumes from
-    garbage), `clear` removes it once the work is done."""
+    the last good one of the same ``work`` (a fingerprint of what is being trained: a corrupt file, or one of other
+    work, is reported and ignored, so the work restarts rather than resumes from garbage), `clear` removes it once
+    the result is safely saved."""
 
-    def __init__(self, path: str | Path, every_seconds: float = 300.0):
+    def __init__(self, path: str | Path, every_seconds: float = 300.0, work: str | None = None):
         if not every_seconds >= 0:
             raise ValueError(f"checkpoint.every_seconds must be >= 0 (0: after every step), got {every_seconds}.")
-        self.path, self.every_seconds = Path(path), float(every_seconds)
+        self.path, self.every_seconds, self.work = Path(path), float(every_seconds), work
         self.last = time.monotonic()
         self.seconds_writing = 0.0
         self.saves = 0
@@ -145,7 +153,7 @@ class Checkpoints:
 
     def save(self, state: dict) -> None:
         started = time.monotonic()
-        save_checked({**state, "rng": rng_state()}, self.path)
+        save_checked({**state, "rng": rng_state(), "work": self.work}, self.path)
         self.last = time.monotonic()
         self.seconds_writing += self.last - started
         self.saves += 1
@@ -157,6 +165,10 @@ class Checkpoints:
             state = load_checked(self.path)
         except CorruptFile as err:
             log.warning("%s; starting this work from the beginning.", err)
+            return None
+        if state.get("work") != self.work:  # another config's checkpoint (a reused folder): never resumed into this
+            log.warning("%s belongs to other work (another config or trace); starting from the beginning.",
+                        self.path)
             return None
         log.warning("Resuming from the checkpoint %s", self.path)
         return state

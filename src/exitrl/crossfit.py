@@ -66,7 +66,8 @@ def crossfit_plans(data: TaskData, folds: int, seed: int = 0) -> list[FoldPlan]:
 
 
 def crossfit_train(trace: Trace, data: TaskData, backbone: str, finetune: FinetuneConfig, cache_dir: str | Path,
-                   device: torch.device, folds: int, pooling: str = "mean", package: str | None = None) -> Trace:
+                   device: torch.device, folds: int, pooling: str = "mean", package: str | None = None,
+                   checkpoint_seconds: float = 300.0) -> Trace:
     """``trace`` with its train split replaced by the cross-fitted one (see the module docstring); its meta
     records the folds and a key that covers them."""
     plans = crossfit_plans(data, folds, finetune.seed)
@@ -77,7 +78,8 @@ def crossfit_train(trace: Trace, data: TaskData, backbone: str, finetune: Finetu
         log.info("Cross-fitting fold %d/%d: fine-tune on %d rows, trace %d", k, folds, len(plan.trained_on),
                  len(plan.traced))
         part = fold_data(data, plan)
-        model, tokenizer, info = load_or_finetune(backbone, part, finetune, cache_dir, device, pooling, package)
+        model, tokenizer, info = load_or_finetune(backbone, part, finetune, cache_dir, device, pooling, package,
+                                                  checkpoint_seconds=checkpoint_seconds)
         traced = load_or_build_trace(model, tokenizer, TaskData(part.name, part.label_names, part.metric,
                                                                 {FOLD: part.splits[FOLD]}, part.source),
                                      cache_dir, device, finetune.max_length, objective=finetune.objective)[FOLD]

@@ -3,6 +3,8 @@ with the valid ones named, a value of the wrong type or out of range with the ke
 
 Types come from the dataclass's annotations (``int``, ``float``, ``str``, ``bool``, ``X | None``, ``list[X]``);
 ranges from the option's name (`RANGES`), declared once for every agent, recipe and co-training option alike.
+(``threshold`` has none here: its range depends on the measure, entropy in nats or a cosine, and the agents check
+it themselves.)
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ RANGES: dict[str, tuple] = {
         "total_timesteps", "layer", "shallow_layer", "net_arch", "num_cells", "rotation")},
     **{name: NON_NEGATIVE for name in (
         "head_epochs", "freeze_layers", "cost_weight", "weight_decay", "ent_coef", "entropy_coef", "keep_weighted_ce",
-        "bonus", "ucb_c", "prior_std", "distill_weight", "alpha")},
-    **{name: POSITIVE for name in ("lr", "head_lr", "meta_lr", "clip_norm", "eps_decay", "ridge", "layerskip_e_scale")},
+        "bonus", "ucb_c", "distill_weight", "alpha", "layerskip_e_scale")},
+    **{name: POSITIVE for name in ("lr", "head_lr", "meta_lr", "clip_norm", "eps_decay", "ridge", "prior_std")},
     **{name: UNIT for name in ("eps_start", "eps_end", "gae_lambda", "clip_range", "clip_epsilon", "layerskip_p_max",
-                               "threshold", "thresholds", "blends", "confidence_threshold")},
+                               "thresholds", "blends", "confidence_threshold")},
     **{name: UNIT_OPEN_TOP for name in ("warmup_ratio", "policy_split")},
 }
 

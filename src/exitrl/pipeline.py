@@ -160,14 +160,22 @@ def check_data_options(cfg: DictConfig) -> None:
     checkpoint_seconds(cfg)
 
 
-def seed_group(name: str, finetune: FinetuneConfig, data, meta: dict, crossfit: int) -> str:
+def backbone_mode(cfg: DictConfig) -> dict:
+    """Frozen, or co-trained with these settings (seed aside): runs in different modes are never seeds of one
+    group."""
+    mode = cfg.backbone.get("mode", "frozen")
+    cotrain = OmegaConf.to_container(cfg.cotrain, resolve=True) if mode == "cotrain" and "cotrain" in cfg else None
+    return {"mode": mode, "cotrain": cotrain}
+
+
+def seed_group(name: str, finetune: FinetuneConfig, data, meta: dict, crossfit: int, mode: dict) -> str:
     """What a backbone's trace is, its fine-tuning seed aside: runs whose backbones differ only in that seed are
     seeds of one experiment (`exitrl.compare` averages them); anything else (data, recipe, settings) keeps runs
     apart."""
     recipe = {k: v for k, v in dataclasses.asdict(finetune).items() if k != "seed"}
     settings = {k: meta.get(k) for k in ("max_length", "pooling", "splits", "precision", "objective")}
     return hash_json({"backbone": name, "recipe": recipe, "data": data.fingerprint(), "settings": settings,
-                      "crossfit": crossfit})
+                      "crossfit": crossfit, "mode": mode})
 
 
 def prepare(cfg: DictConfig, device: torch.device, writer=None) -> Prepared:
@@ -186,10 +194,11 @@ def prepare(cfg: DictConfig, device: torch.device, writer=None) -> Prepared:
                                 objective=finetune.objective)
     if crossfit:
         trace = crossfit_train(trace, data, cfg.backbone.name, finetune, cfg.cache_dir, device, crossfit,
-                               cfg.backbone.pooling, cfg.backbone.package)
+                               cfg.backbone.pooling, cfg.backbone.package,
+                               checkpoint_seconds=checkpoint_seconds(cfg))
     backbone = {"name": cfg.backbone.name, "objective": finetune.objective,
                 **{k: v for k, v in info.items() if k != "dev_accuracy_per_epoch"},
-                "seed_group": seed_group(cfg.backbone.name, finetune, data, trace.meta, crossfit)}
+                "seed_group": seed_group(cfg.backbone.name, finetune, data, trace.meta, crossfit, backbone_mode(cfg))}
     prepared = Prepared(data.name, data.metric, trace, backbone, device, data, model, tokenizer, finetune,
                         data.source)
     log.info("Dev %s per layer: %s", data.metric,

@@ -70,6 +70,17 @@ class SweepArguments:
     out: str | None  # hydra.run.dir=, when given
 
 
+def number_or_text(value):
+    """YAML 1.1 reads ``1e-3`` as text; a grid value that reads as a number is one."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
 def split_arguments(argv: list[str]) -> SweepArguments:
     """Families from ``agent=a,b``; ``a.key=v`` becomes ``agent.key=v`` of family a; ``sweep.grids.a=[..]`` a's grid;
     everything else is shared."""
@@ -100,7 +111,7 @@ def split_arguments(argv: list[str]) -> SweepArguments:
             grid = yaml.safe_load(value)
             if not isinstance(grid, list) or not grid:
                 raise ValueError(f"{key} must be a non-empty list, e.g. {key}=[0.1,0.2]; got {value!r}.")
-            args.grids[name] = grid
+            args.grids[name] = [number_or_text(v) for v in grid]
         elif key == RUN_DIR:
             args.out = value
         elif family in families and option:

@@ -38,6 +38,7 @@ from exitrl.cli import (
 )
 from exitrl.cotraining import CotrainConfig, cotrain_rounds
 from exitrl.device import check_threads, pick_device, set_reproducibility
+from exitrl.hashing import hash_json
 from exitrl.options import checked_options
 from exitrl.pipeline import (
     AgentRun,
@@ -107,8 +108,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device, writer)
     agent = steps.agent
-    fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric,
-                       Checkpoints(run_dir / AGENT_CHECKPOINT, checkpoint_seconds(cfg)))
+    work = hash_json({"agent": agent.name, "options": agent.option_values(), "reward": agent.reward.record(),
+                      "learn_on": agent.learn_on, "seed": cfg.seed, "trace": prepared.trace.meta.get("key")})
+    checkpoints = Checkpoints(run_dir / AGENT_CHECKPOINT, checkpoint_seconds(cfg), work=work)
+    fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric, checkpoints)
     prepared.environment = environment
     extra = {"backbone_mode": steps.mode}
     if steps.mode == "cotrain":
@@ -116,6 +119,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     prepared.model = None  # the backbone's memory is no longer needed
     record = record_run(agent, fitted, prepared, run_dir, writer, seed=cfg.seed, baselines=steps.baselines,
                         extra=extra, started=started)
+    checkpoints.clear()  # only now: metrics.json is written
     report(record, prepared)
     return record.to_dict()
 

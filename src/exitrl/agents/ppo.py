@@ -195,9 +195,8 @@ def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
     policy.actor.set_training_mode(False)
     info = {"config": asdict(cfg), "timesteps": int(model.num_timesteps), "updates": int(model.num_timesteps),
             "train_seconds": round(time.time() - start, 2), "history": callback.history}
-    if checkpoints is not None:
+    if checkpoints is not None:  # the run removes the file once its record is written
         info["checkpoints"] = checkpoints.summary()
-        checkpoints.clear()
     return policy, info
 
 

@@ -184,9 +184,8 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
             history.append(metrics)
             log_eval(writer, metrics, step)
     info = {"config": asdict(cfg), "updates": step, "train_seconds": round(time.time() - start, 2), "history": history}
-    if checkpoints is not None:
+    if checkpoints is not None:  # the run removes the file once its record is written
         info["checkpoints"] = checkpoints.summary()
-        checkpoints.clear()
     return policy, info
 
 

@@ -22,8 +22,8 @@ def tokenize_split(tokenizer, split: datasets.Dataset, max_length: int) -> list[
     labels = list(split["label"])
     cut = sum(len(ids) >= max_length for ids in enc["input_ids"])
     if cut:
-        log.warning("%d of %d rows reach max_length=%d tokens and are cut there (backbone.finetune.max_length= "
-                    "to change it).", cut, len(labels), max_length)
+        log.warning("%d of %d rows reach max_length=%d tokens; longer ones are cut there "
+                    "(backbone.finetune.max_length= to change it).", cut, len(labels), max_length)
     return [{**{k: enc[k][i] for k in enc.keys()}, "labels": labels[i]} for i in range(len(labels))]
 
 

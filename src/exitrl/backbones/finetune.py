@@ -102,11 +102,14 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
             model, tokenizer, meta = MultiExitModel.load(folder, device)
             return model.eval(), tokenizer, {"key": key, "path": str(folder), "cached": True, **meta}
         except CorruptFile as err:  # set it aside (never silently used, never deleted) and fine-tune again
-            aside = folder.with_name(f"{folder.name}.corrupt-{os.getpid()}")
-            folder.rename(aside)
+            aside = folder.with_name(f"{folder.name}.corrupt-{os.getpid()}-{time.time_ns()}")
+            try:
+                folder.rename(aside)
+            except OSError:  # another process moved it aside first
+                pass
             log.warning("%s; moved to %s and fine-tuning again.", err, aside)
     start = time.time()
-    checkpoints = Checkpoints(folder.with_name(folder.name + ".checkpoint"), checkpoint_seconds)
+    checkpoints = Checkpoints(folder.with_name(folder.name + ".checkpoint"), checkpoint_seconds, work=key)
     history = finetune(model, tokenizer, data, cfg, device, writer, checkpoints)
     info = {"key": key, "base": name, "task": data.name, "finetune": asdict(cfg),
             "train_seconds": round(time.time() - start, 1), **history}
@@ -120,4 +123,5 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
     except OSError:  # another process finished the same entry first: keep theirs, which has the same content key
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("%s was written by another process meanwhile; using it.", folder)
+    checkpoints.clear()  # only now: the result is whole on disk
     return model.eval(), tokenizer, {"path": str(folder), "cached": False, **info}

@@ -15,7 +15,7 @@ class FinetuneConfig:
     epochs: int = 5
     max_length: int = 128
     weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
+    warmup_ratio: float | None = 0.1  # None: constant learning rates
     clip_norm: float = 1.0
     seed: int = 0
     # options read by one recipe only (ignored by, and left out of the cache key of, the others)

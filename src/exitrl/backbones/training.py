@@ -46,7 +46,8 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
     With ``checkpoints``, the model, optimiser, scheduler, position (stage, epoch, batch), the data order's generator
     as it was at the epoch's start, every RNG and ``carry`` (the callbacks' own state, updated in place) are saved
     whenever a checkpoint is due, and a run that finds a checkpoint continues from it: the same batches in the same
-    order, the same dropout masks, so the result equals an uninterrupted run's. The file is removed at the end."""
+    order, the same dropout masks, so the result equals an uninterrupted run's. The caller removes the file once the
+    result is safely saved."""
     batches_per_epoch = (len(examples) + batch_size - 1) // batch_size
     total = sum(s.epochs for s in stages) * batches_per_epoch
     resume = checkpoints.load() if checkpoints is not None else None
@@ -119,7 +120,5 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
         bar.close()
         for p in model.parameters():  # later users (tracing, co-training) get a fully trainable model back
             p.requires_grad_(True)
-    if checkpoints is not None:
-        checkpoints.clear()
     model.eval()
     return step
