@@ -98,3 +98,13 @@ def test_measure_dependent_thresholds_and_numeric_grids_are_accepted():
         planned("agent=bandit_ucb", "agent.prior_std=0")
     assert split_arguments(["agent=reinforce", "sweep.grids.reinforce=[1e-3,3e-3]"]).grids["reinforce"] == [0.001,
                                                                                                          0.003]
+
+
+def test_an_option_of_another_agent_is_named_before_hydra_runs():
+    from exitrl.train import check_agent_overrides
+
+    check_agent_overrides(["agent=ppo", "agent.total_timesteps=4096"])
+    with pytest.raises(ValueError, match="agent.epochs: agent ppo has no option 'epochs'; valid: .*'total_timesteps'"):
+        check_agent_overrides(["agent=ppo", "agent.epochs=3"])
+    with pytest.raises(ValueError, match="agent reinforce has no option 'treshold'"):
+        check_agent_overrides(["+agent.treshold=0.5"])

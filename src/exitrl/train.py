@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from exitrl.agents.declaration import ANALYSIS
 from exitrl.agents.inputs import held_out_error, learn_split
-from exitrl.agents.registry import rules
+from exitrl.agents.registry import get_agent, rules
 from exitrl.checkpoint import Checkpoints
 from exitrl.cli import (
     USER_ERRORS,
@@ -236,10 +236,24 @@ def resume_arguments(argv: list[str]) -> list[str]:
     return [*original, f"hydra.run.dir={folder}", f"resume={folder}"]
 
 
+def check_agent_overrides(argv: list[str]) -> None:
+    """``agent.<option>=`` names an option of the chosen agent (Hydra would answer with its own struct error and a
+    hint to append the key, which exitrl then ignores)."""
+    chosen = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("agent=")), "reinforce")
+    valid = get_agent(chosen).defaults()
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key.startswith("agent.") and key.split(".")[1] not in valid:
+            raise ValueError(f"{arg.split('=', 1)[0]}: agent {chosen} has no option {key.split('.')[1]!r}; valid: "
+                             f"{sorted(valid)}.")
+
+
 def main() -> None:
     try:
         sys.argv[1:] = resume_arguments(sys.argv[1:])
         prepare_cli(sys.argv[1:])
+        if not wants_help(sys.argv[1:]):
+            check_agent_overrides(sys.argv[1:])
     except ValueError as err:
         fail(err, log.name)
     if wants_help(sys.argv[1:]):
