@@ -83,6 +83,8 @@ def test_the_cli_fails_before_any_work(tmp_path):
     for module, args, message in [
         ("exitrl.train", ["agent.epochs=ten"], "agent.epochs='ten'"),
         ("exitrl.sweep", ["agent=confidence,static", "sweep.grids.static=[a,b]"], "agent.layer='a'"),
+        ("exitrl.sweep", ["agent=static", "sweep.grids.static=[1,99]"], "layer=99 is not a layer of this backbone"),
+        ("exitrl.train", ["agent=static", "agent.layer=7"], "agent.layer=7 is not a layer of this backbone"),
     ]:
         out = subprocess.run([sys.executable, "-m", module, "env=rte", *args, f"hydra.run.dir={tmp_path / 'run'}"],
                              env=env, capture_output=True, text=True, timeout=300)

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from exitrl.agents.inputs import learn_split
 from exitrl.agents.registry import agent_names, get_agent
+from exitrl.backbones.loading import backbone_depth
 from exitrl.cli import (
     CONFIGS,
     USER_ERRORS,
@@ -51,7 +52,16 @@ from exitrl.cli import (
 from exitrl.compare import compare
 from exitrl.device import pick_device, set_reproducibility
 from exitrl.options import check_value
-from exitrl.pipeline import AgentRun, Prepared, check_depth, open_run, prepare, prepare_from_trace, record_run
+from exitrl.pipeline import (
+    LAYER_OPTIONS,
+    AgentRun,
+    Prepared,
+    check_depth,
+    open_run,
+    prepare,
+    prepare_from_trace,
+    record_run,
+)
 from exitrl.progress import progress
 from exitrl.record import FILE_NAME, RunRecord
 from exitrl.rewards import resolve_reward
@@ -184,6 +194,13 @@ def run_sweep(argv: list[str]) -> Path:
                 runs[family].spec.make_options({**runs[family].option_values(), knob.option: value})
             else:
                 check_value(knob.key, value, float)
+    layered = [f for f in args.families if runs[f].spec.knob.option in LAYER_OPTIONS]
+    depth = backbone_depth(first.backbone.name, first.backbone.get("package")) if layered and not first.sweep.trace \
+        else None
+    for family in layered:  # a grid naming a layer the backbone lacks fails now, not after fine-tuning
+        for value in args.grids.get(family, []) if depth is not None else []:
+            check_depth(family, {**runs[family].option_values(), runs[family].spec.knob.option: value}, depth,
+                        f"sweep.grids.{family}: ")
     device = pick_device(first.device)
     environment = set_reproducibility(first.get("deterministic", False), first.get("threads"))
     torch.manual_seed(first.seed)

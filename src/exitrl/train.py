@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from exitrl.agents.declaration import ANALYSIS
 from exitrl.agents.inputs import held_out_error, learn_split
 from exitrl.agents.registry import get_agent, rules
+from exitrl.backbones.loading import backbone_depth
 from exitrl.checkpoint import Checkpoints
 from exitrl.cli import (
     USER_ERRORS,
@@ -41,9 +42,11 @@ from exitrl.device import check_threads, pick_device, set_reproducibility
 from exitrl.hashing import hash_json
 from exitrl.options import checked_options
 from exitrl.pipeline import (
+    LAYER_OPTIONS,
     AgentRun,
     Prepared,
     check_data_options,
+    check_depth,
     checkpoint_seconds,
     finetune_config,
     open_run,
@@ -74,6 +77,10 @@ def plan(cfg: DictConfig) -> TrainPlan:
     nothing because nothing has been fine-tuned yet."""
     check_known_keys(cfg)
     agent = AgentRun.from_config(cfg)
+    if any(agent.option_values().get(key) is not None for key in LAYER_OPTIONS):
+        depth = backbone_depth(cfg.backbone.name, cfg.backbone.get("package"))
+        if depth is not None:  # a layer the backbone lacks fails now, not after fine-tuning
+            check_depth(agent.name, agent.option_values(), depth)
     mode = cfg.backbone.get("mode", "frozen")
     if mode not in BACKBONE_MODES:
         raise ValueError(f"Unknown backbone.mode {mode!r}; valid: {', '.join(BACKBONE_MODES)}.")

@@ -28,6 +28,19 @@ def resolve_backbone_path(name: str, package: str | None = None) -> str:
     return name
 
 
+def backbone_depth(name: str, package: str | None = None) -> int | None:
+    """The number of layers ``name`` has, read from its config alone (no weights), or None when the config cannot
+    be read without the network or names no depth: layer options are then checked once the backbone is loaded."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_backbone_path(name, package), local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure just defers the check
+        return None
+    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
+    return int(depth) if depth else None
+
+
 def load_multi_exit(name: str, num_labels: int, pooling: str = "cls", package: str | None = None,
                     dropout: float = 0.1):
     """Load an encoder with ``from_pretrained`` and wrap it; returns ``(model, tokenizer)``."""
