@@ -40,7 +40,7 @@ def planned(*overrides: str):
     ("backbone.finetune.batch_size=0", "backbone.finetune.batch_size=0 is out of range"),
     ("backbone.finetune.lr=fast", "backbone.finetune.lr='fast': expected a number"),
     ("cotrain.epochs=x", "cotrain.epochs='x': expected a whole number"),
-    ("checkpoint.every_seconds=-1", "checkpoint.every_seconds=-1.0 is out of range"),
+    ("checkpoint.every_seconds=-1", "checkpoint.every_seconds=-1 is out of range: it must be >= 0"),
     ("confidence_threshold=2", "confidence_threshold=2 is out of range"),
     ("+confidence.treshold=0.5", "Unknown config key 'confidence'"),
     ("+data.limits.train=5", "Unknown config key 'data.limits'"),

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from exitrl.agents.registry import agents, load_plugins
+from exitrl.agents.registry import agents, get_agent, load_plugins
 from exitrl.backbones import BackboneError
 from exitrl.data import DataError
 from exitrl.rewards import RewardError
@@ -47,6 +47,21 @@ def prepare_cli(argv: list[str]) -> None:
     """Import the plugins named on the command line, then register every agent's config."""
     load_plugins(plugins_in(argv))
     register_configs()
+
+
+def default_agent() -> str:
+    """The agent ``config.yaml``'s defaults list picks when the command line names none."""
+    import yaml
+
+    defaults = yaml.safe_load((CONFIGS / "config.yaml").read_text())["defaults"]
+    return next(entry["agent"] for entry in defaults if isinstance(entry, dict) and "agent" in entry)
+
+
+def check_agent_option(agent: str, option: str, typed: str) -> None:
+    """``typed`` (the key as the user wrote it) sets ``option``, which agent ``agent`` must have."""
+    valid = get_agent(agent).defaults()
+    if option.split(".")[0] not in valid:
+        raise ValueError(f"{typed}: agent {agent} has no option {option.split('.')[0]!r}; valid: {sorted(valid)}.")
 
 
 USER_ERRORS = (DataError, BackboneError, RewardError, ValueError)  # the user can fix these: no traceback

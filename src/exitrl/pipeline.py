@@ -139,10 +139,7 @@ def finetune_config(cfg: DictConfig) -> FinetuneConfig:
 
 def checkpoint_seconds(cfg: DictConfig) -> float:
     """``checkpoint.every_seconds``: how often fine-tuning and policy training save their state."""
-    value = check_value("checkpoint.every_seconds", cfg.get("checkpoint", {}).get("every_seconds", 300.0), float)
-    if value < 0:
-        raise ValueError(f"checkpoint.every_seconds={value} is out of range: it must be >= 0 (0: after every step).")
-    return value
+    return check_value("checkpoint.every_seconds", cfg.get("checkpoint", {}).get("every_seconds", 300.0), float)
 
 
 def check_data_options(cfg: DictConfig) -> None:

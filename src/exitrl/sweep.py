@@ -41,6 +41,7 @@ from exitrl.cli import (
     USER_ERRORS,
     agents_text,
     callable_module,
+    check_agent_option,
     check_known_keys,
     config_text,
     fail,
@@ -125,14 +126,18 @@ def split_arguments(argv: list[str]) -> SweepArguments:
         elif key == RUN_DIR:
             args.out = value
         elif family in families and option:
-            valid = get_agent(family).defaults()
-            if option.split(".")[0] not in valid:
-                raise ValueError(f"{key}: agent {family} has no option {option.split('.')[0]!r}; valid: "
-                                 f"{sorted(valid)}.")
+            check_agent_option(family, option, key)
             args.own.setdefault(family, []).append(f"agent.{option}={value}")
         else:
             args.shared.append(arg)
     return args
+
+
+def check_grid_depth(runs: dict[str, AgentRun], points: list[tuple], num_layers: int) -> None:
+    """Each ``(family, knob value)`` point names layers the backbone has (`exitrl.pipeline.check_depth`)."""
+    for family, value in points:
+        check_depth(family, {**runs[family].option_values(), runs[family].spec.knob.option: value}, num_layers,
+                    f"sweep.grids.{family}: ")
 
 
 def check_swept_reward(runs: dict[str, AgentRun], cfg: DictConfig) -> None:
@@ -194,13 +199,10 @@ def run_sweep(argv: list[str]) -> Path:
                 runs[family].spec.make_options({**runs[family].option_values(), knob.option: value})
             else:
                 check_value(knob.key, value, float)
-    layered = [f for f in args.families if runs[f].spec.knob.option in LAYER_OPTIONS]
-    depth = backbone_depth(first.backbone.name, first.backbone.get("package")) if layered and not first.sweep.trace \
-        else None
-    for family in layered:  # a grid naming a layer the backbone lacks fails now, not after fine-tuning
-        for value in args.grids.get(family, []) if depth is not None else []:
-            check_depth(family, {**runs[family].option_values(), runs[family].spec.knob.option: value}, depth,
-                        f"sweep.grids.{family}: ")
+    if any(runs[f].spec.knob.option in LAYER_OPTIONS for f in args.grids) and not first.sweep.trace:
+        depth = backbone_depth(first.backbone.name, first.backbone.get("package"))
+        if depth is not None:  # a grid naming a layer the backbone lacks fails now, not after fine-tuning
+            check_grid_depth(runs, [(f, v) for f, grid in args.grids.items() for v in grid], depth)
     device = pick_device(first.device)
     environment = set_reproducibility(first.get("deterministic", False), first.get("threads"))
     torch.manual_seed(first.seed)
@@ -218,9 +220,7 @@ def run_sweep(argv: list[str]) -> Path:
     prepared.environment = environment
     num_layers = prepared.trace["dev"].num_layers
     points = [(f, v) for f in args.families for v in runs[f].spec.knob.values(num_layers, args.grids.get(f))]
-    for family, value in points:  # a grid naming a layer the backbone lacks fails before any point runs
-        check_depth(family, {**runs[family].option_values(), runs[family].spec.knob.option: value}, num_layers,
-                    f"sweep.grids.{family}: ")
+    check_grid_depth(runs, points, num_layers)  # before any point runs
     log.info("Sweeping %d points of %d families on %s (%d layers)", len(points), len(args.families), prepared.task,
              num_layers)
     bar = progress(points, desc=f"sweep {prepared.task}", unit="point")

@@ -28,9 +28,11 @@ from exitrl.cli import (
     USER_ERRORS,
     agents_text,
     callable_module,
+    check_agent_option,
     check_known_keys,
     compose_config,
     config_text,
+    default_agent,
     fail,
     groups_text,
     overrides_from,
@@ -114,12 +116,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     environment = set_reproducibility(cfg.get("deterministic", False), cfg.get("threads"))
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device, writer)
+    prepared.environment = environment
     agent = steps.agent
     work = hash_json({"agent": agent.name, "options": agent.option_values(), "reward": agent.reward.record(),
                       "learn_on": agent.learn_on, "seed": cfg.seed, "trace": prepared.trace.meta.get("key")})
     checkpoints = Checkpoints(run_dir / AGENT_CHECKPOINT, checkpoint_seconds(cfg), work=work)
     fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric, checkpoints)
-    prepared.environment = environment
     extra = {"backbone_mode": steps.mode}
     if steps.mode == "cotrain":
         prepared, fitted, extra["cotrain"] = cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, writer)
@@ -244,15 +246,14 @@ def resume_arguments(argv: list[str]) -> list[str]:
 
 
 def check_agent_overrides(argv: list[str]) -> None:
-    """``agent.<option>=`` names an option of the chosen agent (Hydra would answer with its own struct error and a
-    hint to append the key, which exitrl then ignores)."""
-    chosen = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("agent=")), "reinforce")
-    valid = get_agent(chosen).defaults()
+    """The chosen agent exists, and ``agent.<option>=`` names one of its options (Hydra would answer with its own
+    struct error and a hint to append the key, which exitrl then ignores)."""
+    chosen = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("agent=")), default_agent())
+    get_agent(chosen)  # an unknown agent is named with the valid ones
     for arg in argv:
-        key = arg.split("=", 1)[0].lstrip("+~")
-        if key.startswith("agent.") and key.split(".")[1] not in valid:
-            raise ValueError(f"{arg.split('=', 1)[0]}: agent {chosen} has no option {key.split('.')[1]!r}; valid: "
-                             f"{sorted(valid)}.")
+        typed = arg.split("=", 1)[0]
+        if typed.lstrip("+~").startswith("agent."):
+            check_agent_option(chosen, typed.lstrip("+~").removeprefix("agent."), typed)
 
 
 def main() -> None:
