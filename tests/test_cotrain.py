@@ -9,11 +9,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import run_cli
+from torch.utils.tensorboard import SummaryWriter
 
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.backbones import MultiExitModel, load_multi_exit
 from exitrl.backbones.losses import exit_layer_ce
-from exitrl.cotraining import CotrainConfig, cotrain_backbone
+from exitrl.cotraining import CotrainConfig, cotrain_backbone, cotrain_rounds
 from exitrl.data import load_task
 
 
@@ -94,3 +95,48 @@ def test_remedies_keep_the_weighted_ce_and_freeze_lower_layers(tiny_bert, tmp_pa
     with pytest.raises(ValueError, match="freeze_layers"):
         cotrain_backbone(model, tok, data.splits["train"], ConfidencePolicy(0.0), CotrainConfig(freeze_layers=3),
                          torch.device("cpu"))
+
+
+def test_rounds_resume_at_a_round_boundary_to_the_same_result(tiny_bert, tmp_path):
+    """Killed right after round 1's checkpoint, then run again with the round-0 backbone a new process would load:
+    rounds 2 and 3 give the backbone, policy and records of an uninterrupted run."""
+    from test_resume import Interrupted, KilledAfter
+
+    from exitrl.checkpoint import Checkpoints
+    from exitrl.hashing import hash_state_dict
+    from exitrl.pipeline import AgentRun
+    from exitrl.tracing import load_or_build_trace
+
+    data = _small_task(tmp_path)
+    agent = AgentRun.create("reinforce", {"epochs": 2, "batch_size": 8}, "hardness", "train", seed=0)
+    cfg = CotrainConfig(rounds=3, lr=1e-3, head_lr=1e-3, batch_size=16)
+
+    def train_agent(trace, writer, checkpoints):
+        fitted = agent.fit(trace, torch.device("cpu"), writer, None, "accuracy", checkpoints)
+        return fitted.policy, fitted.info
+
+    def rounds(folder, checkpoints):
+        torch.manual_seed(0)
+        model, tok = load_multi_exit(str(tiny_bert), 2, "cls")
+        trace = load_or_build_trace(model, tok, data, tmp_path / "cache", torch.device("cpu"), 32)
+        policy = train_agent(trace, None, None)[0]
+        torch.manual_seed(99)  # whatever state the process is in
+        trace, policy, _, records = cotrain_rounds(
+            model, tok, data, trace, policy, train_agent, cfg, tmp_path / "cache", torch.device("cpu"), 32, folder,
+            SummaryWriter(str(folder / "tb")), "accuracy", checkpoints)
+        return {"model": hash_state_dict(model), "policy": hash_state_dict(policy.module), "trace": trace.meta["key"],
+                "records": [{k: v for k, v in r.items() if k != "seconds"} for r in records]}
+
+    expected = rounds(tmp_path / "reference", None)
+    run = tmp_path / "run"
+
+    def killed(name):
+        if name == "rounds":
+            return KilledAfter(run / "rounds.pt", 1, work="w")
+        return Checkpoints(run / f"{name}.pt", 1e9, work=name)
+
+    with pytest.raises(Interrupted):
+        rounds(run, killed)
+    assert (run / "rounds.pt").is_file() and not (run / "backbone_round1.pt").exists()
+    resumed = rounds(run, lambda name: Checkpoints(run / f"{name}.pt", 1e9, work="w" if name == "rounds" else name))
+    assert resumed == expected

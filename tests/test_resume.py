@@ -39,7 +39,9 @@ def numbers(run: Path) -> dict:
             "dev_per_layer": metrics["dev_per_layer"], "oracle": metrics["oracle"], "trace_key": metrics["trace_key"],
             "history": metrics["agent_info"]["history"], "updates": metrics["agent_info"]["updates"],
             "backbone_history": finetuned["dev_accuracy_per_epoch"],
-            "policy": hash_state_dict(policy.module)}
+            "policy": hash_state_dict(policy.module),
+            "cotrain_rounds": [{k: v for k, v in r.items() if k != "seconds"}
+                               for r in (metrics.get("cotrain") or {}).get("rounds", [])]}
 
 
 def kill_when(tmp_path: Path, overrides: list[str], marker, run_name: str, delay=(0.0, 0.2)) -> Path:
@@ -71,11 +73,16 @@ PPO = ["agent=ppo", "agent.total_timesteps=40960", "agent.n_envs=4", "agent.n_st
        "agent.eval_every=2048"]
 
 
-@pytest.mark.parametrize("stage", ["fine-tuning", "policy training", "ppo training"])
+COTRAIN = ["agent.epochs=15", "backbone.mode=cotrain", "cotrain.rounds=2", "cotrain.lr=1e-3", "cotrain.head_lr=1e-3"]
+
+
+@pytest.mark.parametrize("stage", ["fine-tuning", "policy training", "ppo training", "co-training"])
 def test_a_killed_run_resumes_to_the_same_numbers(tiny_bert, glue_dir, tmp_path, stage):
     overrides = common(tiny_bert, glue_dir)
     if stage == "ppo training":
         overrides = [o for o in overrides if not o.startswith("agent")] + PPO
+    if stage == "co-training":
+        overrides = [o for o in overrides if not o.startswith("agent.epochs")] + COTRAIN
     reference = run_cli(tmp_path / "reference", *overrides)
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = numbers(tmp_path / "reference" / "run")
@@ -84,19 +91,24 @@ def test_a_killed_run_resumes_to_the_same_numbers(tiny_bert, glue_dir, tmp_path,
     if stage == "fine-tuning":
         def marker():
             return any((interrupted / "cache" / "backbones").glob("*.checkpoint"))
+    elif stage == "co-training":  # killed in the second round: its backbone's or its policy's training
+        def marker():
+            return any((interrupted / "run").glob("checkpoint_cotrain_*_round2.pt"))
     else:
         def marker():
             return (interrupted / "run" / "checkpoint_agent.pt").is_file()
-    run = kill_when(interrupted, overrides, marker, "run", (0.5, 1.5) if stage == "ppo training" else (0.0, 0.2))
+    delay = (0.5, 1.5) if stage == "ppo training" else (0.0, 0.2)
+    run = kill_when(interrupted, overrides, marker, "run", delay)
     if stage == "ppo training":  # it resumes from a later rollout than the first, whose state a fresh start has too
         assert load_checked(run / "checkpoint_agent.pt")["sb3"]["num_timesteps"] > 0
     resumed = resume(interrupted, run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = (run / "train.log").read_text()
-    resumed_from = ".checkpoint" if stage == "fine-tuning" else "checkpoint_agent.pt"
-    assert f"Resuming from the checkpoint {interrupted}" in log and resumed_from in log.split("Resuming from")[1]
+    resumed_from = {"fine-tuning": ".checkpoint", "co-training": "checkpoint_cotrain_"}.get(stage,
+                                                                                            "checkpoint_agent.pt")
+    assert f"Resuming from the checkpoint {interrupted}" in log and resumed_from in log.split("Resuming from", 1)[1]
     assert numbers(run) == expected
-    assert not (run / "checkpoint_agent.pt").exists()
+    assert not list(run.glob("checkpoint_*.pt"))
     assert not list((interrupted / "cache" / "backbones").glob("*.checkpoint"))
 
 
@@ -201,3 +213,63 @@ def test_an_unreadable_manifest_is_corruption(tmp_path):
     (tmp_path / "checksums.json").write_text('{"heads.pt": "ab')
     with pytest.raises(CorruptFile, match="cannot be read"):
         verify_manifest(tmp_path)
+
+
+class Interrupted(Exception):
+    """Stands for a kill: raised right after the ``after``-th checkpoint is on disk."""
+
+
+class KilledAfter(Checkpoints):
+    def __init__(self, path, after: int, work: str):
+        super().__init__(path, every_seconds=0, work=work)
+        self.after = after
+
+    def save(self, state: dict) -> None:
+        super().save(state)
+        if self.saves == self.after:
+            raise Interrupted
+
+
+INTERRUPTIBLE = {  # agent: (options that keep it short, the save after which it is "killed")
+    "ppo_torchrl": ({"total_frames": 4096, "num_envs": 64, "frames_per_batch": 512, "minibatch_size": 256,
+                     "n_epochs": 2}, 3),
+    "bandit_ucb": ({"rounds": 3000, "log_every": 100}, 7),
+    "bandit_thompson": ({"rounds": 3000, "log_every": 100}, 11),
+    "linucb": ({"rounds": 3000, "batch_size": 64, "eval_every": 10}, 20),
+    "exit_scorer": ({"steps": 30, "folds": 2}, 40),  # in the second part's fit
+}
+
+
+def comparable(fitted) -> dict:
+    info = {k: v for k, v in fitted.info.items() if k not in ("train_seconds", "checkpoints")}
+    return {"info": info, "policy": hash_state_dict(fitted.policy.module) if hasattr(fitted.policy, "module")
+            else fitted.policy.config()}
+
+
+@pytest.mark.parametrize("agent", sorted(INTERRUPTIBLE))
+def test_every_learned_agent_resumes_to_the_same_policy(agent, tmp_path):
+    """Each agent that checkpoints, interrupted after a save in the middle of training and run again with the same
+    checkpoint file, ends with the policy and record of an uninterrupted run (the RNGs are disturbed in between,
+    as a new process would have them)."""
+    if agent == "ppo_torchrl":
+        pytest.importorskip("torchrl")
+    from conftest import synthetic_trace
+
+    from exitrl.pipeline import AgentRun
+    from exitrl.trace import Trace
+
+    learn, _ = synthetic_trace(n=600, num_layers=4, hidden=8, seed=1)
+    dev, _ = synthetic_trace(n=100, num_layers=4, hidden=8, seed=2)
+    trace = Trace({"train": learn, "dev": dev})
+    options, after = INTERRUPTIBLE[agent]
+    run = AgentRun.create(agent, options, "hardness", "train", seed=5)
+    reference = run.fit(trace, torch.device("cpu"), checkpoints=Checkpoints(tmp_path / "ref.pt", 1e9, work="w"))
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(Interrupted):
+        run.fit(trace, torch.device("cpu"), checkpoints=KilledAfter(path, after, work="w"))
+    assert path.is_file()
+    torch.manual_seed(12345)  # a new process starts from other RNG states
+    random.seed(12345)
+    resumed = run.fit(trace, torch.device("cpu"), checkpoints=Checkpoints(path, 1e9, work="w"))
+    assert comparable(resumed) == comparable(reference)
+    assert resumed.info["checkpoints"]["saves"] == 0

@@ -25,9 +25,10 @@ from exitrl.backbones.losses import exit_layer_ce, weighted_ce
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Stage, body_parameters
 from exitrl.backbones.training import train_stages
+from exitrl.checkpoint import Checkpoints, set_rng_state
 from exitrl.data import TaskData
 from exitrl.evaluate import evaluate_policy, run_policy
-from exitrl.policy import ExitPolicy
+from exitrl.policy import ExitPolicy, policy_from_payload
 from exitrl.trace import SplitTrace, Trace
 from exitrl.tracing import load_or_build_trace
 
@@ -83,13 +84,14 @@ def drop_unreached(model: MultiExitModel, exit_layers: torch.Tensor) -> None:
 
 
 def cotrain_backbone(model: MultiExitModel, tokenizer, train_split, policy: ExitPolicy, cfg: CotrainConfig,
-                     device: torch.device, max_length: int = 128, writer=None, step: int = 0) -> dict:
+                     device: torch.device, max_length: int = 128, writer=None, step: int = 0,
+                     checkpoints: Checkpoints | None = None) -> dict:
     """``cfg.epochs`` epochs over ``train_split`` (a `datasets` split); returns the exit-layer histogram seen and
-    the last step, so that successive rounds log on one TensorBoard axis."""
+    the last step, so that successive rounds log on one TensorBoard axis. ``checkpoints``: as in `train_stages`."""
     examples = tokenize_split(tokenizer, train_split, max_length)
     model.to(device).train()
     policy = policy.to(device)
-    exits = torch.zeros(model.num_layers, dtype=torch.long)
+    carry = {"exits": torch.zeros(model.num_layers, dtype=torch.long)}  # saved with each checkpoint
     latest: dict[str, torch.Tensor] = {}
 
     def loss_at_exits(model: MultiExitModel, batch: dict, labels: torch.Tensor, progress: Progress) -> torch.Tensor:
@@ -105,7 +107,7 @@ def cotrain_backbone(model: MultiExitModel, tokenizer, train_split, policy: Exit
 
     def count_and_log(step: int, loss: torch.Tensor, last: bool) -> None:
         exit_layers = latest["exit_layers"]
-        exits.add_(torch.bincount(exit_layers.cpu() - 1, minlength=model.num_layers))
+        carry["exits"].add_(torch.bincount(exit_layers.cpu() - 1, minlength=model.num_layers))
         if writer is not None and (step % 10 == 0 or last):
             writer.add_scalar("cotrain/loss", loss.item(), step)
             writer.add_scalar("cotrain/avg_exit_layer", exit_layers.float().mean().item(), step)
@@ -126,8 +128,8 @@ def cotrain_backbone(model: MultiExitModel, tokenizer, train_split, policy: Exit
                         generator=torch.Generator().manual_seed(cfg.seed + step), clip_norm=cfg.clip_norm,
                         weight_decay=cfg.weight_decay, warmup_ratio=None, desc="co-train backbone (CE at exit layer)",
                         step=step, on_step=count_and_log,
-                        after_backward=after_backward)
-    return {"exit_histogram": exits.tolist(), "step": step}
+                        after_backward=after_backward, checkpoints=checkpoints, carry=carry)
+    return {"exit_histogram": carry["exits"].tolist(), "step": step}
 
 
 def round_record(index: int, trace: Trace, policy: ExitPolicy, metric: str, seconds: float, **extra) -> dict:
@@ -151,26 +153,48 @@ def log_round(writer, record: dict) -> None:
 
 
 def cotrain_rounds(model: MultiExitModel, tokenizer, data: TaskData, trace: Trace, policy: ExitPolicy,
-                   train_agent: Callable[[Trace, object], tuple[ExitPolicy, dict]], cfg: CotrainConfig,
-                   cache_dir: str | Path, device, max_length: int, run_dir: Path, writer,
-                   metric: str) -> tuple[Trace, ExitPolicy, dict, list[dict]]:
-    """Run ``cfg.rounds`` rounds after round 0; ``train_agent(trace, writer)`` trains a policy on a trace.
-    Returns the last trace, policy, agent record, and one record per round (round 0 included)."""
+                   train_agent: Callable[[Trace, object, Checkpoints | None], tuple[ExitPolicy, dict]],
+                   cfg: CotrainConfig, cache_dir: str | Path, device, max_length: int, run_dir: Path, writer,
+                   metric: str, checkpoints: Callable[[str], Checkpoints] | None = None,
+                   ) -> tuple[Trace, ExitPolicy, dict, list[dict]]:
+    """Run ``cfg.rounds`` rounds after round 0; ``train_agent(trace, writer, checkpoints)`` trains a policy on a
+    trace. Returns the last trace, policy, agent record, and one record per round (round 0 included).
+
+    ``checkpoints(name)`` gives the checkpoint file of one piece of work: ``rounds`` is saved after every round
+    (the backbone, the policy, the records, every RNG); within a round the backbone's training and the agent's
+    checkpoint as they do alone. A run that finds them continues from where it was killed."""
     records = [round_record(0, trace, policy, metric, 0.0)]
     log_round(writer, records[0])
-    agent_info, step = {}, 0
+    agent_info, step, first = {}, 0, 1
     objective = trace.meta.get("objective", "weighted_ce")  # the recipe the backbone was fine-tuned with
-    for index in range(1, cfg.rounds + 1):
+    finished = checkpoints("rounds") if checkpoints is not None else None
+    if finished is not None and (resumed := finished.load()) is not None:
+        model.load_state_dict(resumed["model"])
+        policy = policy_from_payload(resumed["policy"])
+        agent_info, step, records = resumed["agent_info"], resumed["step"], resumed["records"]
+        first = resumed["round"] + 1
+        trace = load_or_build_trace(model, tokenizer, data, cache_dir, device, max_length, objective=objective)
+        set_rng_state(resumed["rng"])
+    for index in range(first, cfg.rounds + 1):
         start = time.time()
-        seen = cotrain_backbone(model, tokenizer, data.splits["train"], policy, cfg, device, max_length, writer, step)
+        backbone_checkpoints = checkpoints(f"backbone_round{index}") if checkpoints is not None else None
+        agent_checkpoints = checkpoints(f"agent_round{index}") if checkpoints is not None else None
+        seen = cotrain_backbone(model, tokenizer, data.splits["train"], policy, cfg, device, max_length, writer, step,
+                                backbone_checkpoints)
         step = seen["step"]
         trace = load_or_build_trace(model, tokenizer, data, cache_dir, device, max_length, objective=objective)
         round_writer = SummaryWriter(str(run_dir / "tensorboard" / f"cotrain_round{index}"))
-        policy, agent_info = train_agent(trace, round_writer)
+        policy, agent_info = train_agent(trace, round_writer, agent_checkpoints)
         round_writer.close()
         records.append(round_record(index, trace, policy, metric, time.time() - start,
                                     cotrain_exit_histogram=seen["exit_histogram"]))
         log_round(writer, records[-1])
         log.info("co-training round %d: train per layer %s", index,
                  " ".join(f"{100 * a:.1f}" for a in records[-1]["train_per_layer"]))
+        if finished is not None:  # a round takes minutes: always worth one save (the caller clears the last)
+            finished.save({"round": index, "model": model.state_dict(), "policy": policy.payload(),
+                           "agent_info": agent_info, "step": step, "records": records})
+        for done in (backbone_checkpoints, agent_checkpoints):
+            if done is not None:
+                done.clear()  # the round's result is in ``finished`` (or, after the last round, with the caller)
     return trace, policy, agent_info, records

@@ -95,10 +95,13 @@ class ExitPolicy(ABC):
         training work); returns their names. Default: none."""
         return []
 
+    def payload(self) -> dict:
+        """What `policy_from_payload` rebuilds the policy from: its class, constructor config and tensors."""
+        return {"class": f"{type(self).__module__}:{type(self).__qualname__}", "config": self.config(),
+                "state": self.state_dict()}
+
     def save(self, path: str | Path) -> None:
-        payload = {"class": f"{type(self).__module__}:{type(self).__qualname__}", "config": self.config(),
-                   "state": self.state_dict()}
-        torch.save(payload, path)
+        torch.save(self.payload(), path)
 
 
 class ModuleExitPolicy(ExitPolicy):
@@ -129,8 +132,13 @@ def walk_memory(policy: ExitPolicy, batch_size: int, hidden_size: int, device: t
 def load_policy(path: str | Path, device: str | torch.device = "cpu") -> ExitPolicy:
     """Load any policy saved with `ExitPolicy.save`."""
     payload = torch.load(path, map_location="cpu", weights_only=True)  # strings, dicts and tensors only
+    return policy_from_payload(payload).to(torch.device(device))
+
+
+def policy_from_payload(payload: dict) -> ExitPolicy:
+    """The policy an `ExitPolicy.payload` describes (on the CPU)."""
     module_name, _, qualname = payload["class"].partition(":")
     cls = getattr(importlib.import_module(module_name), qualname)
     policy = cls(**payload["config"])
     policy.load_state_dict(payload["state"])
-    return policy.to(torch.device(device))
+    return policy

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,7 +62,6 @@ from exitrl.runs import Run
 
 log = logging.getLogger("exitrl.train")
 BACKBONE_MODES = ("frozen", "cotrain")
-AGENT_CHECKPOINT = "checkpoint_agent.pt"  # the agent's training state, in the run folder, until it finishes
 
 
 @dataclass
@@ -120,29 +120,38 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     agent = steps.agent
     work = hash_json({"agent": agent.name, "options": agent.option_values(), "reward": agent.reward.record(),
                       "learn_on": agent.learn_on, "seed": cfg.seed, "trace": prepared.trace.meta.get("key")})
-    checkpoints = Checkpoints(run_dir / AGENT_CHECKPOINT, checkpoint_seconds(cfg), work=work)
+
+    def checkpoints_for(name: str) -> Checkpoints:
+        """The checkpoint file of one piece of this run's work (``agent``; co-training's rounds, backbone, agent)."""
+        return Checkpoints(run_dir / f"checkpoint_{name}.pt", checkpoint_seconds(cfg), work=f"{work}:{name}")
+
+    checkpoints = checkpoints_for("agent")
     fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric, checkpoints)
     extra = {"backbone_mode": steps.mode}
     if steps.mode == "cotrain":
-        prepared, fitted, extra["cotrain"] = cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, writer)
+        prepared, fitted, extra["cotrain"] = cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, writer,
+                                                     checkpoints_for)
     prepared.model = None  # the backbone's memory is no longer needed
     record = record_run(agent, fitted, prepared, run_dir, writer, seed=cfg.seed, baselines=steps.baselines,
                         extra=extra, started=started)
-    checkpoints.clear()  # only now: metrics.json is written
+    for leftover in run_dir.glob("checkpoint_*.pt"):  # only now: metrics.json is written
+        leftover.unlink()
     report(record, prepared)
     return record.to_dict()
 
 
 def cotrain(agent: AgentRun, fitted, prepared: Prepared, cotrain_cfg: CotrainConfig, cfg: DictConfig, run_dir: Path,
-            writer) -> tuple[Prepared, object, dict]:
+            writer, checkpoints: Callable[[str], Checkpoints]) -> tuple[Prepared, object, dict]:
     """ConsistentEE's iterative training after round 0; the co-trained backbone is saved in the run folder."""
-    def train_agent(trace, agent_writer):
-        refit = agent.fit(trace, prepared.device, agent_writer, Path(agent_writer.log_dir), prepared.metric)
+    def train_agent(trace, agent_writer, agent_checkpoints):
+        refit = agent.fit(trace, prepared.device, agent_writer, Path(agent_writer.log_dir), prepared.metric,
+                          agent_checkpoints)
         return refit.policy, refit.info
 
     trace, policy, last_info, rounds = cotrain_rounds(
         prepared.model, prepared.tokenizer, prepared.data, prepared.trace, fitted.policy, train_agent, cotrain_cfg,
-        cfg.cache_dir, prepared.device, prepared.finetune.max_length, run_dir, writer, prepared.metric)
+        cfg.cache_dir, prepared.device, prepared.finetune.max_length, run_dir, writer, prepared.metric,
+        lambda name: checkpoints(f"cotrain_{name}"))
     prepared.model.save(run_dir / "backbone", prepared.tokenizer, extra={"cotrain": asdict(cotrain_cfg)})
     fitted.policy, fitted.info = policy, last_info or fitted.info
     record = {"config": asdict(cotrain_cfg), "rounds": rounds, "backbone": str(run_dir / "backbone")}

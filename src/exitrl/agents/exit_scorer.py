@@ -19,7 +19,9 @@ of labels) or ``correct``; the thresholds always maximise the task's own gain (`
 from __future__ import annotations
 
 import copy
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -106,16 +108,23 @@ class ExitScorerConfig:
             raise ValueError(f"agent.blends must be a non-empty list of values in [0, 1], got {list(self.blends)}.")
 
 
-def train_net(net: PerLayerExitNet, x: torch.Tensor, target: torch.Tensor, cfg: ExitScorerConfig) -> None:
-    """Full-batch BCE on layers 1..L−1 (the last layer always exits)."""
+def train_net(net: PerLayerExitNet, x: torch.Tensor, target: torch.Tensor, cfg: ExitScorerConfig,
+              resumed: dict | None = None, save: Callable[[int, dict], None] | None = None) -> None:
+    """Full-batch BCE on layers 1..L−1 (the last layer always exits). ``resumed`` (``step``, ``optimizer``)
+    continues a checkpointed fit whose weights are already in ``net``; ``save(step, optimizer_state)`` is offered
+    the state after every step."""
     fit_standardizer(net, x)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
     loss_fn = nn.BCEWithLogitsLoss()
-    for _ in range(cfg.steps):
+    for step in range(resumed["step"] if resumed else 0, cfg.steps):
         loss = sum(loss_fn(net(x[:, layer], layer), target[:, layer]) for layer in range(x.shape[1] - 1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if save is not None and step + 1 < cfg.steps:
+            save(step + 1, optimizer.state_dict())
 
 
 @dataclass
@@ -131,6 +140,7 @@ class TrainedScorer:
     blends: list[float]
     learn_on: str
     seconds: float
+    checkpoints: dict | None = None  # the summary of its checkpoints, when it kept them
 
     def with_cost_weight(self, cost_weight: float) -> tuple[ExitScorerPolicy, dict]:
         """A copy of the policy with β and per-layer thresholds chosen for ``cost_weight``."""
@@ -144,6 +154,8 @@ class TrainedScorer:
         info = {"blend": blend, "objective_by_blend": {str(b): round(v[1], 6) for b, v in fits.items()},
                 "thresholds": [None if t == float("inf") else t for t in policy.thresholds],
                 "fitted_on": self.learn_on, "train_seconds": round(self.seconds, 2)}
+        if self.checkpoints is not None:
+            info["checkpoints"] = self.checkpoints
         return policy, info
 
 
@@ -163,15 +175,30 @@ def train_exit_scorer(cfg: ExitScorerConfig, inputs: FitInputs) -> TrainedScorer
     generator = torch.Generator().manual_seed(cfg.seed)
     part = (torch.randperm(n, generator=generator) % cfg.folds).to(inputs.device)
     learned = torch.zeros(n, num_layers, device=inputs.device)
+    # A checkpoint found (a killed run's): the parts' networks, the scores of the finished parts, and the fold in
+    # progress with its step and optimiser.
+    checkpoints, resumed = inputs.checkpoints, None
+    if checkpoints is not None and (resumed := checkpoints.load()) is not None:
+        policy.module.load_state_dict(resumed["nets"])
+        learned = resumed["learned"].to(inputs.device)
+
+    def save(fold: int, step: int, optimizer: dict) -> None:
+        if checkpoints.due():
+            checkpoints.save({"fold": fold, "step": step, "optimizer": optimizer, "learned": learned,
+                              "nets": policy.module.state_dict()})
+
     for k, net in enumerate(policy.module):
+        if resumed is not None and k < resumed["fold"]:
+            continue  # finished before the kill: its scores are in ``learned``
         seen = part != k if cfg.folds > 1 else torch.ones_like(part, dtype=torch.bool)
-        train_net(net, x[seen], target[seen], cfg)
+        train_net(net, x[seen], target[seen], cfg, resumed if resumed is not None and k == resumed["fold"] else None,
+                  None if checkpoints is None else functools.partial(save, k))
         with torch.no_grad():
             held = part == k
             learned[held] = torch.stack([net(x[held, layer], layer) for layer in range(num_layers)], 1)
     return TrainedScorer(policy, learned, max_prob_logit(table, policy.layout),
                          exit_gains(learn.logits, learn.labels, cfg.gain), list(cfg.blends), inputs.learn_on,
-                         time.time() - started)
+                         time.time() - started, checkpoints.summary() if checkpoints is not None else None)
 
 
 def fit_exit_scorer(cfg: ExitScorerConfig, inputs: FitInputs) -> tuple[ExitScorerPolicy, dict]:

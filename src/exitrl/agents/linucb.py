@@ -112,6 +112,14 @@ def train_linucb(cfg: LinUCBConfig, inputs: FitInputs) -> tuple[LinUCBPolicy, di
     covariance = spd_inverse(precision)  # A⁻¹
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     history, total, regret, seen, batches = [], 0.0, 0.0, 0, 0
+    # 0. A checkpoint found (a killed run's): the statistics, the counters and the generator, as they were.
+    checkpoints = inputs.checkpoints
+    if checkpoints is not None and (resumed := checkpoints.load()) is not None:
+        precision, weighted = resumed["precision"].to(device), resumed["weighted"].to(device)
+        covariance = spd_inverse(precision)
+        generator.set_state(resumed["generator"])
+        history, total, regret = resumed["history"], resumed["total"], resumed["regret"]
+        seen, batches = resumed["seen"], resumed["batches"]
     while seen < cfg.rounds:
         rows = torch.randint(len(train), (min(cfg.batch_size, cfg.rounds - seen),), generator=generator).to(device)
         # 1. Walk the batch up the layers, each row taking the arm with the higher upper confidence bound.
@@ -150,9 +158,15 @@ def train_linucb(cfg: LinUCBConfig, inputs: FitInputs) -> tuple[LinUCBPolicy, di
             metrics = {**evaluate_policy(policy, dev.to(device), metric), "round": seen}
             history.append(metrics)
             log_eval(writer, metrics, seen)
+        if checkpoints is not None and seen < cfg.rounds and checkpoints.due():
+            checkpoints.save({"precision": precision, "weighted": weighted, "generator": generator.get_state(),
+                              "history": history, "total": total, "regret": regret, "seen": seen,
+                              "batches": batches})
     values.theta.copy_((covariance @ weighted.unsqueeze(-1)).squeeze(-1))
     info = {"config": asdict(cfg), "updates": seen, "mean_reward": total / max(seen, 1),
             "regret_to_oracle": regret, "train_seconds": round(time.time() - start, 2), "history": history}
+    if checkpoints is not None:  # the run removes the file once its record is written
+        info["checkpoints"] = checkpoints.summary()
     return policy, info
 
 

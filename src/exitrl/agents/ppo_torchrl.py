@@ -20,6 +20,7 @@ from torchrl.objectives.value import GAE
 
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
+from exitrl.checkpoint import set_rng_state
 from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
 from exitrl.evaluate import evaluate_policy, log_eval
 from exitrl.observation import ObservationLayout, check_features, view_reads_history
@@ -102,10 +103,19 @@ def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRL
     advantage = GAE(gamma=1.0, lmbda=cfg.gae_lambda, value_network=critic, average_gae=True)
     loss_fn = ClipPPOLoss(actor, critic, clip_epsilon=cfg.clip_epsilon, entropy_coeff=cfg.entropy_coef)
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=cfg.lr)
-    collector = Collector(create_env_fn=env, policy=actor, frames_per_batch=cfg.frames_per_batch,
-                          total_frames=cfg.total_frames, device=device,
-                          auto_register_policy_transforms=False)  # a feed-forward policy needs no InitTracker
     history, frames, updates = [], 0, 0
+    # 0. A checkpoint found (a killed run's) puts back the networks, the optimiser, the counters, the RNGs and every
+    # env row's episode in progress, so the new collector continues where the killed one stopped.
+    checkpoints, resumed = inputs.checkpoints, None
+    if checkpoints is not None and (resumed := checkpoints.load()) is not None:
+        loss_fn.load_state_dict(resumed["loss"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        env.restore(resumed["env"])
+        history, frames, updates = resumed["history"], resumed["frames"], resumed["updates"]
+        set_rng_state(resumed["rng"])
+    collector = Collector(create_env_fn=env, policy=actor, frames_per_batch=cfg.frames_per_batch,
+                          total_frames=cfg.total_frames - frames, device=device,
+                          auto_register_policy_transforms=False)  # a feed-forward policy needs no InitTracker
     for data in collector:
         frames += data.numel()
         for _ in range(cfg.n_epochs):
@@ -130,9 +140,14 @@ def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRL
             metrics = {**evaluate_policy(policy, dev.to(device), metric), "frames": frames}
             history.append(metrics)
             log_eval(writer, metrics, frames)
+        if checkpoints is not None and checkpoints.due() and frames < cfg.total_frames:
+            checkpoints.save({"loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+                              "env": env.inner.state(), "history": history, "frames": frames, "updates": updates})
     collector.shutdown()
     info = {"config": asdict(cfg), "frames": frames, "updates": updates,
             "train_seconds": round(time.time() - start, 2), "history": history}
+    if checkpoints is not None:  # the run removes the file once its record is written
+        info["checkpoints"] = checkpoints.summary()
     return policy, info
 
 

@@ -61,8 +61,14 @@ def train_threshold_bandit(cfg: BanditConfig, inputs: FitInputs) -> tuple[Confid
     rng = np.random.default_rng(cfg.seed)
     arms = len(cfg.thresholds)
     counts, sums, sum_squares = np.zeros(arms), np.zeros(arms), np.zeros(arms)
-    regret, total = 0.0, 0.0
-    for t in range(1, cfg.rounds + 1):
+    regret, total, first_round = 0.0, 0.0, 1
+    # A checkpoint found (a killed run's): the arms' statistics, the counters and the generator, as they were.
+    checkpoints = inputs.checkpoints
+    if checkpoints is not None and (resumed := checkpoints.load()) is not None:
+        counts, sums, sum_squares = resumed["counts"], resumed["sums"], resumed["sum_squares"]
+        regret, total, first_round = resumed["regret"], resumed["total"], resumed["round"] + 1
+        rng.bit_generator.state = resumed["generator"]
+    for t in range(first_round, cfg.rounds + 1):
         means = np.divide(sums, counts, out=np.zeros(arms), where=counts > 0)
         if cfg.rule == "ucb":
             unplayed = np.flatnonzero(counts == 0)
@@ -84,6 +90,9 @@ def train_threshold_bandit(cfg: BanditConfig, inputs: FitInputs) -> tuple[Confid
             writer.add_scalar("train/reward", total / t, t)
             writer.add_scalar("train/regret", regret, t)
             writer.add_scalar("train/best_threshold", cfg.thresholds[int(np.argmax(sums / np.maximum(counts, 1)))], t)
+        if checkpoints is not None and t < cfg.rounds and t % cfg.log_every == 0 and checkpoints.due():
+            checkpoints.save({"round": t, "counts": counts, "sums": sums, "sum_squares": sum_squares,
+                              "regret": regret, "total": total, "generator": rng.bit_generator.state})
     learned = int(np.argmax(np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)))
     policy = ConfidencePolicy(cfg.thresholds[learned])
     history = []
@@ -93,6 +102,8 @@ def train_threshold_bandit(cfg: BanditConfig, inputs: FitInputs) -> tuple[Confid
             "arm_counts": counts.astype(int).tolist(), "arm_means": (sums / np.maximum(counts, 1)).tolist(),
             "best_arm_in_hindsight": cfg.thresholds[int(np.argmax(best_possible))], "regret": float(regret),
             "train_seconds": round(time.time() - start, 2), "history": history}
+    if checkpoints is not None:  # the run removes the file once its record is written
+        info["checkpoints"] = checkpoints.summary()
     return policy, info
 
 

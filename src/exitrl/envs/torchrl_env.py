@@ -41,11 +41,21 @@ class TorchRLEarlyExitEnv(EnvBase):
     def _observation(self, obs: torch.Tensor) -> dict:
         return {"observation": obs, "layer": (self.inner.layers + 1).unsqueeze(-1)}
 
+    def restore(self, state: dict) -> None:
+        """Put back a checkpointed `TraceVectorEnv.state`. The next full reset (a new collector's first) continues
+        those episodes instead of drawing new ones, so a resumed collector sees what the killed one would have."""
+        self.inner.set_state(state)
+        self._continue_episodes = True
+
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         rows = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
         if tensordict is not None and "_reset" in tensordict.keys():
             rows = tensordict.get("_reset").reshape(self.batch_size)
-        obs = self.inner.reset_rows(rows)
+        if getattr(self, "_continue_episodes", False) and bool(rows.all()):
+            self._continue_episodes = False
+            obs = self.inner.observations()
+        else:
+            obs = self.inner.reset_rows(rows)
         done = torch.zeros((*self.batch_size, 1), dtype=torch.bool, device=self.device)
         return TensorDict({**self._observation(obs), "done": done, "terminated": done.clone(),
                            "truncated": done.clone()}, batch_size=self.batch_size, device=self.device)

@@ -62,6 +62,22 @@ class TraceVectorEnv(gym.vector.VectorEnv):
     def set_generator_state(self, state: torch.Tensor) -> None:
         self._generator.set_state(state)
 
+    def state(self) -> dict:
+        """Everything the next step depends on (for checkpoints): each row's example, layer and finished flag, and
+        the generator that draws examples."""
+        return {"indices": self.indices.clone(), "layers": self.layers.clone(), "finished": self.finished.clone(),
+                "generator": self.generator_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.indices = state["indices"].to(self.device)
+        self.layers = state["layers"].to(self.device)
+        self.finished = state["finished"].to(self.device)
+        self.set_generator_state(state["generator"])
+
+    def observations(self) -> torch.Tensor:
+        """The current observation of every row."""
+        return torch.index_select(self._obs, 0, self.indices * self.num_layers + self.layers)
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if isinstance(seed, (list, tuple)):  # VectorEnv allows one seed per sub-env; one generator drives them all
             seed = seed[0]
@@ -87,7 +103,7 @@ class TraceVectorEnv(gym.vector.VectorEnv):
         self.indices = torch.where(rows, self._draw(self.num_envs), self.indices)
         self.layers = torch.where(rows, 0, self.layers)
         self.finished = self.finished & ~rows
-        return torch.index_select(self._obs, 0, self.indices * self.num_layers + self.layers)
+        return self.observations()
 
     def step(self, actions):
         actions = torch.as_tensor(actions, device=self.device)
@@ -108,6 +124,6 @@ class TraceVectorEnv(gym.vector.VectorEnv):
         else:
             self.finished |= exits
             self.layers = torch.where(self.finished, self.layers, self.layers + 1)
-        obs = torch.index_select(self._obs, 0, self.indices * self.num_layers + self.layers)
+        obs = self.observations()
         truncations = torch.zeros_like(exits)
         return obs, rewards, exits, truncations, infos
