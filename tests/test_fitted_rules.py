@@ -122,8 +122,9 @@ def test_free_confidence_is_rescaled_max_prob():
 
     two = torch.tensor([[0.5, 0.5], [0.75, 0.25], [0.1, 0.9]])
     three = torch.tensor([[0.6, 0.3, 0.1], [1 / 3, 1 / 3, 1 / 3]])
-    torch.testing.assert_close(rescaled_confidence(two), torch.tensor([0.0, 0.5, 0.8]))
-    torch.testing.assert_close(rescaled_confidence(three), torch.tensor([0.4, 0.0]))
+    torch.testing.assert_close(rescaled_confidence(two.max(-1).values, 2), torch.tensor([0.0, 0.5, 0.8]))
+    torch.testing.assert_close(rescaled_confidence(three.max(-1).values, 3), torch.tensor([0.4, 0.0]))
+    torch.testing.assert_close(rescaled_confidence(torch.tensor([0.3]), None), torch.tensor([0.3]))  # a vocabulary
 
 
 def test_free_fit_uses_shallow_agreement():

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from exitrl.agents.confidence import ConfidencePolicy, confidence_measure
+from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.agents.patience import PatiencePolicy
 from exitrl.agents.registry import check_agent
 from exitrl.agents.static import StaticPolicy
 from exitrl.evaluate import run_policy
+from exitrl.observation import confidence_measure
 from exitrl.policy import load_policy
 from exitrl.trace import SplitTrace
 
@@ -25,11 +26,12 @@ def trace_from_probs(probs: list[list[list[float]]], labels: list[int]) -> Split
 
 def test_confidence_measures_by_hand():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]])
-    torch.testing.assert_close(confidence_measure(probs, "maxprob"), torch.tensor([0.7, 0.4]))
-    torch.testing.assert_close(confidence_measure(probs, "margin"), torch.tensor([0.5, 0.0]))
+    logits = probs.log()
+    torch.testing.assert_close(confidence_measure(logits, "maxprob"), torch.tensor([0.7, 0.4]))
+    torch.testing.assert_close(confidence_measure(logits, "margin"), torch.tensor([0.5, 0.0]))
     expected = [-(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)),
                 -(2 * 0.4 * math.log(0.4) + 0.2 * math.log(0.2))]
-    torch.testing.assert_close(confidence_measure(probs, "entropy"), torch.tensor(expected))
+    torch.testing.assert_close(confidence_measure(logits, "entropy"), torch.tensor(expected))
 
 
 def test_each_measure_exits_where_worked_out():

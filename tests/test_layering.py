@@ -11,15 +11,15 @@ LAYERS = [
     ("exitrl.data",),
     ("exitrl.backbones",),
     ("exitrl.trace", "exitrl.rewards"),
-    ("exitrl.tracing", "exitrl.envs", "exitrl.policy"),
+    ("exitrl.tracing", "exitrl.token_tracing", "exitrl.lm_traces", "exitrl.envs", "exitrl.policy"),
     ("exitrl.tradeoff", "exitrl.walk", "exitrl.crossfit", "exitrl.protocol"),
     ("exitrl.fast_walk",),
     ("exitrl.evaluate", "exitrl.calibration", "exitrl.run_summary"),
     ("exitrl.agents",),
-    ("exitrl.record", "exitrl.cotraining", "exitrl.runs", "exitrl.runtime"),
+    ("exitrl.record", "exitrl.cotraining", "exitrl.runs", "exitrl.runtime", "exitrl.decoding"),
     ("exitrl.pipeline",),
     ("exitrl.cli",),
-    ("exitrl.train", "exitrl.compare", "exitrl.api", "exitrl.export", "exitrl.predict"),
+    ("exitrl.train", "exitrl.compare", "exitrl.api", "exitrl.export", "exitrl.predict", "exitrl.generate"),
     ("exitrl.sweep",),
 ]
 

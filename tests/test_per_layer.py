@@ -85,4 +85,4 @@ def test_per_layer_policy_reproduces_its_thresholds():
     layers, _ = run_policy(PerLayerConfidencePolicy(thresholds), trace)
     probs = torch.softmax(trace.logits, -1).max(-1).values
     assert torch.equal(layers, exit_layers(probs, torch.tensor(thresholds)))
-    assert exit_gains(trace.logits, trace.labels, "consistency")[:, -1].all()
+    assert exit_gains(trace.prediction_table(), trace.labels, "consistency")[:, -1].all()

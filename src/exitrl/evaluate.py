@@ -38,7 +38,7 @@ def run_policy(policy: ExitPolicy, trace: SplitTrace, batch_size: int = 4096) ->
 def consistency_risks(predictions: torch.Tensor, trace: SplitTrace) -> dict:
     """CALM's two risks against the full model: ``disagreement`` (prediction differs from the last layer's) and
     ``loss_increase`` (0/1 loss over the full model's: wrong here where the full model was right)."""
-    full = trace.logits[:, -1].argmax(-1).to(predictions.device)
+    full = trace.prediction_table()[:, -1].to(predictions.device)
     labels = trace.labels.to(predictions.device)
     worse = (predictions != labels) & (full == labels)
     return {"disagreement": float((predictions != full).float().mean()),
@@ -51,13 +51,13 @@ def evaluate_policy(policy: ExitPolicy, trace: SplitTrace, metric: str = "accura
 
 
 def evaluate_exits(policy: ExitPolicy, trace: SplitTrace, metric: str = "accuracy") -> tuple[dict, dict]:
-    """`evaluate_policy`'s result and the per-example exits behind it (``layers`` and ``predictions``, int16 on
+    """`evaluate_policy`'s result and the per-example exits behind it (``layers`` int16 and ``predictions`` int32, on
     the CPU), which the honest comparison (`exitrl.protocol`) resamples."""
     exit_layers, predictions = run_policy(policy, trace)
     result = summarize_exits(exit_layers, predictions, trace.labels, trace.num_layers, metric)
     result.update(consistency_risks(predictions, trace))
     result["deployable"] = policy.deployable
-    return result, {"layers": exit_layers.cpu().to(torch.int16), "predictions": predictions.cpu().to(torch.int16)}
+    return result, {"layers": exit_layers.cpu().to(torch.int16), "predictions": predictions.cpu().to(torch.int32)}
 
 
 ORACLE_KINDS = ("consistency", "correctness")
@@ -66,7 +66,7 @@ ORACLE_KINDS = ("consistency", "correctness")
 def oracle_exit_layers(trace: SplitTrace, kind: str) -> torch.Tensor:
     """1-indexed exit layer of every row under an oracle: ``consistency`` = first layer agreeing with the last
     one, ``correctness`` = first correct layer (the last when none is)."""
-    preds = trace.logits.argmax(-1)
+    preds = trace.prediction_table()
     if kind == "consistency":
         return (preds == preds[:, -1:]).int().argmax(1) + 1  # the last layer always agrees with itself
     if kind == "correctness":
@@ -77,7 +77,7 @@ def oracle_exit_layers(trace: SplitTrace, kind: str) -> torch.Tensor:
 
 def oracle_bounds(trace: SplitTrace, metric: str = "accuracy") -> dict:
     """Full model, per-layer scores and the two oracles (analysis only, never deployable)."""
-    preds = trace.logits.argmax(-1)  # [N, L]
+    preds = trace.prediction_table()  # [N, L]
     num_layers = trace.num_layers
     rows = torch.arange(len(trace), device=preds.device)
     bounds = {

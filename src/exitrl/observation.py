@@ -93,9 +93,70 @@ class ObservationLayout:
         return obs[..., self.view(features)]
 
 
-def confidence_features(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Probabilities, max-prob and entropy of exit logits ``[..., C]`` (float32)."""
+@dataclass(frozen=True)
+class TokenExit:
+    """What a causal LM's exit tells beyond its compact logits. A vocabulary (49k tokens for SmolLM2) is too wide to
+    keep per layer, so a *token exit* keeps ``logits [..., k+1]``: the k largest log-probabilities in descending
+    order, then the log of the remaining mass (softmax of them is exactly the distribution over "each of the top k
+    tokens, or any other"), plus ``predictions`` (the emitted token id) and ``entropy`` (of the whole distribution)
+    here. Everything below reads an exit through `exit_predictions` and `confidence_features` /
+    `confidence_measure`, which take a TokenExit when there is one, so policies, envs and rewards need not know
+    which kind of exit they face. Built from full logits by `summarize_token_logits`."""
+
+    predictions: torch.Tensor
+    entropy: torch.Tensor
+
+    def select(self, index) -> TokenExit:
+        """The rows (or layer) ``index`` of both tensors."""
+        return TokenExit(self.predictions[index], self.entropy[index])
+
+    def to(self, device) -> TokenExit:
+        return TokenExit(self.predictions.to(device), self.entropy.to(device))
+
+
+def summarize_token_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, TokenExit]:
+    """Full vocabulary logits ``[..., V]`` -> the compact logits ``[..., k+1]`` and the `TokenExit` (float32)."""
+    log_probs = torch.log_softmax(logits.float(), -1)
+    top, ids = log_probs.topk(k, -1)
+    rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return torch.cat([top, rest.unsqueeze(-1)], -1), TokenExit(ids[..., 0], entropy)
+
+
+def exit_predictions(logits: torch.Tensor, token: TokenExit | None = None) -> torch.Tensor:
+    """What each exit emits: the class (argmax of its logits) or, for a token exit, the token id."""
+    return logits.argmax(-1) if token is None else token.predictions
+
+
+def exit_probs(logits: torch.Tensor, token: TokenExit | None = None) -> torch.Tensor:
+    """The probabilities confidence measures read: every class, or a token exit's top k (exact, descending)."""
     probs = torch.softmax(logits.float(), -1)
+    return probs if token is None else probs[..., :-1]
+
+
+def confidence_measure(logits: torch.Tensor, measure: str, token: TokenExit | None = None) -> torch.Tensor:
+    """``maxprob``, ``margin`` (top-1 minus top-2 probability) or ``entropy`` of each exit: higher is surer, except
+    entropy (lower is surer). Exact for token exits too (their entropy is kept, not recomputed from the top k)."""
+    probs = exit_probs(logits, token)
+    if measure == "maxprob":
+        return probs.max(-1).values
+    if measure == "margin":
+        top2 = probs.topk(2, -1).values
+        return top2[..., 0] - top2[..., 1]
+    if measure == "entropy":
+        if token is not None:
+            return token.entropy.float()
+        return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    raise ValueError(f"Unknown confidence measure {measure!r}; valid: maxprob, margin, entropy.")
+
+
+def confidence_features(logits: torch.Tensor, token: TokenExit | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The observation's probabilities (softmax of the logits: every class, or a token exit's top k and the rest),
+    max-prob and entropy of exit logits ``[..., C]`` (float32)."""
+    probs = torch.softmax(logits.float(), -1)
+    if token is not None:
+        return probs, probs[..., 0], token.entropy.float()
     entropy = -(probs * torch.log_softmax(logits.float(), -1)).sum(-1)
     return probs, probs.max(-1).values, entropy
 
@@ -111,13 +172,14 @@ def init_history(batch_size: int, hidden_size: int, device: torch.device) -> dic
             f"{HISTORY_KEY}state": torch.zeros(batch_size, hidden_size, device=device)}
 
 
-def step_history(memory: dict[str, torch.Tensor], states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def step_history(memory: dict[str, torch.Tensor], states: torch.Tensor, logits: torch.Tensor,
+                 token: TokenExit | None = None) -> torch.Tensor:
     """Advance each row's history by one layer (its states ``[B, H]`` and logits ``[B, C]``); returns the history
     features ``[B, K]`` of this layer and replaces the memory's entries with the updated ones (no host reads)."""
     k = HISTORY_KEY
-    _, max_prob, entropy = confidence_features(logits)
+    _, max_prob, entropy = confidence_features(logits, token)
     states = states.float()
-    prediction = logits.argmax(-1)
+    prediction = exit_predictions(logits, token)
     first = memory[f"{k}layer"] == 0
     agrees = (prediction == memory[f"{k}prediction"]) & ~first
     streak = torch.where(agrees, memory[f"{k}streak"] + 1, torch.zeros_like(max_prob))
@@ -133,20 +195,21 @@ def step_history(memory: dict[str, torch.Tensor], states: torch.Tensor, logits: 
     return torch.stack([agrees.float(), streak, max_prob_change, low, high, entropy_change, cosine], -1)
 
 
-def history_table(states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def history_table(states: torch.Tensor, logits: torch.Tensor, token: TokenExit | None = None) -> torch.Tensor:
     """History features at every (example, layer) of a trace split: ``[N, L, K]``, layer by layer with the same
     `step_history` a live walk uses."""
     memory = init_history(states.shape[0], states.shape[-1], states.device)
-    return torch.stack([step_history(memory, states[:, layer], logits[:, layer])
+    return torch.stack([step_history(memory, states[:, layer], logits[:, layer],
+                                     None if token is None else token.select((slice(None), layer)))
                         for layer in range(logits.shape[1])], 1)
 
 
 def build_observation(states: torch.Tensor, logits: torch.Tensor, layer, num_layers: int,
-                      history: torch.Tensor | None = None) -> torch.Tensor:
+                      history: torch.Tensor | None = None, token: TokenExit | None = None) -> torch.Tensor:
     """Observations for states ``[..., H]`` and logits ``[..., C]`` at 1-indexed ``layer`` (int or tensor).
     ``history`` ``[..., K]`` from `step_history`; None (a walk for a policy that reads no history) fills NaN, so a
     policy that would read a history it was not given fails loudly instead of reading zeros."""
-    probs, max_prob, entropy = confidence_features(logits)
+    probs, max_prob, entropy = confidence_features(logits, token)
     if isinstance(layer, torch.Tensor):
         position = layer.to(device=states.device, dtype=torch.float32) / num_layers
         position = position.expand(states.shape[:-1]).unsqueeze(-1) if position.dim() == 0 else position.unsqueeze(-1)
@@ -158,8 +221,9 @@ def build_observation(states: torch.Tensor, logits: torch.Tensor, layer, num_lay
                       history.float()], -1)
 
 
-def observation_table(states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Observations for every (example, layer) of a trace split: ``[N, L, D]``, history included."""
+def observation_table(states: torch.Tensor, logits: torch.Tensor, token: TokenExit | None = None) -> torch.Tensor:
+    """Observations for every (example, layer) of a trace split: ``[N, L, D]``, history included (``token``: the
+    split's `TokenExit` tables ``[N, L]``, for token exits)."""
     num_layers = logits.shape[1]
     layers = torch.arange(1, num_layers + 1, device=states.device).expand(states.shape[0], num_layers)
-    return build_observation(states, logits, layers, num_layers, history_table(states, logits))
+    return build_observation(states, logits, layers, num_layers, history_table(states, logits, token), token)

@@ -30,6 +30,7 @@ from exitrl.crossfit import check_crossfit, crossfit_train
 from exitrl.data import TaskData, load_task
 from exitrl.evaluate import evaluate_exits, oracle_bounds
 from exitrl.hashing import hash_json
+from exitrl.lm_traces import LMBackboneConfig, LMTextConfig, load_or_build_lm_trace
 from exitrl.options import check_value, checked_options
 from exitrl.policy import ExitPolicy
 from exitrl.record import RunRecord, write_exits
@@ -175,8 +176,38 @@ def seed_group(name: str, finetune: FinetuneConfig, data, meta: dict, crossfit: 
                       "crossfit": crossfit, "mode": mode})
 
 
+def prepare_lm(cfg: DictConfig, device: torch.device) -> Prepared:
+    """A causal-LM run (``backbone.kind: lm``, ``env=lm_text``): text, the LM (continued with a recipe when asked),
+    token traces (`exitrl.lm_traces`)."""
+    if "lm_text" not in cfg.env:
+        raise ValueError(f"backbone={cfg.backbone.get('name') or 'random'} is a causal LM: use env=lm_text (episodes "
+                         f"are token positions of text), not env={cfg.env.task}.")
+    text = LMTextConfig(**checked_options(cfg.env.lm_text, LMTextConfig, "env.lm_text", "env.lm_text."))
+    backbone = LMBackboneConfig(**checked_options(
+        {k: v for k, v in cfg.backbone.items() if k not in ("kind", "mode", "finetune", "pooling")},
+        LMBackboneConfig, "backbone", "backbone."))
+    finetune = finetune_config(cfg)
+    policy_split = check_value("data.policy_split", cfg.data.policy_split, float)
+    trace, model, tokenizer, info = load_or_build_lm_trace(backbone, finetune, text, cfg.data.dir, policy_split,
+                                                           cfg.cache_dir, device, cfg.seed, checkpoint_seconds(cfg))
+    group = hash_json({"backbone": dataclasses.asdict(backbone), "text": dataclasses.asdict(text),
+                       "finetune": {k: v for k, v in dataclasses.asdict(finetune).items() if k != "seed"}
+                       if backbone.continue_training else None, "policy_split": policy_split})
+    described = {**info, "objective": finetune.objective if backbone.continue_training else None,
+                 "seed_group": group}
+    prepared = Prepared("lm_text", "accuracy", trace, described, device, None, model, tokenizer,
+                        finetune if backbone.continue_training else None, f"lm_text: {', '.join(text.sources)}")
+    log.info("Token episodes %s; dev next-token accuracy per layer: %s", {k: len(v) for k, v in trace.splits.items()},
+             " ".join(f"{100 * s:.1f}" for s in prepared.bounds["per_layer_score"]))
+    return prepared
+
+
 def prepare(cfg: DictConfig, device: torch.device, writer=None) -> Prepared:
     """Load the task, fine-tune the backbone (or reuse the cached one), trace it (or reuse the cached trace)."""
+    if cfg.backbone.get("kind", "encoder") == "lm":
+        return prepare_lm(cfg, device)
+    if "lm_text" in cfg.env:
+        raise ValueError("env=lm_text needs a causal LM backbone: backbone=smollm2 or backbone=tiny_llama.")
     limit = OmegaConf.to_container(cfg.data.limit, resolve=True)
     custom = OmegaConf.to_container(cfg.env.custom, resolve=True) if "custom" in cfg.env else None
     crossfit = check_crossfit(cfg.data.get("crossfit", 0))
@@ -250,9 +281,9 @@ def record_run(run: AgentRun, fitted: Fitted, prepared: Prepared, run_dir: Path,
             kinds[baseline.name] = baseline.spec.kind
             baseline_info[baseline.name] = fitted_baseline.info
     splits = {"dev": dev, **({HELD_OUT: validation} if validation is not None else {})}
-    write_exits(run_dir, {k: v.labels.cpu().to(torch.int16) for k, v in splits.items()}, exits,
-                {"full": {k: v.logits[:, -1].argmax(-1).cpu().to(torch.int16) for k, v in splits.items()},
-                 "layer_one": {k: v.logits[:, 0].argmax(-1).cpu().to(torch.int16) for k, v in splits.items()}})
+    write_exits(run_dir, {k: v.labels.cpu().to(torch.int32) for k, v in splits.items()}, exits,
+                {"full": {k: v.prediction_table()[:, -1].cpu().to(torch.int32) for k, v in splits.items()},
+                 "layer_one": {k: v.prediction_table()[:, 0].cpu().to(torch.int32) for k, v in splits.items()}})
     hyperparameters = {
         "agent": run.name, "family": label or run.name, "task": prepared.task, "learn_on": run.learn_on,
         **({"knob": knob["key"], "knob_value": knob["value"]} if knob else {}), **run.option_values(),

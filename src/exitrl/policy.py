@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from exitrl.observation import build_observation, init_history
+from exitrl.observation import (
+    TokenExit,
+    build_observation,
+    confidence_measure,
+    exit_predictions,
+    exit_probs,
+    init_history,
+)
 
 
 @dataclass
@@ -33,15 +40,26 @@ class LayerBatch:
     logits: torch.Tensor
     extras: dict = field(default_factory=dict)
     history: torch.Tensor | None = None
+    token: TokenExit | None = None  # a causal LM's exits: the emitted tokens and entropies (exitrl.observation)
 
     @cached_property
     def observations(self) -> torch.Tensor:
         """The same observation vector the envs emit (see `exitrl.observation`)."""
-        return build_observation(self.states, self.logits, self.layer, self.num_layers, self.history)
+        return build_observation(self.states, self.logits, self.layer, self.num_layers, self.history, self.token)
 
     @cached_property
     def probs(self) -> torch.Tensor:
-        return torch.softmax(self.logits.float(), -1)
+        """The probabilities confidence measures read: every class, or a token exit's top k."""
+        return exit_probs(self.logits, self.token)
+
+    @cached_property
+    def prediction(self) -> torch.Tensor:
+        """What each row's exit emits here: the argmax class, or the token."""
+        return exit_predictions(self.logits, self.token)
+
+    def confidence(self, measure: str) -> torch.Tensor:
+        """``maxprob``, ``margin`` or ``entropy`` of each row's exit (`exitrl.observation.confidence_measure`)."""
+        return confidence_measure(self.logits, measure, self.token)
 
 
 Memory = dict[str, torch.Tensor]

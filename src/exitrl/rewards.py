@@ -34,7 +34,11 @@ class RewardContext:
     """What a reward may look at, for a batch of B exits.
 
     exit_layer: 1-indexed exit layer ``[B]``; num_layers: L; log_probs: exit head's log-softmax at the exit
-    layer ``[B, C]``; label ``[B]``; memorized_layer ``[B]`` (1-indexed, ConsistentEE Eq. 7).
+    layer ``[B, C]``; label ``[B]``; memorized_layer ``[B]`` (1-indexed, ConsistentEE Eq. 7); final_prediction
+    ``[B]``: what the last layer emits (the full model's answer, which a label-free consistency reward matches).
+    For a token exit (a causal LM's: `exitrl.observation.TokenExit`) ``log_probs`` holds the top k and the rest,
+    and ``token_prediction`` / ``token_label_log_prob`` the emitted token and log p_l(next token): read them through
+    ``prediction``, ``correct``, ``label_log_prob`` and ``max_prob``, which work for both kinds.
     """
 
     exit_layer: torch.Tensor
@@ -42,18 +46,34 @@ class RewardContext:
     log_probs: torch.Tensor
     label: torch.Tensor
     memorized_layer: torch.Tensor
+    final_prediction: torch.Tensor | None = None
+    token_prediction: torch.Tensor | None = None
+    token_label_log_prob: torch.Tensor | None = None
 
     @property
     def prediction(self) -> torch.Tensor:
-        return self.log_probs.argmax(-1)
+        return self.log_probs.argmax(-1) if self.token_prediction is None else self.token_prediction
 
     @property
     def correct(self) -> torch.Tensor:
         return self.prediction == self.label
 
     @property
+    def agrees_with_final(self) -> torch.Tensor:
+        """Whether the exit emits what the last layer emits."""
+        return self.prediction == self.final_prediction
+
+    @property
     def label_log_prob(self) -> torch.Tensor:
+        if self.token_label_log_prob is not None:
+            return self.token_label_log_prob
         return self.log_probs.gather(1, self.label[:, None]).squeeze(1)
+
+    @property
+    def max_prob(self) -> torch.Tensor:
+        if self.token_prediction is not None:  # the top-1 of a token exit (the rest's mass is not one token)
+            return self.log_probs[:, 0].exp()
+        return self.log_probs.exp().max(-1).values
 
     def depth(self, convention: str = "layer") -> torch.Tensor:
         if convention not in DEPTHS:
@@ -76,11 +96,17 @@ def hardness(ctx: RewardContext, alpha: float = 0.04, depth: str = "layer") -> t
 def confidence(ctx: RewardContext, alpha: float = 0.02, depth: str = "layer") -> torch.Tensor:
     """Label-free: R = max_c p_l(c|x) - α·depth(l). It uses no label, so it can be computed on a new domain's
     unlabelled traffic (online adaptation, as the bandit exit methods do)."""
-    return ctx.log_probs.exp().max(-1).values - alpha * ctx.depth(depth)
+    return ctx.max_prob - alpha * ctx.depth(depth)
+
+
+def consistency(ctx: RewardContext, alpha: float = 0.02, depth: str = "layer") -> torch.Tensor:
+    """Label-free: R = 1[the exit emits what the last layer emits] - α·depth(l). What greedy decoding needs: an
+    exit that agrees with the full model leaves the generated text unchanged."""
+    return ctx.agrees_with_final.float() - alpha * ctx.depth(depth)
 
 
 BUILTIN_REWARDS: dict[str, Callable[..., torch.Tensor]] = {"vanilla": vanilla, "hardness": hardness,
-                                                           "confidence": confidence}
+                                                           "confidence": confidence, "consistency": consistency}
 
 
 def resolve_reward(name: str | None = None, fn: str | None = None) -> Callable[..., torch.Tensor]:
@@ -131,17 +157,23 @@ def call_reward(reward: Callable[..., torch.Tensor], ctx: RewardContext, kwargs:
 
 
 def reward_table(reward: Callable[..., torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
-                 memorized: torch.Tensor, kwargs: dict | None = None) -> torch.Tensor:
-    """``R[n, l-1]`` = reward for example n exiting at layer l, for every n and l, validated once."""
+                 memorized: torch.Tensor, kwargs: dict | None = None, token=None,
+                 label_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``R[n, l-1]`` = reward for example n exiting at layer l, for every n and l, validated once. ``token`` and
+    ``label_log_probs`` (``[N, L]``): a token trace's `TokenExit` tables and log p_l(label)."""
     n, num_layers, _ = logits.shape
     layers = torch.arange(1, num_layers + 1, device=logits.device).repeat(n)
     rows = torch.arange(n, device=logits.device).repeat_interleave(num_layers)
+    predictions = logits.argmax(-1) if token is None else token.predictions  # [N, L]
     ctx = RewardContext(
         exit_layer=layers,
         num_layers=num_layers,
         log_probs=torch.log_softmax(logits.float(), -1).reshape(n * num_layers, -1),
         label=labels[rows],
         memorized_layer=memorized[rows],
+        final_prediction=predictions[:, -1][rows],
+        token_prediction=None if token is None else predictions.reshape(-1),
+        token_label_log_prob=None if label_log_probs is None else label_log_probs.float().reshape(-1),
     )
     return call_reward(reward, ctx, kwargs).reshape(n, num_layers)
 
@@ -200,9 +232,10 @@ class RewardSpec:
                 raise RewardError(f"reward.depth={self.kwargs['depth']!r}: valid: {', '.join(DEPTHS)}.")
         return self
 
-    def table(self, logits: torch.Tensor, labels: torch.Tensor, memorized: torch.Tensor) -> torch.Tensor:
+    def table(self, logits: torch.Tensor, labels: torch.Tensor, memorized: torch.Tensor, token=None,
+              label_log_probs: torch.Tensor | None = None) -> torch.Tensor:
         """``R[n, l-1]`` for every example and exit layer, validated once (see `reward_table`)."""
-        return reward_table(self.resolve(), logits, labels, memorized, self.kwargs)
+        return reward_table(self.resolve(), logits, labels, memorized, self.kwargs, token, label_log_probs)
 
     def record(self) -> dict:
         """What a run record keeps: ``{"name", "fn", **kwargs}``."""
@@ -210,6 +243,6 @@ class RewardSpec:
 
 
 __all__ = [
-    "BUILTIN_REWARDS", "DEPTHS", "RewardContext", "RewardError", "RewardSpec", "call_reward", "confidence", "hardness",
-    "resolve_reward", "reward_table", "vanilla",
+    "BUILTIN_REWARDS", "DEPTHS", "RewardContext", "RewardError", "RewardSpec", "call_reward", "confidence",
+    "consistency", "hardness", "resolve_reward", "reward_table", "vanilla",
 ]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from exitrl.checkpoint import MAGIC, load_checked, save_checked
+from exitrl.observation import TokenExit, exit_predictions, observation_table
 from exitrl.splits import HELD_OUT
 
 TRACE_FORMAT = 1
@@ -21,9 +22,11 @@ STATE_DTYPE = torch.float16  # pooled states are kept at this precision; policie
 __all__ = ["HELD_OUT", "STATE_DTYPE", "TRACE_FORMAT", "SplitTrace", "Trace", "memorized_layers"]
 
 
-def memorized_layers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Smallest 1-indexed layer l such that heads l..L all predict the label; L when head L is wrong."""
-    correct = logits.argmax(-1) == labels[:, None]  # [N, L]
+def memorized_layers(logits: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor | None = None,
+                     ) -> torch.Tensor:
+    """Smallest 1-indexed layer l such that heads l..L all predict the label; L when head L is wrong.
+    ``predictions [N, L]``: what the exits emit when it is not the argmax of ``logits`` (token exits)."""
+    correct = (logits.argmax(-1) if predictions is None else predictions) == labels[:, None]  # [N, L]
     num_layers = correct.shape[1]
     suffix_all = correct.flip(1).int().cumprod(1).flip(1).bool()  # suffix_all[:, l] = all(correct[:, l:])
     first = torch.where(suffix_all.any(1), suffix_all.int().argmax(1) + 1, torch.full_like(labels, num_layers))
@@ -32,21 +35,42 @@ def memorized_layers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 @dataclass
 class SplitTrace:
-    """One split: ``states [N, L, H]``, ``logits [N, L, C]``, ``labels [N]``, ``memorized [N]`` (1-indexed)."""
+    """One split: ``states [N, L, H]``, ``logits [N, L, C]``, ``labels [N]``, ``memorized [N]`` (1-indexed).
+
+    Token traces (a causal LM's exits, one row per teacher-forced position) keep compact logits (see
+    `exitrl.observation.TokenExit`) and three tables ``[N, L]`` more: ``predictions`` (the token each exit emits),
+    ``entropy`` (of its whole distribution) and ``label_log_probs`` (log-probability of the true next token, the
+    label)."""
 
     states: torch.Tensor
     logits: torch.Tensor
     labels: torch.Tensor
     memorized: torch.Tensor
+    predictions: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    label_log_probs: torch.Tensor | None = None
 
     def __post_init__(self):
         n, layers = self.logits.shape[:2]
         if self.states.shape[:2] != (n, layers) or self.labels.shape != (n,) or self.memorized.shape != (n,):
             raise ValueError("Inconsistent trace shapes: states, logits, labels and memorized must share N and L.")
+        token_tables = (self.predictions, self.entropy, self.label_log_probs)
+        if any(t is not None for t in token_tables) and any(t is None or t.shape != (n, layers)
+                                                             for t in token_tables):
+            raise ValueError("A token trace needs predictions, entropy and label_log_probs, each [N, L].")
 
     @classmethod
     def from_logits(cls, states: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> SplitTrace:
         return cls(states, logits.float(), labels.long(), memorized_layers(logits, labels.long()))
+
+    @classmethod
+    def from_token_exits(cls, states: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                         predictions: torch.Tensor, entropy: torch.Tensor, label_log_probs: torch.Tensor,
+                         ) -> SplitTrace:
+        """A token trace (see the class docstring); the memorized layer is computed from the predictions."""
+        labels = labels.long()
+        return cls(states, logits.float(), labels, memorized_layers(logits, labels, predictions), predictions.long(),
+                   entropy.float(), label_log_probs.float())
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -63,11 +87,43 @@ class SplitTrace:
     def hidden_size(self) -> int:
         return self.states.shape[2]
 
+    @property
+    def token(self) -> TokenExit | None:
+        """The `TokenExit` tables ``[N, L]`` of a token trace; None for a classification trace."""
+        return None if self.predictions is None else TokenExit(self.predictions, self.entropy)
+
+    def prediction_table(self) -> torch.Tensor:
+        """What each exit emits, ``[N, L]``."""
+        return exit_predictions(self.logits, self.token)
+
+    def label_log_prob_table(self) -> torch.Tensor:
+        """log p_l(label), ``[N, L]``."""
+        if self.label_log_probs is not None:
+            return self.label_log_probs
+        return torch.log_softmax(self.logits.float(), -1).gather(
+            2, self.labels[:, None, None].expand(-1, self.num_layers, 1)).squeeze(2)
+
+    def observations(self) -> torch.Tensor:
+        """The observation of every (row, layer), ``[N, L, D]`` (`exitrl.observation.observation_table`)."""
+        return observation_table(self.states, self.logits, self.token)
+
+    def reward_table(self, reward) -> torch.Tensor:
+        """What ``reward`` (a `RewardSpec`) pays for exiting each row at each layer, ``[N, L]``."""
+        return reward.table(self.logits, self.labels, self.memorized, self.token, self.label_log_probs)
+
+    def select(self, rows) -> SplitTrace:
+        """The rows ``rows`` (indices or a mask) of every table."""
+        return SplitTrace(*(None if t is None else t[rows] for t in self.tables()))
+
+    def tables(self) -> tuple:
+        return (self.states, self.logits, self.labels, self.memorized, self.predictions, self.entropy,
+                self.label_log_probs)
+
     def to(self, device) -> SplitTrace:
-        return SplitTrace(*(t.to(device) for t in (self.states, self.logits, self.labels, self.memorized)))
+        return SplitTrace(*(None if t is None else t.to(device) for t in self.tables()))
 
     def per_layer_accuracy(self) -> list[float]:
-        return (self.logits.argmax(-1) == self.labels[:, None]).float().mean(0).tolist()
+        return (self.prediction_table() == self.labels[:, None]).float().mean(0).tolist()
 
 
 @dataclass

@@ -75,7 +75,7 @@ def oracle_frontier(trace: SplitTrace, metric: str = "accuracy", max_points: int
     """The best any exit policy could do on these heads at each cost (analysis only): start with every example at
     layer 1, then move the examples layer 1 gets wrong to their first correct layer, cheapest move first. Each move
     gains one correct example, so for accuracy this greedy order is the exact optimum at every budget."""
-    preds, labels = trace.logits.argmax(-1).cpu(), trace.labels.cpu()
+    preds, labels = trace.prediction_table().cpu(), trace.labels.cpu()
     correct = preds == labels[:, None]
     n, num_layers = correct.shape
     first_correct = torch.where(correct.any(1), correct.int().argmax(1) + 1, torch.zeros(n, dtype=torch.long))

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from exitrl.observation import step_history
+from exitrl.observation import exit_predictions, step_history
 from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
 from exitrl.trace import SplitTrace
 
@@ -22,8 +22,9 @@ from exitrl.trace import SplitTrace
 class LayerSource(Protocol):
     num_layers: int
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled states ``[B, H]`` and exit logits ``[B, C]`` of the running rows at 1-indexed ``layer``."""
+    def layer(self, layer: int) -> tuple:
+        """Pooled states ``[B, H]`` and exit logits ``[B, C]`` of the running rows at 1-indexed ``layer``, and for
+        token exits a third item, their `TokenExit`."""
 
     def keep(self, stay: torch.Tensor) -> None:
         """Keep only the rows at the indices ``stay`` (long ``[B']``, in order)."""
@@ -50,11 +51,12 @@ def walk(policy: ExitPolicy, source: LayerSource, size: int, device: torch.devic
     position = torch.arange(size, device=device)  # where each running row's answer goes
     extras = {} if ids is None else {"rows": ids, "split_size": split_size}
     for layer in range(1, num_layers + 1):
-        states, logits = source.layer(layer)
+        states, logits, *token = source.layer(layer)
+        token = token[0] if token else None
         if layer == 1:  # the first layer says how wide the states are (the history keeps the previous one)
             memory = walk_memory(policy, size, states.shape[-1], device)
-        history = step_history(memory, states, logits) if policy.uses_history else None
-        batch = LayerBatch(layer, num_layers, states.float(), logits, extras, history)
+        history = step_history(memory, states, logits, token) if policy.uses_history else None
+        batch = LayerBatch(layer, num_layers, states.float(), logits, extras, history, token)
         if layer == num_layers:
             policy.observe_final(batch, memory)
             leave = torch.ones_like(position, dtype=torch.bool)
@@ -64,7 +66,7 @@ def walk(policy: ExitPolicy, source: LayerSource, size: int, device: torch.devic
             exit_logits = torch.empty(size, logits.shape[-1], device=device)
         # record the exits with device-side selects (no host read), then one host read: which rows stay
         layers[position] = torch.where(leave, layer, layers[position])
-        predictions[position] = torch.where(leave, logits.argmax(-1), predictions[position])
+        predictions[position] = torch.where(leave, exit_predictions(logits, token), predictions[position])
         exit_logits[position] = torch.where(leave[:, None], logits.float(), exit_logits[position])
         stay = torch.nonzero(~leave).squeeze(1)  # the layer's one host read
         if stay.numel() == 0:
@@ -84,8 +86,10 @@ class TraceSource:
     def __init__(self, trace: SplitTrace, rows: torch.Tensor):
         self.trace, self.rows, self.num_layers = trace, rows, trace.num_layers
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.trace.states[self.rows, layer - 1], self.trace.logits[self.rows, layer - 1]
+    def layer(self, layer: int) -> tuple:
+        states, logits = self.trace.states[self.rows, layer - 1], self.trace.logits[self.rows, layer - 1]
+        token = self.trace.token
+        return (states, logits) if token is None else (states, logits, token.select((self.rows, layer - 1)))
 
     def keep(self, stay: torch.Tensor) -> None:
         self.rows = self.rows[stay]

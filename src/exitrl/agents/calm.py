@@ -27,6 +27,7 @@ from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.calibration.ltt import learn_then_test
 from exitrl.calibration.temperature import TemperatureScaledPolicy, fit_temperatures
+from exitrl.observation import TokenExit, confidence_measure
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
 from exitrl.trace import SplitTrace
 
@@ -56,9 +57,6 @@ class MetaClassifier(nn.Module):
         return self.net(torch.cat([x, position.float().unsqueeze(-1)], -1)).squeeze(-1)
 
 
-def margin(logits: torch.Tensor) -> torch.Tensor:
-    top2 = torch.softmax(logits.float(), -1).topk(2, -1).values
-    return top2[..., 0] - top2[..., 1]
 
 
 class CalmPolicy(ExitPolicy):
@@ -82,10 +80,10 @@ class CalmPolicy(ExitPolicy):
         self.meta = MetaClassifier(hidden_size, meta_hidden) if measure == "meta" else None
 
     def score(self, states: torch.Tensor, logits: torch.Tensor, previous: torch.Tensor | None, layer: int,
-              num_layers: int) -> torch.Tensor:
+              num_layers: int, token: TokenExit | None = None) -> torch.Tensor:
         """The measure for rows at 1-indexed ``layer``; the same function builds the calibration table."""
         if self.measure == "margin":
-            return margin(logits)
+            return confidence_measure(logits, "margin", token)
         if self.measure == "saturation":
             if previous is None:
                 return torch.full(states.shape[:1], -float("inf"), device=states.device)
@@ -102,7 +100,7 @@ class CalmPolicy(ExitPolicy):
         if self.measure == "saturation":
             previous = memory["previous"] if memory["previous"].shape[1] else None
             memory["previous"] = batch.states
-        value = self.score(batch.states, batch.logits, previous, batch.layer, batch.num_layers)
+        value = self.score(batch.states, batch.logits, previous, batch.layer, batch.num_layers, batch.token)
         if self.threshold is None:
             return torch.zeros_like(value, dtype=torch.bool)
         return value >= self.threshold
@@ -133,7 +131,8 @@ def score_table(policy: CalmPolicy, trace: SplitTrace, temperatures: torch.Tenso
         if temperatures is not None:
             logits = logits / temperatures[layer]
         states = trace.states[:, layer].float()
-        columns.append(policy.score(states, logits, previous, layer + 1, trace.num_layers))
+        token = None if trace.token is None else trace.token.select((slice(None), layer))
+        columns.append(policy.score(states, logits, previous, layer + 1, trace.num_layers, token))
         previous = states
     return torch.stack(columns, 1)
 
@@ -153,7 +152,7 @@ def exit_layers_for(scores: torch.Tensor, thresholds: torch.Tensor, chunk: int =
 
 def risks_for(exit_layers: torch.Tensor, trace: SplitTrace, risk: str) -> torch.Tensor:
     """Mean 0/1 risk of each row of ``exit_layers [K, N]`` against the full model."""
-    preds = trace.logits.argmax(-1)  # [N, L]
+    preds = trace.prediction_table()  # [N, L]
     at_exit = preds.gather(1, exit_layers.t()).t()  # [K, N]
     full = preds[:, -1]
     if risk == "consistency":
@@ -192,7 +191,7 @@ def train_meta_classifier(meta: MetaClassifier, trace: SplitTrace, cfg: CalmConf
     meta.to(device)
     num_layers = trace.num_layers
     states = trace.states[:, :-1].reshape(-1, trace.hidden_size)
-    preds = trace.logits.argmax(-1)
+    preds = trace.prediction_table()
     agrees = (preds[:, :-1] == preds[:, -1:]).reshape(-1).float()
     position = (torch.arange(1, num_layers, device=states.device).repeat(len(trace)) / num_layers).float()
     fit_standardizer(meta, states)
@@ -231,10 +230,9 @@ def fit_calm(cfg: CalmConfig, inputs: FitInputs) -> tuple[ExitPolicy, dict]:
         order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(cfg.seed))
         half = len(held_out) // 2
         fit_rows, calibration_rows = order[:half], order[half:]
-        temperatures = fit_temperatures(held_out.logits[fit_rows], held_out.labels[fit_rows])
+        temperatures = fit_temperatures(held_out.logits[fit_rows], held_out.labels[fit_rows], token=held_out.token)
         if cfg.threshold is None:
-            calibration = SplitTrace(*(t[calibration_rows] for t in (held_out.states, held_out.logits,
-                                                                      held_out.labels, held_out.memorized)))
+            calibration = held_out.select(calibration_rows)
         info["temperatures"] = temperatures.tolist()
     if cfg.threshold is None:
         thresholds = candidate_thresholds(cfg.measure)

@@ -28,18 +28,6 @@ def check_threshold(threshold: float, measure: str) -> None:
         raise ValueError(f"a {measure} threshold must lie in [0, 1], got {threshold}.")
 
 
-def confidence_measure(probs: torch.Tensor, measure: str) -> torch.Tensor:
-    """The measure of each row of ``probs [B, C]``: higher is surer, except entropy (lower is surer)."""
-    if measure == "maxprob":
-        return probs.max(-1).values
-    if measure == "margin":
-        top2 = probs.topk(2, -1).values
-        return top2[:, 0] - top2[:, 1]
-    if measure == "entropy":
-        return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-    raise ValueError(f"Unknown confidence measure {measure!r}; valid: {', '.join(MEASURES)}.")
-
-
 class ConfidencePolicy(ExitPolicy):
     """Exit where the head's ``measure`` passes ``threshold`` (>= for maxprob and margin, <= for entropy)."""
 
@@ -52,7 +40,7 @@ class ConfidencePolicy(ExitPolicy):
         self.measure = measure
 
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
-        value = confidence_measure(batch.probs, self.measure)
+        value = batch.confidence(self.measure)
         return value <= self.threshold if self.measure == "entropy" else value >= self.threshold
 
     def config(self) -> dict:

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from exitrl.agents.confidence import MEASURES, confidence_measure
+from exitrl.agents.confidence import MEASURES
 from exitrl.agents.declaration import RULE, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
 from exitrl.calibration.per_layer import COST_WEIGHT_GRID, GAINS, exit_gains, fit_per_layer_thresholds
+from exitrl.observation import confidence_measure
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
 
 
-def surety(probs: torch.Tensor, measure: str) -> torch.Tensor:
-    """The measure with higher = surer (entropy negated)."""
-    value = confidence_measure(probs, measure)
+def surety(value: torch.Tensor, measure: str) -> torch.Tensor:
+    """A confidence measure's value with higher = surer (entropy negated)."""
     return -value if measure == "entropy" else value
 
 
@@ -38,7 +38,7 @@ class PerLayerConfidencePolicy(ExitPolicy):
         self.measure = measure
 
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
-        return surety(batch.probs, self.measure) >= self.thresholds[batch.layer - 1]
+        return surety(batch.confidence(self.measure), self.measure) >= self.thresholds[batch.layer - 1]
 
     def config(self) -> dict:
         return {"thresholds": self.thresholds, "measure": self.measure}
@@ -61,8 +61,9 @@ class PerLayerConfidenceConfig:
 
 def fit_per_layer_confidence(cfg: PerLayerConfidenceConfig, inputs: FitInputs) -> tuple[ExitPolicy, dict]:
     learn = inputs.learn
-    scores = surety(torch.softmax(learn.logits.float(), -1), cfg.measure)
-    thresholds, objective = fit_per_layer_thresholds(scores, exit_gains(learn.logits, learn.labels, cfg.gain),
+    scores = surety(confidence_measure(learn.logits, cfg.measure, learn.token), cfg.measure)
+    thresholds, objective = fit_per_layer_thresholds(scores, exit_gains(learn.prediction_table(), learn.labels,
+                                                                        cfg.gain),
                                                      cfg.cost_weight)
     policy = PerLayerConfidencePolicy(thresholds.tolist(), cfg.measure)
     never = [None if t == float("inf") else t for t in policy.thresholds]  # JSON has no infinity

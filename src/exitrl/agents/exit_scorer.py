@@ -32,7 +32,7 @@ from exitrl.agents.inputs import FitInputs
 from exitrl.agents.reinforce import PerLayerExitNet
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.calibration.per_layer import COST_WEIGHT_GRID, GAINS, exit_gains, fit_per_layer_thresholds
-from exitrl.observation import ObservationLayout, check_features, observation_table, view_reads_history
+from exitrl.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 
@@ -169,9 +169,9 @@ def train_exit_scorer(cfg: ExitScorerConfig, inputs: FitInputs) -> TrainedScorer
         raise ValueError(f"exit_scorer needs at least {2 * cfg.folds} rows to learn on, the split has {n}.")
     policy = ExitScorerPolicy(num_layers, learn.hidden_size, learn.num_classes, cfg.features, cfg.hidden,
                               cfg.folds).to(inputs.device)
-    table = observation_table(learn.states, learn.logits)  # [N, L, D]
+    table = learn.observations()  # [N, L, D]
     x = policy.layout.select(table, cfg.features)
-    target = exit_gains(learn.logits, learn.labels, cfg.target).float()
+    target = exit_gains(learn.prediction_table(), learn.labels, cfg.target).float()
     generator = torch.Generator().manual_seed(cfg.seed)
     part = (torch.randperm(n, generator=generator) % cfg.folds).to(inputs.device)
     learned = torch.zeros(n, num_layers, device=inputs.device)
@@ -196,9 +196,10 @@ def train_exit_scorer(cfg: ExitScorerConfig, inputs: FitInputs) -> TrainedScorer
         with torch.no_grad():
             held = part == k
             learned[held] = torch.stack([net(x[held, layer], layer) for layer in range(num_layers)], 1)
-    return TrainedScorer(policy, learned, max_prob_logit(table, policy.layout),
-                         exit_gains(learn.logits, learn.labels, cfg.gain), list(cfg.blends), inputs.learn_on,
-                         time.time() - started, checkpoints.summary() if checkpoints is not None else None)
+    gains = exit_gains(learn.prediction_table(), learn.labels, cfg.gain)
+    return TrainedScorer(policy, learned, max_prob_logit(table, policy.layout), gains, list(cfg.blends),
+                         inputs.learn_on, time.time() - started,
+                         checkpoints.summary() if checkpoints is not None else None)
 
 
 def fit_exit_scorer(cfg: ExitScorerConfig, inputs: FitInputs) -> tuple[ExitScorerPolicy, dict]:

@@ -27,13 +27,18 @@ from exitrl.agents.inputs import FitInputs
 from exitrl.backbones.recipes.free import default_shallow_layer
 from exitrl.calibration.beta_mixture import beta_mixture_threshold
 from exitrl.calibration.temperature import TemperatureScaledPolicy, fit_temperatures
+from exitrl.observation import confidence_measure
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
 
 
-def rescaled_confidence(probs: torch.Tensor) -> torch.Tensor:
-    """Max-prob mapped from [1/C, 1] to [0, 1]."""
-    floor = 1.0 / probs.shape[-1]
-    return ((probs.max(-1).values - floor) / (1.0 - floor)).clamp(0.0, 1.0)
+def rescaled_confidence(max_prob: torch.Tensor, num_classes: int | None) -> torch.Tensor:
+    """Max-prob mapped from [1/C, 1] to [0, 1] (``num_classes`` None: a vocabulary, where 1/C is ~0)."""
+    floor = 0.0 if num_classes is None else 1.0 / num_classes
+    return ((max_prob - floor) / (1.0 - floor)).clamp(0.0, 1.0)
+
+
+def class_count(logits: torch.Tensor, token) -> int | None:
+    return None if token is not None else logits.shape[-1]
 
 
 class FreePolicy(ExitPolicy):
@@ -72,7 +77,8 @@ class FreePolicy(ExitPolicy):
         rows = batch.logits.shape[0]
         if batch.layer != self.shallow_layer:
             return torch.zeros(rows, dtype=torch.bool, device=batch.logits.device)
-        confidence, prediction = rescaled_confidence(batch.probs), batch.logits.argmax(-1)
+        confidence = rescaled_confidence(batch.confidence("maxprob"), class_count(batch.logits, batch.token))
+        prediction = batch.prediction
         memory["confidence"], memory["prediction"] = confidence, prediction
         return confidence >= self.threshold
 
@@ -81,7 +87,7 @@ class FreePolicy(ExitPolicy):
         if not self.adaptive or batch.layer <= self.shallow_layer:
             return
         went_deep = memory["prediction"] >= 0
-        deep = batch.logits.argmax(-1)
+        deep = batch.prediction
         self.add_pairs(memory["confidence"][went_deep], memory["prediction"][went_deep] == deep[went_deep])
 
     # -- the adaptive threshold ------------------------------------------------------------------------------
@@ -151,14 +157,17 @@ def fit_free(cfg: FreeConfig, inputs: FitInputs) -> tuple[ExitPolicy, dict]:
     temperatures = None
     if cfg.temperature:
         held_out = inputs.require_held_out("agent.temperature=true")
-        temperatures = fit_temperatures(held_out.logits, held_out.labels)
+        temperatures = fit_temperatures(held_out.logits, held_out.labels, token=held_out.token)
     info = {"shallow_layer": shallow}
     if cfg.adaptive:
         shallow_logits = split.logits[:, shallow - 1].float().cpu()
         if temperatures is not None:
             shallow_logits = shallow_logits / temperatures[shallow - 1]
-        confidence, prediction = rescaled_confidence(torch.softmax(shallow_logits, -1)), shallow_logits.argmax(-1)
-        agrees = prediction == split.logits[:, -1].argmax(-1).cpu()
+        token = None if split.token is None else split.token.select((slice(None), shallow - 1)).to("cpu")
+        confidence = rescaled_confidence(confidence_measure(shallow_logits, "maxprob", token),
+                                         class_count(shallow_logits, token))
+        predictions = split.prediction_table().cpu()
+        agrees = predictions[:, shallow - 1] == predictions[:, -1]
         policy.add_pairs(confidence, agrees)
         policy.refit()
         info.update({"fitted_threshold": policy.threshold, "fit_pairs": int(agrees.numel()),

@@ -26,7 +26,7 @@ from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, regi
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.observation import ObservationLayout, check_features, observation_table, view_reads_history
+from exitrl.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 EXIT_ARM, CONTINUE_ARM = 0, 1  # rows of each layer's theta (saved in policy files), not the env's action ids
@@ -101,9 +101,9 @@ def train_linucb(cfg: LinUCBConfig, inputs: FitInputs) -> tuple[LinUCBPolicy, di
     num_layers = train.num_layers
     policy = LinUCBPolicy(num_layers, train.hidden_size, train.num_classes, cfg.features).to(device)
     values = policy.values
-    features = policy.layout.select(observation_table(train.states, train.logits), cfg.features)  # [N, L, D]
+    features = policy.layout.select(train.observations(), cfg.features)  # [N, L, D]
     fit_standardizer(values, features)
-    table = inputs.reward.table(train.logits, train.labels, train.memorized).to(device)  # [N, L]
+    table = train.reward_table(inputs.reward).to(device)  # [N, L]
     oracle_return = table.max(1).values
 
     dim = features.shape[-1] + 1

@@ -72,7 +72,7 @@ def fit_lte(cfg: LteConfig, inputs: FitInputs) -> tuple[LearnToExitPolicy, dict]
     policy = LearnToExitPolicy(split.hidden_size, cfg.threshold).to(device)
     unit = policy.unit
     states = split.states.reshape(-1, split.hidden_size)
-    wrong = (split.logits.argmax(-1) != split.labels[:, None]).reshape(-1).float()
+    wrong = (split.prediction_table() != split.labels[:, None]).reshape(-1).float()
     fit_standardizer(unit, states)
     optimizer = torch.optim.Adam(unit.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -34,7 +34,7 @@ class PatiencePolicy(ExitPolicy):
                 "previous": torch.full((batch_size,), -1, dtype=torch.long, device=device)}
 
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
-        prediction = batch.logits.argmax(-1)
+        prediction = batch.prediction
         same = prediction == memory["previous"]
         memory["count"] = torch.where(same, memory["count"] + 1, torch.zeros_like(memory["count"]))
         memory["previous"] = prediction

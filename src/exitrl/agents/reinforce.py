@@ -34,7 +34,7 @@ from exitrl.agents.standardize import fit_standardizer
 from exitrl.checkpoint import set_rng_state
 from exitrl.envs import TraceVectorEnv
 from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.observation import ObservationLayout, check_features, observation_table, view_reads_history
+from exitrl.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 
@@ -115,7 +115,7 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
     env = TraceVectorEnv(train, cfg.batch_size * samples, inputs.reward, device=device, autoreset=False,
                          seed=cfg.seed)
     policy = ReinforcePolicy(num_layers, train.hidden_size, train.num_classes, cfg.hidden, cfg.features).to(device)
-    table = observation_table(env.trace.states, env.trace.logits)
+    table = env.trace.observations()
     fit_standardizer(policy.net, policy.layout.select(table, cfg.features))
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.lr)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)

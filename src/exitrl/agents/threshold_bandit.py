@@ -20,6 +20,7 @@ from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
 from exitrl.evaluate import evaluate_policy
+from exitrl.observation import confidence_measure
 from exitrl.trace import SplitTrace
 
 SELECTION_RULES = ("ucb", "thompson")
@@ -27,7 +28,7 @@ SELECTION_RULES = ("ucb", "thompson")
 
 def exits_per_threshold(trace: SplitTrace, thresholds: torch.Tensor) -> torch.Tensor:
     """0-based exit layer of every example under every threshold: ``[N, A]`` (the last layer always exits)."""
-    max_prob = torch.softmax(trace.logits.float(), -1).max(-1).values  # [N, L]
+    max_prob = confidence_measure(trace.logits, "maxprob", trace.token)  # [N, L]
     passes = max_prob[:, :, None] >= thresholds[None, None, :]
     passes[:, -1, :] = True
     return passes.int().argmax(1)
@@ -54,7 +55,7 @@ def train_threshold_bandit(cfg: BanditConfig, inputs: FitInputs) -> tuple[Confid
     start = time.time()
     train, dev, writer, metric = inputs.learn.to("cpu"), inputs.dev, inputs.writer, inputs.metric
     thresholds = torch.tensor(cfg.thresholds, dtype=torch.float32)
-    table = inputs.reward.table(train.logits, train.labels, train.memorized)
+    table = train.reward_table(inputs.reward)
     arm_rewards = table.gather(1, exits_per_threshold(train, thresholds)).numpy()  # [N, A]: what each arm would pay
     best_possible = arm_rewards.mean(0)  # known only for the regret curve; the bandit never reads it
 

@@ -97,10 +97,13 @@ class MultiExitLM(nn.Module):
         return DynamicCache(config=self.config)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              cache: DynamicCache | None = None, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+              cache: DynamicCache | None = None, position_ids: torch.Tensor | None = None,
+              cache_layer: int = 0) -> tuple[torch.Tensor, dict]:
         """Token (and position) embeddings of ``input_ids [B, T]`` and what every layer takes besides the state:
         the masks per attention type, positions, rotary embeddings and the cache (``cache`` holds the earlier
-        tokens' keys and values; the layers append this step's)."""
+        tokens' keys and values; the layers append this step's). ``cache_layer``: the first layer these inputs
+        will run through, whose cache length the masks are sized by (self-speculative verification feeds the
+        deep layers positions the shallow ones already hold)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         if self.layout == LLAMA_LIKE:
@@ -108,12 +111,14 @@ class MultiExitLM(nn.Module):
         else:
             hidden = self.body.wte(input_ids)
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
+            past = cache.get_seq_length(cache_layer) if cache is not None else 0
             position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device) + past).unsqueeze(0)
         if self.layout == GPT2_LIKE:
             hidden = self.body.drop(hidden + self.body.wpe(position_ids))
         mask_arguments = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
                           self._cache_keyword: cache, "position_ids": position_ids}
+        if cache_layer:
+            mask_arguments["layer_idx"] = cache_layer
         masks = {"full_attention": create_causal_mask(**mask_arguments)}
         if "sliding_attention" in self.layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_arguments)

@@ -91,10 +91,10 @@ COST_WEIGHT_GRID = (0.0, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.
 GAINS = ("correct", "consistency")
 
 
-def exit_gains(logits: torch.Tensor, labels: torch.Tensor, gain: str = "correct") -> torch.Tensor:
-    """What exiting at each layer is worth, ``[N, L]``: 1 where the head is right (``correct``) or agrees with the
-    last layer (``consistency``, CALM's target, which needs no labels)."""
-    predictions = logits.argmax(-1)
+def exit_gains(predictions: torch.Tensor, labels: torch.Tensor, gain: str = "correct") -> torch.Tensor:
+    """What exiting at each layer is worth, ``[N, L]``, from what each exit emits (``predictions [N, L]``): 1 where
+    it is right (``correct``) or agrees with the last layer (``consistency``, CALM's target, which needs no
+    labels)."""
     if gain == "correct":
         return (predictions == labels[:, None]).double()
     if gain == "consistency":

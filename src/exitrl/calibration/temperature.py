@@ -18,9 +18,14 @@ CANDIDATES = torch.logspace(-1.3, 1.3, 261)  # 0.05 .. 20, steps of 2.3 %
 
 
 @torch.no_grad()
-def fit_temperatures(logits: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor = CANDIDATES) -> torch.Tensor:
+def fit_temperatures(logits: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor = CANDIDATES,
+                     token=None) -> torch.Tensor:
     """``logits [N, L, C]``, ``labels [N]`` -> ``[L]`` temperatures, each the NLL minimiser on a log-spaced grid
-    (a grid rather than gradient steps: one scalar per layer, no step size to tune, no divergence)."""
+    (a grid rather than gradient steps: one scalar per layer, no step size to tune, no divergence). ``token``: a
+    token trace's exits, which keep the top k log-probabilities only and cannot be rescaled: refused."""
+    if token is not None:
+        raise ValueError("Temperature scaling needs every class's logit; a token trace keeps a causal LM's top k only. "
+                         "Leave agent.temperature=false for LMs.")
     logits, labels = logits.float().cpu(), labels.long().cpu()
     if labels.numel() == 0:
         raise ValueError("fitting temperatures needs at least one labelled example; the held-out split is empty.")

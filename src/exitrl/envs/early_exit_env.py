@@ -12,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 
 from exitrl.envs.spaces import observation_box
-from exitrl.observation import ObservationLayout, observation_table
+from exitrl.observation import ObservationLayout
 from exitrl.rewards import RewardSpec
 from exitrl.trace import SplitTrace
 
@@ -31,10 +31,10 @@ class EarlyExitEnv(gym.Env):
         self.trace = trace.to("cpu")
         self.num_layers = trace.num_layers
         self.layout = ObservationLayout(trace.hidden_size, trace.num_classes)
-        self._obs = observation_table(self.trace.states, self.trace.logits).numpy().astype(np.float32)
+        self._obs = self.trace.observations().numpy().astype(np.float32)
         self.reward = RewardSpec.coerce(reward)
-        self._rewards = self.reward.table(self.trace.logits, self.trace.labels, self.trace.memorized).numpy()
-        self._pred = self.trace.logits.argmax(-1).numpy()
+        self._rewards = self.trace.reward_table(self.reward).numpy()
+        self._pred = self.trace.prediction_table().numpy()
         self._labels = self.trace.labels.numpy()
         self.observation_space = observation_box(self.layout.size)
         self.action_space = gym.spaces.Discrete(2)

@@ -18,7 +18,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from exitrl.envs.spaces import observation_box
-from exitrl.observation import ObservationLayout, observation_table
+from exitrl.observation import ObservationLayout
 from exitrl.rewards import RewardSpec
 from exitrl.trace import SplitTrace
 
@@ -36,11 +36,11 @@ class TraceVectorEnv(gym.vector.VectorEnv):
         self.num_layers = trace.num_layers
         self.num_examples = len(trace)
         self.layout = ObservationLayout(trace.hidden_size, trace.num_classes)
-        self._obs = observation_table(trace.states, trace.logits).reshape(-1, self.layout.size).contiguous()
+        self._obs = trace.observations().reshape(-1, self.layout.size).contiguous()
         self.reward = RewardSpec.coerce(reward)
-        self._rewards = self.reward.table(trace.logits, trace.labels, trace.memorized).reshape(-1)
-        self._pred = trace.logits.argmax(-1).reshape(-1)
-        self._correct = (trace.logits.argmax(-1) == trace.labels[:, None]).reshape(-1)
+        self._rewards = trace.reward_table(self.reward).reshape(-1)
+        self._pred = trace.prediction_table().reshape(-1)
+        self._correct = (trace.prediction_table() == trace.labels[:, None]).reshape(-1)
         self.single_observation_space = observation_box(self.layout.size)
         self.single_action_space = gym.spaces.Discrete(2)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)

@@ -1,0 +1,101 @@
+"""Greedy and self-speculative decoding with a `MultiExitLM`: the full model's greedy tokens, batch 1 and batches of
+left-padded prompts of different lengths, against transformers' own `generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_multi_exit_lm import tiny_lm
+
+from exitrl.backbones.multi_exit_lm import MultiExitLM
+from exitrl.decoding import greedy, self_speculative
+
+
+def prompts(batch: int, seed: int = 0):
+    """Left-padded random prompts of different lengths (pad id 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [7, 4, 9, 5][:batch]
+    width = max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length:] = torch.randint(3, 101, (length,), generator=generator)
+        mask[row, width - length:] = 1
+    return ids, mask
+
+
+def reference(model: MultiExitLM, ids, mask, new: int) -> torch.Tensor:
+    """transformers' own greedy `generate` (no end-of-sequence stop: all rows run ``new`` tokens)."""
+    model.lm.generation_config.eos_token_id = None
+    out = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + new
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3-sliding", "gpt2"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_and_self_speculative_equal_the_full_models_greedy_tokens(family, batch):
+    model = MultiExitLM(tiny_lm(family, seed=2))
+    ids, mask = prompts(batch)
+    expected = reference(model, ids, mask, 12)
+    assert torch.equal(greedy(model, ids, mask, 12).tokens, expected)
+    if family.endswith("sliding"):
+        with pytest.raises(ValueError, match="sliding-window"):
+            self_speculative(model, ids, mask, 12, 1, 2)
+        return
+    for exit_layer, draft in ((1, 1), (1, 3), (2, 4), (2, 12)):
+        generation = self_speculative(model, ids, mask, 12, exit_layer, draft)
+        assert torch.equal(generation.tokens, expected), (exit_layer, draft)
+        assert 0 <= generation.accepted <= generation.drafted
+
+
+def test_a_draft_that_is_always_right_is_always_accepted():
+    """With the first layers' exit equal to the full model's (every deeper layer made an identity), every draft
+    is confirmed: k drafts give k tokens per verification."""
+    model = MultiExitLM(tiny_lm("llama", seed=3))
+    for layer in model.layers[1:]:  # residual blocks whose branches output zero: identities
+        for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            torch.nn.init.zeros_(linear.weight)
+    ids, mask = prompts(2)
+    generation = self_speculative(model, ids, mask, 13, exit_layer=1, draft_tokens=4)
+    assert torch.equal(generation.tokens, reference(model, ids, mask, 13))
+    assert generation.acceptance == 1.0 and generation.steps == 1 + 3  # 1 + 4 + 4 + 4 tokens
+
+
+def test_decoding_settings_are_checked():
+    model = MultiExitLM(tiny_lm("llama"))
+    ids, mask = prompts(1)
+    with pytest.raises(ValueError, match="exit_layer must lie in 1..2"):
+        self_speculative(model, ids, mask, 4, exit_layer=3)
+    with pytest.raises(ValueError, match="draft_tokens"):
+        self_speculative(model, ids, mask, 4, exit_layer=1, draft_tokens=0)
+
+
+def test_the_generate_cli_gives_the_same_text_by_both_methods(tiny_llama, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the good film"}\n{"prompt": "she said it was a bad story and"}\n\n')
+    outputs = {}
+    for method in ("full", "selfspec"):
+        done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), "--input", str(prompts),
+                               "--method", method, "--max-new-tokens", "10", "--exit-layer", "1",
+                               "--output", str(tmp_path / f"{method}.jsonl")], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = [json.loads(line) for line in (tmp_path / f"{method}.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == ["the good film", "she said it was a bad story and"]
+        assert all(len(r["tokens"]) == 10 for r in rows)
+        outputs[method] = rows
+        summary = json.loads(done.stderr.strip().splitlines()[-1])
+        assert summary["tokens"] == 20 and summary["method"] == method
+    assert outputs["full"] == outputs["selfspec"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), "--input",
+                           str(tmp_path / "bad.jsonl")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "line 1" in done.stderr and '"prompt"' in done.stderr
+    done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), "--input", str(prompts),
+                           "--method", "calm"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "full, selfspec" in done.stderr
