@@ -85,8 +85,7 @@ def calm_exchangeable_check(dev: SplitTrace, device: torch.device, repeats: int 
             for _ in range(repeats):
                 order = torch.randperm(len(dev), generator=g)
                 half = len(dev) // 2
-                cal, test = (SplitTrace(*(t[rows] for t in (dev.states, dev.logits, dev.labels, dev.memorized)))
-                             for rows in (order[:half], order[half:]))
+                cal, test = (dev.select(rows) for rows in (order[:half], order[half:]))
                 policy, _ = fit_calm(CalmConfig(measure=measure, delta=delta),
                                      FitInputs.from_splits(cal, held_out=cal, device=device))
                 result = evaluate_policy(policy, test)

@@ -35,15 +35,15 @@ def load_exported_trace(folder: str | Path) -> Trace:
     for split in ("train", "policy"):
         parts = [Trace.load(p)[split] for p in sorted(folder.glob(f"{split}_*.pt"))]
         if parts:
-            splits[split] = SplitTrace(*(torch.cat([getattr(p, k) for p in parts])
-                                         for k in ("states", "logits", "labels", "memorized")))
+            splits[split] = SplitTrace(*(None if tables[0] is None else torch.cat(tables)
+                                         for tables in zip(*(p.tables() for p in parts))))
     return Trace({**splits, "dev": dev["dev"]}, dev.meta)
 
 
 def save_chunks(split: SplitTrace, name: str, rows: torch.Tensor, chunk_rows: int, meta: dict, out: Path) -> None:
     for i, first in enumerate(range(0, len(rows), chunk_rows)):
         take = rows[first:first + chunk_rows]
-        part = SplitTrace(split.states[take], split.logits[take], split.labels[take], split.memorized[take])
+        part = split.select(take)
         Trace({name: part}, meta).save(out / f"{name}_{i}.pt")
 
 

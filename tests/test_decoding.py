@@ -46,7 +46,10 @@ def test_greedy_and_self_speculative_equal_the_full_models_greedy_tokens(family,
     for exit_layer, draft in ((1, 1), (1, 3), (2, 4), (2, 12)):
         generation = self_speculative(model, ids, mask, 12, exit_layer, draft)
         assert torch.equal(generation.tokens, expected), (exit_layer, draft)
-        assert 0 <= generation.accepted <= generation.drafted
+        # every verification emits the confirmed drafts and one more token (none after a fully confirmed draft)
+        verifications = generation.steps - 1
+        emitted = generation.accepted + verifications - generation.accepted // draft
+        assert generation.drafted == verifications * draft and emitted >= 11
 
 
 def test_a_draft_that_is_always_right_is_always_accepted():
@@ -99,3 +102,23 @@ def test_the_generate_cli_gives_the_same_text_by_both_methods(tiny_llama, tmp_pa
     done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), "--input", str(prompts),
                            "--method", "calm"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "full, selfspec" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), "--input", str(prompts),
+                           "--method", "selfspec", "--exit-layer", "9"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "exit_layer must lie in 1..2" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_rows_stop_at_their_end_of_sequence_token_and_no_mask_means_no_padding():
+    model = MultiExitLM(tiny_lm("llama", seed=4))
+    ids, mask = prompts(3, seed=1)
+    free_run = reference(model, ids, mask, 10)
+    eos = int(free_run[0, 3])  # a token the first row emits at step 4: it ends there, padded after
+    expected = free_run.clone()
+    for row in range(3):
+        hits = (free_run[row] == eos).nonzero()
+        if hits.numel():
+            expected[row, int(hits[0]) + 1:] = 0
+    for generation in (greedy(model, ids, mask, 10, eos_token_id=eos),
+                       self_speculative(model, ids, mask, 10, 1, 3, eos_token_id=eos)):
+        assert torch.equal(generation.tokens[:, :10], expected[:, :generation.tokens.shape[1]])
+    single = ids[2:, mask[2].bool()]  # the longest prompt alone: no padding, no mask
+    assert torch.equal(greedy(model, single, None, 6).tokens, reference(model, single, torch.ones_like(single), 6))

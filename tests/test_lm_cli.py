@@ -56,4 +56,6 @@ def test_lm_runs_refuse_mismatched_env_and_backbone_before_any_work(glue_dir, tm
     assert out.returncode == 2 and "backbone=smollm2 or backbone=tiny_llama" in out.stderr
     out = run_cli(tmp_path, "agent=confidence", *SMALL, "env.lm_text.sources=[web]", f"data.dir={glue_dir}")
     assert out.returncode == 2 and "env.lm_text.sources" in out.stderr and "glue, python, files" in out.stderr
+    out = run_cli(tmp_path, "agent=reinforce", *SMALL, "backbone.mode=cotrain", f"data.dir={glue_dir}")
+    assert out.returncode == 2 and "continue_training" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.pt"))

@@ -16,7 +16,8 @@ from exitrl.backbones.lm_training import continue_training, lm_recipes
 from exitrl.backbones.loading import load_multi_exit_lm
 from exitrl.backbones.recipes import Progress, build_recipe
 from exitrl.data import DataError
-from exitrl.data.lm_text import glue_documents, held_out_document, pack, python_documents, split_documents
+from exitrl.data.lm_text import glue_documents, pack, python_documents, split_documents
+from exitrl.lm_traces import split_documents as lm_split
 
 TEXT = ["the good film was great", "the bad movie was awful", "she said it was a good story",
         "they were not good and not bad", "he has a film", "we will see the movie"] * 8
@@ -32,12 +33,19 @@ def test_documents_are_split_by_their_text_and_packed_into_equal_chunks(tiny_lla
     assert all(c["labels"] == c["input_ids"] for c in chunks)
     assert len(pack(tokenizer, TEXT, 16, max_chunks=3)) == 3
     sentences = glue_documents("rte", glue_dir, ("dev",))
+    assert len(sentences) == len(set(sentences)) > 400  # both sides of every pair, each distinct sentence once
     parts = split_documents(sentences, 0.2)
-    assert len(set(parts["train"]) & set(parts["held_out"])) == 0
-    reordered = split_documents(list(reversed(sentences)), 0.2)
-    assert {k: set(v) for k, v in reordered.items()} == {k: set(v) for k, v in parts.items()}
-    assert all(held_out_document(t, 0.2) for t in parts["held_out"])  # a document's side depends on itself only
     assert 0.1 < len(parts["held_out"]) / len(sentences) < 0.3
+    # the run's three-way split: by a hash of the text, so neither the order nor the other documents matter
+    three = lm_split(sentences, 0.2, 0.25)
+    assert sorted(sum(three.values(), [])) == sorted(sentences)
+    assert {k: set(v) for k, v in lm_split(sentences[::-1], 0.2, 0.25).items()} == {k: set(v) for k, v in
+                                                                                  three.items()}
+    assert {k: set(v) for k, v in lm_split(sentences[: len(sentences) // 2], 0.2, 0.25).items()} == {
+        k: set(v) & set(sentences[: len(sentences) // 2]) for k, v in three.items()}
+    assert set(three["dev"]) == set(parts["held_out"])  # the same hash: dev is the held-out part above
+    assert 0.15 < len(three["policy"]) / len(three["policy"] + three["train"]) < 0.35
+    assert "policy" not in lm_split(sentences, 0.2, 0.0)
     code = python_documents(["exitrl"], max_files=3)
     assert len(code) == 3 and all("import" in c or '"""' in c for c in code)
     with pytest.raises(DataError, match="not installed"):

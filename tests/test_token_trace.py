@@ -12,7 +12,7 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from exitrl.backbones.loading import load_multi_exit_lm
 from exitrl.data.lm_text import pack
 from exitrl.envs import EarlyExitEnv, TraceVectorEnv
-from exitrl.evaluate import evaluate_policy, oracle_bounds, oracle_exit_layers
+from exitrl.evaluate import evaluate_policy, oracle_bounds, oracle_exit_layers, run_policy
 from exitrl.observation import ObservationLayout, confidence_measure, summarize_token_logits
 from exitrl.pipeline import AgentRun
 from exitrl.rewards import RewardSpec
@@ -108,8 +108,9 @@ def test_rules_read_token_exits_exactly(lm_trace):
         expected = torch.where((top1[:, :-1] >= threshold).any(1), (top1[:, :-1] >= threshold).int().argmax(1) + 1,
                                split.num_layers).float().mean()
         assert evaluate_policy(fitted.policy, split)["avg_exit_layer"] == pytest.approx(float(expected))
-    with pytest.raises(ValueError, match="top k only"):
-        AgentRun.create("free", {"temperature": True}).fit(trace, torch.device("cpu"))
+    for rule in ("free", "confidence", "calm"):
+        with pytest.raises(ValueError, match="top k only"):
+            AgentRun.create(rule, {"temperature": True}).fit(trace, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("agent,options", [
@@ -127,4 +128,10 @@ def test_every_agent_fits_and_is_evaluated_on_a_token_trace(lm_trace, agent, opt
     trace = Trace({"train": split, "dev": split, "policy": split})
     fitted = AgentRun.create(agent, options, "consistency").fit(trace, torch.device("cpu"))
     result = evaluate_policy(fitted.policy, split)
-    assert 1.0 <= result["avg_exit_layer"] <= split.num_layers and 0.0 <= result["score"] <= 1.0
+    layers, predictions = run_policy(fitted.policy, split)
+    rows = torch.arange(len(split))
+    assert torch.equal(predictions, split.prediction_table()[rows, layers - 1])  # the exit layer's token, emitted
+    assert result["score"] == pytest.approx(float((predictions == split.labels).float().mean()))
+    assert result["avg_exit_layer"] == pytest.approx(float(layers.float().mean()))
+    assert result["disagreement"] == pytest.approx(
+        float((predictions != split.prediction_table()[:, -1]).float().mean()))

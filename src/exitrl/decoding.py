@@ -100,12 +100,10 @@ def greedy(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Te
                       seconds=time.perf_counter() - started)
 
 
-@torch.no_grad()
-def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     max_new_tokens: int = 32, exit_layer: int = 4, draft_tokens: int = 4,
-                     eos_token_id: int | None = None, pad_token_id: int = 0) -> Generation:
-    """LayerSkip's self-speculative greedy decoding: draft ``draft_tokens`` tokens with layers 1..``exit_layer``
-    and the shared exit, verify them with layers ``exit_layer``+1..L in one pass. Output = `greedy`'s."""
+def check_self_speculative(model: MultiExitLM, exit_layer: int, draft_tokens: int) -> None:
+    """Self-speculative decoding's settings, for this model: a ValueError names what is wrong."""
+    if model.num_layers < 2:
+        raise ValueError("self-speculative decoding needs at least 2 layers (a draft and a verifier).")
     if not 1 <= exit_layer < model.num_layers:
         raise ValueError(f"exit_layer must lie in 1..{model.num_layers - 1} (the draft's last layer), got "
                          f"{exit_layer}.")
@@ -115,6 +113,15 @@ def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask
         raise ValueError("self-speculative decoding rolls the KV cache back after a rejected draft, which "
                          "sliding-window layers cannot do once their window is full; use greedy decoding for this "
                          "model.")
+
+
+@torch.no_grad()
+def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     max_new_tokens: int = 32, exit_layer: int = 4, draft_tokens: int = 4,
+                     eos_token_id: int | None = None, pad_token_id: int = 0) -> Generation:
+    """LayerSkip's self-speculative greedy decoding: draft ``draft_tokens`` tokens with layers 1..``exit_layer``
+    and the shared exit, verify them with layers ``exit_layer``+1..L in one pass. Output = `greedy`'s."""
+    check_self_speculative(model, exit_layer, draft_tokens)
     started = time.perf_counter()
     model.eval()
     last = model.num_layers

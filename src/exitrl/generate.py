@@ -19,7 +19,7 @@ import torch
 
 from exitrl.backbones.loading import load_multi_exit_lm
 from exitrl.backbones.multi_exit_lm import MultiExitLM
-from exitrl.decoding import greedy, self_speculative
+from exitrl.decoding import check_self_speculative, greedy, self_speculative
 
 METHODS = ("full", "selfspec")
 
@@ -71,14 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("max_new_tokens", "batch_size", "draft_tokens"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+        if args.exit_layer is not None and args.exit_layer < 1:
+            raise ValueError(f"--exit-layer must be >= 1, got {args.exit_layer}.")
         prompts = read_prompts(args.input)
         model, tokenizer = load(args.model, args.package)
-    except ValueError as err:
+        if tokenizer is None:
+            raise ValueError(f"{args.model} was saved without a tokenizer; save it with one "
+                             "(MultiExitLM.save(folder, tokenizer)).")
+        exit_layer = args.exit_layer if args.exit_layer is not None else max(1, model.num_layers // 4)
+        if args.method == "selfspec":
+            check_self_speculative(model, exit_layer, args.draft_tokens)
+    except ValueError as err:  # BackboneError is one too
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     model.to(device)
-    exit_layer = args.exit_layer or max(1, model.num_layers // 4)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

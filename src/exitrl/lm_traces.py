@@ -137,7 +137,8 @@ def load_or_build_lm_trace(backbone: LMBackboneConfig, finetune: FinetuneConfig,
                         else load_lm(backbone, seed))
     info = {"name": backbone.name or f"random {backbone.random}", "kind": "lm", "key": key,
             "documents": {k: len(v) for k, v in parts.items()}}
-    if trace_path.is_file():
+    # a continued LM's trace is reused only with the continued LM it came from (a run may decode with it)
+    if trace_path.is_file() and (not backbone.continue_training or model_dir.is_dir()):
         try:
             trace = Trace.load(trace_path)
             log.info("Token trace from the cache: %s", trace_path)

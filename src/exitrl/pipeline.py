@@ -266,7 +266,7 @@ def record_run(run: AgentRun, fitted: Fitted, prepared: Prepared, run_dir: Path,
         """Dev (and held-out) results and per-example exits; the held-out walk runs on a copy, so an online-adaptive
         rule meets dev as it would without it."""
         exits[name] = {}
-        if validation is not None:
+        if validation is not None and policy.deployable:  # an oracle answers for the split it read (dev) only
             validation_results[name], exits[name][HELD_OUT] = evaluate_exits(copy.deepcopy(policy), validation,
                                                                              metric)
         results[name], exits[name]["dev"] = evaluate_exits(policy, dev, metric)

@@ -86,6 +86,9 @@ def plan(cfg: DictConfig) -> TrainPlan:
     mode = cfg.backbone.get("mode", "frozen")
     if mode not in BACKBONE_MODES:
         raise ValueError(f"Unknown backbone.mode {mode!r}; valid: {', '.join(BACKBONE_MODES)}.")
+    if mode == "cotrain" and cfg.backbone.get("kind", "encoder") == "lm":
+        raise ValueError("backbone.mode=cotrain trains an encoder classifier under its policy; causal LMs are "
+                         "continued with backbone.continue_training=true instead.")
     if mode == "cotrain" and agent.spec.kind == ANALYSIS:
         raise ValueError(f"agent={agent.name} reads dev answers and is analysis only: it cannot steer co-training.")
     pick_device(cfg.device)

@@ -213,7 +213,7 @@ class MultiExitLM(nn.Module):
             for ours, theirs in zip(cache.layers, ref_cache.layers):
                 diffs.append(float((ours.keys - theirs.keys).abs().max()))
                 diffs.append(float((ours.values - theirs.values).abs().max()))
-        except (TypeError, AttributeError, KeyError) as err:
+        except (TypeError, AttributeError, KeyError, RuntimeError, ValueError) as err:
             raise BackboneError(f"{type(self.lm).__name__} layers cannot be called one by one ({err}).") from err
         finally:
             self.train(was_training)

@@ -7,6 +7,7 @@ the same thing at every layer. Scaling leaves every argmax, and so every predict
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import torch
@@ -41,7 +42,7 @@ def fit_temperatures(logits: torch.Tensor, labels: torch.Tensor, candidates: tor
 
 def _scaled(batch: LayerBatch, temperatures: torch.Tensor) -> LayerBatch:
     t = temperatures[batch.layer - 1].to(batch.logits.device)
-    return LayerBatch(batch.layer, batch.num_layers, batch.states, batch.logits.float() / t, batch.extras)
+    return dataclasses.replace(batch, logits=batch.logits.float() / t)  # history and the rest kept
 
 
 class TemperatureScaledPolicy(ExitPolicy):
@@ -101,5 +102,5 @@ class TemperatureScaledPolicy(ExitPolicy):
 def with_temperatures(policy: ExitPolicy, held_out) -> tuple[ExitPolicy, dict]:
     """``policy`` deciding on logits scaled by per-exit temperatures fitted on ``held_out`` (a trace split of
     examples the backbone never saw), and the record of the temperatures."""
-    temperatures = fit_temperatures(held_out.logits, held_out.labels)
+    temperatures = fit_temperatures(held_out.logits, held_out.labels, token=held_out.token)
     return TemperatureScaledPolicy(policy, temperatures), {"temperatures": temperatures.tolist()}
