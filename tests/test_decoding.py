@@ -122,3 +122,69 @@ def test_rows_stop_at_their_end_of_sequence_token_and_no_mask_means_no_padding()
         assert torch.equal(generation.tokens[:, :10], expected[:, :generation.tokens.shape[1]])
     single = ids[2:, mask[2].bool()]  # the longest prompt alone: no padding, no mask
     assert torch.equal(greedy(model, single, None, 6).tokens, reference(model, single, torch.ones_like(single), 6))
+
+
+def test_a_policy_decides_per_token_with_copied_or_recomputed_states():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from exitrl.agents.static import StaticPolicy
+    from exitrl.decoding import policy_decoding
+
+    model = MultiExitLM(tiny_lm("llama", seed=5))
+    ids, mask = prompts(3, seed=2)
+    full = greedy(model, ids, mask, 8).tokens
+    for propagation in ("copy", "recompute"):  # never early: the full model's tokens
+        assert torch.equal(policy_decoding(model, StaticPolicy(3), ids, mask, 8, propagation=propagation).tokens,
+                           full)
+    # exit at layer 1, the rest recomputed: each token is layer 1's answer on the full model's states
+    single = ids[:1, mask[0].bool()]
+    out = policy_decoding(model, StaticPolicy(1), single, None, 6, propagation="recompute")
+    sequence = torch.cat([single, out.tokens[:, :-1]], 1)
+    with torch.no_grad():
+        states = model.lm(input_ids=sequence, output_hidden_states=True).hidden_states[1]
+        expected = model.exit_logits(0, states[:, single.shape[1] - 1:]).argmax(-1)
+    assert torch.equal(out.tokens, expected) and out.accepted == 5 * 2  # 5 decided steps, 2 layers skipped each
+    # exit at layer 1 with the state copied up: every deeper layer's keys for a generated token are its own
+    # projection of the layer-1 state
+    out = policy_decoding(model, StaticPolicy(1), single, None, 6, propagation="copy")
+    sequence = torch.cat([single, out.tokens[:, :-1]], 1)
+    prompt = single.shape[1]
+    with torch.no_grad():
+        hidden, inputs = model.embed(sequence, None)
+        h1 = model.run_layer(0, hidden, inputs)  # layer 1 is computed as usual for every token
+        cos, sin = inputs["position_embeddings"]
+        for j in (1, 2):
+            attention = model.layers[j].self_attn
+            keys = attention.k_proj(model.layers[j].input_layernorm(h1))
+            keys = keys.view(1, sequence.shape[1], -1, attention.head_dim).transpose(1, 2)
+            _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+            cached = out.cache.layers[j].keys
+            torch.testing.assert_close(cached[:, :, prompt:], keys[:, :, prompt:], rtol=0, atol=1e-5)
+            if j == 2:  # the prompt ran every layer: layer 3 read layer 2's output for it, not layer 1's
+                assert not torch.allclose(cached[:, :, :prompt], keys[:, :, :prompt])
+    with pytest.raises(ValueError, match="copy, recompute"):
+        policy_decoding(model, StaticPolicy(1), single, None, 2, propagation="skip")
+
+
+@pytest.mark.parametrize("policy_name", ["confidence", "patience"])
+def test_decoding_with_a_policy_equals_its_walk_on_the_token_trace_of_the_same_text(policy_name):
+    """With the skipped layers recomputed, the cache is the full model's, so every decision the policy makes while
+    decoding is the one it makes on the token trace of the produced text ("runtime equals trace")."""
+    from exitrl.agents.confidence import ConfidencePolicy
+    from exitrl.agents.patience import PatiencePolicy
+    from exitrl.decoding import policy_decoding
+    from exitrl.evaluate import run_policy
+    from exitrl.token_tracing import build_token_split, state_projection
+
+    model = MultiExitLM(tiny_lm("llama", seed=6))
+    prompt = prompts(1, seed=3)[0]
+    policy = ConfidencePolicy(0.0133) if policy_name == "confidence" else PatiencePolicy(1)  # a random model: flat
+    out = policy_decoding(model, policy, prompt, None, 10, top_k=4, state_projection=state_projection(32, 8),
+                          propagation="recompute")
+    sequence = torch.cat([prompt, out.tokens], 1)  # the trace's row p predicts token p + 1
+    split = build_token_split(model, [{"input_ids": sequence[0].tolist()}], k=4, state_dim=8)
+    decided = torch.arange(prompt.shape[1], sequence.shape[1] - 1)  # inputs: generated tokens 1..9 came from them
+    layers, predictions = run_policy(policy, split.select(decided))
+    assert torch.equal(predictions, out.tokens[0, 1:])
+    assert int((model.num_layers - layers).sum()) == out.accepted
+    assert 0 < out.accepted < 9 * (model.num_layers - 1)  # some tokens left early, not all at layer 1

@@ -25,8 +25,9 @@ class Generation:
     tokens: torch.Tensor
     steps: int  # forward passes of the last layer (full steps, or verifications)
     drafted: int = 0  # draft tokens proposed (per row)
-    accepted: int = 0  # of them, kept
+    accepted: int = 0  # of them, kept (policy decoding: layers skipped, summed over rows)
     seconds: float = 0.0
+    cache: object = None  # the KV cache at the end (policy decoding), for inspection
 
     @property
     def acceptance(self) -> float:
@@ -155,3 +156,67 @@ def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask
             break
     return Generation(_finish(tokens, eos_token_id, pad_token_id, max_new_tokens), steps, drafted, accepted,
                       time.perf_counter() - started)
+
+
+PROPAGATIONS = ("copy", "recompute")
+
+
+@torch.no_grad()
+def policy_decoding(model: MultiExitLM, policy, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    max_new_tokens: int = 32, top_k: int = 8, state_projection: torch.Tensor | None = None,
+                    propagation: str = "copy", eos_token_id: int | None = None, pad_token_id: int = 0) -> Generation:
+    """Greedy decoding where an `ExitPolicy` decides per row and layer when a token may leave, seeing what it saw
+    in a token trace (`exitrl.token_tracing`: compact top-``top_k`` logits, the emitted token, the entropy, states
+    through ``state_projection``). A row that exits emits its exit's token. What the layers it skipped owe later
+    tokens (their keys and values) comes from ``propagation``: ``copy`` (CALM: the exited state is copied up and
+    every deeper layer computes its keys and values from it) or ``recompute`` (the layers run on as usual, so the
+    cache is the full model's). This reference loop runs every layer for every row (no time is saved yet); the
+    returned ``steps`` counts decoding steps and ``accepted`` the layers the policy skipped, summed over rows."""
+    from exitrl.observation import init_history, step_history, summarize_token_logits
+    from exitrl.policy import LayerBatch, walk_memory
+
+    if propagation not in PROPAGATIONS:
+        raise ValueError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}.")
+    started = time.perf_counter()
+    model.eval()
+    last = model.num_layers
+    decoder = _Decoder(model, input_ids, attention_mask)
+    token = model.exit_logits(last - 1, decoder.prefill(input_ids, last)[:, -1:]).argmax(-1)
+    tokens, skipped = [token], 0
+    while len(tokens) < max_new_tokens:
+        positions = decoder.positions[:, -1:] + 1
+        decoder.mask = torch.cat([decoder.mask, torch.ones_like(token)], 1)
+        decoder.positions = torch.cat([decoder.positions, positions], 1)
+        hidden, layer_inputs = model.embed(token, decoder.mask, decoder.cache, positions)
+        rows = token.shape[0]
+        emitted = torch.zeros_like(token)
+        running = torch.ones(rows, dtype=torch.bool, device=token.device)
+        frozen = hidden
+        memory = None
+        for index in range(last):
+            out = model.run_layer(index, hidden, layer_inputs)
+            # a row that has exited keeps its exited state (copy) or goes on (recompute), for the cache's sake
+            hidden = torch.where(running[:, None, None], out, frozen) if propagation == "copy" else out
+            if not bool(running.any()):
+                continue
+            compact, exit_token = summarize_token_logits(model.exit_logits(index, out[:, 0]), top_k)
+            states = out[:, 0].float() if state_projection is None else out[:, 0].float() @ state_projection
+            if memory is None:
+                memory = walk_memory(policy, rows, states.shape[-1], token.device)
+                if policy.uses_history and "history.layer" not in memory:
+                    memory.update(init_history(rows, states.shape[-1], token.device))
+            history = step_history(memory, states, compact, exit_token) if policy.uses_history else None
+            batch = LayerBatch(index + 1, last, states, compact, {}, history, exit_token)
+            leave = torch.ones(rows, dtype=torch.bool, device=token.device) if index == last - 1 else \
+                policy.decide(batch, memory).to(torch.bool)
+            leave &= running
+            emitted = torch.where(leave[:, None], exit_token.predictions[:, None], emitted)
+            skipped += int(leave.sum()) * (last - 1 - index)
+            frozen = torch.where(leave[:, None, None], out, frozen)
+            running &= ~leave
+        token = emitted
+        tokens.append(token)
+        if eos_token_id is not None and bool((torch.cat(tokens, 1) == eos_token_id).any(1).all()):
+            break
+    return Generation(_finish(tokens, eos_token_id, pad_token_id, max_new_tokens), len(tokens), 0, skipped,
+                      time.perf_counter() - started, decoder.cache)
