@@ -47,12 +47,16 @@ class _Decoder:
     def prefill(self, input_ids: torch.Tensor, last: int) -> torch.Tensor:
         return self.run(input_ids, 0, last, None, self.positions)
 
-    def step(self, ids: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        """Append ``ids [B, t]`` at the next positions and run them through layers first..last−1."""
+    def append(self, ids: torch.Tensor) -> torch.Tensor:
+        """Give ``ids [B, t]`` the next positions (returned) and unmasked columns."""
         positions = self.positions[:, -1:] + 1 + torch.arange(ids.shape[1], device=ids.device)
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], 1)
         self.positions = torch.cat([self.positions, positions], 1)
-        return self.run(ids, first, last, None, positions)
+        return positions
+
+    def step(self, ids: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Append ``ids [B, t]`` at the next positions and run them through layers first..last−1."""
+        return self.run(ids, first, last, None, self.append(ids))
 
     def run(self, ids: torch.Tensor, first: int, last: int, hidden: torch.Tensor | None,
             positions: torch.Tensor) -> torch.Tensor:
@@ -73,6 +77,18 @@ class _Decoder:
         self.mask, self.positions = self.mask[:, :length], self.positions[:, :length]
 
 
+def _start(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """A decoder over the prompts, after the prefill, and the full model's first token of every row."""
+    model.eval()
+    decoder = _Decoder(model, input_ids, attention_mask)
+    last = model.num_layers
+    return decoder, model.exit_logits(last - 1, decoder.prefill(input_ids, last)[:, -1:]).argmax(-1)
+
+
+def _all_ended(tokens: list[torch.Tensor], eos: int | None) -> bool:
+    return eos is not None and bool((torch.cat(tokens, 1) == eos).any(1).all())
+
+
 def _finish(tokens: list[torch.Tensor], eos: int | None, pad: int, max_new_tokens: int) -> torch.Tensor:
     out = torch.cat(tokens, 1)[:, :max_new_tokens]
     if eos is not None:
@@ -85,17 +101,14 @@ def _finish(tokens: list[torch.Tensor], eos: int | None, pad: int, max_new_token
 def greedy(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
            max_new_tokens: int = 32, eos_token_id: int | None = None, pad_token_id: int = 0) -> Generation:
     """The full model's greedy decoding (every layer, every token)."""
-    started = time.perf_counter()
-    model.eval()
-    last = model.num_layers
-    decoder = _Decoder(model, input_ids, attention_mask)
-    token = model.exit_logits(last - 1, decoder.prefill(input_ids, last)[:, -1:]).argmax(-1)
+    started, last = time.perf_counter(), model.num_layers
+    decoder, token = _start(model, input_ids, attention_mask)
     tokens, steps = [token], 1
     while len(tokens) < max_new_tokens:
         token = model.exit_logits(last - 1, decoder.step(token, 0, last)).argmax(-1)
         tokens.append(token)
         steps += 1
-        if eos_token_id is not None and bool((torch.cat(tokens, 1) == eos_token_id).any(1).all()):
+        if _all_ended(tokens, eos_token_id):
             break
     return Generation(_finish(tokens, eos_token_id, pad_token_id, max_new_tokens), steps,
                       seconds=time.perf_counter() - started)
@@ -123,11 +136,8 @@ def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask
     """LayerSkip's self-speculative greedy decoding: draft ``draft_tokens`` tokens with layers 1..``exit_layer``
     and the shared exit, verify them with layers ``exit_layer``+1..L in one pass. Output = `greedy`'s."""
     check_self_speculative(model, exit_layer, draft_tokens)
-    started = time.perf_counter()
-    model.eval()
-    last = model.num_layers
-    decoder = _Decoder(model, input_ids, attention_mask)
-    token = model.exit_logits(last - 1, decoder.prefill(input_ids, last)[:, -1:]).argmax(-1)  # the full model's
+    started, last = time.perf_counter(), model.num_layers
+    decoder, token = _start(model, input_ids, attention_mask)  # the full model's first token
     tokens, steps, drafted, accepted = [token], 1, 0, 0
     while sum(t.shape[1] for t in tokens) < max_new_tokens:
         base = decoder.mask.shape[1]  # positions every layer holds; ``token`` is not among them yet
@@ -152,7 +162,7 @@ def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask
         tokens.append(emitted)
         token = emitted[:, -1:]
         steps, drafted, accepted = steps + 1, drafted + draft_tokens, accepted + n
-        if eos_token_id is not None and bool((torch.cat(tokens, 1) == eos_token_id).any(1).all()):
+        if _all_ended(tokens, eos_token_id):
             break
     return Generation(_finish(tokens, eos_token_id, pad_token_id, max_new_tokens), steps, drafted, accepted,
                       time.perf_counter() - started)
@@ -177,16 +187,11 @@ def policy_decoding(model: MultiExitLM, policy, input_ids: torch.Tensor, attenti
 
     if propagation not in PROPAGATIONS:
         raise ValueError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}.")
-    started = time.perf_counter()
-    model.eval()
-    last = model.num_layers
-    decoder = _Decoder(model, input_ids, attention_mask)
-    token = model.exit_logits(last - 1, decoder.prefill(input_ids, last)[:, -1:]).argmax(-1)
+    started, last = time.perf_counter(), model.num_layers
+    decoder, token = _start(model, input_ids, attention_mask)
     tokens, skipped = [token], 0
     while len(tokens) < max_new_tokens:
-        positions = decoder.positions[:, -1:] + 1
-        decoder.mask = torch.cat([decoder.mask, torch.ones_like(token)], 1)
-        decoder.positions = torch.cat([decoder.positions, positions], 1)
+        positions = decoder.append(token)  # first: the mask gains the new column
         hidden, layer_inputs = model.embed(token, decoder.mask, decoder.cache, positions)
         rows = token.shape[0]
         emitted = torch.zeros_like(token)
@@ -216,7 +221,7 @@ def policy_decoding(model: MultiExitLM, policy, input_ids: torch.Tensor, attenti
             running &= ~leave
         token = emitted
         tokens.append(token)
-        if eos_token_id is not None and bool((torch.cat(tokens, 1) == eos_token_id).any(1).all()):
+        if _all_ended(tokens, eos_token_id):
             break
     return Generation(_finish(tokens, eos_token_id, pad_token_id, max_new_tokens), len(tokens), 0, skipped,
                       time.perf_counter() - started, decoder.cache)
