@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from exitrl.backbones.multi_exit_lm import MultiExitLM
+from exitrl.observation import step_history, summarize_token_logits
+from exitrl.policy import LayerBatch, walk_memory
 
 
 @dataclass
@@ -182,9 +184,6 @@ def policy_decoding(model: MultiExitLM, policy, input_ids: torch.Tensor, attenti
     every deeper layer computes its keys and values from it) or ``recompute`` (the layers run on as usual, so the
     cache is the full model's). This reference loop runs every layer for every row (no time is saved yet); the
     returned ``steps`` counts decoding steps and ``accepted`` the layers the policy skipped, summed over rows."""
-    from exitrl.observation import init_history, step_history, summarize_token_logits
-    from exitrl.policy import LayerBatch, walk_memory
-
     if propagation not in PROPAGATIONS:
         raise ValueError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}.")
     started, last = time.perf_counter(), model.num_layers
@@ -207,9 +206,7 @@ def policy_decoding(model: MultiExitLM, policy, input_ids: torch.Tensor, attenti
             compact, exit_token = summarize_token_logits(model.exit_logits(index, out[:, 0]), top_k)
             states = out[:, 0].float() if state_projection is None else out[:, 0].float() @ state_projection
             if memory is None:
-                memory = walk_memory(policy, rows, states.shape[-1], token.device)
-                if policy.uses_history and "history.layer" not in memory:
-                    memory.update(init_history(rows, states.shape[-1], token.device))
+                memory = walk_memory(policy, rows, states.shape[-1], token.device)  # history included if read
             history = step_history(memory, states, compact, exit_token) if policy.uses_history else None
             batch = LayerBatch(index + 1, last, states, compact, {}, history, exit_token)
             leave = torch.ones(rows, dtype=torch.bool, device=token.device) if index == last - 1 else \
