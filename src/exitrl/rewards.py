@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from exitrl.observation import exit_predictions
 from exitrl.options import check_value
 
 DEPTHS = ("layer", "fraction")
@@ -164,7 +165,7 @@ def reward_table(reward: Callable[..., torch.Tensor], logits: torch.Tensor, labe
     n, num_layers, _ = logits.shape
     layers = torch.arange(1, num_layers + 1, device=logits.device).repeat(n)
     rows = torch.arange(n, device=logits.device).repeat_interleave(num_layers)
-    predictions = logits.argmax(-1) if token is None else token.predictions  # [N, L]
+    predictions = exit_predictions(logits, token)  # [N, L]
     ctx = RewardContext(
         exit_layer=layers,
         num_layers=num_layers,

@@ -96,13 +96,6 @@ class SplitTrace:
         """What each exit emits, ``[N, L]``."""
         return exit_predictions(self.logits, self.token)
 
-    def label_log_prob_table(self) -> torch.Tensor:
-        """log p_l(label), ``[N, L]``."""
-        if self.label_log_probs is not None:
-            return self.label_log_probs
-        return torch.log_softmax(self.logits.float(), -1).gather(
-            2, self.labels[:, None, None].expand(-1, self.num_layers, 1)).squeeze(2)
-
     def observations(self) -> torch.Tensor:
         """The observation of every (row, layer), ``[N, L, D]`` (`exitrl.observation.observation_table`)."""
         return observation_table(self.states, self.logits, self.token)
