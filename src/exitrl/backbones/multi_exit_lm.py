@@ -106,15 +106,10 @@ class MultiExitLM(nn.Module):
         deep layers positions the shallow ones already hold)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        if self.layout == LLAMA_LIKE:
-            hidden = self.body.embed_tokens(input_ids)
-        else:
-            hidden = self.body.wte(input_ids)
         if position_ids is None:
             past = cache.get_seq_length(cache_layer) if cache is not None else 0
             position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device) + past).unsqueeze(0)
-        if self.layout == GPT2_LIKE:
-            hidden = self.body.drop(hidden + self.body.wpe(position_ids))
+        hidden = self.embed_tokens(input_ids, position_ids)
         mask_arguments = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
                           self._cache_keyword: cache, "position_ids": position_ids}
         if cache_layer:
@@ -122,11 +117,23 @@ class MultiExitLM(nn.Module):
         masks = {"full_attention": create_causal_mask(**mask_arguments)}
         if "sliding_attention" in self.layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_arguments)
+        return hidden, self.layer_inputs(hidden, position_ids, masks, cache)
+
+    def embed_tokens(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The model's own token embedding (and, GPT-2-like, position embedding) of ``input_ids [B, T]``."""
+        if self.layout == LLAMA_LIKE:
+            return self.body.embed_tokens(input_ids)
+        return self.body.drop(self.body.wte(input_ids) + self.body.wpe(position_ids))
+
+    def layer_inputs(self, hidden: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache) -> dict:
+        """What every layer takes besides the state, from masks built by the caller (one per attention type:
+        additive or boolean ``[B, 1, T, keys]``); ``hidden`` only lends its dtype and device to the rotary
+        embedding. A decoding engine with its own static cache builds its masks itself (`exitrl.decoding`)."""
         layer_inputs = {"masks": masks, "position_ids": position_ids, "cache": cache}
         rotary = getattr(self.body, "rotary_emb", None)
         if rotary is not None:
             layer_inputs["position_embeddings"] = rotary(hidden, position_ids)
-        return hidden, layer_inputs
+        return layer_inputs
 
     def run_layer(self, index: int, hidden: torch.Tensor, layer_inputs: dict) -> torch.Tensor:
         """Layer ``index`` (0-based) of the model's own layers; it appends its keys and values to the cache."""
@@ -139,6 +146,60 @@ class MultiExitLM(nn.Module):
                         position_embeddings=layer_inputs.get("position_embeddings"), use_cache=cache is not None,
                         **{self._cache_keyword: cache})
         return out[0] if isinstance(out, tuple) else out
+
+    def write_keys_values(self, index: int, hidden: torch.Tensor, layer_inputs: dict) -> None:
+        """Append only the keys and values layer ``index`` would append for the states ``hidden`` (CALM's state
+        propagation: a skipped layer's cache entries computed from the exited state), with the layer's own norm,
+        projections and rotary embedding and none of its attention or MLP. `keys_values_exact` says whether this
+        equals what the whole layer writes for this architecture; where it does not, run the layer instead."""
+        layer, cache = self.layers[index], layer_inputs["cache"]
+        if self.layout == GPT2_LIKE:
+            attention = layer.attn
+            _, key, value = attention.c_attn(layer.ln_1(hidden)).split(attention.split_size, dim=2)
+            shape = (*key.shape[:-1], -1, attention.head_dim)
+            key, value = key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
+        else:
+            attention = layer.self_attn
+            normed = layer.input_layernorm(hidden)
+            shape = (*normed.shape[:-1], -1, attention.head_dim)
+            key = attention.k_proj(normed).view(shape)
+            if getattr(attention, "k_norm", None) is not None:  # Qwen3 normalises keys per head
+                key = attention.k_norm(key)
+            key, value = key.transpose(1, 2), attention.v_proj(normed).view(shape).transpose(1, 2)
+            cos, sin = (part.unsqueeze(1) for part in layer_inputs["position_embeddings"])
+            half = key.shape[-1] // 2
+            key = key * cos + torch.cat((-key[..., half:], key[..., :half]), -1) * sin  # rotary, as the layer does
+        cache.update(key, value, index)
+
+    @property
+    def keys_values_exact(self) -> bool:
+        """Whether `write_keys_values` writes what every whole layer writes (checked once per weight dtype, on
+        random states)."""
+        checked = self.__dict__.setdefault("_keys_values_exact", {})
+        dtype = self.lm_head.weight.dtype
+        if dtype not in checked:
+            checked[dtype] = self._check_keys_values()
+        return checked[dtype]
+
+    @torch.no_grad()
+    def _check_keys_values(self) -> bool:
+        device = self.lm_head.weight.device
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(self.vocab_size, (2, 3), generator=generator).to(device)
+        states = torch.randn(2, 3, self.hidden_size, generator=generator).to(device, self.lm_head.weight.dtype)
+        whole, alone = self.new_cache(), self.new_cache()
+        try:
+            for index in range(self.num_layers):
+                _, inputs = self.embed(ids, None, whole, cache_layer=index)
+                self.run_layer(index, states, inputs)
+                _, inputs = self.embed(ids, None, alone, cache_layer=index)
+                self.write_keys_values(index, states, inputs)
+            tolerance = 1e-4 if states.dtype == torch.float32 else 2e-2  # half precision rounds differently
+            return all(torch.allclose(a.keys, b.keys, atol=tolerance, rtol=tolerance)
+                       and torch.allclose(a.values, b.values, atol=tolerance, rtol=tolerance)
+                       for a, b in zip(whole.layers, alone.layers))
+        except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):
+            return False
 
     def exit_logits(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the vocabulary at layer ``index`` (0-based) for states ``[..., H]``."""

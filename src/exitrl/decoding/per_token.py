@@ -1,0 +1,201 @@
+"""Per-token early exits on the engine: at every decoding step a decider says, per row and layer, whether the token
+may leave; a row that leaves emits its exit's token. Any `ExitPolicy` is a decider (`PolicyDecider`), and so is CALM
+(`exitrl.decoding.calm`).
+
+What the layers a token skipped owe the tokens after it (their keys and values) is the ``propagation``:
+
+* ``copy`` (CALM): the exited state is copied up; every deeper layer's keys and values for that token are its own
+  projections of that state (`MultiExitLM.write_keys_values`: the layer's norm, key/value projections and rotary
+  embedding, not its attention or MLP);
+* ``recompute``: the deeper layers run as usual on the token's true states, so the cache is the full model's and
+  only the exit's choice of token differs (no layer is saved; what decisions would be with an exact cache).
+
+A batch runs a layer while any row is still in it; a row that has left keeps its exited state (``copy``) or its
+true states (``recompute``) for those layers, and once every row has left, the rest of the layers only fill the
+cache. Each layer (with its exit head and, for a decider that can be captured, its decision) is one replayable
+step, and so is each "fill from layer j"; the host reads one flag per layer where a row may leave.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from exitrl.backbones.multi_exit_lm import MultiExitLM
+from exitrl.decoding.engine import Engine, Generation, all_ended, finish
+from exitrl.graphs import tree_copy
+from exitrl.observation import step_history, summarize_token_logits
+from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
+
+PROPAGATIONS = ("copy", "recompute")
+
+
+class PolicyDecider:
+    """An `ExitPolicy` asked per token and layer, seeing what it saw in a token trace (`exitrl.token_tracing`):
+    compact top-``top_k`` logits, the emitted token, the entropy, states through ``state_projection``. A policy
+    without per-token memory whose decision can be captured (``graph_safe``: a learned MLP, a confidence rule) is
+    captured with the layer; one with memory (patience, history features) decides eagerly."""
+
+    def __init__(self, policy: ExitPolicy, num_layers: int, top_k: int = 8,
+                 state_projection: torch.Tensor | None = None):
+        if not policy.deployable:
+            raise ValueError(f"The {policy.name} policy is analysis only (it reads answers it cannot have while "
+                             "decoding); pick a deployable agent or rule.")
+        self.policy, self.num_layers, self.top_k = policy, num_layers, top_k
+        self.projection = state_projection
+        self.first_exit_layer = max(1, int(getattr(policy, "first_exit_layer", 1) or 1))
+        memoryless = not policy.uses_history and not policy.init_memory(1, torch.device("cpu"))
+        self.graph_safe = bool(policy.graph_safe) and memoryless
+        self.memory = {} if self.graph_safe else None
+
+    def start_token(self, step: int) -> None:
+        if not self.graph_safe:
+            self.memory = None
+
+    def reset(self) -> None:
+        pass  # a captured policy keeps no memory
+
+    def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        compact, token = summarize_token_logits(logits, self.top_k)
+        states = states[:, 0].float()
+        if self.projection is not None:
+            if self.projection.device != states.device:  # moved once, on the first (eager) call
+                self.projection = self.projection.to(states.device)
+            states = states @ self.projection
+        if self.memory is None:
+            self.memory = walk_memory(self.policy, states.shape[0], states.shape[-1], states.device)
+        history = step_history(self.memory, states, compact, token) if self.policy.uses_history else None
+        batch = LayerBatch(index + 1, self.num_layers, states, compact, {}, history, token)
+        return self.policy.decide(batch, self.memory).to(torch.bool)
+
+
+@torch.no_grad()
+def per_token_decoding(model: MultiExitLM, decider, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                       propagation: str = "copy", eos_token_id: int | None = None, pad_token_id: int = 0,
+                       graphs: bool | None = None) -> Generation:
+    """Greedy decoding where ``decider`` lets tokens leave early (see the module's docstring). The first token is
+    the full model's (the prompt runs every layer). ``accepted`` counts the layers skipped, summed over rows."""
+    if propagation not in PROPAGATIONS:
+        raise ValueError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}.")
+    started, last = time.perf_counter(), model.num_layers
+    engine = Engine(model, input_ids, attention_mask, max_new_tokens, graphs)
+    token = engine.prefill(input_ids).clone()
+    slot = torch.full((1,), engine.prompt_length, dtype=torch.long, device=engine.device)
+    embedded, inputs = engine.embed(token, slot)  # allocates the buffers the steps write in place
+    hidden, frozen, out = embedded.clone(), embedded.clone(), embedded.clone()
+    logits = torch.zeros(engine.batch, model.vocab_size, device=engine.device)
+    running = torch.ones(engine.batch, dtype=torch.bool, device=engine.device)
+    emitted = torch.zeros_like(token)
+    exit_at = torch.full((engine.batch,), last, dtype=torch.long, device=engine.device)
+    copy = propagation == "copy"
+    kv_only = copy and model.keys_values_exact
+    # a decider that reads no logits (CALM's saturation or meta measure) gets no exit head per layer: with shared
+    # exits the head runs once per token, on each row's exited state (SmolLM2's head weighs as much as 8 layers)
+    per_layer_head = bool(getattr(decider, "needs_logits", True)) or not model.shared_heads
+    on_gpu = engine.device.type == "cuda"
+    anyone = torch.zeros(last, dtype=torch.bool, pin_memory=on_gpu)  # per layer: is a row still running (host)
+    done = [torch.cuda.Event() for _ in range(last)] if on_gpu else None
+
+    def embed() -> None:
+        state, layer_inputs = engine.embed(token, slot)
+        hidden.copy_(state)
+        frozen.copy_(state)
+        tree_copy(inputs, layer_inputs)
+        running.fill_(True)
+        exit_at.fill_(last)
+        if decider.graph_safe:
+            decider.reset()
+
+    def settle(index: int) -> None:
+        """Who leaves at this layer, what they emit, and what the next layer reads."""
+        leave = running.clone() if index == last - 1 else running & decider.decide(index, out, logits)
+        if per_layer_head:
+            emitted.copy_(torch.where(leave[:, None], logits.argmax(-1, keepdim=True), emitted))
+        exit_at.copy_(torch.where(leave, index + 1, exit_at))
+        frozen.copy_(torch.where(leave[:, None, None], out, frozen))
+        running.copy_(running & ~leave)
+        hidden.copy_(torch.where(running[:, None, None], out, frozen) if copy else out)
+
+    def report(index: int) -> None:
+        anyone[index:index + 1].copy_(running.any().reshape(1), non_blocking=True)
+
+    def layer(index: int):
+        def run() -> None:
+            engine.cache.slots = slot  # this token's slot (another method's step may have left its own)
+            out.copy_(model.run_layer(index, hidden, inputs))
+            if per_layer_head:
+                logits.copy_(model.exit_logits(index, out[:, 0]).float())
+            if decider.graph_safe:
+                settle(index)
+                report(index)
+        return run
+
+    def all_left(index: int) -> bool:
+        """Whether every row had left by layer index+1 (waits for that layer only; the next one is queued)."""
+        if done is not None:
+            done[index].synchronize()
+        return not bool(anyone[index])
+
+    def fill(index: int):
+        """Every row has left at layer index+1: the deeper layers' cache entries for this token."""
+        def run() -> None:
+            engine.cache.slots = slot
+            state = frozen if copy else hidden
+            for deeper in range(index + 1, last):
+                if kv_only:
+                    model.write_keys_values(deeper, state, inputs)
+                elif copy:
+                    model.run_layer(deeper, state, inputs)  # its output is dropped: only its cache entries count
+                else:
+                    state = model.run_layer(deeper, state, inputs)
+        return run
+
+    def emit() -> None:
+        """The shared exit once, on every row's exited state."""
+        emitted.copy_(model.exit_logits(last - 1, frozen[:, 0]).argmax(-1, keepdim=True))
+
+    embed_step = engine.step(embed, "per-token embedding")
+    emit_step = None if per_layer_head else engine.step(emit, "exit head")
+    layer_steps = [engine.step(layer(i), f"layer {i + 1}") for i in range(last)]
+    fill_steps = [engine.step(fill(i), f"fill after layer {i + 1}") for i in range(last - 1)]
+    tokens, exits, skipped = [token.clone()], [torch.full_like(exit_at, last)], 0
+    while len(tokens) < max_new_tokens:
+        decider.start_token(len(tokens))
+        embed_step()
+        for index in range(last):
+            layer_steps[index]()
+            if not decider.graph_safe:
+                settle(index)
+                report(index)
+            if done is not None:
+                done[index].record()
+            # read the layer before this one while this one runs: a layer run after every row has left only
+            # writes its cache entries (from the exited state under copy, the true one under recompute)
+            if 1 <= index < last - 1 and index >= decider.first_exit_layer and all_left(index - 1):
+                fill_steps[index]()
+                break
+        if emit_step is not None:
+            emit_step()
+        tokens.append(emitted.clone())
+        exits.append(exit_at.clone())
+        token.copy_(emitted)
+        slot.add_(1)
+        if len(tokens) % 8 == 0 and all_ended(torch.cat(tokens, 1), eos_token_id):  # a host read every 8 tokens
+            break
+    exit_layers = torch.stack(exits, 1)
+    skipped = int((last - exit_layers[:, 1:]).sum())
+    out_tokens = finish(torch.cat(tokens, 1), eos_token_id, pad_token_id)
+    return Generation(out_tokens, len(tokens), 0, skipped, time.perf_counter() - started, exit_layers,
+                      {"cache": engine.cache})
+
+
+def policy_decoding(model: MultiExitLM, policy: ExitPolicy, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, top_k: int = 8,
+                    state_projection: torch.Tensor | None = None, propagation: str = "copy",
+                    eos_token_id: int | None = None, pad_token_id: int = 0, graphs: bool | None = None) -> Generation:
+    """Greedy decoding where an `ExitPolicy` (a learned agent or a rule) decides per token, row and layer."""
+    decider = PolicyDecider(policy, model.num_layers, top_k, state_projection)
+    return per_token_decoding(model, decider, input_ids, attention_mask, max_new_tokens, propagation, eos_token_id,
+                              pad_token_id, graphs)

@@ -1,0 +1,71 @@
+"""Steps on fixed tensors, captured once as CUDA graphs and replayed: the device-side trick both fast paths share
+(the classification walk, `exitrl.fast_walk`, and decoding, `exitrl.decoding`). On a small model a GPU spends more
+time launching kernels than running them; a replayed graph launches a whole step at once."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Callable
+
+import torch
+
+
+def tree_map(fn: Callable, value):
+    """``fn`` on every tensor of nested dicts / tuples / lists (None stays None)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: tree_map(fn, v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(tree_map(fn, v) for v in value)
+    return value
+
+
+def tree_copy(target, source) -> None:
+    """Copy ``source`` into the same-shaped tensors of ``target`` in place."""
+    if isinstance(target, torch.Tensor):
+        target.copy_(source)
+    elif isinstance(target, dict):
+        for k in target:
+            tree_copy(target[k], source[k])
+    elif isinstance(target, tuple | list):
+        for t, s in zip(target, source):
+            tree_copy(t, s)
+
+
+class Replayable:
+    """A step on fixed tensors: run eagerly the first time, then (with a graph pool, on CUDA) captured as a CUDA
+    graph and replayed. Steps only write into tensors allocated outside them, so their graphs can share one memory
+    pool: they never run concurrently, and nothing they allocate outlives them. A step that cannot be captured
+    (a model's own code that copies a host tensor, as DeBERTa's relative positions do) stays eager, with a
+    warning naming it."""
+
+    def __init__(self, fn: Callable[[], None], pool=None, name: str = "step"):
+        self.fn, self.pool, self.name, self.graph = fn, pool, name, None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self.fn()
+        if self.pool is not None:
+            self.graph = self._capture()
+            self.pool = None if self.graph is None else self.pool
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        graph = torch.cuda.CUDAGraph()
+        collecting = gc.isenabled()
+        gc.disable()  # a collection during capture may free CUDA memory or graphs, which capture forbids
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):  # collects garbage before it starts capturing
+                self.fn()
+        except RuntimeError as error:
+            warnings.warn(f"{self.name} cannot be captured in a CUDA graph and runs eagerly: "
+                          f"{str(error).splitlines()[-1]}", stacklevel=3)
+            torch.cuda.synchronize()
+            return None
+        finally:
+            if collecting:
+                gc.enable()
+        return graph
