@@ -4,6 +4,8 @@ on token episodes of a tiny random Llama through the CLI; the LM and its token t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from test_cli import run_cli
@@ -47,6 +49,16 @@ def test_every_agent_and_rule_runs_on_token_episodes_through_the_cli(glue_dir, t
         else:  # the continued LM and its token trace come from the cache
             assert metrics["trace_key"] == first["trace_key"] and "continued" not in metrics["backbone"]
     assert metrics["dev_per_layer"] == first["dev_per_layer"]
+    # the trained REINFORCE policy decodes new text per token, with the run's own (continued) backbone
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the good film"}\n{"prompt": "she said it was"}\n')
+    done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tmp_path / "reinforce"), "--method", "policy",
+                           "--input", str(prompts), "--max-new-tokens", "6", "--output", str(tmp_path / "out.jsonl")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(1 <= len(r["tokens"]) <= 6 for r in rows)
+    assert 1 <= json.loads(done.stderr.strip().splitlines()[-1])["mean_exit_layer"] <= 4
 
 
 def test_lm_runs_refuse_mismatched_env_and_backbone_before_any_work(glue_dir, tmp_path):

@@ -74,7 +74,12 @@ def load_model(model: str, package: str | None):
     """The `MultiExitLM` and its tokenizer: a run folder's backbone, a saved folder, or anything
     `load_multi_exit_lm` loads."""
     if is_run(model):
-        model = str(Run.load(model).backbone_path())
+        run = Run.load(model)
+        recorded = run.record.backbone
+        if recorded.get("path") or recorded.get("kind") != "lm" or str(recorded.get("name", "")).startswith("random"):
+            model = str(run.backbone_path())  # a saved (continued) LM, or a clear error saying how to get it
+        else:  # a pretrained LM used as it is: load it by name again
+            model, package = recorded["name"], recorded.get("package")
     if (Path(model) / "exitrl_backbone.json").is_file():
         lm, tokenizer, _ = MultiExitLM.load(model)
         if not getattr(lm, "is_lm", False):

@@ -136,7 +136,9 @@ def load_or_build_lm_trace(backbone: LMBackboneConfig, finetune: FinetuneConfig,
     model, tokenizer = (MultiExitLM.load(model_dir)[:2] if (model_dir / "exitrl_backbone.json").is_file()
                         else load_lm(backbone, seed))
     info = {"name": backbone.name or f"random {backbone.random}", "kind": "lm", "key": key,
-            "documents": {k: len(v) for k, v in parts.items()}}
+            "package": backbone.package, "documents": {k: len(v) for k, v in parts.items()}}
+    if (model_dir / "exitrl_backbone.json").is_file():
+        info["path"] = str(model_dir)  # the continued LM a run decodes with (`exitrl.generate RUN_DIR`)
     # a continued LM's trace is reused only with the continued LM it came from (a run may decode with it)
     if trace_path.is_file() and (not backbone.continue_training or model_dir.is_dir()):
         try:
@@ -154,6 +156,7 @@ def load_or_build_lm_trace(backbone: LMBackboneConfig, finetune: FinetuneConfig,
         checkpoints = Checkpoints(cache / "lm_backbones" / f"{key}.checkpoint", checkpoint_seconds, work=key)
         info["continued"] = continue_training(model, tokenizer, chunks["train"], finetune, device, checkpoints)
         model.save(model_dir, tokenizer, extra={"continued": info["continued"]})
+        info["path"] = str(model_dir)
         checkpoints.clear()
     splits = {name: build_token_split(model, c, int(text.top_k), text.state_dim, device=device, seed=seed)
               for name, c in chunks.items()}
