@@ -111,11 +111,14 @@ class Engine:
         every slot, rotary embeddings, the cache (pointed at ``slots``)."""
         positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)
         keys = self.key_slots[None, None, :]
-        visible = (keys >= self.pad[:, None, None]) & (keys <= slots[None, :, None])  # [B, q, capacity]
+        here = slots[None, :, None]
+        # a real token sees the real slots up to its own; a padding slot sees only itself (never an empty row,
+        # whose softmax would be NaN in half precision and poison every later read of its keys and values)
+        visible = ((keys >= self.pad[:, None, None]) & (keys <= here)) | (keys == here)  # [B, q, capacity]
         blocked = torch.finfo(self.dtype).min
         masks = {"full_attention": torch.where(visible, 0.0, blocked).to(self.dtype)[:, None]}
         if "sliding_attention" in self.model.layer_types:
-            near = keys > slots[None, :, None] - self.window
+            near = keys > here - self.window
             masks["sliding_attention"] = torch.where(visible & near, 0.0, blocked).to(self.dtype)[:, None]
         self.cache.slots = slots
         return self.model.layer_inputs(hidden, positions, masks, self.cache)
