@@ -43,9 +43,11 @@ def test_greedy_and_self_speculative_equal_the_full_models_greedy_tokens(family,
         generation = self_speculative(model, ids, mask, 12, exit_layer, draft)
         assert torch.equal(generation.tokens, expected), (exit_layer, draft)
         # every verification emits the confirmed drafts and one more token (none after a fully confirmed draft)
-        per_cycle = generation.info["emitted_per_cycle"]
-        assert generation.drafted == len(per_cycle) * draft == (generation.steps - 1) * draft
-        assert all(1 <= n <= draft for n in per_cycle) and 1 + sum(per_cycle) >= 12
+        per_row = generation.info["emitted_per_cycle"]  # each row's tokens per cycle: its own pace
+        assert generation.drafted == draft * sum(len(cycles) for cycles in per_row)
+        assert generation.steps - 1 == max(len(cycles) for cycles in per_row)
+        assert all(1 <= n <= draft for cycles in per_row for n in cycles)
+        assert all(1 + sum(cycles) >= 12 and 1 + sum(cycles[:-1]) < 12 for cycles in per_row)
 
 
 def test_a_draft_that_is_always_right_is_always_accepted():
@@ -223,3 +225,18 @@ def test_one_draft_is_accepted_exactly_where_the_draft_layer_agrees_with_the_ful
         final = model.exit_logits(model.num_layers - 1, states[-1][:, start:]).argmax(-1)
         assert torch.equal(final, out.tokens[:, 1:])
         assert out.drafted == 15 and out.accepted == int((draft == final).sum())
+
+
+def test_in_a_batch_every_row_drafts_and_accepts_at_its_own_pace():
+    """Rows advance by their own confirmed drafts: a batch accepts, row by row and cycle by cycle, exactly what each
+    prompt accepts decoded alone (a shared, shortest prefix would accept less)."""
+    model = MultiExitLM(tiny_lm("llama", seed=15))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    ids, mask = prompts(3, seed=11)
+    batch = self_speculative(model, ids, mask, 14, exit_layer=2, draft_tokens=3)
+    alone = [self_speculative(model, ids[r:r + 1, mask[r].bool()], None, 14, exit_layer=2, draft_tokens=3)
+             for r in range(3)]
+    assert batch.info["emitted_per_cycle"] == [a.info["emitted_per_cycle"][0] for a in alone]
+    assert batch.accepted == sum(a.accepted for a in alone) > 0
+    assert torch.equal(batch.tokens, torch.cat([a.tokens for a in alone]))

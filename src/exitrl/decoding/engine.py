@@ -29,8 +29,9 @@ from exitrl.graphs import Replayable
 
 class SlotCache:
     """Every layer's keys and values in ``[B, kv_heads, capacity, head_dim]`` buffers (allocated by the first write,
-    the prefill, which runs eagerly); a layer's ``update`` writes its new tokens at ``slots`` and returns the whole
-    buffers (the mask hides the slots not yet written or no longer wanted)."""
+    the prefill, which runs eagerly); a layer's ``update`` writes its new tokens at ``slots`` (``[q]`` for every row,
+    or ``[B, q]`` per row) and returns the whole buffers (the mask hides the slots not yet written or no longer
+    wanted)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -43,8 +44,13 @@ class SlotCache:
             batch, heads, _, dim = key_states.shape
             self.keys[layer_idx] = key_states.new_zeros(batch, heads, self.capacity, dim)
             self.values[layer_idx] = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
-        self.keys[layer_idx].index_copy_(2, self.slots, key_states)
-        self.values[layer_idx].index_copy_(2, self.slots, value_states)
+        if self.slots.dim() == 1:  # every row writes at the same slots
+            self.keys[layer_idx].index_copy_(2, self.slots, key_states)
+            self.values[layer_idx].index_copy_(2, self.slots, value_states)
+        else:  # ``[B, q]``: each row at its own slots
+            index = self.slots[:, None, :, None]
+            self.keys[layer_idx].scatter_(2, index.expand_as(key_states), key_states)
+            self.values[layer_idx].scatter_(2, index.expand_as(value_states), value_states)
         return self.keys[layer_idx], self.values[layer_idx]
 
 
@@ -54,8 +60,8 @@ class Generation:
 
     tokens: torch.Tensor
     steps: int  # greedy and per-token: tokens decoded; self-speculative: 1 + verifications; FREE: 1 + deep passes
-    drafted: int = 0  # self-speculative: draft tokens proposed per row
-    accepted: int = 0  # self-speculative: drafts kept; per-token exits: layers skipped, summed over rows and tokens
+    drafted: int = 0  # self-speculative: draft tokens proposed, summed over rows
+    accepted: int = 0  # self-speculative: drafts kept, summed over rows; per-token exits: layers skipped, summed
     seconds: float = 0.0
     exit_layers: torch.Tensor | None = None  # per-token exits: ``[B, n]`` the 1-indexed layer each token left at
     info: dict | None = None
@@ -106,12 +112,17 @@ class Engine:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     # -- the pieces steps are made of -------------------------------------------------------------------------
+    def positions(self, slots: torch.Tensor) -> torch.Tensor:
+        """Each row's positions ``[B, q]`` for tokens at ``slots`` (``[q]``: the same for every row, or ``[B, q]``)."""
+        rows = slots if slots.dim() == 2 else slots[None, :]
+        return (rows - self.pad[:, None]).clamp(min=0)
+
     def inputs(self, slots: torch.Tensor, hidden: torch.Tensor) -> dict:
-        """The layers' inputs for tokens at ``slots [q]``: positions, one additive mask per attention type over
-        every slot, rotary embeddings, the cache (pointed at ``slots``)."""
-        positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)
+        """The layers' inputs for tokens at ``slots`` (``[q]`` or ``[B, q]``): positions, one additive mask per
+        attention type over every slot, rotary embeddings, the cache (pointed at ``slots``)."""
+        positions = self.positions(slots)
         keys = self.key_slots[None, None, :]
-        here = slots[None, :, None]
+        here = (slots if slots.dim() == 2 else slots[None, :])[:, :, None]
         # a real token sees the real slots up to its own; a padding slot sees only itself (never an empty row,
         # whose softmax would be NaN in half precision and poison every later read of its keys and values)
         visible = ((keys >= self.pad[:, None, None]) & (keys <= here)) | (keys == here)  # [B, q, capacity]
@@ -124,8 +135,7 @@ class Engine:
         return self.model.layer_inputs(hidden, positions, masks, self.cache)
 
     def embed(self, ids: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)
-        hidden = self.model.embed_tokens(ids, positions)
+        hidden = self.model.embed_tokens(ids, self.positions(slots))
         return hidden, self.inputs(slots, hidden)
 
     def layers(self, hidden: torch.Tensor, inputs: dict, first: int, last: int) -> torch.Tensor:

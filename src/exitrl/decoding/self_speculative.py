@@ -4,13 +4,14 @@ E layers.
 
 It emits exactly the full model's greedy tokens (in exact arithmetic: in half precision a pass over d tokens rounds
 differently from d passes over one, and a near-tie may flip): every emitted token is either a draft the full model
-confirmed at its position or the full model's own token. In a batch, a cycle keeps the drafts every row still
-decoding confirmed (the shortest accepted prefix; rows past their end of sequence do not count) and then each row's
-verified next token, so all rows stay on the same slots. A rejected draft's
-cache entries need no rollback: the next cycle writes over those slots, and until then they lie past every query.
+confirmed at its position or the full model's own token. In a batch every row keeps its own confirmed drafts and
+its own verified next token, so rows advance at their own pace: each row writes at its own slots (the engine takes
+slots per row). A rejected draft's cache entries need no rollback: the next cycle writes over those slots, and until
+then they lie past every query of that row. A row that is done (``max_new_tokens``, or its end of sequence) stops
+advancing and repeats its last cycle, which rewrites the same entries, until every row is done.
 
 One cycle (d draft steps and the verification) is one replayable step, so a GPU runs a cycle as one graph launch and
-one host read (how many drafts every row confirmed).
+one host read (how many drafts each row confirmed).
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask
     check_new_tokens(max_new_tokens)
     started, last, d = time.perf_counter(), model.num_layers, draft_tokens
     engine = Engine(model, input_ids, attention_mask, max_new_tokens + d, graphs)
-    token = engine.prefill(input_ids).clone()  # the full model's first token; not in the cache yet
-    base = torch.full((1,), engine.prompt_length, dtype=torch.long, device=engine.device)  # ``token``'s slot
-    offsets = torch.arange(d, device=engine.device)
+    token = engine.prefill(input_ids).clone()  # each row's newest token (the full model's first); not cached yet
+    base = torch.full((engine.batch, 1), engine.prompt_length, dtype=torch.long, device=engine.device)  # its slot
+    offsets = torch.arange(d, device=engine.device)[None, :]
     drafts = torch.zeros(engine.batch, d, dtype=torch.long, device=engine.device)
     verified = torch.zeros_like(drafts)
 
@@ -62,25 +63,38 @@ def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask
         hidden = engine.run(base + offsets, exit_layer, last, hidden=torch.cat(states, 1))
         verified.copy_(engine.greedy_token(last, hidden))  # the full model's token after each input
 
+    def finished(row: list[int]) -> bool:
+        return len(row) >= max_new_tokens or (eos_token_id is not None and eos_token_id in row)
+
     replay = engine.step(cycle, "self-speculative cycle")
-    tokens, produced, steps, drafted, accepted, per_cycle = [token.clone()], 1, 1, 0, 0, []
-    ended = torch.zeros(engine.batch, dtype=torch.bool)  # rows past their end of sequence (host)
-    if eos_token_id is not None:
-        ended |= token[:, 0].cpu() == eos_token_id
-    while produced < max_new_tokens and not bool(ended.all()):
+    newest = token[:, 0].cpu()  # the host's copy of ``token``
+    rows = [[t] for t in newest.tolist()]
+    done = [finished(row) for row in rows]
+    per_row: list[list[int]] = [[] for _ in rows]  # tokens each cycle emitted, per row
+    steps, drafted, accepted = 1, 0, 0
+    while not all(done):
         replay()
         host_drafts, host_verified = torch.stack([drafts, verified]).cpu()  # the one host read of a cycle
-        confirmed = (host_verified == host_drafts).int().cumprod(1).sum(1)
-        n = int(confirmed[~ended].min())  # the drafts every row still decoding confirmed
-        emitted = torch.cat([host_drafts[:, :n], host_verified[:, n:n + 1]], 1)
-        tokens.append(emitted.to(engine.device))
-        token.copy_(tokens[-1][:, -1:])
-        base.add_(emitted.shape[1])
-        produced += emitted.shape[1]
-        per_cycle.append(emitted.shape[1])
-        steps, drafted, accepted = steps + 1, drafted + d, accepted + n
-        if eos_token_id is not None:
-            ended |= (emitted == eos_token_id).any(1)
-    out = finish(torch.cat(tokens, 1)[:, :max_new_tokens], eos_token_id, pad_token_id)
+        confirmed = (host_verified == host_drafts).int().cumprod(1).sum(1).tolist()
+        advance = [0] * len(rows)
+        for r, n in enumerate(confirmed):
+            if done[r]:
+                continue
+            emitted = host_drafts[r, :n].tolist() + host_verified[r, n:n + 1].tolist()
+            rows[r] += emitted
+            per_row[r].append(len(emitted))
+            drafted, accepted = drafted + d, accepted + n
+            done[r] = finished(rows[r])
+            if not done[r]:  # a finished row stays where it is (its slots never pass the cache's end)
+                advance[r] = len(emitted)
+                newest[r] = emitted[-1]
+        token.copy_(newest[:, None].to(engine.device))
+        base.add_(torch.tensor(advance, device=engine.device)[:, None])
+        steps += 1
+    width = max(min(len(row), max_new_tokens) for row in rows)
+    out = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    for r, row in enumerate(rows):
+        out[r, :min(len(row), width)] = torch.tensor(row[:width])
+    out = finish(out.to(engine.device), eos_token_id, pad_token_id)
     return Generation(out, steps, drafted, accepted, time.perf_counter() - started,
-                      info={"emitted_per_cycle": per_cycle})
+                      info={"emitted_per_cycle": per_row})
