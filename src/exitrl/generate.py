@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from exitrl.agents.free import FreePolicy
 from exitrl.backbones.loading import load_multi_exit_lm
 from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.decoding import (
@@ -76,10 +77,12 @@ def load_model(model: str, package: str | None):
     if is_run(model):
         run = Run.load(model)
         recorded = run.record.backbone
-        if recorded.get("path") or recorded.get("kind") != "lm" or str(recorded.get("name", "")).startswith("random"):
-            model = str(run.backbone_path())  # a saved (continued) LM, or a clear error saying how to get it
-        else:  # a pretrained LM used as it is: load it by name again
+        pretrained_as_is = (recorded.get("kind") == "lm" and not recorded.get("path")
+                            and not str(recorded.get("name", "")).startswith("random"))
+        if pretrained_as_is:  # an LM the run did not continue: load it by name again
             model, package = recorded["name"], recorded.get("package")
+        else:  # the run's saved backbone, or a clear error that says how to get it
+            model = str(run.backbone_path())
     if (Path(model) / "exitrl_backbone.json").is_file():
         lm, tokenizer, _ = MultiExitLM.load(model)
         if not getattr(lm, "is_lm", False):
@@ -185,8 +188,6 @@ def decoder(args: argparse.Namespace, model: MultiExitLM):
         shallow = args.shallow_layer if args.shallow_layer is not None else max(1, last // 4)
         if not 1 <= shallow < last:
             raise ValueError(f"--shallow-layer must lie in 1..{last - 1}, got {shallow}.")
-        from exitrl.agents.free import FreePolicy
-
         policy = FreePolicy(shallow, args.threshold, adaptive=not args.fixed_threshold)  # adapts across batches
         return lambda ids, mask, **common: free_decoding(model, ids, mask, policy=policy,
                                                          max_pending=args.max_pending, **common)

@@ -6,10 +6,10 @@ from exitrl.decoding.calm import calibrate_calm, calm_decoding, decaying_thresho
 from exitrl.decoding.engine import Engine, Generation
 from exitrl.decoding.free import free_decoding
 from exitrl.decoding.greedy import greedy
-from exitrl.decoding.per_token import PROPAGATIONS, per_token_decoding, policy_decoding
+from exitrl.decoding.per_token import PROPAGATIONS, Decider, per_token_decoding, policy_decoding
 from exitrl.decoding.quality import perplexity, rouge_l
 from exitrl.decoding.self_speculative import check_self_speculative, self_speculative
 
-__all__ = ["Engine", "Generation", "PROPAGATIONS", "calibrate_calm", "calm_decoding", "check_self_speculative",
-           "decaying_threshold", "free_decoding", "greedy", "per_token_decoding", "perplexity", "policy_decoding",
-           "rouge_l", "self_speculative"]
+__all__ = ["Decider", "Engine", "Generation", "PROPAGATIONS", "calibrate_calm", "calm_decoding",
+           "check_self_speculative", "decaying_threshold", "free_decoding", "greedy", "per_token_decoding",
+           "perplexity", "policy_decoding", "rouge_l", "self_speculative"]

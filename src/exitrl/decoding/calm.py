@@ -20,7 +20,7 @@ from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.calibration.ltt import learn_then_test
 from exitrl.decoding.engine import Generation
 from exitrl.decoding.greedy import greedy
-from exitrl.decoding.per_token import per_token_decoding
+from exitrl.decoding.per_token import Decider, per_token_decoding
 from exitrl.decoding.quality import rouge_l, strip_after
 
 DECAY = 4.0  # CALM's τ in e^(−τ·t/N)
@@ -31,9 +31,10 @@ def decaying_threshold(base: float, step: int, max_new_tokens: int, decay: float
     return min(1.0, max(0.0, 0.9 * base + 0.1 * math.exp(-decay * step / max_new_tokens)))
 
 
-class CalmDecider:
+class CalmDecider(Decider):
     """CALM's decision at one layer, on the device (so a GPU captures it with the layer): the measure against a
-    threshold tensor the host sets once per token."""
+    threshold tensor the host sets once per token. Saturation keeps the previous layer's state; layer 1 never exits
+    and writes it before any read, so nothing needs resetting per token."""
 
     graph_safe = True
 
@@ -54,9 +55,6 @@ class CalmDecider:
     def start_token(self, step: int) -> None:
         value = decaying_threshold(self.base, step, self.max_new_tokens) if self.decay else self.base
         self.threshold.fill_(value)
-
-    def reset(self) -> None:
-        pass  # saturation at layer 1 never exits, and it writes the previous state before any read
 
     def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         states = states[:, 0].float()

@@ -31,7 +31,28 @@ from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
 PROPAGATIONS = ("copy", "recompute")
 
 
-class PolicyDecider:
+class Decider:
+    """What the per-token loop asks at each layer: which rows' tokens may leave. ``graph_safe``: ``decide`` runs on
+    the device only and may be captured with its layer (``reset`` then restores its device state per token);
+    ``needs_logits``: it reads the exit's logits (else the loop runs the exit head once per token);
+    ``first_exit_layer``: no row leaves before this 1-indexed layer."""
+
+    graph_safe: bool = False
+    needs_logits: bool = True
+    first_exit_layer: int = 1
+
+    def start_token(self, step: int) -> None:
+        """On the host, before the token at 1-based ``step`` of the new tokens."""
+
+    def reset(self) -> None:
+        """Inside the captured embedding step, for a graph-safe decider's device state."""
+
+    def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: leave at 0-based layer ``index``, given its output ``states [B, 1, H]`` and ``logits``."""
+        raise NotImplementedError
+
+
+class PolicyDecider(Decider):
     """An `ExitPolicy` asked per token and layer, seeing what it saw in a token trace (`exitrl.token_tracing`):
     compact top-``top_k`` logits, the emitted token, the entropy, states through ``state_projection``. A policy
     without per-token memory whose decision can be captured (``graph_safe``: a learned MLP, a confidence rule) is
@@ -53,9 +74,6 @@ class PolicyDecider:
         if not self.graph_safe:
             self.memory = None
 
-    def reset(self) -> None:
-        pass  # a captured policy keeps no memory
-
     def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         compact, token = summarize_token_logits(logits, self.top_k)
         states = states[:, 0].float()
@@ -71,7 +89,7 @@ class PolicyDecider:
 
 
 @torch.no_grad()
-def per_token_decoding(model: MultiExitLM, decider, input_ids: torch.Tensor,
+def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                        propagation: str = "copy", eos_token_id: int | None = None, pad_token_id: int = 0,
                        graphs: bool | None = None) -> Generation:
@@ -93,7 +111,7 @@ def per_token_decoding(model: MultiExitLM, decider, input_ids: torch.Tensor,
     kv_only = copy and model.keys_values_exact
     # a decider that reads no logits (CALM's saturation or meta measure) gets no exit head per layer: with shared
     # exits the head runs once per token, on each row's exited state (SmolLM2's head weighs as much as 8 layers)
-    per_layer_head = bool(getattr(decider, "needs_logits", True)) or not model.shared_heads
+    per_layer_head = decider.needs_logits or not model.shared_heads
     on_gpu = engine.device.type == "cuda"
     anyone = torch.zeros(last, dtype=torch.bool, pin_memory=on_gpu)  # per layer: is a row still running (host)
     done = [torch.cuda.Event() for _ in range(last)] if on_gpu else None
@@ -160,7 +178,7 @@ def per_token_decoding(model: MultiExitLM, decider, input_ids: torch.Tensor,
     emit_step = None if per_layer_head else engine.step(emit, "exit head")
     layer_steps = [engine.step(layer(i), f"layer {i + 1}") for i in range(last)]
     fill_steps = [engine.step(fill(i), f"fill after layer {i + 1}") for i in range(last - 1)]
-    tokens, exits, skipped = [token.clone()], [torch.full_like(exit_at, last)], 0
+    tokens, exits = [token.clone()], [torch.full_like(exit_at, last)]
     while len(tokens) < max_new_tokens:
         decider.start_token(len(tokens))
         embed_step()
