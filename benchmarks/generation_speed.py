@@ -16,7 +16,8 @@ batch 1 and 16, over each method's knob, beside the baselines a user has (transf
 lr 5e-5), rerun in each call (the weights do not fit the way back). Prompts come from documents neither training nor
 calibration saw (a hash split); CALM's Learn-then-Test and the learned policy's training use the third split.
 Every run decodes ``--new-tokens`` tokens (no end-of-sequence stop), so tokens/s compares equal work. Timings: a
-warm-up run per configuration (graph capture, compilation), then CUDA-synchronised wall time over all prompts.
+warm-up run per configuration (graph capture; the compiled baseline warms up twice on every batch, since its
+step specializes on the prompt's shape), then CUDA-synchronised wall time over all prompts.
 """
 
 from __future__ import annotations
@@ -115,11 +116,14 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(decode, batches, device, warmups: int = 1) -> tuple[list[torch.Tensor], float, list]:
-    """``decode(ids, mask) -> (tokens [B, n], Generation or None)`` warmed up on the first batch, then timed over
-    all; returns the tokens, the seconds and the generations."""
+def timed(decode, batches, device, warmups: int = 1, warm_all: bool = False) -> tuple[list[torch.Tensor], float,
+                                                                                   list]:
+    """``decode(ids, mask) -> (tokens [B, n], Generation or None)`` warmed up on the first batch (``warm_all``: on
+    every batch, for a compiled step that specializes on the prompt's shape), then timed over all; returns the
+    tokens, the seconds and the generations."""
     for _ in range(warmups):
-        decode(*batches[0])
+        for ids, mask in batches if warm_all else batches[:1]:
+            decode(ids, mask)
     sync(device)
     outputs, generations, started = [], [], time.perf_counter()
     for ids, mask in batches:
@@ -156,8 +160,8 @@ class Recorder:
 
 
 def measure(recorder, model, name, knob, batches, batch, decode, references, device, baseline, warmups=1,
-            extra=None):
-    outputs, seconds, generations = timed(decode, batches, device, warmups)
+            extra=None, warm_all=False):
+    outputs, seconds, generations = timed(decode, batches, device, warmups, warm_all)
     tokens = sum(o.numel() for o in outputs)
     point = {"method": name, "knob": knob, "batch": batch, "tokens": tokens, "seconds": round(seconds, 4),
              "tokens_per_s": round(tokens / seconds, 1), **quality(model, batches, outputs, references)}
@@ -176,6 +180,11 @@ def measure(recorder, model, name, knob, batches, batch, decode, references, dev
 
 
 # -- the methods -------------------------------------------------------------------------------------------------
+def strided(model: MultiExitLM, stride: int) -> list[int]:
+    """Exits at layers k, 2k, … (and the last): a head and a decision there only."""
+    return list(range(stride, model.num_layers + 1, stride))
+
+
 def ours(fn):
     def decode(ids, mask):
         generation = fn(ids, mask)
@@ -225,10 +234,12 @@ def run_ours(args, recorder, model, tokenizer, parts, test, calib, device, pad, 
         for measure_name in args.calm_measures:
             for batch, batches in test.items():
                 for threshold in grids[measure_name]:
-                    measure(recorder, model, "calm", {"threshold": threshold, "measure": measure_name}, batches,
-                            batch, ours(lambda i, m, t=threshold, c=measure_name: calm_decoding(
-                                model, i, m, new, threshold=t, measure=c)), references[batch], device,
-                            baselines[batch])
+                    for stride in args.exit_strides:
+                        measure(recorder, model, "calm", {"threshold": threshold, "measure": measure_name,
+                                                          "exit_stride": stride}, batches, batch,
+                                ours(lambda i, m, t=threshold, c=measure_name, k=stride: calm_decoding(
+                                    model, i, m, new, threshold=t, measure=c, exit_layers=strided(model, k))),
+                                references[batch], device, baselines[batch])
             calibration_batches = batches_of(calib, 16, pad, device)
             chosen, info = calibrate_calm(model, calibration_batches, new, delta=args.delta, epsilon=args.epsilon,
                                           measure=measure_name)
@@ -263,9 +274,12 @@ def run_ours(args, recorder, model, tokenizer, parts, test, calib, device, pad, 
     for batch, batches in test.items():
         for threshold in args.policy_thresholds:
             policy.threshold = threshold
-            measure(recorder, model, "reinforce", {"threshold": threshold, "alpha": args.alpha}, batches, batch,
-                    ours(lambda i, m: policy_decoding(model, policy, i, m, new, args.top_k, projection)),
-                    references[batch], device, baselines[batch], extra={"fit": info})
+            for stride in args.exit_strides:
+                measure(recorder, model, "reinforce", {"threshold": threshold, "alpha": args.alpha,
+                                                       "exit_stride": stride}, batches, batch,
+                        ours(lambda i, m, k=stride: policy_decoding(model, policy, i, m, new, args.top_k, projection,
+                                                                    exit_layers=strided(model, k))),
+                        references[batch], device, baselines[batch], extra={"fit": info})
 
 
 @torch.no_grad()
@@ -310,8 +324,8 @@ def check_graphs(recorder, model, test, device, new: int) -> None:
 
 def run_peers(args, recorder, model, test, device, pad, references, baselines):
     new = args.new_tokens
-    for exit_layer in args.exit_layers:  # transformers' own self-speculative decoding: batch 1 only
-        if 1 in test:
+    for exit_layer in args.exit_layers if "assistant" in args.peer_methods else ():
+        if 1 in test:  # transformers' own self-speculative decoding: batch 1 only
             measure(recorder, model, "hf_assistant_early_exit", {"exit_layer": exit_layer}, test[1], 1,
                     hf_generate(model, new, pad, assistant_early_exit=exit_layer), references[1], device,
                     baselines[1])
@@ -329,7 +343,7 @@ def run_peers(args, recorder, model, test, device, pad, references, baselines):
             return torch.stack([torch.as_tensor(r.tokens)[-new:] for r in results]).to(ids.device), None
         return decode
 
-    for exit_layer in args.exit_layers:
+    for exit_layer in args.exit_layers if "economize_early_exit" in args.peer_methods else ():
         for draft in args.draft_tokens:
             decoding = economize.DecodeConfig(cycle_length=draft + 1, cuda_graphs=device.type == "cuda")
             efficient = economize.apply(model.lm, EarlyExitConfig(exit_layer=exit_layer, head="shared",
@@ -339,7 +353,7 @@ def run_peers(args, recorder, model, test, device, pad, references, baselines):
                         batches, batch, economize_decode(efficient, decoding), references[batch], device,
                         baselines[batch], warmups=3)  # economize records its graphs on the third call
             model.lm = efficient.detach()
-    for threshold in args.calm_thresholds:
+    for threshold in args.calm_thresholds if "economize_calm" in args.peer_methods else ():
         efficient = economize.apply(model.lm, CalmConfig(confidence="softmax", threshold=threshold, min_layer=1,
                                                          decay_temperature=4.0, decay_horizon=new))
         for batch, batches in test.items():
@@ -384,6 +398,11 @@ def main() -> None:
     parser.add_argument("--check-graphs", action="store_true", help="first: captured vs eager tokens per method")
     parser.add_argument("--peers", action="store_true", help="also transformers' assistant_early_exit, economize")
     parser.add_argument("--peers-only", action="store_true")
+    parser.add_argument("--peers-first", action="store_true", help="the peers before exitrl's methods")
+    parser.add_argument("--peer-methods", nargs="+", default=["assistant", "economize_early_exit", "economize_calm"],
+                        choices=["assistant", "economize_early_exit", "economize_calm"])
+    parser.add_argument("--exit-strides", type=int, nargs="+", default=[1],
+                        help="CALM and the learned policy: exits at every k-th layer (a curve per k)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -435,16 +454,19 @@ def main() -> None:
                     hf_generate(model, new, pad), references[batch], device, None)
         compiled, _ = measure(recorder, model, "full", {"engine": "transformers static cache, compiled"}, batches,
                               batch, hf_generate(model, new, pad, cache_implementation="static"), references[batch],
-                              device, None, warmups=2)
+                              device, None, warmups=2, warm_all=True)
         baselines[batch] = {"compiled": compiled["tokens_per_s"], "graph_full": graph_full["tokens_per_s"]}
         if batch == max(test):
             recorder.data["draft_agreement"] = draft_agreement(model, batches, references[batch])
             print("agreement with the last layer on the full model's output, per layer (%)",
                   recorder.data["draft_agreement"], flush=True)
         recorder.data.setdefault("baselines", {})[str(batch)] = baselines[batch]
+    peers = args.peers or args.peers_only
+    if peers and args.peers_first:
+        run_peers(args, recorder, model, test, device, pad, references, baselines)
     if not args.peers_only:
         run_ours(args, recorder, model, tokenizer, parts, test, calib, device, pad, references, baselines)
-    if args.peers or args.peers_only:
+    if peers and not args.peers_first:
         run_peers(args, recorder, model, test, device, pad, references, baselines)
     recorder.data["total_seconds"] = round(time.time() - started, 1)
     recorder.add({"method": "done"})

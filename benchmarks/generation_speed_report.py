@@ -1,6 +1,6 @@
 """Tables and a plot from `generation_speed.py`'s points files: one JSON with every run, a markdown table per model
 and batch size, and a plot of ROUGE-L against the full model's greedy output over speed (× the compiled full
-model of the same run), a curve per method.
+model of the same run): every point, and a line per method through the points no other of its points beats.
 
     python benchmarks/generation_speed_report.py benchmarks/reference/generation_speed_h200_DATE.json \\
         RUN/points.json [RUN/points.json ...]
@@ -73,20 +73,31 @@ def table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def frontier(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both speed and ROUGE-L, fastest last: the curve a user can pick from."""
+    best, front = -1.0, []
+    for p in sorted(points, key=lambda p: -p["speedup_vs_compiled"]):
+        if p["rouge_l"] > best:
+            best = p["rouge_l"]
+            front.append(p)
+    return front[::-1]
+
+
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = plt.get_cmap("tab10")
     models = list(dict.fromkeys(run["model"] for run in runs))  # runs of one model share its panels
     batches = sorted({p["batch"] for run in runs for p in run["points"] if "speedup_vs_compiled" in p})
-    fig, axes = plt.subplots(len(models), len(batches), figsize=(6.5 * len(batches), 4.8 * len(models)),
+    fig, axes = plt.subplots(len(models), len(batches), figsize=(9.5 * len(batches), 4.8 * len(models)),
                              squeeze=False)
     for row, model in enumerate(models):
         for column, batch in enumerate(batches):
             ax = axes[row][column]
-            curves = {}
+            curves: dict[tuple[str, str], list[dict]] = {}
             for run in (r for r in runs if r["model"] == model):
                 for p in run["points"]:
                     if p.get("batch") != batch or "speedup_vs_compiled" not in p:
@@ -94,18 +105,26 @@ def plot(runs: list[dict], path: Path) -> None:
                     label = METHODS.get(p["method"], p["method"])
                     if p["method"] == "calm":
                         label += f", {p['knob'].get('measure', 'margin')}"
-                    curves.setdefault(label, []).append(p)
-            for label, chosen in curves.items():
-                chosen = sorted(chosen, key=lambda p: p["speedup_vs_compiled"])
-                ax.plot([p["speedup_vs_compiled"] for p in chosen], [p["rouge_l"] for p in chosen], "o-",
-                        label=label, markersize=4)
+                    if p["knob"].get("exit_stride", 1) > 1:
+                        label += f", exits every {p['knob']['exit_stride']} layers"
+                    curves.setdefault((label, run["label"]), []).append(p)
+            names = [label for label, _ in curves]
+            for (label, source), chosen in curves.items():
+                if names.count(label) > 1:  # a method measured in several calls: a curve per call
+                    label += f" [{source}]"
+                color, marker = colors(len(ax.lines) % 10), "osD^v<>"[len(ax.lines) // 10 % 7]
+                ax.scatter([p["speedup_vs_compiled"] for p in chosen], [p["rouge_l"] for p in chosen], s=12,
+                           color=color, marker=marker, alpha=0.45)
+                front = frontier(chosen)
+                ax.plot([p["speedup_vs_compiled"] for p in front], [p["rouge_l"] for p in front], "-",
+                        marker=marker, color=color, label=label, markersize=4)
             ax.axvline(1.0, color="grey", linestyle=":")
             ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
             machine = next(r["machine"] for r in runs if r["model"] == model)
             ax.set(title=f"{model} SmolLM2-135M, batch {batch} ({machine})",
                    xlabel="tokens/s ÷ compiled full model (dotted: 1×)", ylabel="ROUGE-L vs full greedy",
                    ylim=(0, 1.05))
-            ax.legend(fontsize=7, loc="lower left")
+            ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

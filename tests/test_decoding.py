@@ -83,7 +83,7 @@ def test_the_generate_cli_runs_every_method_and_refuses_bad_settings(tiny_llama,
 
     StaticPolicy(2).save(tmp_path / "policy.pt")
     outputs = {}
-    settings = {"full": [], "selfspec": ["--exit-layer", "1"], "calm": ["--threshold", "0.5"],
+    settings = {"full": [], "selfspec": ["--exit-layer", "1"], "calm": ["--threshold", "0.5", "--exit-layers", "2"],
                 "free": ["--shallow-layer", "1", "--threshold", "0.2"],
                 "policy": ["--policy", str(tmp_path / "policy.pt"), "--propagation", "recompute"]}
     for method, extra in settings.items():
@@ -98,7 +98,7 @@ def test_the_generate_cli_runs_every_method_and_refuses_bad_settings(tiny_llama,
         summary = json.loads(done.stderr.strip().splitlines()[-1])
         assert summary["method"] == method and summary["tokens"] == sum(len(r["tokens"]) for r in rows)
         if method in ("calm", "free", "policy"):
-            assert 1 <= summary["mean_exit_layer"] <= 3
+            assert (2 if method == "calm" else 1) <= summary["mean_exit_layer"] <= 3  # calm: layer 2 or 3 only
     assert outputs["full"] == outputs["selfspec"] and all(len(r["tokens"]) == 10 for r in outputs["full"])
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "junk.pt").write_text("not a policy")
@@ -111,7 +111,9 @@ def test_the_generate_cli_runs_every_method_and_refuses_bad_settings(tiny_llama,
                "exit_layer must lie in 1..2": ["--input", str(prompts), "--method", "selfspec", "--exit-layer", "9"],
                "--shallow-layer must lie in 1..2": ["--input", str(prompts), "--method", "free",
                                                     "--shallow-layer", "3"],
-               "--propagation": ["--input", str(prompts), "--method", "calm", "--propagation", "skip"]}
+               "--propagation": ["--input", str(prompts), "--method", "calm", "--propagation", "skip"],
+               "has 3 layers": ["--input", str(prompts), "--method", "calm", "--exit-layers", "2", "9"],
+               "1-indexed": ["--input", str(prompts), "--method", "policy", "--exit-layers", "0"]}
     for message, arguments in refused.items():
         done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), *arguments],
                               capture_output=True, text=True, timeout=300)

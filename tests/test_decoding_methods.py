@@ -174,10 +174,62 @@ def test_a_decider_that_reads_no_logits_gets_the_exit_head_once_per_token_with_t
     ids, mask = prompts(3, seed=10)
     runs = []
     for per_layer_head in (False, True):
-        decider = CalmDecider(CalmPolicy("saturation"), 0.98, model, 10, 3, ids.device, decay=False)
+        decider = CalmDecider(CalmPolicy("saturation"), 0.98, model, 10, ids.device, decay=False)
         assert decider.needs_logits is False
         decider.needs_logits = per_layer_head  # the slow path: the head at every layer, as the margin needs
         runs.append(per_token_decoding(model, decider, ids, mask, 10))
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     assert torch.equal(runs[0].exit_layers, runs[1].exit_layers)
     assert 2 < float(runs[0].exit_layers[:, 1:].float().mean()) < 3  # some tokens left at layer 2
+
+
+
+@pytest.mark.parametrize("propagation,measure", [("copy", "margin"), ("recompute", "margin"),
+                                                 ("copy", "saturation")])
+def test_exits_restricted_to_some_layers_equal_a_decider_that_says_no_elsewhere(propagation, measure):
+    from test_multi_exit_lm import SMALL
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from exitrl.agents.calm import CalmPolicy
+    from exitrl.decoding.calm import CalmDecider
+    from exitrl.decoding.per_token import Decider, per_token_decoding
+
+    class OnlyAt(Decider):
+        """The reference: every layer runs its head and asks, and the answer is no outside ``layers``."""
+
+        def __init__(self, inner: CalmDecider, layers: set[int]):
+            self.inner, self.layers = inner, layers
+            self.graph_safe, self.first_exit_layer = inner.graph_safe, inner.first_exit_layer
+
+        def start_token(self, step: int) -> None:
+            self.inner.start_token(step)
+
+        def decide(self, index, states, logits, previous):
+            return self.inner.decide(index, states, logits, previous) & (index + 1 in self.layers)
+
+    torch.manual_seed(15)
+    config = LlamaConfig(**{**SMALL, "num_hidden_layers": 7})
+    model = sharpened(MultiExitLM(AutoModelForCausalLM.from_config(config).eval()))
+    ids, mask = prompts(3, seed=11)
+    threshold = 0.6 if measure == "margin" else 0.98
+    for layers in ([3, 5], [2, 4, 6], [6]):
+        decider = CalmDecider(CalmPolicy(measure), threshold, model, 12, ids.device)
+        restricted = per_token_decoding(model, decider, ids, mask, 12, propagation, exit_layers=layers)
+        reference = per_token_decoding(model, OnlyAt(decider, set(layers)), ids, mask, 12, propagation)
+        assert torch.equal(restricted.tokens, reference.tokens), layers
+        assert torch.equal(restricted.exit_layers, reference.exit_layers), layers
+        assert set(restricted.exit_layers.unique().tolist()) <= set(layers) | {7}
+        written = ids.shape[1] + 11  # the prompt and every generated token but the last
+        for layer in range(7):
+            torch.testing.assert_close(restricted.info["cache"].keys[layer][:, :, :written],
+                                       reference.info["cache"].keys[layer][:, :, :written], rtol=0, atol=1e-5)
+    spread = calm_decoding(model, ids, mask, 12, threshold=threshold, measure=measure, propagation=propagation,
+                           exit_layers=[2, 4, 6])
+    assert len(spread.exit_layers[:, 1:].unique()) >= 2  # the check above compared exits that happened
+    # every token leaves at the first allowed layer: the static rule there
+    first = calm_decoding(model, ids, mask, 12, threshold=0.0, decay=False, exit_layers=[4, 6])
+    static = policy_decoding(model, StaticPolicy(4), ids, mask, 12)
+    assert (first.exit_layers[:, 1:] == 4).all() and torch.equal(first.tokens, static.tokens)
+    for bad in ([0], [8], [2.0], [True], []):
+        with pytest.raises(ValueError, match="exit_layers"):
+            calm_decoding(model, ids, mask, 4, exit_layers=bad)

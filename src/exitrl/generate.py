@@ -134,6 +134,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fixed-threshold", action="store_true", help="free: no online refit")
     parser.add_argument("--max-pending", type=int, default=8, help="free: tokens that may wait for the deep layers")
     parser.add_argument("--propagation", default="copy", help=f"calm, policy: one of {', '.join(PROPAGATIONS)}")
+    parser.add_argument("--exit-layers", type=int, nargs="+", default=None,
+                        help="calm, policy: the 1-indexed layers where a token may leave (default: every layer)")
     parser.add_argument("--policy", default=None, help="policy: a run folder or a policy.pt")
     parser.add_argument("--top-k", type=int, default=8, help="policy from a policy.pt: its trace's top k")
     parser.add_argument("--state-dim", type=int, default=64, help="policy from a policy.pt: its trace's state width")
@@ -152,6 +154,8 @@ def check(args: argparse.Namespace) -> None:
     for name in ("exit_layer", "shallow_layer"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.exit_layers is not None and min(args.exit_layers) < 1:
+        raise ValueError(f"--exit-layers are 1-indexed layers, got {args.exit_layers}.")
     if args.measure not in MEASURES:
         raise ValueError(f"--measure {args.measure!r}: valid: {', '.join(MEASURES)}.")
     if args.propagation not in PROPAGATIONS:
@@ -173,6 +177,8 @@ def check(args: argparse.Namespace) -> None:
 def decoder(args: argparse.Namespace, model: MultiExitLM):
     """The method as a function of (ids, mask, common settings), with its settings checked against the model."""
     last = model.num_layers
+    if args.exit_layers is not None and max(args.exit_layers) > last:
+        raise ValueError(f"--exit-layers: {args.model} has {last} layers, got {args.exit_layers}.")
     if args.method == "full":
         return lambda ids, mask, **common: greedy(model, ids, mask, **common)
     if args.method == "selfspec":
@@ -183,7 +189,8 @@ def decoder(args: argparse.Namespace, model: MultiExitLM):
     if args.method == "calm":
         return lambda ids, mask, **common: calm_decoding(model, ids, mask, threshold=args.threshold,
                                                          measure=args.measure, decay=not args.no_decay,
-                                                         propagation=args.propagation, **common)
+                                                         propagation=args.propagation,
+                                                         exit_layers=args.exit_layers, **common)
     if args.method == "free":
         shallow = args.shallow_layer if args.shallow_layer is not None else max(1, last // 4)
         if not 1 <= shallow < last:
@@ -195,7 +202,8 @@ def decoder(args: argparse.Namespace, model: MultiExitLM):
     projection = state_projection(model.hidden_size, state_dim, seed)
     return lambda ids, mask, **common: policy_decoding(model, policy.to(ids.device), ids, mask, top_k=top_k,
                                                        state_projection=projection,
-                                                       propagation=args.propagation, **common)
+                                                       propagation=args.propagation,
+                                                       exit_layers=args.exit_layers, **common)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ of the output against the full model's greedy output (CALM's textual consistency
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -33,13 +34,13 @@ def decaying_threshold(base: float, step: int, max_new_tokens: int, decay: float
 
 class CalmDecider(Decider):
     """CALM's decision at one layer, on the device (so a GPU captures it with the layer): the measure against a
-    threshold tensor the host sets once per token. Saturation keeps the previous layer's state; layer 1 never exits
-    and writes it before any read, so nothing needs resetting per token."""
+    threshold tensor the host sets once per token. Saturation compares the layer's output with its input (layer 1's
+    input is the embedding: it never exits there)."""
 
     graph_safe = True
 
     def __init__(self, policy: CalmPolicy, threshold: float, model: MultiExitLM, max_new_tokens: int,
-                 batch: int, device: torch.device, decay: bool = True,
+                 device: torch.device, decay: bool = True,
                  state_projection: torch.Tensor | None = None):
         """``state_projection``: the token trace's map of states, for a meta classifier trained on one."""
         self.policy, self.base, self.num_layers = policy.to(device), float(threshold), model.num_layers
@@ -47,7 +48,6 @@ class CalmDecider(Decider):
         self.threshold = torch.full((), self.base, device=device)
         self.saturation = policy.measure == "saturation"
         self.needs_logits = policy.measure == "margin"  # saturation and meta read states only
-        self.previous = torch.zeros(batch, model.hidden_size, device=device)
         self.projection = None if state_projection is None or policy.measure != "meta" else \
             state_projection.to(device)
         self.first_exit_layer = 2 if self.saturation else 1
@@ -56,31 +56,30 @@ class CalmDecider(Decider):
         value = decaying_threshold(self.base, step, self.max_new_tokens) if self.decay else self.base
         self.threshold.fill_(value)
 
-    def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor,
+               previous: torch.Tensor) -> torch.Tensor:
         states = states[:, 0].float()
-        previous = self.previous if self.saturation and index > 0 else None
+        before = previous[:, 0].float() if self.saturation and index > 0 else None
         if self.projection is not None:
             states = states @ self.projection
-        score = self.policy.score(states, logits, previous, index + 1, self.num_layers)
-        if self.saturation:
-            self.previous.copy_(states)
-        return score >= self.threshold
+        return self.policy.score(states, logits, before, index + 1, self.num_layers) >= self.threshold
 
 
 def calm_decoding(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   max_new_tokens: int = 32, threshold: float = 0.9, measure: str = "margin",
                   policy: CalmPolicy | None = None, decay: bool = True, propagation: str = "copy",
                   eos_token_id: int | None = None, pad_token_id: int = 0, graphs: bool | None = None,
-                  state_projection: torch.Tensor | None = None) -> Generation:
+                  state_projection: torch.Tensor | None = None,
+                  exit_layers: Sequence[int] | None = None) -> Generation:
     """CALM decoding with base threshold λ = ``threshold`` (``policy``: a fitted `CalmPolicy`, whose measure and meta
-    classifier are used, with the token trace's ``state_projection``; else ``measure``)."""
+    classifier are used, with the token trace's ``state_projection``; else ``measure``), leaving only at
+    ``exit_layers`` when given (`per_token_decoding`)."""
     policy = policy or CalmPolicy(measure, hidden_size=model.hidden_size)
     if not 0.0 <= threshold <= 1.0 and policy.measure != "saturation":
         raise ValueError(f"CALM's threshold must lie in [0, 1], got {threshold}.")
-    decider = CalmDecider(policy, threshold, model, max_new_tokens, input_ids.shape[0], input_ids.device, decay,
-                          state_projection)
+    decider = CalmDecider(policy, threshold, model, max_new_tokens, input_ids.device, decay, state_projection)
     return per_token_decoding(model, decider, input_ids, attention_mask, max_new_tokens, propagation, eos_token_id,
-                              pad_token_id, graphs)
+                              pad_token_id, graphs, exit_layers)
 
 
 def calibration_candidates(measure: str, count: int = 16) -> list[float]:
@@ -95,7 +94,8 @@ def calibrate_calm(model: MultiExitLM, batches: list[tuple[torch.Tensor, torch.T
                    policy: CalmPolicy | None = None, candidates: list[float] | None = None,
                    eos_token_id: int | None = None, pad_token_id: int = 0, propagation: str = "copy",
                    graphs: bool | None = None, decay: bool = True,
-                   state_projection: torch.Tensor | None = None) -> tuple[float | None, dict]:
+                   state_projection: torch.Tensor | None = None,
+                   exit_layers: Sequence[int] | None = None) -> tuple[float | None, dict]:
     """The loosest base threshold whose risk (1 − ROUGE-L against full greedy, per prompt) Learn-then-Test
     certifies at most ``delta`` with probability 1 − ``epsilon`` on the calibration ``batches`` of (ids, mask);
     None when not even the strictest candidate is certified. Candidates are decoded from strict to loose and the
@@ -112,7 +112,8 @@ def calibrate_calm(model: MultiExitLM, batches: list[tuple[torch.Tensor, torch.T
         losses = []
         for (ids, mask), reference in zip(batches, references):
             out = calm_decoding(model, ids, mask, threshold=candidate, measure=measure, policy=policy, decay=decay,
-                                propagation=propagation, state_projection=state_projection, **common)
+                                propagation=propagation, state_projection=state_projection,
+                                exit_layers=exit_layers, **common)
             losses += [1.0 - rouge_l(a, b) for a, b in zip(strip_after(out.tokens, eos_token_id), reference)]
         risks.append(sum(losses) / len(losses))
         result = learn_then_test(risks, n, delta, epsilon)

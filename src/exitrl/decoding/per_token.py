@@ -12,13 +12,17 @@ What the layers a token skipped owe the tokens after it (their keys and values) 
 
 A batch runs a layer while any row is still in it; a row that has left keeps its exited state (``copy``) or its
 true states (``recompute``) for those layers, and once every row has left, the rest of the layers only fill the
-cache. Each layer (with its exit head and, for a decider that can be captured, its decision) is one replayable
-step, and so is each "fill from layer j"; the host reads one flag per layer where a row may leave.
+cache. Each layer (with, at an exit, its exit head and, for a decider that can be captured, its decision) is one
+replayable step, and so is each "fill from layer j"; the host reads one flag per exit, one layer behind.
+
+``exit_layers`` restricts where a token may leave. On a small model this is what pays: SmolLM2-135M's exit head
+costs as much as eight of its layers, so a head at every layer costs more than the layers a token skips.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -47,8 +51,10 @@ class Decider:
     def reset(self) -> None:
         """Inside the captured embedding step, for a graph-safe decider's device state."""
 
-    def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """``[B]`` bool: leave at 0-based layer ``index``, given its output ``states [B, 1, H]`` and ``logits``."""
+    def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor,
+               previous: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: leave at 0-based layer ``index``, given its output ``states [B, 1, H]``, its exit's
+        ``logits [B, V]`` (when ``needs_logits``) and its input ``previous [B, 1, H]`` (the state before it)."""
         raise NotImplementedError
 
 
@@ -74,7 +80,8 @@ class PolicyDecider(Decider):
         if not self.graph_safe:
             self.memory = None
 
-    def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor,
+               previous: torch.Tensor) -> torch.Tensor:
         compact, token = summarize_token_logits(logits, self.top_k)
         states = states[:, 0].float()
         if self.projection is not None:
@@ -88,16 +95,30 @@ class PolicyDecider(Decider):
         return self.policy.decide(batch, self.memory).to(torch.bool)
 
 
+def checked_exit_layers(exit_layers: Sequence[int] | None, num_layers: int) -> frozenset[int]:
+    """The 1-indexed layers a token may leave at, the last included; refuses anything but layers of this model."""
+    if exit_layers is None:
+        return frozenset(range(1, num_layers + 1))
+    layers = list(exit_layers)
+    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= num_layers]
+    if bad or not layers:
+        raise ValueError(f"exit_layers must be layers between 1 and {num_layers} (1-indexed), got {layers!r}"
+                         + (f"; not layers of this model: {bad!r}" if bad else "") + ".")
+    return frozenset(layers) | {num_layers}
+
+
 @torch.no_grad()
 def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                        propagation: str = "copy", eos_token_id: int | None = None, pad_token_id: int = 0,
-                       graphs: bool | None = None) -> Generation:
+                       graphs: bool | None = None, exit_layers: Sequence[int] | None = None) -> Generation:
     """Greedy decoding where ``decider`` lets tokens leave early (see the module's docstring). The first token is
-    the full model's (the prompt runs every layer). ``accepted`` counts the layers skipped, summed over rows."""
+    the full model's (the prompt runs every layer). ``accepted`` counts the layers skipped, summed over rows.
+    ``exit_layers``: the 1-indexed layers where a token may leave (None: every layer; the last is always one)."""
     if propagation not in PROPAGATIONS:
         raise ValueError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}.")
     started, last = time.perf_counter(), model.num_layers
+    exits_at = checked_exit_layers(exit_layers, last)
     engine = Engine(model, input_ids, attention_mask, max_new_tokens, graphs)
     token = engine.prefill(input_ids).clone()
     slot = torch.full((1,), engine.prompt_length, dtype=torch.long, device=engine.device)
@@ -113,7 +134,7 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
     # exits the head runs once per token, on each row's exited state (SmolLM2's head weighs as much as 8 layers)
     per_layer_head = decider.needs_logits or not model.shared_heads
     on_gpu = engine.device.type == "cuda"
-    anyone = torch.zeros(last, dtype=torch.bool, pin_memory=on_gpu)  # per layer: is a row still running (host)
+    anyone = torch.zeros(last, dtype=torch.bool, pin_memory=on_gpu)  # per exit layer: is a row still running
     done = [torch.cuda.Event() for _ in range(last)] if on_gpu else None
 
     def embed() -> None:
@@ -128,7 +149,7 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
 
     def settle(index: int) -> None:
         """Who leaves at this layer, what they emit, and what the next layer reads."""
-        leave = running.clone() if index == last - 1 else running & decider.decide(index, out, logits)
+        leave = running.clone() if index == last - 1 else running & decider.decide(index, out, logits, hidden)
         if per_layer_head:
             emitted.copy_(torch.where(leave[:, None], logits.argmax(-1, keepdim=True), emitted))
         exit_at.copy_(torch.where(leave, index + 1, exit_at))
@@ -143,6 +164,9 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
         def run() -> None:
             engine.cache.slots = slot  # this token's slot (another method's step may have left its own)
             out.copy_(model.run_layer(index, hidden, inputs))
+            if index + 1 not in exits_at:  # no exit here: the rows still running go on
+                hidden.copy_(torch.where(running[:, None, None], out, frozen) if copy else out)
+                return
             if per_layer_head:
                 logits.copy_(model.exit_logits(index, out[:, 0]).float())
             if decider.graph_safe:
@@ -184,14 +208,16 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
         embed_step()
         for index in range(last):
             layer_steps[index]()
-            if not decider.graph_safe:
-                settle(index)
-                report(index)
-            if done is not None:
-                done[index].record()
-            # read the layer before this one while this one runs: a layer run after every row has left only
+            if index + 1 in exits_at:
+                if not decider.graph_safe:
+                    settle(index)
+                    report(index)
+                if done is not None:
+                    done[index].record()
+            # read the exit before this layer while this layer runs: a layer run after every row has left only
             # writes its cache entries (from the exited state under copy, the true one under recompute)
-            if 1 <= index < last - 1 and index >= decider.first_exit_layer and all_left(index - 1):
+            if 1 <= index < last - 1 and index in exits_at and index >= decider.first_exit_layer \
+                    and all_left(index - 1):
                 fill_steps[index]()
                 break
         if emit_step is not None:
@@ -212,8 +238,10 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
 def policy_decoding(model: MultiExitLM, policy: ExitPolicy, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, top_k: int = 8,
                     state_projection: torch.Tensor | None = None, propagation: str = "copy",
-                    eos_token_id: int | None = None, pad_token_id: int = 0, graphs: bool | None = None) -> Generation:
-    """Greedy decoding where an `ExitPolicy` (a learned agent or a rule) decides per token, row and layer."""
+                    eos_token_id: int | None = None, pad_token_id: int = 0, graphs: bool | None = None,
+                    exit_layers: Sequence[int] | None = None) -> Generation:
+    """Greedy decoding where an `ExitPolicy` (a learned agent or a rule) decides per token, row and layer (at
+    ``exit_layers`` only, when given)."""
     decider = PolicyDecider(policy, model.num_layers, top_k, state_projection)
     return per_token_decoding(model, decider, input_ids, attention_mask, max_new_tokens, propagation, eos_token_id,
-                              pad_token_id, graphs)
+                              pad_token_id, graphs, exit_layers)
