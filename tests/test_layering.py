@@ -7,7 +7,7 @@ from import_graph import cycles, import_graph, layer_of, upward_imports
 
 LAYERS = [
     ("exitrl.options", "exitrl.device", "exitrl.hashing", "exitrl.splits", "exitrl.metrics", "exitrl.observation",
-     "exitrl.report", "exitrl.progress", "exitrl.checkpoint", "exitrl.graphs"),
+     "exitrl.report", "exitrl.progress", "exitrl.checkpoint", "exitrl.graphs", "exitrl.distributed"),
     ("exitrl.data",),
     ("exitrl.backbones",),
     ("exitrl.trace", "exitrl.rewards"),

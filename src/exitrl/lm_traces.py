@@ -21,6 +21,7 @@ from exitrl.backbones.multi_exit import BackboneError
 from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.checkpoint import Checkpoints, CorruptFile
 from exitrl.data.lm_text import SOURCES, file_documents, glue_documents, pack, python_documents
+from exitrl.distributed import barrier, current_world
 from exitrl.hashing import hash_json
 from exitrl.splits import HELD_OUT
 from exitrl.token_tracing import build_token_split
@@ -155,13 +156,16 @@ def load_or_build_lm_trace(backbone: LMBackboneConfig, finetune: FinetuneConfig,
     if backbone.continue_training and not model_dir.is_dir():
         checkpoints = Checkpoints(cache / "lm_backbones" / f"{key}.checkpoint", checkpoint_seconds, work=key)
         info["continued"] = continue_training(model, tokenizer, chunks["train"], finetune, device, checkpoints)
-        model.save(model_dir, tokenizer, extra={"continued": info["continued"]})
+        if current_world().is_main:  # under several processes, process 0 writes
+            model.save(model_dir, tokenizer, extra={"continued": info["continued"]})
+            checkpoints.clear()
         info["path"] = str(model_dir)
-        checkpoints.clear()
     splits = {name: build_token_split(model, c, int(text.top_k), text.state_dim, device=device, seed=seed)
               for name, c in chunks.items()}
     trace = Trace(splits, {"key": key, "kind": "tokens", "task": "lm_text", "metric": "accuracy",
                            "top_k": int(text.top_k), "state_dim": text.state_dim, "length": int(text.length),
                            "chunks": {k: len(v) for k, v in chunks.items()}})
-    trace.save(trace_path)
+    if current_world().is_main:
+        trace.save(trace_path)
+    barrier()
     return trace, model, tokenizer, info

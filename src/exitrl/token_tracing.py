@@ -17,6 +17,7 @@ import torch
 
 from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.device import autocast
+from exitrl.distributed import current_world, in_order
 from exitrl.observation import summarize_token_logits
 from exitrl.trace import STATE_DTYPE, SplitTrace
 
@@ -34,7 +35,8 @@ def state_projection(hidden_size: int, state_dim: int | None, seed: int = 0) -> 
 def build_token_split(model: MultiExitLM, chunks: list[dict], k: int = 8, state_dim: int | None = 64,
                       batch_size: int = 8, device: torch.device | str = "cpu", seed: int = 0) -> SplitTrace:
     """The token trace of ``chunks`` (equal-length ``{"input_ids"}``, `exitrl.data.lm_text.pack`): one row per
-    position that has a successor, ``N = chunks × (length − 1)``."""
+    position that has a successor, ``N = chunks × (length − 1)``. Under several processes each traces every
+    size-th batch and every process gets the merged split, as one process makes it."""
     if k < 2:
         raise ValueError(f"a token trace keeps the top k >= 2 log-probabilities (CALM's margin needs two), got {k}.")
     if not chunks:
@@ -43,12 +45,13 @@ def build_token_split(model: MultiExitLM, chunks: list[dict], k: int = 8, state_
     model.eval().to(device)
     projection = state_projection(model.hidden_size, state_dim, seed)
     projection = None if projection is None else projection.to(device)
-    tables: dict[str, list[torch.Tensor]] = {name: [] for name in
-                                             ("states", "logits", "labels", "predictions", "entropy", "label_lp")}
-    for first in range(0, len(chunks), batch_size):
+    names = ("states", "logits", "labels", "predictions", "entropy", "label_lp")
+    world = current_world()
+    mine: dict[int, dict[str, torch.Tensor]] = {}
+    for first in range(world.rank * batch_size, len(chunks), world.size * batch_size):
         ids = torch.tensor([c["input_ids"] for c in chunks[first:first + batch_size]], device=device)
         targets = ids[:, 1:].reshape(-1)
-        columns: dict[str, list[torch.Tensor]] = {name: [] for name in tables if name != "labels"}
+        columns: dict[str, list[torch.Tensor]] = {name: [] for name in names if name != "labels"}
         with autocast(device):
             states = model.layer_states(ids)
         for layer, hidden in enumerate(states):
@@ -61,9 +64,9 @@ def build_token_split(model: MultiExitLM, chunks: list[dict], k: int = 8, state_
             for name, value in (("states", state.to(STATE_DTYPE)), ("logits", compact), ("entropy", token.entropy),
                                 ("predictions", token.predictions), ("label_lp", label_lp)):
                 columns[name].append(value.cpu())
-        for name, values in columns.items():
-            tables[name].append(torch.stack(values, 1))  # [rows, L, ...]
-        tables["labels"].append(targets.cpu())
-    joined = {name: torch.cat(values) for name, values in tables.items()}
+        mine[first] = {name: torch.stack(values, 1) for name, values in columns.items()}  # [rows, L, ...]
+        mine[first]["labels"] = targets.cpu()
+    parts = in_order(mine)
+    joined = {name: torch.cat([part[name] for part in parts]) for name in names}
     return SplitTrace.from_token_exits(joined["states"], joined["logits"], joined["labels"], joined["predictions"],
                                        joined["entropy"], joined["label_lp"])

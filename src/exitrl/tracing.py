@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from exitrl.backbones.batching import by_length, iterate_batches, tokenize_split
+from exitrl.backbones.batching import batch_order, by_length, padded_batch, tokenize_split
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.checkpoint import CorruptFile, write_atomic
 from exitrl.data import TaskData
 from exitrl.device import autocast
+from exitrl.distributed import barrier, current_world, in_order
 from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
 from exitrl.progress import progress
 from exitrl.trace import STATE_DTYPE, TRACE_FORMAT, SplitTrace, Trace
@@ -26,23 +27,27 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def build_trace(model: MultiExitModel, tokenizer, data: TaskData, max_length: int, device: torch.device,
                 batch_size: int = 64, meta: dict | None = None) -> Trace:
-    """Run the backbone once over every split of ``data``."""
+    """Run the backbone once over every split of ``data``. Under several processes each runs every size-th batch
+    and every process gets the merged trace: the same batches, so the same numbers, as one process makes."""
     device = torch.device(device)
     model.to(device).eval()
+    world = current_world()
     splits = {}
     for name, ds in data.splits.items():
         examples = tokenize_split(tokenizer, ds, max_length)
         order = by_length(examples)  # run shortest first (little padding), then put rows back in split order
         examples = [examples[i] for i in order]
-        states, logits = [], []
-        for batch in progress(iterate_batches(tokenizer, examples, batch_size, device),
-                          total=(len(examples) + batch_size - 1) // batch_size, desc=f"trace {data.name}/{name}",
-                          unit="batch"):
+        batches = batch_order(examples, batch_size, False, None)
+        mine = {}
+        for number in progress(range(world.rank, len(batches), world.size), desc=f"trace {data.name}/{name}",
+                               unit="batch"):
+            batch = padded_batch(tokenizer, [examples[i] for i in batches[number]], device)
             batch.pop("labels")
             with autocast(device):
                 out = model(**batch)
-            states.append(out.pooled.to(STATE_DTYPE).cpu())
-            logits.append(out.logits.float().cpu())
+            mine[number] = (out.pooled.to(STATE_DTYPE).cpu(), out.logits.float().cpu())
+        parts = in_order(mine)
+        states, logits = [p[0] for p in parts], [p[1] for p in parts]
         back = torch.empty(len(order), dtype=torch.long)
         back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         splits[name] = SplitTrace.from_logits(torch.cat(states)[back], torch.cat(logits)[back],
@@ -76,7 +81,9 @@ def load_or_build_trace(model: MultiExitModel, tokenizer, data: TaskData, cache_
     meta = {"key": key, "task": data.name, "label_names": list(data.label_names), "metric": data.metric,
             **settings}
     trace = build_trace(model, tokenizer, data, max_length, device, meta=meta)
-    trace.save(path)
-    write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
-    log.info("Saved trace %s", path)
+    if current_world().is_main:
+        trace.save(path)
+        write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+        log.info("Saved trace %s", path)
+    barrier()
     return trace

@@ -42,6 +42,7 @@ from exitrl.cli import (
 )
 from exitrl.cotraining import CotrainConfig, cotrain_rounds
 from exitrl.device import check_threads, pick_device, set_reproducibility
+from exitrl.distributed import launched_world, start
 from exitrl.hashing import hash_json
 from exitrl.options import checked_options
 from exitrl.pipeline import (
@@ -89,6 +90,9 @@ def plan(cfg: DictConfig) -> TrainPlan:
     if mode == "cotrain" and cfg.backbone.get("kind", "encoder") == "lm":
         raise ValueError("backbone.mode=cotrain trains an encoder classifier under its policy; causal LMs are "
                          "continued with backbone.continue_training=true instead.")
+    if mode == "cotrain" and launched_world().active:
+        raise ValueError("backbone.mode=cotrain runs in one process for now (its rounds refit the agent between "
+                         "backbone epochs); start it without torchrun, or use backbone.mode=frozen.")
     if mode == "cotrain" and agent.spec.kind == ANALYSIS:
         raise ValueError(f"agent={agent.name} reads dev answers and is analysis only: it cannot steer co-training.")
     pick_device(cfg.device)
@@ -114,12 +118,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole job; returns what it writes to metrics.json."""
     started = time.time()
     steps = plan(cfg)
-    writer = open_run(run_dir, cfg)
-    device = pick_device(cfg.device)
+    world, device = start(pick_device(cfg.device))  # torchrun: this process's GPU, the process group
+    writer = open_run(run_dir, cfg) if world.is_main else None
     environment = set_reproducibility(cfg.get("deterministic", False), cfg.get("threads"))
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device, writer)
-    prepared.environment = environment
+    if not world.is_main:  # the backbone and the trace were the shared work; process 0 fits and records
+        return {}
+    prepared.environment = {**environment, "processes": world.size}
     agent = steps.agent
     work = hash_json({"agent": agent.name, "options": agent.option_values(), "reward": agent.reward.record(),
                       "learn_on": agent.learn_on, "seed": cfg.seed, "trace": prepared.trace.meta.get("key")})
@@ -268,9 +274,21 @@ def check_agent_overrides(argv: list[str]) -> None:
             check_agent_option(chosen, typed.lstrip("+~").removeprefix("agent."), typed)
 
 
+def quiet_other_processes(argv: list[str]) -> list[str]:
+    """Under torchrun, processes other than 0 write no run folder, config or log (their folder's timestamp could
+    differ from process 0's)."""
+    world = launched_world()
+    if world.is_main:
+        return argv
+    import tempfile
+
+    return [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+            f"hydra.run.dir={Path(tempfile.gettempdir()) / f'exitrl-process-{world.rank}'}"]
+
+
 def main() -> None:
     try:
-        sys.argv[1:] = resume_arguments(sys.argv[1:])
+        sys.argv[1:] = quiet_other_processes(resume_arguments(sys.argv[1:]))
         prepare_cli(sys.argv[1:])
         if not wants_help(sys.argv[1:]):
             check_agent_overrides(sys.argv[1:])

@@ -33,7 +33,7 @@ def by_length(examples: list[dict]) -> list[int]:
     return sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
 
 
-def _batch_order(examples: list[dict], batch_size: int, shuffle: bool, generator) -> list[list[int]]:
+def batch_order(examples: list[dict], batch_size: int, shuffle: bool, generator) -> list[list[int]]:
     """Index lists of batches. Shuffled batches group similar lengths (within windows of 50 batches) so that
     dynamic padding wastes little compute on the CPU, and the order of batches is then shuffled again."""
     n = len(examples)
@@ -52,10 +52,14 @@ def iterate_batches(tokenizer, examples: list[dict], batch_size: int, device: to
                     shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0) -> Iterator[dict]:
     """Padded batches on ``device``; padding only to the longest example of each batch. ``skip`` leaves out the
     first batches of the order (a resumed epoch), drawing the same order as a whole epoch would."""
-    for chunk_ids in _batch_order(examples, batch_size, shuffle, generator)[skip:]:
-        chunk = [examples[i] for i in chunk_ids]
-        labels = torch.tensor([c["labels"] for c in chunk])
-        padded = tokenizer.pad([{k: v for k, v in c.items() if k != "labels"} for c in chunk], return_tensors="pt")
-        batch = {k: v.to(device) for k, v in padded.items()}
-        batch["labels"] = labels.to(device)
-        yield batch
+    for chunk_ids in batch_order(examples, batch_size, shuffle, generator)[skip:]:
+        yield padded_batch(tokenizer, [examples[i] for i in chunk_ids], device)
+
+
+def padded_batch(tokenizer, chunk: list[dict], device: torch.device) -> dict:
+    """One batch of examples padded to its longest, with ``labels``, on ``device``."""
+    labels = torch.tensor([c["labels"] for c in chunk])
+    padded = tokenizer.pad([{k: v for k, v in c.items() if k != "labels"} for c in chunk], return_tensors="pt")
+    batch = {k: v.to(device) for k, v in padded.items()}
+    batch["labels"] = labels.to(device)
+    return batch

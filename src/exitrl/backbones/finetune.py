@@ -26,6 +26,7 @@ from exitrl.backbones.training import train_stages
 from exitrl.checkpoint import Checkpoints, CorruptFile, verify_manifest, write_manifest
 from exitrl.data import TaskData
 from exitrl.device import autocast
+from exitrl.distributed import barrier, broadcast, current_world
 from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def finetune(model: MultiExitModel, tokenizer, data: TaskData, cfg: FinetuneConf
             writer.add_scalar("backbone/loss", loss.item(), step)
 
     def evaluate_epoch(epoch: int, stage) -> None:
-        if dev is None:
+        if dev is None or not current_world().is_main:  # one process evaluates and logs
             return
         accs = per_layer_accuracy(model, tokenizer, dev, device)
         carry["history"].append(accs)
@@ -85,7 +86,8 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
                      checkpoint_seconds: float = 300.0):
     """Return ``(model, tokenizer, info)``, fine-tuning only when no cached model matches the inputs. Fine-tuning
     checkpoints every ``checkpoint_seconds`` beside the cache entry (``<entry>.checkpoint``), so a killed run's
-    rerun continues where it stopped."""
+    rerun continues where it stopped. Under several processes all train (`train_stages`), process 0 decides
+    whether the cache holds the entry and alone writes it; the key has no process count in it."""
     build_recipe(cfg)  # an unknown objective or a bad option fails here, before loading or training
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_multi_exit(name, data.num_labels, pooling=pooling, package=package)
@@ -95,9 +97,8 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
         "finetune": recipe_settings(cfg),
     })
     folder = Path(cache_dir).expanduser() / "backbones" / f"{data.name}-{key}"
-    if (folder / "exitrl_backbone.json").is_file():
+    if broadcast(cached_entry(folder) if current_world().is_main else None):
         try:
-            verify_manifest(folder)
             log.info("Reusing fine-tuned backbone %s", folder)
             model, tokenizer, meta = MultiExitModel.load(folder, device)
             return model.eval(), tokenizer, {"key": key, "path": str(folder), "cached": True, **meta}
@@ -114,6 +115,9 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
     info = {"key": key, "base": name, "task": data.name, "finetune": asdict(cfg),
             "train_seconds": round(time.time() - start, 1), **history}
     info["checkpoints"] = checkpoints.summary()
+    if not current_world().is_main:
+        barrier()  # process 0 writes the entry
+        return model.eval(), tokenizer, {"path": str(folder), "cached": False, **info}
     tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     model.save(tmp, tokenizer, extra=info)
     (tmp / "finetune.json").write_text(json.dumps(info, indent=2))
@@ -124,4 +128,23 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("%s was written by another process meanwhile; using it.", folder)
     checkpoints.clear()  # only now: the result is whole on disk
+    barrier()
     return model.eval(), tokenizer, {"path": str(folder), "cached": False, **info}
+
+
+def cached_entry(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole cache entry; one whose files fail their manifest is set aside (never
+    silently used, never deleted) so the caller trains again."""
+    if not (folder / "exitrl_backbone.json").is_file():
+        return False
+    try:
+        verify_manifest(folder)
+        return True
+    except CorruptFile as err:
+        aside = folder.with_name(f"{folder.name}.corrupt-{os.getpid()}-{time.time_ns()}")
+        try:
+            folder.rename(aside)
+        except OSError:  # another process moved it aside first
+            pass
+        log.warning("%s; moved to %s and fine-tuning again.", err, aside)
+        return False

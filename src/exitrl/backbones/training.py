@@ -4,6 +4,10 @@
 Per stage: every parameter outside the stage's groups is frozen, AdamW over the groups, optionally the linear
 warm-up/decay schedule, gradient clipping over the trained parameters. Hooks let callers log (``on_step``),
 evaluate after each epoch (``on_epoch``) and edit gradients between backward and the step (``after_backward``).
+
+Under torchrun (`exitrl.distributed`) every process draws the same batch order, trains on its share of each batch,
+and DistributedDataParallel averages the gradients, each share's loss weighted by its rows: the optimiser steps are
+those of one process on the whole batch. Process 0 alone saves checkpoints.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
-from exitrl.backbones.batching import iterate_batches
+from exitrl.backbones.batching import batch_order, padded_batch
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Stage
 from exitrl.checkpoint import Checkpoints, set_rng_state
 from exitrl.device import autocast
+from exitrl.distributed import World, all_sum, current_world, share
 from exitrl.progress import progress
 
 
@@ -28,6 +35,34 @@ def freeze_all_but(model: MultiExitModel, stage: Stage) -> list[torch.nn.Paramet
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
     return trained
+
+
+class StageLoss(nn.Module):
+    """A stage's loss as a module, so DistributedDataParallel can wrap it (its forward is what DDP watches)."""
+
+    def __init__(self, model: nn.Module, stage: Stage):
+        super().__init__()
+        self.model, self.stage_loss = model, stage.loss
+
+    def forward(self, batch: dict, labels: torch.Tensor, where: Progress) -> torch.Tensor:
+        return self.stage_loss(self.model, batch, labels, where)
+
+
+def wrap_for(world: World, model: nn.Module, stage: Stage, device: torch.device) -> nn.Module:
+    """The stage's loss, under DDP when several processes train (built after freezing: DDP syncs what trains)."""
+    loss = StageLoss(model, stage)
+    if not world.active:
+        return loss
+    return DistributedDataParallel(loss, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)  # LayerSkip, DeeBERT: not every exit every step
+
+
+def my_share(tokenizer, examples: list[dict], ids: list[int], world: World, device: torch.device):
+    """This process's rows of one global batch and the weight of its loss (rows × processes ÷ batch rows). A
+    process left without rows (a last batch smaller than the world) runs one row at weight 0."""
+    mine = share(ids, world)
+    weight = len(mine) * world.size / len(ids)
+    return padded_batch(tokenizer, [examples[i] for i in (mine or ids[:1])], device), weight
 
 
 def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages: list[Stage], *, batch_size: int,
@@ -48,6 +83,7 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
     whenever a checkpoint is due, and a run that finds a checkpoint continues from it: the same batches in the same
     order, the same dropout masks, so the result equals an uninterrupted run's. The caller removes the file once the
     result is safely saved."""
+    world = current_world()
     batches_per_epoch = (len(examples) + batch_size - 1) // batch_size
     total = sum(s.epochs for s in stages) * batches_per_epoch
     resume = checkpoints.load() if checkpoints is not None else None
@@ -68,6 +104,7 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
             if stage_index < position["stage"]:
                 continue
             trained = freeze_all_but(model, stage)
+            engine = wrap_for(world, model, stage, device)
             optimizer = torch.optim.AdamW(stage.groups, weight_decay=weight_decay)
             stage_steps = stage.epochs * batches_per_epoch
             scheduler = None if warmup_ratio is None else get_linear_schedule_with_warmup(
@@ -82,17 +119,22 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                 stage_step = first_epoch * batches_per_epoch + skip
                 generator.set_state(resume["epoch_generator"])
                 set_rng_state(resume["rng"])
+            if world.active:  # each process its own dropout masks (its rows differ anyway), any world size
+                torch.manual_seed(torch.initial_seed() + 7919 * world.rank + step)
             for epoch in range(first_epoch, stage.epochs):
                 model.train()
                 epoch_generator = generator.get_state()
-                batches = iterate_batches(tokenizer, examples, batch_size, device, shuffle=True, generator=generator,
-                                          skip=skip if epoch == first_epoch else 0)
-                for batch_number, batch in enumerate(batches, start=skip if epoch == first_epoch else 0):
+                first = skip if epoch == first_epoch else 0
+                order = batch_order(examples, batch_size, True, generator)[first:]
+                for batch_number, ids in enumerate(order, start=first):
+                    batch, weight = my_share(tokenizer, examples, ids, world, device)
                     labels = batch.pop("labels")
                     with autocast(device):
-                        loss = stage.loss(model, batch, labels, Progress(stage_step, stage_steps))
+                        loss = engine(batch, labels, Progress(stage_step, stage_steps))
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * weight).backward()
+                    if world.active:  # the whole batch's loss, as one process would report it
+                        loss = all_sum(loss.detach() * (weight / world.size))
                     if after_backward is not None:
                         after_backward()
                     torch.nn.utils.clip_grad_norm_(trained, clip_norm)
@@ -106,7 +148,7 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                     bar.set_postfix(loss=f"{loss.item():.3f}", stage=stage.name)
                     if on_step is not None:
                         on_step(step, loss, done == total)
-                    if checkpoints is not None and checkpoints.due():
+                    if checkpoints is not None and world.is_main and checkpoints.due():
                         checkpoints.save({
                             "position": {"stage": stage_index, "epoch": epoch, "batch": batch_number + 1},
                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -1,0 +1,107 @@
+"""Processes of the 1-vs-2-process tests (`test_distributed.py`), started by torch.multiprocessing: each joins the
+gloo group the test describes; process 0 saves what it saw for the test to compare."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def join(rank: int, size: int, port: int):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank), "TQDM_DISABLE": "1"})
+    torch.set_num_threads(1)
+    from exitrl.distributed import start
+
+    return start(torch.device("cpu"))
+
+
+def encoder(backbone: str, glue_dir: str):
+    """A tiny encoder without dropout (one process's masks cannot be two processes' masks) and an RTE slice whose
+    batches of 8 are 8, 8 and 1 rows (the last leaves a process without rows)."""
+    from exitrl.backbones.loading import load_multi_exit
+    from exitrl.data import load_task
+
+    data = load_task("rte", glue_dir, limit={"train": 17, "dev": 11})
+    torch.manual_seed(0)
+    model, tokenizer = load_multi_exit(backbone, data.num_labels, dropout=0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model, tokenizer, data
+
+
+def train(model, tokenizer, data, device, on_step, checkpoints=None) -> None:
+    """Two epochs of weighted CE on the slice."""
+    from exitrl.backbones import FinetuneConfig
+    from exitrl.backbones.batching import tokenize_split
+    from exitrl.backbones.recipes import build_recipe
+    from exitrl.backbones.training import train_stages
+
+    cfg = FinetuneConfig(lr=1e-3, head_lr=1e-2, batch_size=8, epochs=2, seed=0)
+    recipe = build_recipe(cfg)
+    recipe.prepare(model)
+    train_stages(model, tokenizer, tokenize_split(tokenizer, data.splits["train"], 64), recipe.stages(model),
+                 batch_size=cfg.batch_size, device=device, generator=torch.Generator().manual_seed(0),
+                 clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, desc="train",
+                 on_step=on_step, checkpoints=checkpoints)
+
+
+def work(rank: int, size: int, port: int, backbone: str, lm: str, glue_dir: str, out: str) -> None:
+    """Trace the untrained encoder and a tiny LM's token trace, then train the encoder."""
+    from transformers import AutoModelForCausalLM
+
+    from exitrl.backbones.multi_exit_lm import MultiExitLM
+    from exitrl.distributed import stop
+    from exitrl.token_tracing import build_token_split
+    from exitrl.tracing import build_trace
+
+    world, device = join(rank, size, port)
+    model, tokenizer, data = encoder(backbone, glue_dir)
+    trace = build_trace(model, tokenizer, data, 64, device, batch_size=4)
+    generator = torch.Generator().manual_seed(0)
+    chunks = [{"input_ids": torch.randint(5, 60, (12,), generator=generator).tolist()} for _ in range(5)]
+    tokens = build_token_split(MultiExitLM(AutoModelForCausalLM.from_pretrained(lm)), chunks, 4, 8, batch_size=2)
+    losses: list[float] = []
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    train(model, tokenizer, data, device, lambda step, loss, last: losses.append(loss.item()))
+    if world.is_main:
+        torch.save({"trace": {name: split.states for name, split in trace.splits.items()},
+                    "logits": {name: split.logits for name, split in trace.splits.items()},
+                    "tokens": {"states": tokens.states, "logits": tokens.logits, "labels": tokens.labels},
+                    "losses": losses, "weights": model.state_dict(), "world": world.size,
+                    "moved": max(float((value - initial[name]).abs().max()) for name, value in
+                                 model.state_dict().items() if value.is_floating_point())},
+                   Path(out) / f"result_{size}.pt")
+    stop()
+
+
+class Killed(Exception):
+    """Stands for a killed job: raised in every process at the same step."""
+
+
+def interrupted(rank: int, size: int, port: int, backbone: str, glue_dir: str, out: str, stop_at: int) -> None:
+    """Train with a checkpoint after every step: stop at step ``stop_at`` (0: never), or finish and save the
+    weights (a rerun resumes from the checkpoint it finds)."""
+    from exitrl.checkpoint import Checkpoints
+    from exitrl.distributed import stop
+
+    world, device = join(rank, size, port)
+    model, tokenizer, data = encoder(backbone, glue_dir)
+
+    steps: list[int] = []
+
+    def on_step(step, loss, last) -> None:
+        if step == stop_at:
+            raise Killed
+        steps.append(step)
+
+    try:
+        train(model, tokenizer, data, device, on_step, Checkpoints(Path(out) / "checkpoint.pt", 0.0, work="w"))
+        if world.is_main:
+            torch.save({"weights": model.state_dict(), "steps": steps}, Path(out) / f"weights_{size}_{stop_at}.pt")
+    except Killed:
+        pass
+    stop()
