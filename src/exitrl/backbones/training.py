@@ -120,7 +120,7 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                 generator.set_state(resume["epoch_generator"])
                 set_rng_state(resume["rng"])
             if world.active:  # each process its own dropout masks (its rows differ anyway), any world size
-                torch.manual_seed(torch.initial_seed() + 7919 * world.rank + step)
+                torch.manual_seed((torch.initial_seed() + 7919 * world.rank + step) % 2**63)
             for epoch in range(first_epoch, stage.epochs):
                 model.train()
                 epoch_generator = generator.get_state()
