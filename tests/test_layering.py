@@ -19,7 +19,8 @@ LAYERS = [
     ("exitrl.record", "exitrl.cotraining", "exitrl.runs", "exitrl.runtime", "exitrl.decoding"),
     ("exitrl.pipeline",),
     ("exitrl.cli",),
-    ("exitrl.train", "exitrl.compare", "exitrl.api", "exitrl.export", "exitrl.predict", "exitrl.generate"),
+    ("exitrl.train", "exitrl.compare", "exitrl.api", "exitrl.export", "exitrl.predict", "exitrl.generate",
+     "exitrl.sweep_points"),
     ("exitrl.sweep",),
 ]
 

@@ -26,7 +26,7 @@ RANGES: dict[str, tuple] = {
         "batch_size", "epochs", "eval_every", "folds", "frames_per_batch", "hidden", "layerskip_rotation", "log_every",
         "max_length", "max_pairs", "meta_batch_size", "meta_epochs", "meta_hidden", "minibatch_size", "n_envs",
         "n_epochs", "n_steps", "num_envs", "patience", "refit_every", "rounds", "samples", "steps", "total_frames",
-        "total_timesteps", "layer", "shallow_layer", "net_arch", "num_cells", "rotation")},
+        "total_timesteps", "layer", "shallow_layer", "net_arch", "num_cells", "rotation", "workers")},
     **{name: NON_NEGATIVE for name in (
         "head_epochs", "freeze_layers", "cost_weight", "weight_decay", "ent_coef", "entropy_coef", "keep_weighted_ce",
         "bonus", "ucb_c", "distill_weight", "alpha", "layerskip_e_scale", "every_seconds")},

@@ -18,8 +18,6 @@ given, else ``sweep.out``.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import inspect
 import logging
 import sys
@@ -34,7 +32,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from exitrl.agents.inputs import learn_split
-from exitrl.agents.registry import agent_names, get_agent
+from exitrl.agents.registry import agent_names
 from exitrl.backbones.loading import backbone_depth
 from exitrl.cli import (
     CONFIGS,
@@ -58,14 +56,13 @@ from exitrl.pipeline import (
     AgentRun,
     Prepared,
     check_depth,
-    open_run,
     prepare,
     prepare_from_trace,
-    record_run,
 )
 from exitrl.progress import progress
-from exitrl.record import FILE_NAME, RunRecord
+from exitrl.record import RunRecord
 from exitrl.rewards import resolve_reward
+from exitrl.sweep_points import record_point, run_points, sweep_devices, with_value
 from exitrl.trace import HELD_OUT
 
 log = logging.getLogger("exitrl.sweep")
@@ -164,14 +161,6 @@ def compose_family(family: str, shared: list[str], own: list[str]) -> DictConfig
         raise ValueError(f"{family}: {err}") from err
 
 
-def with_value(cfg: DictConfig, key: str, value) -> DictConfig:
-    """``cfg`` with one key set (a knob, or ``data.policy_split``)."""
-    point = cfg.copy()
-    OmegaConf.set_struct(point, False)
-    OmegaConf.update(point, key, value, merge=False)
-    return point
-
-
 def run_sweep(argv: list[str]) -> Path:
     """The sweep of the command-line arguments ``argv``; returns its folder."""
     prepare_cli(argv)
@@ -204,6 +193,9 @@ def run_sweep(argv: list[str]) -> Path:
         if depth is not None:  # a grid naming a layer the backbone lacks fails now, not after fine-tuning
             check_grid_depth(runs, [(f, v) for f, grid in args.grids.items() for v in grid], depth)
     device = pick_device(first.device)
+    workers = check_value("sweep.workers", first.sweep.get("workers", 1), int)
+    devices = sweep_devices(OmegaConf.to_container(first.sweep.devices) if first.sweep.get("devices") else None,
+                            device)  # an unknown or absent device is named now, before any work
     environment = set_reproducibility(first.get("deterministic", False), first.get("threads"))
     torch.manual_seed(first.seed)
     out = Path(args.out or first.sweep.out)
@@ -223,6 +215,9 @@ def run_sweep(argv: list[str]) -> Path:
     check_grid_depth(runs, points, num_layers)  # before any point runs
     log.info("Sweeping %d points of %d families on %s (%d layers)", len(points), len(args.families), prepared.task,
              num_layers)
+    if workers > 1:  # the points in parallel; the loop below then finds them recorded and reads them back
+        run_points(prepared, [(f, v, configs[f]) for f, v in points], out, workers, devices,
+                   first.sweep.get("launcher", "joblib"), list(first.sweep.get("launcher_args") or []))
     bar = progress(points, desc=f"sweep {prepared.task}", unit="point")
     recorded = {family: [] for family in args.families}
     for family, value in bar:
@@ -268,61 +263,6 @@ def extend_alpha(cfg: DictConfig, family: str, recorded: list, prepared: Prepare
                      min(saved), max(saved))
             values.append(value)
             saved += saved_off_dev(record_point(cfg, family, value, prepared, out))
-
-
-def finished(run_dirs: list[Path], cfg: DictConfig, prepared: Prepared) -> list[RunRecord] | None:
-    """The records of a point a previous sweep finished with this very config on this trace (a rerun skips it), or
-    None: a point with a missing ``metrics.json`` (killed half-way; it is the last file written) or another config
-    is done again."""
-    wanted = OmegaConf.to_yaml(cfg, resolve=True)
-    records = []
-    for run_dir in run_dirs:
-        metrics, config = run_dir / FILE_NAME, run_dir / "config.yaml"
-        if not metrics.is_file() or not config.is_file():
-            return None
-        try:
-            record = RunRecord.read(metrics)
-        except ValueError:
-            return None
-        if config.read_text() != wanted or record.trace_key != prepared.trace.meta.get("key"):
-            log.warning("%s holds a point of another sweep (config or trace differ): running it again.", run_dir)
-            return None
-        records.append(record)
-    log.info("%s: finished by an earlier run of this sweep, skipped.", run_dirs[0].parent if len(run_dirs) > 1
-             else run_dirs[0])
-    return records
-
-
-def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: Path) -> list[RunRecord]:
-    """Fit one family at one knob value and record it (the same pipeline as ``exitrl.train``). A family that
-    declares a curve (REINFORCE's π threshold) and ``sweep.curve=true`` records one point per curve value from the
-    one fitted policy, in ``<knob>=<value>/<attribute>=<v>/``; returns the records."""
-    spec = get_agent(family)
-    knob = spec.knob
-    cfg = with_value(cfg, knob.key, value)
-    run = AgentRun.from_config(cfg)
-    label = f"{family}[{cfg.sweep.label}]" if cfg.sweep.label else family
-    run_dir = out / label / f"{knob.option}={value}"
-    curve_dirs = ([run_dir / f"{spec.curve.attribute}={v}" for v in spec.curve.values]
-                  if spec.curve is not None and cfg.sweep.get("curve", True) else [run_dir])
-    done = finished(curve_dirs, cfg, prepared)
-    if done is not None:
-        return done
-    writer = open_run(run_dir, cfg)
-    fitted = run.fit(prepared.trace, prepared.device, writer, Path(writer.log_dir), prepared.metric)
-    point = {"key": knob.key, "value": value}
-    if spec.curve is None or not cfg.sweep.get("curve", True):
-        return [record_run(run, fitted, prepared, run_dir, writer, seed=cfg.seed, label=label, knob=point)]
-    writer.close()  # the fit's learning curves stay in <knob>=<value>/tensorboard
-    records = []
-    for setting in spec.curve.values:
-        policy = copy.deepcopy(fitted.policy)
-        setattr(policy, spec.curve.attribute, setting)
-        curve_dir = run_dir / f"{spec.curve.attribute}={setting}"
-        records.append(record_run(run, dataclasses.replace(fitted, policy=policy), prepared, curve_dir,
-                                  open_run(curve_dir, cfg), seed=cfg.seed, label=label,
-                                  knob={**point, "curve": {"attribute": spec.curve.attribute, "value": setting}}))
-    return records
 
 
 def sweep(agents: list[str] | str, env: str = "rte", overrides: list[str] = (), compare_runs: bool = True,

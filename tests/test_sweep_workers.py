@@ -1,0 +1,39 @@
+"""``sweep.workers=2`` spreads a sweep's points over two processes through Hydra multirun and the joblib launcher:
+every point is recorded once, by both workers between them, with the numbers a one-process sweep records; a rerun,
+with any number of workers, skips every finished point."""
+
+from __future__ import annotations
+
+import json
+
+from test_sweep_compare import run_module
+
+
+def test_two_workers_record_every_point_as_one_process_does_and_reruns_skip_them(tiny_bert, glue_dir, tmp_path):
+    cache = tmp_path / "cache"
+    common = ["agent=confidence,patience,static", "env=rte", f"backbone.name={tiny_bert}", "backbone.package=null",
+              f"data.dir={glue_dir}", "data.limit.train=96", "data.limit.dev=32", "backbone.finetune.epochs=1",
+              "sweep.grids.confidence=[0.9,0.8,0.7,0.6]"]
+    spread = run_module("exitrl.sweep", *common, f"sweep.out={tmp_path / 'two'}", "sweep.workers=2", cache=cache)
+    assert spread.returncode == 0, spread.stderr[-3000:]
+    alone = run_module("exitrl.sweep", *common, f"sweep.out={tmp_path / 'one'}", cache=cache)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    two = {p.relative_to(tmp_path / "two"): json.loads(p.read_text()) for p in (tmp_path / "two").rglob("metrics.json")}
+    one = {p.relative_to(tmp_path / "one"): json.loads(p.read_text()) for p in (tmp_path / "one").rglob("metrics.json")}
+    assert len(two) == 4 + 2 + 3 and set(two) == set(one)  # confidence 4, patience 1..2, static 1..3 (3 layers)
+    assert {r["environment"]["sweep_worker"] for r in two.values()} == {0, 1}  # both workers took points
+    for name, record in two.items():
+        assert record["results"] == one[name]["results"], name
+    assert not (tmp_path / "two" / ".plan").exists()  # the plan (a copy of the trace) is removed once done
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").rglob("metrics.json")}
+    for workers in ("2", "1"):
+        again = run_module("exitrl.sweep", *common, f"sweep.out={tmp_path / 'two'}", f"sweep.workers={workers}",
+                           cache=cache)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert {p: p.stat().st_mtime_ns for p in (tmp_path / "two").rglob("metrics.json")} == stamps
+    bad = run_module("exitrl.sweep", *common, f"sweep.out={tmp_path / 'bad'}", "sweep.workers=0", cache=cache)
+    assert bad.returncode == 2 and "sweep.workers" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_module("exitrl.sweep", *common, f"sweep.out={tmp_path / 'bad'}", "sweep.workers=2",
+                     "sweep.devices=[cpu,gpu7]", cache=cache)
+    assert bad.returncode == 2 and "sweep.devices" in bad.stderr and "gpu7" in bad.stderr
+    assert not (tmp_path / "bad").exists()  # refused before any work
