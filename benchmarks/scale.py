@@ -5,6 +5,10 @@ efficiency (throughput on N ÷ N × throughput on 1).
 
     python benchmarks/scale.py --processes 1 2 --out benchmarks/reference/scale_h200_DATE.json   # GPUs (NCCL)
     python benchmarks/scale.py --device cpu --shape small --processes 1 2 --steps 12 --out /tmp/scale_cpu.json
+    python benchmarks/scale.py --sweep --processes 1 2 --out OUT.json    # a 16+-point sweep on 1 and 2 workers
+
+``--sweep`` times ``python -m exitrl.sweep`` with ``sweep.workers=N`` (one worker per GPU, or per CPU process) on a
+backbone and trace that a first, untimed sweep put in the cache: the wall time is the points'.
 
 The global batch is the same for every process count (``--batch-size`` rows, shared out), so N processes take the
 optimiser steps one process takes: throughput is the only thing that changes. Timing: CUDA-synchronised wall time
@@ -86,6 +90,35 @@ def worker(args) -> None:
     stop()
 
 
+SWEEP = ["agent=reinforce,confidence,patience,static", "env=rte", "data.limit.train=800", "data.limit.dev=277",
+         "backbone.finetune.epochs=1", "data.policy_split=0.25", "sweep.grids.reinforce=[0.005,0.01,0.02,0.05]",
+         "sweep.grids.confidence=[0.95,0.9,0.8,0.7,0.6]", "sweep.curve=false", "sweep.adaptive=false"]
+
+
+def time_sweeps(args) -> list[dict]:
+    """Wall time of the same sweep on each worker count, after an untimed run that fills the cache."""
+    import shutil
+
+    scratch = Path(args.scratch) / "sweep"
+    shutil.rmtree(scratch, ignore_errors=True)
+    device = [f"device={args.device}"]
+    env = {**os.environ, "EXITRL_CACHE_DIR": str(scratch / "cache"), "TQDM_DISABLE": "1"}
+    base = [sys.executable, "-m", "exitrl.sweep", *SWEEP, *device, *args.sweep_overrides]
+    subprocess.run([*base, f"sweep.out={scratch / 'warm'}", "sweep.grids.reinforce=[0.01]",
+                    "sweep.grids.confidence=[0.9]"], check=True, env=env)
+    runs = []
+    for workers in args.processes:
+        started = time.perf_counter()
+        subprocess.run([*base, f"sweep.out={scratch / f'workers{workers}'}", f"sweep.workers={workers}"], check=True,
+                       env=env)
+        points = len(list((scratch / f"workers{workers}").rglob("metrics.json")))
+        runs.append({"workers": workers, "seconds": round(time.perf_counter() - started, 1), "points": points})
+        print(json.dumps(runs[-1]), flush=True)
+    for run in runs:
+        run["speedup"] = round(runs[0]["seconds"] / run["seconds"], 3)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
@@ -96,12 +129,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--sweep", action="store_true", help="time a sweep on each worker count instead")
+    parser.add_argument("--sweep-overrides", nargs="*", default=[], help="extra exitrl.sweep overrides")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", default="/tmp/exitrl-scale", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.sweep:
+        runs = time_sweeps(args)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                                            "sweep": SWEEP + args.sweep_overrides, "runs": runs}, indent=1))
         return
     if args.warmup + 2 > args.steps:
         raise SystemExit(f"--steps must exceed --warmup + 1 ({args.warmup + 1}).")
