@@ -99,3 +99,21 @@ def test_torchrun_writes_one_run_and_a_cache_entry_one_process_reuses(tiny_bert,
     assert again["backbone"]["cached"] is True and again["backbone"]["path"] == metrics["backbone"]["path"]
     assert again["trace_key"] == metrics["trace_key"] and again["environment"]["processes"] == 1
     assert again["results"] == metrics["results"]
+
+
+def test_torchrun_cotrains_with_process_zeros_policy(tiny_bert, glue_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXITRL_CACHE_DIR": str(tmp_path / "cache"), "TQDM_DISABLE": "1",
+           "OMP_NUM_THREADS": "1"}
+    overrides = [f"backbone.name={tiny_bert}", "backbone.package=null", "env=rte", f"data.dir={glue_dir}",
+                 "data.limit.train=64", "data.limit.dev=24", "backbone.finetune.epochs=1",
+                 "backbone.finetune.batch_size=8", "agent=reinforce", "agent.epochs=2", "agent.batch_size=8",
+                 "backbone.mode=cotrain", "cotrain.rounds=2", "cotrain.lr=1e-3", "cotrain.head_lr=1e-3",
+                 "device=cpu", "threads=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "exitrl.train", *overrides], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["backbone_mode"] == "cotrain" and metrics["environment"]["processes"] == 2
+    assert [r["round"] for r in metrics["cotrain"]["rounds"]] == [0, 1, 2]
+    assert (tmp_path / "run" / "backbone" / "exitrl_backbone.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]

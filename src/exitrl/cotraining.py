@@ -142,6 +142,8 @@ def round_record(index: int, trace: Trace, policy: ExitPolicy, metric: str, seco
 
 
 def log_round(writer, record: dict) -> None:
+    if writer is None:  # a process other than 0
+        return
     index = record["round"]
     for i, accuracy in enumerate(record["train_per_layer"]):
         writer.add_scalar(f"cotrain/train_accuracy_layer{i + 1}", accuracy, index)
@@ -183,9 +185,11 @@ def cotrain_rounds(model: MultiExitModel, tokenizer, data: TaskData, trace: Trac
                                 backbone_checkpoints)
         step = seen["step"]
         trace = load_or_build_trace(model, tokenizer, data, cache_dir, device, max_length, objective=objective)
-        round_writer = SummaryWriter(str(run_dir / "tensorboard" / f"cotrain_round{index}"))
+        # process 0 (or the only process) logs the round's agent; other processes have no writer
+        round_writer = SummaryWriter(str(run_dir / "tensorboard" / f"cotrain_round{index}")) if writer else None
         policy, agent_info = train_agent(trace, round_writer, agent_checkpoints)
-        round_writer.close()
+        if round_writer is not None:
+            round_writer.close()
         records.append(round_record(index, trace, policy, metric, time.time() - start,
                                     cotrain_exit_histogram=seen["exit_histogram"]))
         log_round(writer, records[-1])

@@ -42,7 +42,7 @@ from exitrl.cli import (
 )
 from exitrl.cotraining import CotrainConfig, cotrain_rounds
 from exitrl.device import check_threads, pick_device, set_reproducibility
-from exitrl.distributed import launched_world, start
+from exitrl.distributed import broadcast, current_world, launched_world, start
 from exitrl.hashing import hash_json
 from exitrl.options import checked_options
 from exitrl.pipeline import (
@@ -57,6 +57,7 @@ from exitrl.pipeline import (
     prepare,
     record_run,
 )
+from exitrl.policy import policy_from_payload
 from exitrl.record import RunRecord
 from exitrl.report import results_table
 from exitrl.runs import Run
@@ -90,9 +91,6 @@ def plan(cfg: DictConfig) -> TrainPlan:
     if mode == "cotrain" and cfg.backbone.get("kind", "encoder") == "lm":
         raise ValueError("backbone.mode=cotrain trains an encoder classifier under its policy; causal LMs are "
                          "continued with backbone.continue_training=true instead.")
-    if mode == "cotrain" and launched_world().active:
-        raise ValueError("backbone.mode=cotrain runs in one process for now (its rounds refit the agent between "
-                         "backbone epochs); start it without torchrun, or use backbone.mode=frozen.")
     if mode == "cotrain" and agent.spec.kind == ANALYSIS:
         raise ValueError(f"agent={agent.name} reads dev answers and is analysis only: it cannot steer co-training.")
     pick_device(cfg.device)
@@ -123,7 +121,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     environment = set_reproducibility(cfg.get("deterministic", False), cfg.get("threads"))
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device, writer)
-    if not world.is_main:  # the backbone and the trace were the shared work; process 0 fits and records
+    if not world.is_main and steps.mode != "cotrain":  # the backbone and the trace were the shared work
         return {}
     prepared.environment = {**environment, "processes": world.size}
     agent = steps.agent
@@ -134,10 +132,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         """The checkpoint file of one piece of this run's work (``agent``; co-training's rounds, backbone, agent)."""
         return Checkpoints(run_dir / f"checkpoint_{name}.pt", checkpoint_seconds(cfg), work=f"{work}:{name}")
 
+    if not world.is_main:  # co-training: every process trains the backbone under process 0's policies
+        fitted = agent.fit(prepared.trace, device, metric=prepared.metric)
+        fitted.policy = process_zeros(fitted.policy)
+        cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, None, None)
+        return {}
     checkpoints = checkpoints_for("agent")
     fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric, checkpoints)
     extra = {"backbone_mode": steps.mode}
     if steps.mode == "cotrain":
+        fitted.policy = process_zeros(fitted.policy)
         prepared, fitted, extra["cotrain"] = cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, writer,
                                                      checkpoints_for)
     prepared.model = None  # the backbone's memory is no longer needed
@@ -149,18 +153,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return record.to_dict()
 
 
+def process_zeros(policy):
+    """Under several processes, process 0's policy on every process (agents fit on each; their floats may differ)."""
+    if not current_world().active:
+        return policy
+    return policy_from_payload(broadcast(policy.payload() if current_world().is_main else None))
+
+
 def cotrain(agent: AgentRun, fitted, prepared: Prepared, cotrain_cfg: CotrainConfig, cfg: DictConfig, run_dir: Path,
-            writer, checkpoints: Callable[[str], Checkpoints]) -> tuple[Prepared, object, dict]:
-    """ConsistentEE's iterative training after round 0; the co-trained backbone is saved in the run folder."""
+            writer, checkpoints: Callable[[str], Checkpoints] | None) -> tuple[Prepared, object, dict]:
+    """ConsistentEE's iterative training after round 0; the co-trained backbone is saved in the run folder. Under
+    several processes every process trains the backbone (`train_stages`) and refits the agent, and all use process
+    0's policy; the others pass no ``writer`` and no ``checkpoints`` (process 0 writes)."""
     def train_agent(trace, agent_writer, agent_checkpoints):
-        refit = agent.fit(trace, prepared.device, agent_writer, Path(agent_writer.log_dir), prepared.metric,
+        refit = agent.fit(trace, prepared.device, agent_writer,
+                          None if agent_writer is None else Path(agent_writer.log_dir), prepared.metric,
                           agent_checkpoints)
-        return refit.policy, refit.info
+        return process_zeros(refit.policy), refit.info
 
     trace, policy, last_info, rounds = cotrain_rounds(
         prepared.model, prepared.tokenizer, prepared.data, prepared.trace, fitted.policy, train_agent, cotrain_cfg,
         cfg.cache_dir, prepared.device, prepared.finetune.max_length, run_dir, writer, prepared.metric,
-        lambda name: checkpoints(f"cotrain_{name}"))
+        None if checkpoints is None else lambda name: checkpoints(f"cotrain_{name}"))
+    if writer is None:
+        return prepared, fitted, {}
     prepared.model.save(run_dir / "backbone", prepared.tokenizer, extra={"cotrain": asdict(cotrain_cfg)})
     fitted.policy, fitted.info = policy, last_info or fitted.info
     record = {"config": asdict(cotrain_cfg), "rounds": rounds, "backbone": str(run_dir / "backbone")}
