@@ -3,15 +3,14 @@
 trace, each point's config), and starts ``python -m exitrl.sweep_points --multirun point=0,...,K-1`` with
 ``hydra/launcher=joblib`` and N jobs. Each joblib worker claims one device slot for its lifetime (a lock file per
 slot: slot i runs on ``devices[i % len(devices)]``), so N workers on N GPUs run one point per GPU; a point that an
-earlier run finished is skipped (`exitrl.sweep.record_point`). On several machines the same command runs with a
-launcher plugin that spans them (Ray, Slurm/submitit) and a plan folder they all see.
+earlier run finished is skipped (`record_point`, which a one-process sweep uses too). On several machines the
+same command runs with a launcher plugin that spans them (Ray, Slurm/submitit) and a plan folder they all see.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import fcntl
 import logging
 import os
 from pathlib import Path
@@ -47,6 +46,8 @@ def write_plan(folder: Path, prepared: Prepared, points: list[tuple[str, object,
 
 def claim_slot(folder: Path, workers: int) -> int:
     """The first slot no live process holds (the lock goes with the process, so a killed worker frees it)."""
+    import fcntl  # POSIX: only workers need it
+
     for slot in range(workers):
         handle = open(folder / f"slot-{slot}.lock", "w")  # noqa: SIM115 - held open for the worker's life
         try:
