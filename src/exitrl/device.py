@@ -59,3 +59,13 @@ def autocast(device: torch.device | str):
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def varied_shape_attention():
+    """Scaled-dot-product attention without cuDNN's backend, for loops whose batches change shape from step to step
+    (dynamic padding in fine-tuning and tracing): cuDNN builds an execution plan for every new shape on the host,
+    which a GPU profile of fine-tuning showed costing more than the GPU's whole step. The flash, memory-efficient
+    and math backends compute the same attention without that. A no-op on the CPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

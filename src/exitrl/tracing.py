@@ -15,7 +15,7 @@ from exitrl.backbones.batching import batch_order, by_length, padded_batch, toke
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.checkpoint import CorruptFile, write_atomic
 from exitrl.data import TaskData
-from exitrl.device import autocast
+from exitrl.device import autocast, varied_shape_attention
 from exitrl.distributed import barrier, current_world, in_order
 from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
 from exitrl.progress import progress
@@ -43,7 +43,7 @@ def build_trace(model: MultiExitModel, tokenizer, data: TaskData, max_length: in
                                unit="batch"):
             batch = padded_batch(tokenizer, [examples[i] for i in batches[number]], device)
             batch.pop("labels")
-            with autocast(device):
+            with autocast(device), varied_shape_attention():
                 out = model(**batch)
             mine[number] = (out.pooled.to(STATE_DTYPE).cpu(), out.logits.float().cpu())
         parts = in_order(mine)

@@ -23,7 +23,7 @@ from exitrl.backbones.batching import batch_order, padded_batch
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Stage
 from exitrl.checkpoint import Checkpoints, set_rng_state
-from exitrl.device import autocast
+from exitrl.device import autocast, varied_shape_attention
 from exitrl.distributed import World, all_sum, current_world, share
 from exitrl.progress import progress
 
@@ -129,7 +129,7 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                 for batch_number, ids in enumerate(order, start=first):
                     batch, weight = my_share(tokenizer, examples, ids, world, device)
                     labels = batch.pop("labels")
-                    with autocast(device):
+                    with autocast(device), varied_shape_attention():
                         loss = engine(batch, labels, Progress(stage_step, stage_steps))
                     optimizer.zero_grad(set_to_none=True)
                     (loss * weight).backward()
