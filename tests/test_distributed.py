@@ -117,3 +117,24 @@ def test_torchrun_cotrains_with_process_zeros_policy(tiny_bert, glue_dir, tmp_pa
     assert [r["round"] for r in metrics["cotrain"]["rounds"]] == [0, 1, 2]
     assert (tmp_path / "run" / "backbone" / "exitrl_backbone.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
+
+
+def test_torchrun_continues_an_lm_with_layerskip_and_one_process_reuses_it(glue_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXITRL_CACHE_DIR": str(tmp_path / "cache"), "TQDM_DISABLE": "1",
+           "OMP_NUM_THREADS": "1"}
+    overrides = ["env=lm_text", "backbone=tiny_llama", "env.lm_text.length=16",
+                 "env.lm_text.max_chunks={train: 24, dev: 12, policy: 16}", "backbone.finetune.epochs=1",
+                 "data.policy_split=0.3", "seed=1", f"data.dir={glue_dir}", "backbone.continue_training=true",
+                 "backbone.finetune.objective=layerskip", "agent=confidence", "device=cpu", "threads=1"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "exitrl.train", *overrides, f"hydra.run.dir={tmp_path / 'two'}"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "exitrl.train", *overrides, f"hydra.run.dir={tmp_path / 'one'}"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    first, again = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("two", "one"))
+    assert first["environment"]["processes"] == 2 and again["environment"]["processes"] == 1
+    assert first["backbone"]["path"] == again["backbone"]["path"]  # the continued LM, written once, reused
+    assert len(list((tmp_path / "cache" / "lm_backbones").iterdir())) == 1
+    assert again["trace_key"] == first["trace_key"] and again["results"] == first["results"]

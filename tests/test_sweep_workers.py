@@ -16,6 +16,7 @@ def test_two_workers_record_every_point_as_one_process_does_and_reruns_skip_them
               "sweep.grids.confidence=[0.9,0.8,0.7,0.6]"]
     spread = run_module("exitrl.sweep", *common, f"sweep.out={tmp_path / 'two'}", "sweep.workers=2", cache=cache)
     assert spread.returncode == 0, spread.stderr[-3000:]
+    assert "9 points on 2 workers" in spread.stderr
     alone = run_module("exitrl.sweep", *common, f"sweep.out={tmp_path / 'one'}", cache=cache)
     assert alone.returncode == 0, alone.stderr[-3000:]
     two = {p.relative_to(tmp_path / "two"): json.loads(p.read_text()) for p in (tmp_path / "two").rglob("metrics.json")}
@@ -30,6 +31,7 @@ def test_two_workers_record_every_point_as_one_process_does_and_reruns_skip_them
         again = run_module("exitrl.sweep", *common, f"sweep.out={tmp_path / 'two'}", f"sweep.workers={workers}",
                            cache=cache)
         assert again.returncode == 0, again.stderr[-3000:]
+        assert "points on" not in again.stderr  # nothing left to do: no workers started
         assert {p: p.stat().st_mtime_ns for p in (tmp_path / "two").rglob("metrics.json")} == stamps
     bad = run_module("exitrl.sweep", *common, f"sweep.out={tmp_path / 'bad'}", "sweep.workers=0", cache=cache)
     assert bad.returncode == 2 and "sweep.workers" in bad.stderr and "Traceback" not in bad.stderr

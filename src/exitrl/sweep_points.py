@@ -95,10 +95,12 @@ def comparable(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(plain))
 
 
-def finished(run_dirs: list[Path], cfg: DictConfig, prepared: Prepared) -> list[RunRecord] | None:
+def finished(run_dirs: list[Path], cfg: DictConfig, prepared: Prepared, quiet: bool = False
+             ) -> list[RunRecord] | None:
     """The records of a point a previous sweep finished with this very config on this trace (a rerun skips it), or
     None: a point with a missing ``metrics.json`` (killed half-way; it is the last file written) or another config
-    is done again. How the sweep was spread (``sweep.workers``, ``sweep.devices``) does not count."""
+    is done again. How the sweep was spread (``sweep.workers``, ``sweep.devices``) does not count. ``quiet``: no
+    log lines (a look before dispatching points)."""
     wanted = comparable(cfg)
     records = []
     for run_dir in run_dirs:
@@ -110,12 +112,26 @@ def finished(run_dirs: list[Path], cfg: DictConfig, prepared: Prepared) -> list[
         except ValueError:
             return None
         if comparable(OmegaConf.load(config)) != wanted or record.trace_key != prepared.trace.meta.get("key"):
-            log.warning("%s holds a point of another sweep (config or trace differ): running it again.", run_dir)
+            if not quiet:
+                log.warning("%s holds a point of another sweep (config or trace differ): running it again.",
+                            run_dir)
             return None
         records.append(record)
-    log.info("%s: finished by an earlier run of this sweep, skipped.", run_dirs[0].parent if len(run_dirs) > 1
-             else run_dirs[0])
+    if not quiet:
+        log.info("%s: finished by an earlier run of this sweep, skipped.", run_dirs[0].parent if len(run_dirs) > 1
+                 else run_dirs[0])
     return records
+
+
+def point_folders(cfg: DictConfig, family: str, value, out: Path) -> tuple[DictConfig, Path, list[Path]]:
+    """A point's config (the knob set), its folder and the folders its records go to (one per curve value)."""
+    spec = get_agent(family)
+    cfg = with_value(cfg, spec.knob.key, value)
+    label = f"{family}[{cfg.sweep.label}]" if cfg.sweep.label else family
+    run_dir = out / label / f"{spec.knob.option}={value}"
+    curve_dirs = ([run_dir / f"{spec.curve.attribute}={v}" for v in spec.curve.values]
+                  if spec.curve is not None and cfg.sweep.get("curve", True) else [run_dir])
+    return cfg, run_dir, curve_dirs
 
 
 def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: Path) -> list[RunRecord]:
@@ -124,12 +140,9 @@ def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: P
     one fitted policy, in ``<knob>=<value>/<attribute>=<v>/``; returns the records."""
     spec = get_agent(family)
     knob = spec.knob
-    cfg = with_value(cfg, knob.key, value)
+    cfg, run_dir, curve_dirs = point_folders(cfg, family, value, out)
     run = AgentRun.from_config(cfg)
     label = f"{family}[{cfg.sweep.label}]" if cfg.sweep.label else family
-    run_dir = out / label / f"{knob.option}={value}"
-    curve_dirs = ([run_dir / f"{spec.curve.attribute}={v}" for v in spec.curve.values]
-                  if spec.curve is not None and cfg.sweep.get("curve", True) else [run_dir])
     done = finished(curve_dirs, cfg, prepared)
     if done is not None:
         return done
@@ -173,6 +186,13 @@ def run_points(prepared: Prepared, points: list[tuple[str, object, DictConfig]],
     import subprocess
     import sys
 
+    def pending(cfg: DictConfig, family: str, value) -> bool:
+        point_cfg, _, folders = point_folders(cfg, family, value, out)
+        return finished(folders, point_cfg, prepared, quiet=True) is None
+
+    points = [(f, v, c) for f, v, c in points if pending(c, f, v)]
+    if not points:  # an earlier run recorded them all: no workers to start
+        return
     folder = write_plan(out / ".plan", prepared, points, out, devices, workers)
     command = [sys.executable, "-m", "exitrl.sweep_points", "--multirun", f"plan={folder}",
                f"point={','.join(str(i) for i in range(len(points)))}", f"hydra/launcher={launcher}",
