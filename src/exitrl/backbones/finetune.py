@@ -102,13 +102,8 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
             log.info("Reusing fine-tuned backbone %s", folder)
             model, tokenizer, meta = MultiExitModel.load(folder, device)
             return model.eval(), tokenizer, {"key": key, "path": str(folder), "cached": True, **meta}
-        except CorruptFile as err:  # set it aside (never silently used, never deleted) and fine-tune again
-            aside = folder.with_name(f"{folder.name}.corrupt-{os.getpid()}-{time.time_ns()}")
-            try:
-                folder.rename(aside)
-            except OSError:  # another process moved it aside first
-                pass
-            log.warning("%s; moved to %s and fine-tuning again.", err, aside)
+        except CorruptFile as err:
+            set_aside(folder, err)
     start = time.time()
     checkpoints = Checkpoints(folder.with_name(folder.name + ".checkpoint"), checkpoint_seconds, work=key)
     history = finetune(model, tokenizer, data, cfg, device, writer, checkpoints)
@@ -133,18 +128,22 @@ def load_or_finetune(name: str, data: TaskData, cfg: FinetuneConfig, cache_dir: 
 
 
 def cached_entry(folder: Path) -> bool:
-    """Whether ``folder`` holds a whole cache entry; one whose files fail their manifest is set aside (never
-    silently used, never deleted) so the caller trains again."""
+    """Whether ``folder`` holds a whole cache entry; one whose files fail their manifest is set aside."""
     if not (folder / "exitrl_backbone.json").is_file():
         return False
     try:
         verify_manifest(folder)
         return True
     except CorruptFile as err:
-        aside = folder.with_name(f"{folder.name}.corrupt-{os.getpid()}-{time.time_ns()}")
-        try:
-            folder.rename(aside)
-        except OSError:  # another process moved it aside first
-            pass
-        log.warning("%s; moved to %s and fine-tuning again.", err, aside)
+        set_aside(folder, err)
         return False
+
+
+def set_aside(folder: Path, err: CorruptFile) -> None:
+    """A corrupt cache entry is renamed (never silently used, never deleted), so the caller fine-tunes again."""
+    aside = folder.with_name(f"{folder.name}.corrupt-{os.getpid()}-{time.time_ns()}")
+    try:
+        folder.rename(aside)
+    except OSError:  # another process moved it aside first
+        pass
+    log.warning("%s; moved to %s and fine-tuning again.", err, aside)
