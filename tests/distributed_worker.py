@@ -49,12 +49,41 @@ def train(model, tokenizer, data, device, on_step, checkpoints=None) -> None:
                  on_step=on_step, checkpoints=checkpoints)
 
 
-def work(rank: int, size: int, port: int, backbone: str, lm: str, glue_dir: str, out: str) -> None:
-    """Trace the untrained encoder and a tiny LM's token trace, then train the encoder."""
-    from transformers import AutoModelForCausalLM
+def tied_lm(lm: str):
+    """The tiny Llama with its LM head tied to the token embedding (as SmolLM2's is), as a `MultiExitLM`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from exitrl.backbones.multi_exit_lm import MultiExitLM
-    from exitrl.distributed import stop
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(lm, tie_word_embeddings=True)
+    return MultiExitLM(AutoModelForCausalLM.from_config(config))
+
+
+def train_lm(model, tokenizer, device, on_step) -> None:
+    """Next-token CE at every exit on 5 random chunks, batches of 2 (the last leaves a process without rows)."""
+    from exitrl.backbones import FinetuneConfig
+    from exitrl.backbones.recipes import build_recipe
+    from exitrl.backbones.training import train_stages
+
+    generator = torch.Generator().manual_seed(1)
+    ids = [torch.randint(5, 60, (12,), generator=generator).tolist() for _ in range(5)]
+    chunks = [{"input_ids": chunk, "labels": chunk} for chunk in ids]  # as exitrl.data.lm_text.pack makes them
+    cfg = FinetuneConfig(lr=1e-3, batch_size=2, epochs=1, seed=0)
+    recipe = build_recipe(cfg)
+    recipe.prepare(model)
+    train_stages(model, tokenizer, chunks, recipe.stages(model), batch_size=cfg.batch_size, device=device,
+                 generator=torch.Generator().manual_seed(0), clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay,
+                 warmup_ratio=cfg.warmup_ratio, desc="train lm", on_step=on_step)
+
+
+def work(rank: int, size: int, port: int, backbone: str, lm: str, glue_dir: str, out: str) -> None:
+    """Trace the untrained encoder and a tiny LM's token trace, then train the encoder (with DDP; two processes also
+    with FSDP2) and a tied tiny LM (FSDP2 on two processes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exitrl.backbones.multi_exit_lm import MultiExitLM
+    from exitrl.distributed import start, stop
     from exitrl.token_tracing import build_token_split
     from exitrl.tracing import build_trace
 
@@ -67,8 +96,20 @@ def work(rank: int, size: int, port: int, backbone: str, lm: str, glue_dir: str,
     losses: list[float] = []
     initial = {name: value.clone() for name, value in model.state_dict().items()}
     train(model, tokenizer, data, device, lambda step, loss, last: losses.append(loss.item()))
+    sharded = {"losses": losses, "weights": model.state_dict()}
+    if world.active:
+        start(device, sharding="fsdp")
+        twin, tokenizer, data = encoder(backbone, glue_dir)
+        sharded = {"losses": []}
+        train(twin, tokenizer, data, device, lambda step, loss, last: sharded["losses"].append(loss.item()))
+        sharded["weights"] = twin.state_dict()
+    lm_model, lm_losses = tied_lm(lm), []
+    train_lm(lm_model, AutoTokenizer.from_pretrained(lm), device,
+             lambda step, loss, last: lm_losses.append(loss.item()))
+    assert lm_model.lm.lm_head.weight is lm_model.lm.model.embed_tokens.weight  # still tied after the gather
     if world.is_main:
-        torch.save({"trace": {name: split.states for name, split in trace.splits.items()},
+        torch.save({"fsdp": sharded, "lm": {"losses": lm_losses, "weights": lm_model.state_dict()},
+                    "trace": {name: split.states for name, split in trace.splits.items()},
                     "logits": {name: split.logits for name, split in trace.splits.items()},
                     "tokens": {"states": tokens.states, "logits": tokens.logits, "labels": tokens.labels},
                     "losses": losses, "weights": model.state_dict(), "world": world.size,
@@ -82,13 +123,15 @@ class Killed(Exception):
     """Stands for a killed job: raised in every process at the same step."""
 
 
-def interrupted(rank: int, size: int, port: int, backbone: str, glue_dir: str, out: str, stop_at: int) -> None:
+def interrupted(rank: int, size: int, port: int, backbone: str, glue_dir: str, out: str, stop_at: int,
+                sharding: str = "ddp") -> None:
     """Train with a checkpoint after every step: stop at step ``stop_at`` (0: never), or finish and save the
-    weights (a rerun resumes from the checkpoint it finds)."""
+    weights and the steps this run took (a rerun resumes from the checkpoint it finds)."""
     from exitrl.checkpoint import Checkpoints
-    from exitrl.distributed import stop
+    from exitrl.distributed import start, stop
 
     world, device = join(rank, size, port)
+    start(device, sharding)
     model, tokenizer, data = encoder(backbone, glue_dir)
 
     steps: list[int] = []
@@ -101,7 +144,7 @@ def interrupted(rank: int, size: int, port: int, backbone: str, glue_dir: str, o
     try:
         train(model, tokenizer, data, device, on_step, Checkpoints(Path(out) / "checkpoint.pt", 0.0, work="w"))
         if world.is_main:
-            torch.save({"weights": model.state_dict(), "steps": steps}, Path(out) / f"weights_{size}_{stop_at}.pt")
+            torch.save({"weights": model.state_dict(), "steps": steps}, Path(out) / "weights.pt")
     except Killed:
         pass
     stop()

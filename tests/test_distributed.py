@@ -1,6 +1,7 @@
 """Two processes (torch.distributed, gloo on the CPU) do what one does: the same sharded trace, bit for bit, and the
 same optimiser steps (loss of every step, weights at the end) when a global batch is shared out row by row, even
-when a last batch leaves a process without rows; ``torchrun -m exitrl.train`` writes one run and a cache entry a
+when a last batch leaves a process without rows, with DDP and with FSDP2 (a tied LM too); a checkpoint FSDP2 wrote
+on two processes resumes on one; ``torchrun -m exitrl.train`` writes one run and a cache entry a
 one-process run reuses."""
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from distributed_worker import interrupted, work
+from omegaconf import OmegaConf
 
 from exitrl.distributed import World, launched_world, share
+from exitrl.train import sharding
 
 TESTS = Path(__file__).resolve().parent
 
@@ -42,6 +45,9 @@ def test_shares_and_the_launched_world(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ValueError, match="torchrun"):
         launched_world()
+    assert sharding(OmegaConf.create({})) == "ddp" and sharding(OmegaConf.create({"distributed": {"sharding": "fsdp"}}))
+    with pytest.raises(ValueError, match="distributed.sharding='zero'; valid: ddp, fsdp"):
+        sharding(OmegaConf.create({"distributed": {"sharding": "zero"}}))
 
 
 def test_two_processes_trace_and_train_as_one_does(tiny_bert, tiny_llama, glue_dir, tmp_path):
@@ -62,21 +68,31 @@ def test_two_processes_trace_and_train_as_one_does(tiny_bert, tiny_llama, glue_d
     for name, weight in one["weights"].items():
         torch.testing.assert_close(two["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
     assert one["moved"] > 1e-3 and two["moved"] > 1e-3  # they trained
+    # FSDP2 (a sharded copy trains, the plain model gets the gathered weights) takes the same steps
+    assert two["fsdp"]["losses"] == pytest.approx(one["losses"], rel=1e-4)
+    for name, weight in one["weights"].items():
+        torch.testing.assert_close(two["fsdp"]["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    assert len(one["lm"]["losses"]) == 3  # a tied LM: 5 chunks in batches of 2, 2 and 1
+    assert two["lm"]["losses"] == pytest.approx(one["lm"]["losses"], rel=1e-4)
+    for name, weight in one["lm"]["weights"].items():
+        torch.testing.assert_close(two["lm"]["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_checkpoint_of_two_processes_resumes_in_one(tiny_bert, glue_dir, tmp_path):
+def test_checkpoints_resume_across_process_counts_and_shardings(tiny_bert, glue_dir, tmp_path):
+    """FSDP2 on two processes stops after step 2; one process resumes it and stops after step 4; FSDP2 on two
+    processes finishes: the weights of one uninterrupted process."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     for folder in (whole, resumed):
         folder.mkdir()
     mp.spawn(interrupted, args=(1, free_port(), str(tiny_bert), str(glue_dir), str(whole), 0), nprocs=1)
-    mp.spawn(interrupted, args=(2, free_port(), str(tiny_bert), str(glue_dir), str(resumed), 4), nprocs=2)
-    assert (resumed / "checkpoint.pt").is_file() and not list(resumed.glob("weights_*"))  # stopped at step 4
-    mp.spawn(interrupted, args=(1, free_port(), str(tiny_bert), str(glue_dir), str(resumed), 0), nprocs=1)
-    one, two_then_one = (torch.load(f / "weights_1_0.pt") for f in (whole, resumed))
-    assert one["steps"] == [1, 2, 3, 4, 5, 6] and two_then_one["steps"] == [4, 5, 6]  # it resumed after step 3
-    one, two_then_one = one["weights"], two_then_one["weights"]
-    for name, weight in one.items():
-        torch.testing.assert_close(two_then_one[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    for size, stop_at in ((2, 3), (1, 5), (2, 0)):
+        mp.spawn(interrupted, args=(size, free_port(), str(tiny_bert), str(glue_dir), str(resumed), stop_at, "fsdp"),
+                 nprocs=size)
+        assert (resumed / "checkpoint.pt").is_file() and (resumed / "weights.pt").is_file() == (stop_at == 0)
+    one, resumed = (torch.load(f / "weights.pt") for f in (whole, resumed))
+    assert one["steps"] == [1, 2, 3, 4, 5, 6] and resumed["steps"] == [5, 6]  # the last run resumed after step 4
+    for name, weight in one["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_torchrun_writes_one_run_and_a_cache_entry_one_process_reuses(tiny_bert, glue_dir, tmp_path):
@@ -101,25 +117,26 @@ def test_torchrun_writes_one_run_and_a_cache_entry_one_process_reuses(tiny_bert,
     assert again["results"] == metrics["results"]
 
 
-def test_torchrun_cotrains_with_process_zeros_policy(tiny_bert, glue_dir, tmp_path):
+def test_torchrun_cotrains_sharded_with_process_zeros_policy(tiny_bert, glue_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXITRL_CACHE_DIR": str(tmp_path / "cache"), "TQDM_DISABLE": "1",
            "OMP_NUM_THREADS": "1"}
     overrides = [f"backbone.name={tiny_bert}", "backbone.package=null", "env=rte", f"data.dir={glue_dir}",
                  "data.limit.train=64", "data.limit.dev=24", "backbone.finetune.epochs=1",
                  "backbone.finetune.batch_size=8", "agent=reinforce", "agent.epochs=2", "agent.batch_size=8",
                  "backbone.mode=cotrain", "cotrain.rounds=2", "cotrain.lr=1e-3", "cotrain.head_lr=1e-3",
-                 "device=cpu", "threads=1", f"hydra.run.dir={tmp_path / 'run'}"]
+                 "distributed.sharding=fsdp", "device=cpu", "threads=1", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "exitrl.train", *overrides], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["backbone_mode"] == "cotrain" and metrics["environment"]["processes"] == 2
+    assert metrics["environment"]["sharding"] == "fsdp"
     assert [r["round"] for r in metrics["cotrain"]["rounds"]] == [0, 1, 2]
     assert (tmp_path / "run" / "backbone" / "exitrl_backbone.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
 
 
-def test_torchrun_continues_an_lm_with_layerskip_and_one_process_reuses_it(glue_dir, tmp_path):
+def test_torchrun_continues_an_lm_sharded_and_one_process_reuses_it(glue_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXITRL_CACHE_DIR": str(tmp_path / "cache"), "TQDM_DISABLE": "1",
            "OMP_NUM_THREADS": "1"}
     overrides = ["env=lm_text", "backbone=tiny_llama", "env.lm_text.length=16",
@@ -127,8 +144,8 @@ def test_torchrun_continues_an_lm_with_layerskip_and_one_process_reuses_it(glue_
                  "data.policy_split=0.3", "seed=1", f"data.dir={glue_dir}", "backbone.continue_training=true",
                  "backbone.finetune.objective=layerskip", "agent=confidence", "device=cpu", "threads=1"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "exitrl.train", *overrides, f"hydra.run.dir={tmp_path / 'two'}"], env=env,
-                         capture_output=True, text=True, timeout=600)
+                          "-m", "exitrl.train", *overrides, "distributed.sharding=fsdp",
+                          f"hydra.run.dir={tmp_path / 'two'}"], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "exitrl.train", *overrides, f"hydra.run.dir={tmp_path / 'one'}"],
                          env=env, capture_output=True, text=True, timeout=600)

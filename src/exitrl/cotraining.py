@@ -27,6 +27,7 @@ from exitrl.backbones.recipes.base import Progress, Stage, body_parameters
 from exitrl.backbones.training import train_stages
 from exitrl.checkpoint import Checkpoints, set_rng_state
 from exitrl.data import TaskData
+from exitrl.distributed import all_sum
 from exitrl.evaluate import evaluate_policy, run_policy
 from exitrl.policy import ExitPolicy, policy_from_payload
 from exitrl.trace import SplitTrace, Trace
@@ -71,8 +72,9 @@ def trainable_body(model: MultiExitModel, freeze_layers: int) -> list[torch.nn.P
 
 def drop_unreached(model: MultiExitModel, exit_layers: torch.Tensor) -> None:
     """Clear the gradients of layers above the deepest exit and of heads no row exited at: they got no signal
-    (only zeros from stacking), and AdamW would otherwise still move them (weight decay, momentum)."""
-    histogram = torch.bincount(exit_layers.cpu() - 1, minlength=model.num_layers)
+    (only zeros from stacking), and AdamW would otherwise still move them (weight decay, momentum). Under several
+    processes "reached" means by a row of any process (their gradients were averaged), so all clear the same."""
+    histogram = all_sum(torch.bincount(exit_layers - 1, minlength=model.num_layers)).cpu()  # NCCL: on the GPU
     deepest = int(histogram.nonzero().max()) + 1
     reached = {id(model.layers[i]) for i in range(deepest)}  # ALBERT shares one layer across depths
     unreached = [model.layers[i] for i in range(deepest, model.num_layers) if id(model.layers[i]) not in reached]
@@ -112,15 +114,11 @@ def cotrain_backbone(model: MultiExitModel, tokenizer, train_split, policy: Exit
             writer.add_scalar("cotrain/loss", loss.item(), step)
             writer.add_scalar("cotrain/avg_exit_layer", exit_layers.float().mean().item(), step)
 
-    moving = trainable_body(model, int(cfg.freeze_layers))
-    moving_ids = {id(p) for p in moving}
-    fixed = [p for p in body_parameters(model) if id(p) not in moving_ids]
+    moving = trainable_body(model, int(cfg.freeze_layers))  # the rest of the body is frozen by the stage
 
-    def after_backward() -> None:
-        for parameter in fixed:
-            parameter.grad = None
+    def after_backward(trained: MultiExitModel) -> None:
         if not cfg.keep_weighted_ce:  # with the weighted CE every layer and head gets signal
-            drop_unreached(model, latest["exit_layers"])
+            drop_unreached(trained, latest["exit_layers"])
 
     stage = Stage("cotrain", cfg.epochs, [{"params": moving, "lr": cfg.lr},
                                           {"params": list(model.heads.parameters()), "lr": cfg.head_lr}], loss_at_exits)

@@ -7,6 +7,10 @@ N processes take the optimiser steps one process takes (up to the order of float
 cache keys leave the number of processes out, and why a checkpoint resumes on any number of GPUs. Process 0 writes
 every file (run record, cache entries, checkpoints); the others wait at `barrier` where a file must exist first.
 
+Two ways to hold the model (``distributed.sharding``): ``ddp`` (DistributedDataParallel: every process holds all of
+it) and ``fsdp`` (FSDP2's ``fully_shard``: weights, gradients and optimiser state split over the processes, for
+backbones whose training does not fit one GPU). The choice changes memory and speed, never the optimiser steps.
+
 One process (no ``WORLD_SIZE``, or 1) is the plain path: every helper here is then a no-op.
 """
 
@@ -19,14 +23,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+SHARDINGS = ("ddp", "fsdp")
+_sharding = "ddp"  # the started group's choice (`start`), like the process group itself: one per process
+
 
 @dataclass(frozen=True)
 class World:
-    """This process's place: ``rank`` of ``size`` processes, ``local_rank`` on its machine."""
+    """This process's place: ``rank`` of ``size`` processes, ``local_rank`` on its machine, and how training holds
+    the model across them (``sharding``, one of `SHARDINGS`)."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    sharding: str = "ddp"
 
     @property
     def active(self) -> bool:
@@ -57,13 +66,23 @@ def launched_world() -> World:
 def current_world() -> World:
     """The initialised process group's world (one process when none is initialised)."""
     if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), launched_world().local_rank)
+        return World(dist.get_rank(), dist.get_world_size(), launched_world().local_rank, _sharding)
     return World()
 
 
-def start(device: torch.device) -> tuple[World, torch.device]:
+def check_sharding(sharding: str) -> str:
+    if sharding not in SHARDINGS:
+        raise ValueError(f"Unknown distributed.sharding={sharding!r}; valid: {', '.join(SHARDINGS)} (ddp: every "
+                         "process holds the whole model; fsdp: FSDP2 splits it over the processes).")
+    return sharding
+
+
+def start(device: torch.device, sharding: str = "ddp") -> tuple[World, torch.device]:
     """Join the process group the launcher describes (NCCL on CUDA, gloo on the CPU) and return this process's
-    device: ``cuda:LOCAL_RANK`` when ``device`` is CUDA. One process: nothing is started."""
+    device: ``cuda:LOCAL_RANK`` when ``device`` is CUDA. One process: nothing is started. ``sharding``: how
+    training holds the model (`SHARDINGS`); a second call only changes that."""
+    global _sharding
+    _sharding = check_sharding(sharding)
     world = launched_world()
     if not world.active:
         return world, device

@@ -42,7 +42,7 @@ from exitrl.cli import (
 )
 from exitrl.cotraining import CotrainConfig, cotrain_rounds
 from exitrl.device import check_threads, pick_device, set_reproducibility
-from exitrl.distributed import broadcast, current_world, launched_world, start
+from exitrl.distributed import broadcast, check_sharding, current_world, launched_world, start
 from exitrl.hashing import hash_json
 from exitrl.options import checked_options
 from exitrl.pipeline import (
@@ -76,6 +76,11 @@ class TrainPlan:
     cotrain: CotrainConfig
 
 
+def sharding(cfg: DictConfig) -> str:
+    """``distributed.sharding``, checked (ddp when the config has no ``distributed`` section)."""
+    return check_sharding(str((cfg.get("distributed") or {}).get("sharding", "ddp")))
+
+
 def plan(cfg: DictConfig) -> TrainPlan:
     """Check every choice of the config (agent, options, baselines, mode, learn_on, held-out needs); a typo costs
     nothing because nothing has been fine-tuned yet."""
@@ -94,6 +99,7 @@ def plan(cfg: DictConfig) -> TrainPlan:
     if mode == "cotrain" and agent.spec.kind == ANALYSIS:
         raise ValueError(f"agent={agent.name} reads dev answers and is analysis only: it cannot steer co-training.")
     pick_device(cfg.device)
+    sharding(cfg)
     check_threads(cfg.get("threads"))
     finetune_config(cfg)
     check_data_options(cfg)
@@ -116,14 +122,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole job; returns what it writes to metrics.json."""
     started = time.time()
     steps = plan(cfg)
-    world, device = start(pick_device(cfg.device))  # torchrun: this process's GPU, the process group
+    world, device = start(pick_device(cfg.device), sharding(cfg))  # torchrun: this process's GPU, the group
     writer = open_run(run_dir, cfg) if world.is_main else None
     environment = set_reproducibility(cfg.get("deterministic", False), cfg.get("threads"))
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device, writer)
     if not world.is_main and steps.mode != "cotrain":  # the backbone and the trace were the shared work
         return {}
-    prepared.environment = {**environment, "processes": world.size}
+    prepared.environment = {**environment, "processes": world.size, "sharding": world.sharding}
     agent = steps.agent
     work = hash_json({"agent": agent.name, "options": agent.option_values(), "reward": agent.reward.record(),
                       "learn_on": agent.learn_on, "seed": cfg.seed, "trace": prepared.trace.meta.get("key")})

@@ -6,8 +6,9 @@ warm-up/decay schedule, gradient clipping over the trained parameters. Hooks let
 evaluate after each epoch (``on_epoch``) and edit gradients between backward and the step (``after_backward``).
 
 Under torchrun (`exitrl.distributed`) every process draws the same batch order, trains on its share of each batch,
-and DistributedDataParallel averages the gradients, each share's loss weighted by its rows: the optimiser steps are
-those of one process on the whole batch. Process 0 alone saves checkpoints.
+and DistributedDataParallel (or FSDP2, `exitrl.backbones.sharded`) averages the gradients, each share's loss
+weighted by its rows: the optimiser steps are those of one process on the whole batch. Process 0 alone saves
+checkpoints.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from transformers import get_linear_schedule_with_warmup
 
 from exitrl.backbones.batching import batch_order, padded_batch
 from exitrl.backbones.multi_exit import MultiExitModel
-from exitrl.backbones.recipes.base import Progress, Stage
+from exitrl.backbones.recipes.base import Progress, Stage, StageLoss
+from exitrl.backbones.sharded import ShardedStage
 from exitrl.checkpoint import Checkpoints, set_rng_state
 from exitrl.device import autocast, varied_shape_attention
-from exitrl.distributed import World, all_sum, current_world, share
+from exitrl.distributed import World, all_sum, broadcast, current_world, share
 from exitrl.progress import progress
 
 
@@ -35,17 +37,6 @@ def freeze_all_but(model: MultiExitModel, stage: Stage) -> list[torch.nn.Paramet
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
     return trained
-
-
-class StageLoss(nn.Module):
-    """A stage's loss as a module, so DistributedDataParallel can wrap it (its forward is what DDP watches)."""
-
-    def __init__(self, model: nn.Module, stage: Stage):
-        super().__init__()
-        self.model, self.stage_loss = model, stage.loss
-
-    def forward(self, batch: dict, labels: torch.Tensor, where: Progress) -> torch.Tensor:
-        return self.stage_loss(self.model, batch, labels, where)
 
 
 def wrap_for(world: World, model: nn.Module, stage: Stage, device: torch.device) -> nn.Module:
@@ -70,13 +61,14 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                  warmup_ratio: float | None, desc: str, step: int = 0,
                  on_step: Callable[[int, torch.Tensor, bool], None] | None = None,
                  on_epoch: Callable[[int, Stage], None] | None = None,
-                 after_backward: Callable[[], None] | None = None,
+                 after_backward: Callable[[nn.Module], None] | None = None,
                  checkpoints: Checkpoints | None = None, carry: dict | None = None) -> int:
     """Train ``model`` stage by stage on ``examples``; returns the global step reached (counting from ``step``).
 
     ``warmup_ratio`` None keeps each stage's learning rates constant; a number applies the linear schedule with
     that warm-up fraction. ``on_step(step, loss, last)`` runs after every optimiser step, ``on_epoch(epoch, stage)``
-    after every epoch (1-indexed over all stages), ``after_backward()`` between backward and clipping.
+    after every epoch (1-indexed over all stages), ``after_backward(trained)`` between backward and clipping, given
+    the module whose gradients the step will use (``model``, or its sharded copy under FSDP).
 
     With ``checkpoints``, the model, optimiser, scheduler, position (stage, epoch, batch), the data order's generator
     as it was at the epoch's start, every RNG and ``carry`` (the callbacks' own state, updated in place) are saved
@@ -103,16 +95,24 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
         for stage_index, stage in enumerate(stages):
             if stage_index < position["stage"]:
                 continue
-            trained = freeze_all_but(model, stage)
-            engine = wrap_for(world, model, stage, device)
-            optimizer = torch.optim.AdamW(stage.groups, weight_decay=weight_decay)
+            trained, groups = freeze_all_but(model, stage), stage.groups
+            sharded = ShardedStage(model, stage, device, world.size) if world.active and world.sharding == "fsdp" \
+                else None
+            if sharded is not None:
+                engine, trained, groups = sharded.loss, sharded.trained, sharded.groups
+            else:
+                engine = wrap_for(world, model, stage, device)
+            optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
             stage_steps = stage.epochs * batches_per_epoch
             scheduler = None if warmup_ratio is None else get_linear_schedule_with_warmup(
                 optimizer, int(warmup_ratio * stage_steps), stage_steps)
             stage_step = 0
             first_epoch, skip = 0, 0
             if resume and stage_index == position["stage"]:
-                optimizer.load_state_dict(resume["optimizer"])
+                if sharded is not None:
+                    sharded.load_optimizer_state(optimizer, resume["optimizer"])
+                else:
+                    optimizer.load_state_dict(resume["optimizer"])
                 if scheduler is not None:
                     scheduler.load_state_dict(resume["scheduler"])
                 first_epoch, skip = position["epoch"], position["batch"]
@@ -122,7 +122,7 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
             if world.active:  # each process its own dropout masks (its rows differ anyway), any world size
                 torch.manual_seed((torch.initial_seed() + 7919 * world.rank + step) % 2**63)
             for epoch in range(first_epoch, stage.epochs):
-                model.train()
+                (model if sharded is None else sharded.loss).train()
                 epoch_generator = generator.get_state()
                 first = skip if epoch == first_epoch else 0
                 order = batch_order(examples, batch_size, True, generator)[first:]
@@ -136,7 +136,7 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                     if world.active:  # the whole batch's loss, as one process would report it
                         loss = all_sum(loss.detach() * (weight / world.size))
                     if after_backward is not None:
-                        after_backward()
+                        after_backward(model if sharded is None else sharded.loss.model)
                     torch.nn.utils.clip_grad_norm_(trained, clip_norm)
                     optimizer.step()
                     if scheduler is not None:
@@ -148,14 +148,24 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                     bar.set_postfix(loss=f"{loss.item():.3f}", stage=stage.name)
                     if on_step is not None:
                         on_step(step, loss, done == total)
-                    if checkpoints is not None and world.is_main and checkpoints.due():
+                    due = world.is_main and checkpoints is not None and checkpoints.due()
+                    if sharded is not None:  # gathering the state is a collective: every process must know
+                        due = broadcast(due)
+                        if due:
+                            sharded.gather()
+                            optimizer_state = sharded.optimizer_state(optimizer)
+                    elif due:
+                        optimizer_state = optimizer.state_dict()
+                    if due and world.is_main:
                         checkpoints.save({
                             "position": {"stage": stage_index, "epoch": epoch, "batch": batch_number + 1},
-                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "model": model.state_dict(), "optimizer": optimizer_state,
                             "scheduler": None if scheduler is None else scheduler.state_dict(),
                             "epoch_generator": epoch_generator, "step": step, "epoch_index": epoch_index,
                             "carry": dict(carry or {})})
                 epoch_index += 1
+                if sharded is not None:  # the plain model, which callers evaluate, takes the trained weights
+                    sharded.gather()
                 if on_epoch is not None:
                     on_epoch(epoch_index, stage)
     finally:

@@ -40,6 +40,17 @@ class Stage:
     loss: LossFn
 
 
+class StageLoss(nn.Module):
+    """A stage's loss as a module, so DistributedDataParallel or FSDP can wrap it (its forward is what they watch)."""
+
+    def __init__(self, model: nn.Module, stage: Stage):
+        super().__init__()
+        self.model, self.stage_loss = model, stage.loss
+
+    def forward(self, batch: dict, labels: torch.Tensor, where: Progress) -> torch.Tensor:
+        return self.stage_loss(self.model, batch, labels, where)
+
+
 def body_parameters(model: MultiExitModel) -> list[nn.Parameter]:
     """Everything but the exit heads: embeddings and encoder layers. (``parameters()`` lists a shared head once.)"""
     head_ids = {id(p) for p in model.heads.parameters()}
