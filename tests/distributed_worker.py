@@ -148,3 +148,17 @@ def interrupted(rank: int, size: int, port: int, backbone: str, glue_dir: str, o
     except Killed:
         pass
     stop()
+
+
+def sharded(rank: int, size: int, port: int, backbone: str, glue_dir: str, out: str) -> None:
+    """Train the encoder with ``distributed.sharding=fsdp`` (one process: the plain path); save losses and weights."""
+    from exitrl.distributed import start, stop
+
+    world, device = join(rank, size, port)
+    start(device, "fsdp")
+    model, tokenizer, data = encoder(backbone, glue_dir)
+    losses: list[float] = []
+    train(model, tokenizer, data, device, lambda step, loss, last: losses.append(loss.item()))
+    if world.is_main:
+        torch.save({"losses": losses, "weights": model.state_dict()}, Path(out) / f"sharded_{size}.pt")
+    stop()

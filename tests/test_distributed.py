@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from distributed_worker import interrupted, work
+from distributed_worker import interrupted, sharded, work
 from omegaconf import OmegaConf
 
 from exitrl.distributed import World, launched_world, share
@@ -76,6 +76,24 @@ def test_two_processes_trace_and_train_as_one_does(tiny_bert, tiny_llama, glue_d
     assert two["lm"]["losses"] == pytest.approx(one["lm"]["losses"], rel=1e-4)
     for name, weight in one["lm"]["weights"].items():
         torch.testing.assert_close(two["lm"]["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp_shards_a_layer_shared_across_depth(tmp_path, glue_dir):
+    """ALBERT runs one layer module at every depth: FSDP2 shards it once and still takes one process's steps."""
+    from conftest import save_tiny_encoder
+    from transformers import AutoConfig, AutoModel
+
+    albert = save_tiny_encoder(tmp_path / "albert", "albert")
+    config = AutoConfig.from_pretrained(albert)
+    config.type_vocab_size = 2  # RTE's sentence pairs
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(albert)
+    for size in (1, 2):
+        mp.spawn(sharded, args=(size, free_port(), str(albert), str(glue_dir), str(tmp_path)), nprocs=size)
+    one, two = (torch.load(tmp_path / f"sharded_{n}.pt") for n in (1, 2))
+    assert len(one["losses"]) == 6 and two["losses"] == pytest.approx(one["losses"], rel=1e-4)
+    for name, weight in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_checkpoints_resume_across_process_counts_and_shardings(tiny_bert, glue_dir, tmp_path):

@@ -42,7 +42,7 @@ class ShardedStage:
         self.plain = model
         mesh = init_device_mesh(device.type, (size,))
         twin = copy.deepcopy(model)
-        for layer in twin.layers:
+        for layer in {id(layer): layer for layer in twin.layers}.values():  # ALBERT: one module at every depth
             fully_shard(layer, mesh=mesh)
         self.loss = fully_shard(StageLoss(twin, stage), mesh=mesh)
         names = {id(p): name for name, p in model.named_parameters()}
