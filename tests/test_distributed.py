@@ -135,22 +135,39 @@ def test_torchrun_writes_one_run_and_a_cache_entry_one_process_reuses(tiny_bert,
     assert again["results"] == metrics["results"]
 
 
-def test_torchrun_cotrains_sharded_with_process_zeros_policy(tiny_bert, glue_dir, tmp_path):
+def test_torchrun_cotraining_killed_after_a_round_resumes_everywhere(tiny_bert, glue_dir, tmp_path):
+    """Co-training under torchrun with FSDP2, killed once process 0 saved a round, then resumed under torchrun:
+    every process reads process 0's checkpoints, so all resume at the same round (a process starting over would
+    wait forever on collectives the others never make)."""
+    import signal
+    import time
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXITRL_CACHE_DIR": str(tmp_path / "cache"), "TQDM_DISABLE": "1",
            "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
     overrides = [f"backbone.name={tiny_bert}", "backbone.package=null", "env=rte", f"data.dir={glue_dir}",
                  "data.limit.train=64", "data.limit.dev=24", "backbone.finetune.epochs=1",
                  "backbone.finetune.batch_size=8", "agent=reinforce", "agent.epochs=2", "agent.batch_size=8",
-                 "backbone.mode=cotrain", "cotrain.rounds=2", "cotrain.lr=1e-3", "cotrain.head_lr=1e-3",
-                 "distributed.sharding=fsdp", "device=cpu", "threads=1", f"hydra.run.dir={tmp_path / 'run'}"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "exitrl.train", *overrides], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+                 "backbone.mode=cotrain", "cotrain.rounds=3", "cotrain.lr=1e-3", "cotrain.head_lr=1e-3",
+                 "distributed.sharding=fsdp", "device=cpu", "threads=1", f"hydra.run.dir={run}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "exitrl.train"]
+    first = subprocess.Popen([*torchrun, *overrides], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = run / "checkpoint_cotrain_rounds.pt"
+    deadline = time.time() + 300
+    while not saved.is_file() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)  # as a scheduler stops a job: torchrun takes its workers down with it
+    first.wait(timeout=60)
+    assert saved.is_file() and not (run / "metrics.json").exists()  # killed after a round, before the end
+    resumed = subprocess.run([*torchrun, f"resume={run}"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from the checkpoint" in resumed.stdout + resumed.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["backbone_mode"] == "cotrain" and metrics["environment"]["processes"] == 2
     assert metrics["environment"]["sharding"] == "fsdp"
-    assert [r["round"] for r in metrics["cotrain"]["rounds"]] == [0, 1, 2]
-    assert (tmp_path / "run" / "backbone" / "exitrl_backbone.json").is_file()
+    assert [r["round"] for r in metrics["cotrain"]["rounds"]] == [0, 1, 2, 3]
+    assert (run / "backbone" / "exitrl_backbone.json").is_file() and not list(run.glob("checkpoint_*.pt"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
 
 

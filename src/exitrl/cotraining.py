@@ -27,7 +27,7 @@ from exitrl.backbones.recipes.base import Progress, Stage, body_parameters
 from exitrl.backbones.training import train_stages
 from exitrl.checkpoint import Checkpoints, set_rng_state
 from exitrl.data import TaskData
-from exitrl.distributed import all_sum
+from exitrl.distributed import all_sum, barrier, current_world
 from exitrl.evaluate import evaluate_policy, run_policy
 from exitrl.policy import ExitPolicy, policy_from_payload
 from exitrl.trace import SplitTrace, Trace
@@ -162,7 +162,9 @@ def cotrain_rounds(model: MultiExitModel, tokenizer, data: TaskData, trace: Trac
 
     ``checkpoints(name)`` gives the checkpoint file of one piece of work: ``rounds`` is saved after every round
     (the backbone, the policy, the records, every RNG); within a round the backbone's training and the agent's
-    checkpoint as they do alone. A run that finds them continues from where it was killed."""
+    checkpoint as they do alone. A run that finds them continues from where it was killed. Under torchrun every
+    process reads the same files (so all resume at the same round and step) and process 0 alone writes them."""
+    main = current_world().is_main
     records = [round_record(0, trace, policy, metric, 0.0)]
     log_round(writer, records[0])
     agent_info, step, first = {}, 0, 1
@@ -193,10 +195,11 @@ def cotrain_rounds(model: MultiExitModel, tokenizer, data: TaskData, trace: Trac
         log_round(writer, records[-1])
         log.info("co-training round %d: train per layer %s", index,
                  " ".join(f"{100 * a:.1f}" for a in records[-1]["train_per_layer"]))
-        if finished is not None:  # a round takes minutes: always worth one save (the caller clears the last)
+        if finished is not None and main:  # a round takes minutes: always worth one save (the caller clears the last)
             finished.save({"round": index, "model": model.state_dict(), "policy": policy.payload(),
                            "agent_info": agent_info, "step": step, "records": records})
+        barrier()  # under torchrun: nobody starts the next round before process 0 has saved this one
         for done in (backbone_checkpoints, agent_checkpoints):
-            if done is not None:
+            if done is not None and main:
                 done.clear()  # the round's result is in ``finished`` (or, after the last round, with the caller)
     return trace, policy, agent_info, records

@@ -133,15 +133,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     agent = steps.agent
     work = hash_json({"agent": agent.name, "options": agent.option_values(), "reward": agent.reward.record(),
                       "learn_on": agent.learn_on, "seed": cfg.seed, "trace": prepared.trace.meta.get("key")})
+    checkpoint_dir = Path(broadcast(str(run_dir)) if steps.mode == "cotrain" else run_dir)  # process 0's folder
 
     def checkpoints_for(name: str) -> Checkpoints:
-        """The checkpoint file of one piece of this run's work (``agent``; co-training's rounds, backbone, agent)."""
-        return Checkpoints(run_dir / f"checkpoint_{name}.pt", checkpoint_seconds(cfg), work=f"{work}:{name}")
+        """The checkpoint file of one piece of this run's work (``agent``; co-training's rounds, backbone, agent).
+        Under torchrun every process reads process 0's files (a resumed co-training must resume everywhere at the
+        same step); only process 0 writes them."""
+        return Checkpoints(checkpoint_dir / f"checkpoint_{name}.pt", checkpoint_seconds(cfg), work=f"{work}:{name}")
 
     if not world.is_main:  # co-training: every process trains the backbone under process 0's policies
         fitted = agent.fit(prepared.trace, device, metric=prepared.metric)
         fitted.policy = process_zeros(fitted.policy)
-        cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, None, None)
+        cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, None, checkpoints_for)
         return {}
     checkpoints = checkpoints_for("agent")
     fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric, checkpoints)
@@ -170,11 +173,11 @@ def cotrain(agent: AgentRun, fitted, prepared: Prepared, cotrain_cfg: CotrainCon
             writer, checkpoints: Callable[[str], Checkpoints] | None) -> tuple[Prepared, object, dict]:
     """ConsistentEE's iterative training after round 0; the co-trained backbone is saved in the run folder. Under
     several processes every process trains the backbone (`train_stages`) and refits the agent, and all use process
-    0's policy; the others pass no ``writer`` and no ``checkpoints`` (process 0 writes)."""
+    0's policy; the others pass no ``writer`` (process 0 writes) and read process 0's ``checkpoints``."""
     def train_agent(trace, agent_writer, agent_checkpoints):
         refit = agent.fit(trace, prepared.device, agent_writer,
                           None if agent_writer is None else Path(agent_writer.log_dir), prepared.metric,
-                          agent_checkpoints)
+                          agent_checkpoints if current_world().is_main else None)  # process 0's policy is used
         return process_zeros(refit.policy), refit.info
 
     trace, policy, last_info, rounds = cotrain_rounds(
