@@ -18,22 +18,22 @@ def join(rank: int, size: int, port: int):
     return start(torch.device("cpu"))
 
 
-def encoder(backbone: str, glue_dir: str):
-    """A tiny encoder without dropout (one process's masks cannot be two processes' masks) and an RTE slice whose
-    batches of 8 are 8, 8 and 1 rows (the last leaves a process without rows)."""
+def encoder(backbone: str, glue_dir: str, dropout: float = 0.0):
+    """A tiny encoder, by default without dropout (one process's masks cannot be two processes' masks), and an RTE
+    slice whose batches of 8 are 8, 8 and 1 rows (the last leaves a process without rows)."""
     from exitrl.backbones.loading import load_multi_exit
     from exitrl.data import load_task
 
     data = load_task("rte", glue_dir, limit={"train": 17, "dev": 11})
     torch.manual_seed(0)
-    model, tokenizer = load_multi_exit(backbone, data.num_labels, dropout=0.0)
+    model, tokenizer = load_multi_exit(backbone, data.num_labels, dropout=dropout)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+            module.p = dropout
     return model, tokenizer, data
 
 
-def train(model, tokenizer, data, device, on_step, checkpoints=None) -> None:
+def train(model, tokenizer, data, device, on_step, checkpoints=None, after_backward=None) -> None:
     """Two epochs of weighted CE on the slice."""
     from exitrl.backbones import FinetuneConfig
     from exitrl.backbones.batching import tokenize_split
@@ -46,7 +46,7 @@ def train(model, tokenizer, data, device, on_step, checkpoints=None) -> None:
     train_stages(model, tokenizer, tokenize_split(tokenizer, data.splits["train"], 64), recipe.stages(model),
                  batch_size=cfg.batch_size, device=device, generator=torch.Generator().manual_seed(0),
                  clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, desc="train",
-                 on_step=on_step, checkpoints=checkpoints)
+                 on_step=on_step, checkpoints=checkpoints, after_backward=after_backward)
 
 
 def tied_lm(lm: str):
@@ -60,7 +60,7 @@ def tied_lm(lm: str):
     return MultiExitLM(AutoModelForCausalLM.from_config(config))
 
 
-def train_lm(model, tokenizer, device, on_step) -> None:
+def train_lm(model, tokenizer, device, on_step, after_backward=None) -> None:
     """Next-token CE at every exit on 5 random chunks, batches of 2 (the last leaves a process without rows)."""
     from exitrl.backbones import FinetuneConfig
     from exitrl.backbones.recipes import build_recipe
@@ -74,7 +74,12 @@ def train_lm(model, tokenizer, device, on_step) -> None:
     recipe.prepare(model)
     train_stages(model, tokenizer, chunks, recipe.stages(model), batch_size=cfg.batch_size, device=device,
                  generator=torch.Generator().manual_seed(0), clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay,
-                 warmup_ratio=cfg.warmup_ratio, desc="train lm", on_step=on_step)
+                 warmup_ratio=cfg.warmup_ratio, desc="train lm", on_step=on_step, after_backward=after_backward)
+
+
+def kind(trained: torch.nn.Module) -> str:
+    """What the trained module's parameters are: DTensor under FSDP2 (the sharded copy), Parameter otherwise."""
+    return type(next(trained.parameters())).__name__
 
 
 def work(rank: int, size: int, port: int, backbone: str, lm: str, glue_dir: str, out: str) -> None:
@@ -100,15 +105,17 @@ def work(rank: int, size: int, port: int, backbone: str, lm: str, glue_dir: str,
     if world.active:
         start(device, sharding="fsdp")
         twin, tokenizer, data = encoder(backbone, glue_dir)
-        sharded = {"losses": []}
-        train(twin, tokenizer, data, device, lambda step, loss, last: sharded["losses"].append(loss.item()))
-        sharded["weights"] = twin.state_dict()
-    lm_model, lm_losses = tied_lm(lm), []
+        sharded = {"losses": [], "kinds": set()}
+        train(twin, tokenizer, data, device, lambda step, loss, last: sharded["losses"].append(loss.item()),
+              after_backward=lambda trained, weight: sharded["kinds"].add(kind(trained)))
+        sharded["weights"], sharded["trained"] = twin.state_dict(), sorted(sharded.pop("kinds"))
+    lm_model, lm_losses, lm_kinds = tied_lm(lm), [], set()
     train_lm(lm_model, AutoTokenizer.from_pretrained(lm), device,
-             lambda step, loss, last: lm_losses.append(loss.item()))
-    assert lm_model.lm.lm_head.weight is lm_model.lm.model.embed_tokens.weight  # still tied after the gather
+             lambda step, loss, last: lm_losses.append(loss.item()),
+             after_backward=lambda trained, weight: lm_kinds.add(kind(trained)))
     if world.is_main:
-        torch.save({"fsdp": sharded, "lm": {"losses": lm_losses, "weights": lm_model.state_dict()},
+        torch.save({"fsdp": sharded, "lm": {"losses": lm_losses, "weights": lm_model.state_dict(),
+                                            "trained": sorted(lm_kinds)},
                     "trace": {name: split.states for name, split in trace.splits.items()},
                     "logits": {name: split.logits for name, split in trace.splits.items()},
                     "tokens": {"states": tokens.states, "logits": tokens.logits, "labels": tokens.labels},
@@ -124,7 +131,7 @@ class Killed(Exception):
 
 
 def interrupted(rank: int, size: int, port: int, backbone: str, glue_dir: str, out: str, stop_at: int,
-                sharding: str = "ddp") -> None:
+                sharding: str = "ddp", dropout: float = 0.0) -> None:
     """Train with a checkpoint after every step: stop at step ``stop_at`` (0: never), or finish and save the
     weights and the steps this run took (a rerun resumes from the checkpoint it finds)."""
     from exitrl.checkpoint import Checkpoints
@@ -132,7 +139,7 @@ def interrupted(rank: int, size: int, port: int, backbone: str, glue_dir: str, o
 
     world, device = join(rank, size, port)
     start(device, sharding)
-    model, tokenizer, data = encoder(backbone, glue_dir)
+    model, tokenizer, data = encoder(backbone, glue_dir, dropout)
 
     steps: list[int] = []
 

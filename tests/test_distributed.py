@@ -45,7 +45,8 @@ def test_shares_and_the_launched_world(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ValueError, match="torchrun"):
         launched_world()
-    assert sharding(OmegaConf.create({})) == "ddp" and sharding(OmegaConf.create({"distributed": {"sharding": "fsdp"}}))
+    assert sharding(OmegaConf.create({})) == "ddp"
+    assert sharding(OmegaConf.create({"distributed": {"sharding": "fsdp"}})) == "fsdp"
     with pytest.raises(ValueError, match="distributed.sharding='zero'; valid: ddp, fsdp"):
         sharding(OmegaConf.create({"distributed": {"sharding": "zero"}}))
 
@@ -69,6 +70,8 @@ def test_two_processes_trace_and_train_as_one_does(tiny_bert, tiny_llama, glue_d
         torch.testing.assert_close(two["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
     assert one["moved"] > 1e-3 and two["moved"] > 1e-3  # they trained
     # FSDP2 (a sharded copy trains, the plain model gets the gathered weights) takes the same steps
+    assert two["fsdp"]["trained"] == two["lm"]["trained"] == ["DTensor"]  # the sharded copy trained
+    assert one["lm"]["trained"] == ["Parameter"]
     assert two["fsdp"]["losses"] == pytest.approx(one["losses"], rel=1e-4)
     for name, weight in one["weights"].items():
         torch.testing.assert_close(two["fsdp"]["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
@@ -111,6 +114,61 @@ def test_checkpoints_resume_across_process_counts_and_shardings(tiny_bert, glue_
     assert one["steps"] == [1, 2, 3, 4, 5, 6] and resumed["steps"] == [5, 6]  # the last run resumed after step 4
     for name, weight in one["weights"].items():
         torch.testing.assert_close(resumed["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_resumed_run_of_two_processes_draws_their_own_dropout_masks(tiny_bert, glue_dir, tmp_path):
+    """With dropout on, two processes stopped after step 2 and resumed on two take the uninterrupted run's steps:
+    each process's own RNG state is in the checkpoint."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for folder in (whole, resumed):
+        folder.mkdir()
+    for folder, stop_at in ((whole, 0), (resumed, 3), (resumed, 0)):
+        mp.spawn(interrupted, args=(2, free_port(), str(tiny_bert), str(glue_dir), str(folder), stop_at, "ddp", 0.1),
+                 nprocs=2)
+    one, again = (torch.load(f / "weights.pt") for f in (whole, resumed))
+    assert again["steps"] == [3, 4, 5, 6]
+    for name, weight in one["weights"].items():
+        torch.testing.assert_close(again["weights"][name], weight, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_sharded_optimizer_state_saves_and_loads_no_state_a_parameter_never_had(tmp_path):
+    """torch fills every parameter's AdamW state with a dummy step before loading a full optimizer state; a layer
+    that never had a gradient must come back without state, as in the run that saved it."""
+    import torch.distributed as dist
+
+    from exitrl.backbones.recipes.base import Progress, Stage
+    from exitrl.backbones.sharded import ShardedStage
+
+    class Layered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+            self.head = torch.nn.Linear(4, 2)
+
+    def first_layer_only(model, batch, labels, where):
+        return model.head(model.layers[0](batch["x"])).square().mean()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = Layered()
+        stage = Stage("s", 1, [{"params": list(model.parameters()), "lr": 0.1}], first_layer_only)
+        saving = ShardedStage(model, stage, torch.device("cpu"), 1)
+        optimizer = torch.optim.AdamW(saving.groups)
+        saving.loss({"x": torch.randn(3, 4)}, torch.zeros(3), Progress(0, 1)).backward()
+        optimizer.step()
+        state = saving.optimizer_state(optimizer)
+        had = sorted(saving.order[i] for i in state["state"])
+        assert had == ["model.head.bias", "model.head.weight", "model.layers.0.bias", "model.layers.0.weight"]
+        loading = ShardedStage(model, stage, torch.device("cpu"), 1)
+        fresh = torch.optim.AdamW(loading.groups)
+        loading.load_optimizer_state(fresh, state)
+        assert sorted(n for n, p in zip(loading.order, loading.trained, strict=True) if p in fresh.state) == had
+        for i, saved in state["state"].items():
+            loaded = fresh.state[loading.trained[i]]
+            torch.testing.assert_close(loaded["exp_avg"].full_tensor(), saved["exp_avg"])
+    finally:
+        dist.destroy_process_group()
 
 
 def test_torchrun_writes_one_run_and_a_cache_entry_one_process_reuses(tiny_bert, glue_dir, tmp_path):
@@ -162,7 +220,7 @@ def test_torchrun_cotraining_killed_after_a_round_resumes_everywhere(tiny_bert, 
     assert saved.is_file() and not (run / "metrics.json").exists()  # killed after a round, before the end
     resumed = subprocess.run([*torchrun, f"resume={run}"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from the checkpoint" in resumed.stdout + resumed.stderr
+    assert f"Resuming from the checkpoint {saved}" in resumed.stdout + resumed.stderr  # the rounds, not a restart
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["backbone_mode"] == "cotrain" and metrics["environment"]["processes"] == 2
     assert metrics["environment"]["sharding"] == "fsdp"

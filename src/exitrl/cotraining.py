@@ -27,7 +27,7 @@ from exitrl.backbones.recipes.base import Progress, Stage, body_parameters
 from exitrl.backbones.training import train_stages
 from exitrl.checkpoint import Checkpoints, set_rng_state
 from exitrl.data import TaskData
-from exitrl.distributed import all_sum, barrier, current_world
+from exitrl.distributed import all_sum, barrier, current_world, same_everywhere
 from exitrl.evaluate import evaluate_policy, run_policy
 from exitrl.policy import ExitPolicy, policy_from_payload
 from exitrl.trace import SplitTrace, Trace
@@ -70,11 +70,13 @@ def trainable_body(model: MultiExitModel, freeze_layers: int) -> list[torch.nn.P
     return [p for p in body_parameters(model) if id(p) not in frozen]
 
 
-def drop_unreached(model: MultiExitModel, exit_layers: torch.Tensor) -> None:
+def drop_unreached(model: MultiExitModel, exit_layers: torch.Tensor, counted: bool = True) -> None:
     """Clear the gradients of layers above the deepest exit and of heads no row exited at: they got no signal
     (only zeros from stacking), and AdamW would otherwise still move them (weight decay, momentum). Under several
-    processes "reached" means by a row of any process (their gradients were averaged), so all clear the same."""
-    histogram = all_sum(torch.bincount(exit_layers - 1, minlength=model.num_layers)).cpu()  # NCCL: on the GPU
+    processes "reached" means by a row of any process (their gradients were averaged), so all clear the same; a
+    process's filler row (weight 0, ``counted`` False) reaches nothing."""
+    local = torch.bincount(exit_layers - 1, minlength=model.num_layers) * int(counted)  # NCCL: stays on the GPU
+    histogram = all_sum(local).cpu()
     deepest = int(histogram.nonzero().max()) + 1
     reached = {id(model.layers[i]) for i in range(deepest)}  # ALBERT shares one layer across depths
     unreached = [model.layers[i] for i in range(deepest, model.num_layers) if id(model.layers[i]) not in reached]
@@ -116,9 +118,9 @@ def cotrain_backbone(model: MultiExitModel, tokenizer, train_split, policy: Exit
 
     moving = trainable_body(model, int(cfg.freeze_layers))  # the rest of the body is frozen by the stage
 
-    def after_backward(trained: MultiExitModel) -> None:
+    def after_backward(trained: MultiExitModel, weight: float) -> None:
         if not cfg.keep_weighted_ce:  # with the weighted CE every layer and head gets signal
-            drop_unreached(trained, latest["exit_layers"])
+            drop_unreached(trained, latest["exit_layers"], counted=weight > 0)
 
     stage = Stage("cotrain", cfg.epochs, [{"params": moving, "lr": cfg.lr},
                                           {"params": list(model.heads.parameters()), "lr": cfg.head_lr}], loss_at_exits)
@@ -170,7 +172,10 @@ def cotrain_rounds(model: MultiExitModel, tokenizer, data: TaskData, trace: Trac
     agent_info, step, first = {}, 0, 1
     objective = trace.meta.get("objective", "weighted_ce")  # the recipe the backbone was fine-tuned with
     finished = checkpoints("rounds") if checkpoints is not None else None
-    if finished is not None and (resumed := finished.load()) is not None:
+    resumed = finished.load() if finished is not None else None
+    if current_world().active:
+        same_everywhere(None if resumed is None else resumed["round"], "the co-training round checkpoint found")
+    if resumed is not None:
         model.load_state_dict(resumed["model"])
         policy = policy_from_payload(resumed["policy"])
         agent_info, step, records = resumed["agent_info"], resumed["step"], resumed["records"]

@@ -126,6 +126,17 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
+def same_everywhere(value: Any, what: str) -> Any:
+    """``value``, after checking every process has the same one (a collective); a clear error names ``what`` and
+    each process's value when they differ (a process that would go its own way would leave the others waiting)."""
+    values = gather(value)
+    if any(v != values[0] for v in values):
+        raise RuntimeError(f"The processes disagree on {what}: {values} (process 0 first). Under torchrun every "
+                           "process must see process 0's files: put the run and cache folders on a file system "
+                           "all machines share.")
+    return value
+
+
 def share(items: list, world: World) -> list:
     """This process's share of one global batch: rows rank, rank + size, … (shares differ by one row at most)."""
     return items[world.rank::world.size]

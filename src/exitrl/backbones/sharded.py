@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from exitrl.backbones.recipes.base import Stage, StageLoss
 
@@ -51,10 +51,13 @@ class ShardedStage:
         self.order = [ROOT + names[id(p)] for group in stage.groups for p in group["params"]]
         self.trained = [p for group in self.groups for p in group["params"]]
 
+    @torch.no_grad()
     def gather(self) -> None:
-        """Every process's plain model takes the full current weights (a collective: every process calls it)."""
-        full = get_model_state_dict(self.loss, options=StateDictOptions(full_state_dict=True))
-        self.plain.load_state_dict({name[len(ROOT):]: value for name, value in full.items()})
+        """Every process's plain model takes the full current weights, one parameter at a time (so the extra
+        memory is one parameter, not one model). A collective: every process calls it, in the same order."""
+        plain = dict(self.plain.named_parameters())
+        for name, value in self.loss.model.named_parameters():
+            plain[name].copy_(value.full_tensor() if isinstance(value, DTensor) else value)
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """The optimiser's full state in the plain format, on process 0 (empty elsewhere; a collective)."""
@@ -72,6 +75,11 @@ class ShardedStage:
         named = {"state": {self.order[i]: value for i, value in state["state"].items()},
                  "param_groups": [{**group, "params": [self.order[i] for i in group["params"]]}
                                   for group in state["param_groups"]]}
-        # strict=False: a parameter that has had no gradient yet (BERT's unused pooler) has no state, as in AdamW
+        # strict=False: a parameter that has had no gradient yet (BERT's unused pooler, a head no row reached) has
+        # no state. torch fills every parameter's state by a dummy step before loading; such parameters must go
+        # back to having none, as in the run that saved the checkpoint (AdamW's first step depends on it).
         set_optimizer_state_dict(self.loss, optimizer, named,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
+        for name, parameter in zip(self.order, self.trained, strict=True):
+            if name not in named["state"]:
+                optimizer.state.pop(parameter, None)

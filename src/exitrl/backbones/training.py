@@ -13,6 +13,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import torch
@@ -24,9 +25,9 @@ from exitrl.backbones.batching import batch_order, padded_batch
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Stage, StageLoss
 from exitrl.backbones.sharded import ShardedStage
-from exitrl.checkpoint import Checkpoints, set_rng_state
+from exitrl.checkpoint import Checkpoints, rng_state, set_rng_state
 from exitrl.device import autocast, varied_shape_attention
-from exitrl.distributed import World, all_sum, broadcast, current_world, share
+from exitrl.distributed import World, all_sum, broadcast, current_world, gather, same_everywhere, share
 from exitrl.progress import progress
 
 
@@ -61,24 +62,28 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                  warmup_ratio: float | None, desc: str, step: int = 0,
                  on_step: Callable[[int, torch.Tensor, bool], None] | None = None,
                  on_epoch: Callable[[int, Stage], None] | None = None,
-                 after_backward: Callable[[nn.Module], None] | None = None,
+                 after_backward: Callable[[nn.Module, float], None] | None = None,
                  checkpoints: Checkpoints | None = None, carry: dict | None = None) -> int:
     """Train ``model`` stage by stage on ``examples``; returns the global step reached (counting from ``step``).
 
     ``warmup_ratio`` None keeps each stage's learning rates constant; a number applies the linear schedule with
     that warm-up fraction. ``on_step(step, loss, last)`` runs after every optimiser step, ``on_epoch(epoch, stage)``
-    after every epoch (1-indexed over all stages), ``after_backward(trained)`` between backward and clipping, given
-    the module whose gradients the step will use (``model``, or its sharded copy under FSDP).
+    after every epoch (1-indexed over all stages), ``after_backward(trained, weight)`` between backward and
+    clipping, given the module whose gradients the step will use (``model``, or its sharded copy under FSDP) and the
+    weight of this process's rows (0 for a process that ran a filler row because the batch had none left for it).
 
     With ``checkpoints``, the model, optimiser, scheduler, position (stage, epoch, batch), the data order's generator
     as it was at the epoch's start, every RNG and ``carry`` (the callbacks' own state, updated in place) are saved
     whenever a checkpoint is due, and a run that finds a checkpoint continues from it: the same batches in the same
-    order, the same dropout masks, so the result equals an uninterrupted run's. The caller removes the file once the
-    result is safely saved."""
+    order, the same dropout masks (every process's own RNG state is saved; on another number of processes each
+    draws fresh ones), so the result equals an uninterrupted run's. The caller removes the file once the result is
+    safely saved."""
     world = current_world()
     batches_per_epoch = (len(examples) + batch_size - 1) // batch_size
     total = sum(s.epochs for s in stages) * batches_per_epoch
     resume = checkpoints.load() if checkpoints is not None else None
+    if world.active:
+        same_everywhere(resume["step"] if resume else None, "the training checkpoint found (its step)")
     position = resume["position"] if resume else {"stage": 0, "epoch": 0, "batch": 0}
     if resume:
         model.load_state_dict(resume["model"])
@@ -108,7 +113,8 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                 optimizer, int(warmup_ratio * stage_steps), stage_steps)
             stage_step = 0
             first_epoch, skip = 0, 0
-            if resume and stage_index == position["stage"]:
+            resumed = bool(resume) and stage_index == position["stage"]
+            if resumed:
                 if sharded is not None:
                     sharded.load_optimizer_state(optimizer, resume["optimizer"])
                 else:
@@ -119,8 +125,12 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                 stage_step = first_epoch * batches_per_epoch + skip
                 generator.set_state(resume["epoch_generator"])
                 set_rng_state(resume["rng"])
-            if world.active:  # each process its own dropout masks (its rows differ anyway), any world size
-                torch.manual_seed((torch.initial_seed() + 7919 * world.rank + step) % 2**63)
+            if world.active:  # each process its own dropout masks (its rows differ anyway)
+                own = resume.get("process_rng") if resumed else None
+                if own is not None and len(own) == world.size:
+                    set_rng_state(own[world.rank])
+                else:
+                    torch.manual_seed((torch.initial_seed() + 7919 * world.rank + step) % 2**63)
             for epoch in range(first_epoch, stage.epochs):
                 (model if sharded is None else sharded.loss).train()
                 epoch_generator = generator.get_state()
@@ -136,7 +146,7 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                     if world.active:  # the whole batch's loss, as one process would report it
                         loss = all_sum(loss.detach() * (weight / world.size))
                     if after_backward is not None:
-                        after_backward(model if sharded is None else sharded.loss.model)
+                        after_backward(model if sharded is None else sharded.loss.model, weight)
                     torch.nn.utils.clip_grad_norm_(trained, clip_norm)
                     optimizer.step()
                     if scheduler is not None:
@@ -149,25 +159,32 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                     if on_step is not None:
                         on_step(step, loss, done == total)
                     due = world.is_main and checkpoints is not None and checkpoints.due()
-                    if sharded is not None:  # gathering the state is a collective: every process must know
+                    if world.active:  # gathering RNG states (and FSDP's weights) is a collective: all must know
                         due = broadcast(due)
-                        if due:
+                    if due:
+                        process_rng = gather(rng_state()) if world.active else None
+                        if sharded is not None:
                             sharded.gather()
                             optimizer_state = sharded.optimizer_state(optimizer)
-                    elif due:
-                        optimizer_state = optimizer.state_dict()
+                        else:
+                            optimizer_state = optimizer.state_dict()
                     if due and world.is_main:
                         checkpoints.save({
                             "position": {"stage": stage_index, "epoch": epoch, "batch": batch_number + 1},
                             "model": model.state_dict(), "optimizer": optimizer_state,
                             "scheduler": None if scheduler is None else scheduler.state_dict(),
                             "epoch_generator": epoch_generator, "step": step, "epoch_index": epoch_index,
-                            "carry": dict(carry or {})})
+                            "carry": dict(carry or {}), "process_rng": process_rng})
                 epoch_index += 1
                 if sharded is not None:  # the plain model, which callers evaluate, takes the trained weights
                     sharded.gather()
                 if on_epoch is not None:
                     on_epoch(epoch_index, stage)
+            if sharded is not None:  # FSDP ties the copy into reference cycles: free it before the next stage's
+                engine = optimizer = scheduler = sharded = trained = groups = None
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     finally:
         bar.close()
         for p in model.parameters():  # later users (tracing, co-training) get a fully trainable model back
