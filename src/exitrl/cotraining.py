@@ -173,8 +173,7 @@ def cotrain_rounds(model: MultiExitModel, tokenizer, data: TaskData, trace: Trac
     objective = trace.meta.get("objective", "weighted_ce")  # the recipe the backbone was fine-tuned with
     finished = checkpoints("rounds") if checkpoints is not None else None
     resumed = finished.load() if finished is not None else None
-    if current_world().active:
-        same_everywhere(None if resumed is None else resumed["round"], "the co-training round checkpoint found")
+    same_everywhere(None if resumed is None else resumed["round"], "the co-training round checkpoint found")
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         policy = policy_from_payload(resumed["policy"])

@@ -123,15 +123,16 @@ def finished(run_dirs: list[Path], cfg: DictConfig, prepared: Prepared, quiet: b
     return records
 
 
-def point_folders(cfg: DictConfig, family: str, value, out: Path) -> tuple[DictConfig, Path, list[Path]]:
-    """A point's config (the knob set), its folder and the folders its records go to (one per curve value)."""
+def point_folders(cfg: DictConfig, family: str, value, out: Path) -> tuple[DictConfig, str, Path, list[Path]]:
+    """A point's config (the knob set), its family's label, its folder and the folders its records go to (one per
+    curve value)."""
     spec = get_agent(family)
     cfg = with_value(cfg, spec.knob.key, value)
     label = f"{family}[{cfg.sweep.label}]" if cfg.sweep.label else family
     run_dir = out / label / f"{spec.knob.option}={value}"
     curve_dirs = ([run_dir / f"{spec.curve.attribute}={v}" for v in spec.curve.values]
                   if spec.curve is not None and cfg.sweep.get("curve", True) else [run_dir])
-    return cfg, run_dir, curve_dirs
+    return cfg, label, run_dir, curve_dirs
 
 
 def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: Path) -> list[RunRecord]:
@@ -140,9 +141,8 @@ def record_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: P
     one fitted policy, in ``<knob>=<value>/<attribute>=<v>/``; returns the records."""
     spec = get_agent(family)
     knob = spec.knob
-    cfg, run_dir, curve_dirs = point_folders(cfg, family, value, out)
+    cfg, label, run_dir, curve_dirs = point_folders(cfg, family, value, out)
     run = AgentRun.from_config(cfg)
-    label = f"{family}[{cfg.sweep.label}]" if cfg.sweep.label else family
     done = finished(curve_dirs, cfg, prepared)
     if done is not None:
         return done
@@ -187,7 +187,7 @@ def run_points(prepared: Prepared, points: list[tuple[str, object, DictConfig]],
     import sys
 
     def pending(cfg: DictConfig, family: str, value) -> bool:
-        point_cfg, _, folders = point_folders(cfg, family, value, out)
+        point_cfg, _, _, folders = point_folders(cfg, family, value, out)
         return finished(folders, point_cfg, prepared, quiet=True) is None
 
     points = [(f, v, c) for f, v, c in points if pending(c, f, v)]

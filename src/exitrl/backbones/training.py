@@ -82,8 +82,8 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
     batches_per_epoch = (len(examples) + batch_size - 1) // batch_size
     total = sum(s.epochs for s in stages) * batches_per_epoch
     resume = checkpoints.load() if checkpoints is not None else None
-    if world.active:
-        same_everywhere(resume["step"] if resume else None, "the training checkpoint found (its step)")
+    same_everywhere((checkpoints is not None, resume["step"] if resume else None),
+                    "whether training keeps a checkpoint, and the step of the one found")
     position = resume["position"] if resume else {"stage": 0, "epoch": 0, "batch": 0}
     if resume:
         model.load_state_dict(resume["model"])
@@ -159,8 +159,8 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
                     if on_step is not None:
                         on_step(step, loss, done == total)
                     due = world.is_main and checkpoints is not None and checkpoints.due()
-                    if world.active:  # gathering RNG states (and FSDP's weights) is a collective: all must know
-                        due = broadcast(due)
+                    if world.active and checkpoints is not None:  # gathering RNG states (and FSDP's weights) is
+                        due = broadcast(due)  # a collective: all must know (only when checkpointing: a hot loop)
                     if due:
                         process_rng = gather(rng_state()) if world.active else None
                         if sharded is not None:
