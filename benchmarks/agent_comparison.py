@@ -1,6 +1,6 @@
 """Train several agents (each at chosen settings) on one trace and compare them on dev with the common metric
 contract, beside a sweep of the confidence rule's threshold. Prints a table and saves JSON; each run also leaves
-an ordinary run folder (policy.pt, metrics.json, tensorboard/) written by `exitrl.pipeline`, so
+an ordinary run folder (policy.pt, metrics.json, tensorboard/) written by `exitrl.experiments.pipeline`, so
 ``python -m exitrl.compare`` reads them.
 
 A run is ``AGENT key=value ...``; ``reward=`` and ``alpha=`` set the reward, other keys are agent options:
@@ -25,11 +25,11 @@ import yaml
 from trace_export import load_exported_trace
 
 from exitrl.agents.confidence import ConfidencePolicy
-from exitrl.evaluate import evaluate_policy
-from exitrl.pipeline import AgentRun, Prepared, open_run, record_run
-from exitrl.report import results_table
+from exitrl.core.report import results_table
+from exitrl.evaluation.evaluate import evaluate_policy
+from exitrl.experiments.pipeline import AgentRun, Prepared, open_run, record_run
 from exitrl.rewards import RewardSpec
-from exitrl.trace import Trace
+from exitrl.traces.trace import Trace
 
 REWARD_KEYS = ("reward", "alpha", "depth", "fn")
 

@@ -4,8 +4,8 @@ For each seed: ``python -m exitrl.train agent=reinforce backbone.mode=cotrain`` 
 ``cotrain.keep_weighted_ce=1`` and with ``cotrain.freeze_layers=3`` (one round each, from the same seed's backbone).
 Per variant and seed it reads the run record (dev accuracy of every exit head before and after the round, the
 retrained REINFORCE policy on dev) and traces dev with the co-trained backbone to get the dev-frontier AUC of a
-10-threshold confidence rule (`exitrl.tradeoff`); the "before" row is the same seed's backbone before the round.
-Prints a table (mean ± std over seeds, and each variant's paired change against "before") and saves JSON and
+10-threshold confidence rule (`exitrl.evaluation.tradeoff`); the "before" row is the same seed's backbone before the
+round. Prints a table (mean ± std over seeds, and each variant's paired change against "before") and saves JSON and
 markdown.
 
     EXITRL_DATA_DIR=../shared/data/glue python benchmarks/cotrain_remedies.py --task rte --seeds 0 1 2 \\
@@ -28,9 +28,9 @@ import torch
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.data import load_task
-from exitrl.evaluate import evaluate_policy, oracle_bounds
-from exitrl.tracing import build_trace
-from exitrl.tradeoff import auc
+from exitrl.evaluation.evaluate import evaluate_policy, oracle_bounds
+from exitrl.evaluation.tradeoff import auc
+from exitrl.traces.build import build_trace
 
 VARIANTS = {"plain": [], "keep_weighted_ce=1": ["cotrain.keep_weighted_ce=1.0"],
             "freeze_layers=3": ["cotrain.freeze_layers=3"]}

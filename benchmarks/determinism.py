@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from exitrl.backbones import FinetuneConfig, load_or_finetune
+from exitrl.core.device import set_reproducibility
 from exitrl.data import load_task
-from exitrl.device import set_reproducibility
-from exitrl.tracing import load_or_build_trace
+from exitrl.traces.build import load_or_build_trace
 
 
 def one_run(backbone: str, package: str | None, rows: int, device: torch.device, deterministic: bool,

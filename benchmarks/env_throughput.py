@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from exitrl.envs import EarlyExitEnv, TraceVectorEnv
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 
 def synthetic_trace(n: int, num_layers: int = 6, hidden: int = 384, classes: int = 2, seed: int = 0) -> SplitTrace:

@@ -51,10 +51,10 @@ from exitrl.decoding import (
     rouge_l,
     self_speculative,
 )
-from exitrl.lm_traces import split_documents
 from exitrl.rewards import RewardSpec
-from exitrl.token_tracing import build_token_split, state_projection
-from exitrl.trace import HELD_OUT
+from exitrl.traces.lm_run import split_documents
+from exitrl.traces.tokens import build_token_split, state_projection
+from exitrl.traces.trace import HELD_OUT
 
 LAYERSKIP = {"objective": "layerskip", "layerskip_p_max": 0.1, "layerskip_e_scale": 1.0,
              "layerskip_curriculum": "rotational", "layerskip_rotation": 4}

@@ -29,11 +29,11 @@ from transformers import AutoModel, BertConfig
 
 from exitrl.agents.static import StaticPolicy
 from exitrl.backbones.multi_exit import MultiExitModel
+from exitrl.core.device import autocast
 from exitrl.data import read_texts
-from exitrl.device import autocast
-from exitrl.fast_walk import FastWalker
-from exitrl.runtime import EarlyExitClassifier, LiveSource
-from exitrl.walk import walk
+from exitrl.evaluation.walk import walk
+from exitrl.runtime.classifier import EarlyExitClassifier, LiveSource
+from exitrl.runtime.fast_walk import FastWalker
 
 SHAPES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
           "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -130,8 +130,8 @@ def run_benchmark(run_dir: str, texts_path: str, batches: list[int], device: tor
     full model and of early exit at each batch size, on the runtime's default path and on the eager walk; and how
     often the default path's exits and answers equal the eager walk's."""
     if text_columns is None:
+        from exitrl.experiments.runs import Run
         from exitrl.predict import default_columns  # reads the run's config (omegaconf)
-        from exitrl.runs import Run
 
         text_columns = default_columns(Path(run_dir), Run.load(run_dir).record.task)
     classifier = EarlyExitClassifier.from_run(run_dir, str(device), compile_decisions=compile_decisions)

@@ -1,7 +1,8 @@
-"""Learned exit policies against every fixed rule, under the honest protocol of `exitrl.protocol` (issue 14).
+"""Learned exit policies against every fixed rule, under the honest protocol of `exitrl.evaluation.protocol` (issue 14).
 
 Per task and seed: the MiniLM backbone fine-tuned on train (20 % of it held out as the validation split), the same
-recipe cross-fitted on K folds of train (`exitrl.crossfit`), then every family over its knob grid. Learned families
+recipe cross-fitted on K folds of train (`exitrl.traces.crossfit`), then every family over its knob grid. Learned
+families
 and the per-layer rule fit on the cross-fitted train states; every choice (knob, family) is made on the held-out
 split; dev is only read for the reported numbers. Families:
 
@@ -39,13 +40,13 @@ from exitrl.agents.patience import PatiencePolicy
 from exitrl.agents.reinforce import AGENT as REINFORCE
 from exitrl.agents.static import StaticPolicy
 from exitrl.backbones import FinetuneConfig, load_or_finetune
-from exitrl.crossfit import crossfit_train
 from exitrl.data import load_task
-from exitrl.evaluate import run_policy
-from exitrl.protocol import Point, SeedRun, SplitExits, chosen_within, difference_ci, family_row, picks
+from exitrl.evaluation.evaluate import run_policy
+from exitrl.evaluation.protocol import Point, SeedRun, SplitExits, chosen_within, difference_ci, family_row, picks
 from exitrl.rewards import RewardSpec
-from exitrl.trace import HELD_OUT, SplitTrace, Trace
-from exitrl.tracing import load_or_build_trace
+from exitrl.traces.build import load_or_build_trace
+from exitrl.traces.crossfit import crossfit_train
+from exitrl.traces.trace import HELD_OUT, SplitTrace, Trace
 
 CONFIDENCE_GRID = (
     0.5,

@@ -31,9 +31,9 @@ from exitrl.backbones.lm_layers import per_layer_report
 from exitrl.backbones.lm_training import continue_training
 from exitrl.backbones.loading import load_multi_exit_lm
 from exitrl.data.lm_text import glue_documents, pack, python_documents
-from exitrl.lm_traces import split_documents
-from exitrl.token_tracing import build_token_split
-from exitrl.trace import SplitTrace, Trace
+from exitrl.traces.lm_run import split_documents
+from exitrl.traces.tokens import build_token_split
+from exitrl.traces.trace import SplitTrace, Trace
 
 LAYERSKIP = {"objective": "layerskip", "layerskip_p_max": 0.1, "layerskip_e_scale": 1.0,
              "layerskip_curriculum": "rotational", "layerskip_rotation": 4}

@@ -20,11 +20,11 @@ import torch
 from exitrl.agents import ConfidencePolicy, ReinforceConfig, train_reinforce
 from exitrl.agents.inputs import FitInputs
 from exitrl.backbones import FinetuneConfig, load_or_finetune
+from exitrl.core.device import pick_device
 from exitrl.data import load_task
-from exitrl.device import pick_device
-from exitrl.evaluate import evaluate_policy, oracle_bounds
+from exitrl.evaluation.evaluate import evaluate_policy, oracle_bounds
 from exitrl.rewards import RewardSpec
-from exitrl.tracing import load_or_build_trace
+from exitrl.traces.build import load_or_build_trace
 
 
 def main() -> None:

@@ -24,14 +24,14 @@ import torch
 from exitrl.agents.calm import CalmConfig, fit_calm
 from exitrl.agents.inputs import FitInputs
 from exitrl.backbones import FinetuneConfig, load_or_finetune
+from exitrl.core.device import pick_device
+from exitrl.core.report import results_table
 from exitrl.data import load_task
 from exitrl.data.loading import _select
-from exitrl.device import pick_device
-from exitrl.evaluate import evaluate_policy, oracle_bounds
-from exitrl.pipeline import AgentRun
-from exitrl.report import results_table
-from exitrl.trace import SplitTrace, Trace
-from exitrl.tracing import load_or_build_trace
+from exitrl.evaluation.evaluate import evaluate_policy, oracle_bounds
+from exitrl.experiments.pipeline import AgentRun
+from exitrl.traces.build import load_or_build_trace
+from exitrl.traces.trace import SplitTrace, Trace
 
 # (label, agent, options): two settings of each rule's knob
 RULES = [

@@ -98,8 +98,8 @@ def worker(args) -> None:
     from exitrl.backbones.finetune import per_layer_accuracy
     from exitrl.backbones.recipes import build_recipe
     from exitrl.backbones.training import train_stages
+    from exitrl.core.distributed import start, stop
     from exitrl.data import load_task
-    from exitrl.distributed import start, stop
 
     world, device = start(torch.device(args.device), args.sharding)
     rows = None if args.model == "lm" else args.steps * args.batch_size  # lm: pack from every sentence

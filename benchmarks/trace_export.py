@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from exitrl.backbones import FinetuneConfig, load_or_finetune
+from exitrl.core.device import pick_device
 from exitrl.data import load_task
-from exitrl.device import pick_device
-from exitrl.evaluate import oracle_bounds
-from exitrl.trace import SplitTrace, Trace
-from exitrl.tracing import load_or_build_trace
+from exitrl.evaluation.evaluate import oracle_bounds
+from exitrl.traces.build import load_or_build_trace
+from exitrl.traces.trace import SplitTrace, Trace
 
 
 def load_exported_trace(folder: str | Path) -> Trace:

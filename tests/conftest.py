@@ -76,7 +76,7 @@ def glue_dir() -> Path:
 def synthetic_trace(n: int = 2000, num_layers: int = 4, hidden: int = 16, seed: int = 0, easy_fraction: float = 0.5):
     """A trace whose best exit policy is known: 'easy' examples (marked by state feature 0) are predicted
     correctly and confidently by every head; 'hard' ones only by the last head."""
-    from exitrl.trace import SplitTrace
+    from exitrl.traces.trace import SplitTrace
 
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(2, (n,), generator=g)

@@ -13,7 +13,7 @@ def join(rank: int, size: int, port: int):
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank), "TQDM_DISABLE": "1"})
     torch.set_num_threads(1)
-    from exitrl.distributed import start
+    from exitrl.core.distributed import start
 
     return start(torch.device("cpu"))
 
@@ -88,9 +88,9 @@ def work(rank: int, size: int, port: int, backbone: str, lm: str, glue_dir: str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from exitrl.backbones.multi_exit_lm import MultiExitLM
-    from exitrl.distributed import start, stop
-    from exitrl.token_tracing import build_token_split
-    from exitrl.tracing import build_trace
+    from exitrl.core.distributed import start, stop
+    from exitrl.traces.build import build_trace
+    from exitrl.traces.tokens import build_token_split
 
     world, device = join(rank, size, port)
     model, tokenizer, data = encoder(backbone, glue_dir)
@@ -134,8 +134,8 @@ def interrupted(rank: int, size: int, port: int, backbone: str, glue_dir: str, o
                 sharding: str = "ddp", dropout: float = 0.0) -> None:
     """Train with a checkpoint after every step: stop at step ``stop_at`` (0: never), or finish and save the
     weights and the steps this run took (a rerun resumes from the checkpoint it finds)."""
-    from exitrl.checkpoint import Checkpoints
-    from exitrl.distributed import start, stop
+    from exitrl.core.checkpoint import Checkpoints
+    from exitrl.core.distributed import start, stop
 
     world, device = join(rank, size, port)
     start(device, sharding)
@@ -159,7 +159,7 @@ def interrupted(rank: int, size: int, port: int, backbone: str, glue_dir: str, o
 
 def sharded(rank: int, size: int, port: int, backbone: str, glue_dir: str, out: str) -> None:
     """Train the encoder with ``distributed.sharding=fsdp`` (one process: the plain path); save losses and weights."""
-    from exitrl.distributed import start, stop
+    from exitrl.core.distributed import start, stop
 
     world, device = join(rank, size, port)
     start(device, "fsdp")

@@ -13,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 from test_cli import run_cli
 
 import exitrl
-from exitrl.evaluate import evaluate_policy
+from exitrl.evaluation.evaluate import evaluate_policy
 
 
 def tiny_options(tiny_bert, glue_dir) -> dict:

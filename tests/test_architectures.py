@@ -10,11 +10,11 @@ from transformers import AutoConfig, AutoModel
 
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.backbones import BackboneError, MultiExitModel
-from exitrl.evaluate import run_policy
-from exitrl.fast_walk import FastWalker
-from exitrl.runtime import LiveSource
-from exitrl.trace import STATE_DTYPE, SplitTrace
-from exitrl.walk import walk
+from exitrl.evaluation.evaluate import run_policy
+from exitrl.evaluation.walk import walk
+from exitrl.runtime.classifier import LiveSource
+from exitrl.runtime.fast_walk import FastWalker
+from exitrl.traces.trace import STATE_DTYPE, SplitTrace
 
 FAMILIES = {
     "distilbert": dict(dim=32, n_layers=3, n_heads=2, hidden_dim=64),

@@ -8,7 +8,7 @@ import torch
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.threshold_bandit import BanditConfig, exits_per_threshold, train_threshold_bandit
 from exitrl.rewards import RewardSpec
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 
 def _two_kinds(n: int = 2000, seed: int = 0) -> SplitTrace:

@@ -20,9 +20,9 @@ from exitrl.calibration import (
     hoeffding_bentkus_pvalue,
     learn_then_test,
 )
-from exitrl.evaluate import run_policy
+from exitrl.evaluation.evaluate import run_policy
 from exitrl.policy import load_policy
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 
 def reference_pvalue(risk: float, n: int, delta: float) -> float:

@@ -14,8 +14,8 @@ from torch.utils.tensorboard import SummaryWriter
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.backbones import MultiExitModel, load_multi_exit
 from exitrl.backbones.losses import exit_layer_ce
-from exitrl.cotraining import CotrainConfig, cotrain_backbone, cotrain_rounds
 from exitrl.data import load_task
+from exitrl.experiments.cotraining import CotrainConfig, cotrain_backbone, cotrain_rounds
 
 
 def _small_task(tmp_path):
@@ -102,10 +102,10 @@ def test_rounds_resume_at_a_round_boundary_to_the_same_result(tiny_bert, tmp_pat
     rounds 2 and 3 give the backbone, policy and records of an uninterrupted run."""
     from test_resume import Interrupted, KilledAfter
 
-    from exitrl.checkpoint import Checkpoints, load_checked
-    from exitrl.hashing import hash_state_dict
-    from exitrl.pipeline import AgentRun
-    from exitrl.tracing import load_or_build_trace
+    from exitrl.core.checkpoint import Checkpoints, load_checked
+    from exitrl.core.hashing import hash_state_dict
+    from exitrl.experiments.pipeline import AgentRun
+    from exitrl.traces.build import load_or_build_trace
 
     data = _small_task(tmp_path)
     agent = AgentRun.create("reinforce", {"epochs": 2, "batch_size": 8}, "hardness", "train", seed=0)

@@ -8,9 +8,9 @@ import torch
 
 from exitrl.backbones import FinetuneConfig
 from exitrl.backbones.loading import load_multi_exit
-from exitrl.crossfit import check_crossfit, crossfit_folds, crossfit_plans, crossfit_train, fold_data
 from exitrl.data import load_task
-from exitrl.tracing import build_trace
+from exitrl.traces.build import build_trace
+from exitrl.traces.crossfit import check_crossfit, crossfit_folds, crossfit_plans, crossfit_train, fold_data
 
 
 def test_folds_partition_the_rows():

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exitrl.evaluate import run_policy
-from exitrl.pipeline import AgentRun
-from exitrl.trace import SplitTrace, Trace
+from exitrl.evaluation.evaluate import run_policy
+from exitrl.experiments.pipeline import AgentRun
+from exitrl.traces.trace import SplitTrace, Trace
 
 # Small budgets: enough for each agent to find the one paying layer.
 BUDGETS = {

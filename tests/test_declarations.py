@@ -17,7 +17,7 @@ from exitrl.agents.registry import agents, analysis_agents, check_agent, learned
 from exitrl.backbones import FinetuneConfig
 from exitrl.backbones.recipes import RECIPE_OPTIONS
 from exitrl.cli import CONFIGS, plugins_in, register_configs
-from exitrl.cotraining import CotrainConfig
+from exitrl.experiments.cotraining import CotrainConfig
 from exitrl.rewards import BUILTIN_REWARDS
 
 

@@ -186,8 +186,8 @@ def test_decoding_with_a_policy_equals_its_walk_on_the_token_trace_of_the_same_t
     from exitrl.agents.confidence import ConfidencePolicy
     from exitrl.agents.patience import PatiencePolicy
     from exitrl.decoding import policy_decoding
-    from exitrl.evaluate import run_policy
-    from exitrl.token_tracing import build_token_split, state_projection
+    from exitrl.evaluation.evaluate import run_policy
+    from exitrl.traces.tokens import build_token_split, state_projection
 
     model = MultiExitLM(tiny_lm("llama", seed=6))
     prompt = prompts(1, seed=3)[0]

@@ -9,7 +9,7 @@ import torch
 from test_cli import run_cli
 from test_resume import common, numbers
 
-from exitrl.device import pick_device, set_reproducibility
+from exitrl.core.device import pick_device, set_reproducibility
 
 
 def test_two_runs_of_one_job_give_identical_numbers(tiny_bert, glue_dir, tmp_path):

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from distributed_worker import interrupted, sharded, work
 from omegaconf import OmegaConf
 
-from exitrl.distributed import World, launched_world, share
+from exitrl.core.distributed import World, launched_world, share
 from exitrl.train import sharding
 
 TESTS = Path(__file__).resolve().parent

@@ -10,8 +10,8 @@ from conftest import synthetic_trace
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
+from exitrl.core.observation import HISTORY
 from exitrl.envs import ENV_ID, EXIT, EarlyExitEnv, TraceVectorEnv
-from exitrl.observation import HISTORY
 from exitrl.rewards import RewardError, RewardSpec
 
 

@@ -1,4 +1,4 @@
-"""The fast path (`exitrl.fast_walk`). Everywhere: its buckets and its limits. On a CUDA machine: replayed CUDA
+"""The fast path (`exitrl.runtime.fast_walk`). Everywhere: its buckets and its limits. On a CUDA machine: replayed CUDA
 graphs give exactly what the same steps give run eagerly, on new data after capture, for policies captured with
 their layer (graph-safe) and for those run eagerly after it (memory that changes shape, FREE's online threshold),
 in fp32 and bf16, for every encoder family (every layer captured; an embedding whose model code copies host
@@ -22,9 +22,9 @@ from exitrl.agents.patience import PatiencePolicy
 from exitrl.agents.reinforce import ReinforcePolicy
 from exitrl.agents.static import StaticPolicy
 from exitrl.backbones import MultiExitModel
-from exitrl.fast_walk import FastWalker, batch_buckets
-from exitrl.runtime import LiveSource
-from exitrl.walk import walk
+from exitrl.evaluation.walk import walk
+from exitrl.runtime.classifier import LiveSource
+from exitrl.runtime.fast_walk import FastWalker, batch_buckets
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 

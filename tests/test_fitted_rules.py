@@ -14,9 +14,9 @@ from exitrl.agents.lte import LteConfig, fit_lte
 from exitrl.agents.oracle import OraclePolicy
 from exitrl.agents.registry import check_agent, needs_held_out
 from exitrl.calibration import beta_mixture_threshold
-from exitrl.evaluate import evaluate_policy, oracle_bounds, run_policy
+from exitrl.evaluation.evaluate import evaluate_policy, oracle_bounds, run_policy
 from exitrl.policy import load_policy
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 
 def noisy_trace(n: int, seed: int, num_layers: int = 4) -> SplitTrace:

@@ -11,10 +11,10 @@ from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.agents.patience import PatiencePolicy
 from exitrl.agents.registry import check_agent
 from exitrl.agents.static import StaticPolicy
-from exitrl.evaluate import run_policy
-from exitrl.observation import confidence_measure
+from exitrl.core.observation import confidence_measure
+from exitrl.evaluation.evaluate import run_policy
 from exitrl.policy import load_policy
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 
 def trace_from_probs(probs: list[list[list[float]]], labels: list[int]) -> SplitTrace:

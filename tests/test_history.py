@@ -9,11 +9,11 @@ import torch
 from exitrl.agents.calm import CalmPolicy
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.agents.patience import PatiencePolicy
+from exitrl.core.observation import HISTORY, ObservationLayout, history_table, observation_table
 from exitrl.envs import EarlyExitEnv, TraceVectorEnv
-from exitrl.evaluate import run_policy
-from exitrl.observation import HISTORY, ObservationLayout, history_table, observation_table
+from exitrl.evaluation.evaluate import run_policy
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 LAYERS, HIDDEN, CLASSES = 5, 12, 3
 

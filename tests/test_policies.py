@@ -8,7 +8,7 @@ from conftest import synthetic_trace
 
 from exitrl.agents import ConfidencePolicy, ReinforceConfig, train_reinforce
 from exitrl.agents.inputs import FitInputs
-from exitrl.evaluate import evaluate_policy, oracle_bounds, run_policy, task_metric
+from exitrl.evaluation.evaluate import evaluate_policy, oracle_bounds, run_policy, task_metric
 from exitrl.policy import ExitPolicy, load_policy
 from exitrl.rewards import RewardSpec, resolve_reward, reward_table
 
@@ -59,7 +59,7 @@ class _KnownBest(ExitPolicy):
 
 
 def test_evaluate_and_oracles_by_hand():
-    from exitrl.trace import SplitTrace
+    from exitrl.traces.trace import SplitTrace
 
     # 3 examples, 3 layers, label 1; predictions per layer:
     preds = torch.tensor([[1, 1, 1], [0, 1, 0], [0, 0, 1]])
@@ -82,7 +82,7 @@ def test_evaluate_and_oracles_by_hand():
 
 def test_memory_is_compacted_with_the_batch():
     """A policy with per-row memory sees its own rows' memory after others left the batch."""
-    from exitrl.trace import SplitTrace
+    from exitrl.traces.trace import SplitTrace
 
     class RowIdPolicy(ExitPolicy):
         def init_memory(self, batch_size, device):

@@ -15,7 +15,7 @@ RELOAD = """
 import json, sys, torch
 import exitrl
 from exitrl.backbones import MultiExitModel
-from exitrl.evaluate import evaluate_policy
+from exitrl.evaluation.evaluate import evaluate_policy
 run = exitrl.Run.load(sys.argv[1])
 trace = exitrl.load_trace(run.dir)
 same = evaluate_policy(run.policy, trace["dev"]) == run.results["confidence"]

@@ -6,7 +6,7 @@ import io
 import logging
 import time
 
-from exitrl.progress import LogProgress, progress
+from exitrl.core.progress import LogProgress, progress
 
 
 def test_a_file_gets_log_lines_and_a_terminal_gets_a_bar(monkeypatch, caplog):
@@ -14,7 +14,7 @@ def test_a_file_gets_log_lines_and_a_terminal_gets_a_bar(monkeypatch, caplog):
     monkeypatch.setenv("EXITRL_PROGRESS_SECONDS", "0.05")
     bar = progress(range(400), desc="fine-tune rte", unit="batch", stream=io.StringIO())
     assert isinstance(bar, LogProgress)
-    with caplog.at_level(logging.INFO, logger="exitrl.progress"):
+    with caplog.at_level(logging.INFO, logger="exitrl.core.progress"):
         for _ in bar:
             time.sleep(0.001)
     lines = [r.getMessage() for r in caplog.records]

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from exitrl.envs.early_exit_env import EarlyExitEnv
 from exitrl.envs.vector_env import TraceVectorEnv
+from exitrl.evaluation.walk import TraceSource, walk
 from exitrl.policy import ExitPolicy, LayerBatch
-from exitrl.walk import TraceSource, walk
 
 NUM_LAYERS = 4
 TRACE, _ = synthetic_trace(n=40, num_layers=NUM_LAYERS, hidden=6, seed=0)
@@ -138,7 +138,7 @@ def test_walk_compaction_never_loses_or_duplicates_a_row(size, seed, rate):
     states = torch.randn(size, NUM_LAYERS, 3, generator=generator)
     states[:, :, 0] = torch.arange(size, dtype=torch.float32)[:, None]  # each row carries its own index
     logits = torch.randn(size, NUM_LAYERS, 3, generator=generator)
-    from exitrl.trace import SplitTrace
+    from exitrl.traces.trace import SplitTrace
 
     trace = SplitTrace.from_logits(states, logits, torch.zeros(size, dtype=torch.long))
     table = torch.rand(size, NUM_LAYERS, generator=generator) < rate

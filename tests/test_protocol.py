@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from exitrl.protocol import Point, SplitExits, chosen_saving, chosen_within, paired_bootstrap, validated_auc
+from exitrl.evaluation.protocol import Point, SplitExits, chosen_saving, chosen_within, paired_bootstrap, validated_auc
 
 L = 4
 

@@ -30,9 +30,9 @@ from exitrl.backbones.recipes.layerskip import (
     layer_drop_rates,
     rotational_curriculum,
 )
+from exitrl.core.options import checked_options
 from exitrl.data import load_task
-from exitrl.options import checked_options
-from exitrl.tracing import load_or_build_trace
+from exitrl.traces.build import load_or_build_trace
 
 SENTENCES = ["the film is great", "a story", "he said it was not good and the movie was bad", "good movie",
              "they had a bad film", "it is awful", "we would see it", "the story was great and good"]

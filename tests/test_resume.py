@@ -16,8 +16,8 @@ import pytest
 import torch
 from test_cli import TESTS, run_cli
 
-from exitrl.checkpoint import Checkpoints, CorruptFile, load_checked, save_checked
-from exitrl.hashing import hash_state_dict
+from exitrl.core.checkpoint import Checkpoints, CorruptFile, load_checked, save_checked
+from exitrl.core.hashing import hash_state_dict
 
 
 def common(tiny_bert, glue_dir) -> list[str]:
@@ -180,8 +180,8 @@ def test_two_processes_building_one_cache_entry_at_once(tiny_bert, glue_dir, tmp
     for process in processes:
         assert process.wait(timeout=600) == 0, process.stderr.read().decode()[-3000:]
     assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
-    from exitrl.checkpoint import verify_manifest
-    from exitrl.trace import Trace
+    from exitrl.core.checkpoint import verify_manifest
+    from exitrl.traces.trace import Trace
 
     backbones = [p for p in (tmp_path / "cache" / "backbones").iterdir() if p.is_dir()]
     assert len(backbones) == 1 and (backbones[0] / "checksums.json").is_file()
@@ -205,7 +205,7 @@ def test_checkpoints_of_other_work_are_ignored_and_files_are_readable(tmp_path, 
 
 
 def test_an_unreadable_manifest_is_corruption(tmp_path):
-    from exitrl.checkpoint import verify_manifest, write_manifest
+    from exitrl.core.checkpoint import verify_manifest, write_manifest
 
     (tmp_path / "heads.pt").write_bytes(b"weights")
     write_manifest(tmp_path)
@@ -255,8 +255,8 @@ def test_every_learned_agent_resumes_to_the_same_policy(agent, tmp_path):
         pytest.importorskip("torchrl")
     from conftest import synthetic_trace
 
-    from exitrl.pipeline import AgentRun
-    from exitrl.trace import Trace
+    from exitrl.experiments.pipeline import AgentRun
+    from exitrl.traces.trace import Trace
 
     learn, _ = synthetic_trace(n=600, num_layers=4, hidden=8, seed=1)
     dev, _ = synthetic_trace(n=100, num_layers=4, hidden=8, seed=2)

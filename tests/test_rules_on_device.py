@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import synthetic_trace
 
-from exitrl.evaluate import evaluate_policy, oracle_bounds
-from exitrl.pipeline import AgentRun
-from exitrl.trace import Trace
+from exitrl.evaluation.evaluate import evaluate_policy, oracle_bounds
+from exitrl.experiments.pipeline import AgentRun
+from exitrl.traces.trace import Trace
 
 RULES = [("calm", {"measure": "margin"}), ("calm", {"measure": "saturation"}), ("calm", {"measure": "meta"}),
          ("calm", {"temperature": True}), ("free", {}), ("free", {"temperature": True}), ("lte", {}),

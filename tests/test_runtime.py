@@ -15,10 +15,10 @@ from test_sweep_compare import run_module
 
 from exitrl.backbones import FinetuneConfig, finetune, load_multi_exit
 from exitrl.data import load_task
-from exitrl.evaluate import run_policy
-from exitrl.pipeline import AgentRun
-from exitrl.runtime import EarlyExitClassifier
-from exitrl.tracing import build_trace
+from exitrl.evaluation.evaluate import run_policy
+from exitrl.experiments.pipeline import AgentRun
+from exitrl.runtime.classifier import EarlyExitClassifier
+from exitrl.traces.build import build_trace
 
 BUDGETS = {
     "reinforce": {"epochs": 3, "batch_size": 8},

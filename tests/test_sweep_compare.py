@@ -147,7 +147,7 @@ def test_compare_never_mixes_runs_of_different_traces(tmp_path):
 
 def test_compare_separates_rewards_and_keeps_train_baselines_apart(tmp_path, capsys):
     from exitrl.compare import compare, read_runs
-    from exitrl.record import RunRecord
+    from exitrl.experiments.record import RunRecord
 
     def point(score, saved):
         return {"score": score, "saved_layers": saved, "speedup": 1 / (1 - saved), "accuracy": score,
@@ -182,7 +182,7 @@ def test_adaptive_alpha_grid_spans_the_saved_layers(tmp_path):
     its points reach the saved-layer range, or the rounds run out."""
     from conftest import synthetic_trace
 
-    from exitrl.trace import HELD_OUT, Trace
+    from exitrl.traces.trace import HELD_OUT, Trace
 
     splits = {name: synthetic_trace(n=256, num_layers=4, hidden=8, seed=i)[0]
               for i, name in enumerate(("train", "dev", HELD_OUT))}
@@ -219,9 +219,9 @@ def test_compare_averages_backbone_seeds_of_one_group(tmp_path):
     import torch
 
     from exitrl.compare import compare, protocol_summary, read_runs
-    from exitrl.protocol import Point, SplitExits, validated_auc
-    from exitrl.record import RunRecord, write_exits
-    from exitrl.trace import HELD_OUT
+    from exitrl.evaluation.protocol import Point, SplitExits, validated_auc
+    from exitrl.experiments.record import RunRecord, write_exits
+    from exitrl.traces.trace import HELD_OUT
 
     num_layers, n = 4, 60
     labels = {"dev": torch.arange(n) % 2, HELD_OUT: (torch.arange(n) // 3) % 2}
@@ -283,7 +283,7 @@ def test_compare_averages_backbone_seeds_of_one_group(tmp_path):
 def test_a_rerun_sweep_skips_finished_points_and_redoes_a_half_written_one(tmp_path):
     from conftest import synthetic_trace
 
-    from exitrl.trace import HELD_OUT, Trace
+    from exitrl.traces.trace import HELD_OUT, Trace
 
     splits = {name: synthetic_trace(n=128, num_layers=4, hidden=8, seed=i)[0]
               for i, name in enumerate(("train", "dev", HELD_OUT))}

@@ -10,14 +10,14 @@ import torch
 from gymnasium.utils.env_checker import check_env as gym_check_env
 
 from exitrl.backbones.loading import load_multi_exit_lm
+from exitrl.core.observation import ObservationLayout, confidence_measure, summarize_token_logits
 from exitrl.data.lm_text import pack
 from exitrl.envs import EarlyExitEnv, TraceVectorEnv
-from exitrl.evaluate import evaluate_policy, oracle_bounds, oracle_exit_layers, run_policy
-from exitrl.observation import ObservationLayout, confidence_measure, summarize_token_logits
-from exitrl.pipeline import AgentRun
+from exitrl.evaluation.evaluate import evaluate_policy, oracle_bounds, oracle_exit_layers, run_policy
+from exitrl.experiments.pipeline import AgentRun
 from exitrl.rewards import RewardSpec
-from exitrl.token_tracing import build_token_split, state_projection
-from exitrl.trace import Trace
+from exitrl.traces.tokens import build_token_split, state_projection
+from exitrl.traces.trace import Trace
 
 TEXT = ["the good film was great", "the bad movie was awful", "she said it was a good story",
         "they were not good and not bad", "he has a film", "we will see the movie"] * 6

@@ -43,7 +43,7 @@ def test_rewards_and_partial_resets():
 def test_torchrl_ppo_learns_the_known_best_policy(tmp_path):
     from exitrl.agents.inputs import FitInputs
     from exitrl.agents.ppo_torchrl import TorchRLPPOConfig, train_ppo_torchrl
-    from exitrl.evaluate import run_policy
+    from exitrl.evaluation.evaluate import run_policy
     from exitrl.policy import load_policy
 
     train, _ = synthetic_trace(n=3000, seed=0)

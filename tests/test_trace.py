@@ -6,8 +6,8 @@ import torch
 
 from exitrl.backbones import load_multi_exit
 from exitrl.data import load_task
-from exitrl.trace import Trace, memorized_layers
-from exitrl.tracing import load_or_build_trace
+from exitrl.traces.build import load_or_build_trace
+from exitrl.traces.trace import Trace, memorized_layers
 
 
 def _logits_from_predictions(preds):
@@ -78,8 +78,8 @@ def test_trace_key_survives_saving_the_backbone(tiny_bert, tmp_path):
     """The first run traces the freshly fine-tuned model; later runs load it from the cache folder. Both must map
     to the same trace, or every second run would trace again."""
     from exitrl.backbones import MultiExitModel
-    from exitrl.hashing import hash_tokenizer
-    from exitrl.tracing import trace_key
+    from exitrl.core.hashing import hash_tokenizer
+    from exitrl.traces.build import trace_key
 
     data = _tiny_data(tmp_path / "d")
     model, tok = load_multi_exit(str(tiny_bert), 2, "mean")

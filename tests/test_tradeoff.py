@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exitrl.trace import SplitTrace
-from exitrl.tradeoff import (
+from exitrl.evaluation.tradeoff import (
     auc,
     best_score_saving_at_least,
     oracle_frontier,
@@ -15,6 +14,7 @@ from exitrl.tradeoff import (
     saving_grid,
     speedup_within,
 )
+from exitrl.traces.trace import SplitTrace
 
 
 def point(score: float, saved: float, num_layers: int = 4) -> dict:

@@ -22,9 +22,9 @@ from exitrl import envs as _envs  # noqa: F401 - registers exitrl/EarlyExit-v0
 
 __version__ = "0.1.0"
 _CALLABLE_MODULES = ("train", "sweep", "compare")  # modules that are also the API functions of their CLI
-_ATTRIBUTES = {"make_env": "exitrl.api", "load_trace": "exitrl.api", "Run": "exitrl.runs",
+_ATTRIBUTES = {"make_env": "exitrl.api", "load_trace": "exitrl.api", "Run": "exitrl.experiments.runs",
                "load_policy": "exitrl.policy", "ExitPolicy": "exitrl.policy", "RewardSpec": "exitrl.rewards",
-               "Trace": "exitrl.trace", "ENV_ID": "exitrl.envs"}
+               "Trace": "exitrl.traces.trace", "ENV_ID": "exitrl.envs"}
 __all__ = [*_CALLABLE_MODULES, *_ATTRIBUTES, "__version__"]
 
 

@@ -9,13 +9,13 @@ import gymnasium as gym
 from omegaconf import DictConfig, OmegaConf
 
 from exitrl.cli import compose_config, overrides_from
-from exitrl.device import pick_device
+from exitrl.core.device import pick_device
+from exitrl.core.splits import HELD_OUT
 from exitrl.envs import ENV_ID
-from exitrl.pipeline import Prepared, prepare
+from exitrl.experiments.pipeline import Prepared, prepare
+from exitrl.experiments.runs import Run
 from exitrl.rewards import RewardSpec
-from exitrl.runs import Run
-from exitrl.splits import HELD_OUT
-from exitrl.trace import Trace
+from exitrl.traces.trace import Trace
 
 SPLIT_NAMES = {"train": "train", "dev": "dev", "held_out": HELD_OUT, HELD_OUT: HELD_OUT}
 

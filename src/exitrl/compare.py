@@ -3,7 +3,7 @@
 Reads every ``metrics.json`` under RUNS_DIR (sweep points and ordinary ``exitrl.train`` runs alike), groups the
 evaluated policies by task and family, and writes into RUNS_DIR:
 
-* ``comparison.md`` and the terminal: per family its AUC (`exitrl.tradeoff`), best task metric at >= 30 % and
+* ``comparison.md`` and the terminal: per family its AUC (`exitrl.evaluation.tradeoff`), best task metric at >= 30 % and
   >= 50 % of layers saved, and the layer speedup within 1 point of the full model;
 * ``comparison_<task>.png``: task metric against layer speedup, every point labelled with its knob value, each
   family's Pareto frontier, the oracle frontier and the consistency oracle, the full model's line;
@@ -25,10 +25,10 @@ from torch.utils.tensorboard import SummaryWriter
 from exitrl.agents.declaration import LEARNED
 from exitrl.agents.registry import agents
 from exitrl.cli import callable_module, fail
-from exitrl.protocol import Point, SeedRun, SplitExits, difference_ci, family_row
-from exitrl.record import EXITS_FILE, RunRecord, read_exits, read_records
-from exitrl.trace import HELD_OUT
-from exitrl.tradeoff import family_summary
+from exitrl.evaluation.protocol import Point, SeedRun, SplitExits, difference_ci, family_row
+from exitrl.evaluation.tradeoff import family_summary
+from exitrl.experiments.record import EXITS_FILE, RunRecord, read_exits, read_records
+from exitrl.traces.trace import HELD_OUT
 
 
 def kind_of(name: str, kinds: dict) -> str | None:
@@ -131,7 +131,7 @@ def first_backbone(task: dict) -> dict:
 
 
 def summarize(task: dict) -> dict:
-    """The dev-frontier summary (`exitrl.tradeoff`) of the task's first backbone (see `first_backbone`)."""
+    """The dev-frontier summary (`exitrl.evaluation.tradeoff`) of the task's first backbone (see `first_backbone`)."""
     task = first_backbone(task)
     full = task["oracle"]["full_model"]
     layer_one = task["oracle"]["per_layer_score"][0]
@@ -184,7 +184,7 @@ def protocol_points(task: dict) -> tuple[dict, dict] | str:
 
 
 def protocol_summary(task: dict, resamples: int = 2000) -> dict:
-    """The honest protocol (`exitrl.protocol`): per family, mean ± std over seeds of the validated AUC, the
+    """The honest protocol (`exitrl.evaluation.protocol`): per family, mean ± std over seeds of the validated AUC, the
     validation AUC and the points chosen on validation; the best learned and best rule family by validation AUC and
     a paired bootstrap CI of their validated-AUC difference. ``{"unavailable": why}`` when the runs cannot."""
     found = protocol_points(task)

@@ -1,7 +1,7 @@
 """``python -m exitrl.export RUN_DIR``: make a run folder self-contained, so it reloads on another machine without
 the cache: the backbone the run used (fp16 by default) goes into ``RUN_DIR/backbone/`` and its trace into
-``RUN_DIR/trace.pt``; metrics.json records what was exported. `exitrl.runs.Run` and `exitrl.load_trace` look in the
-folder first. A co-trained run already holds its backbone.
+``RUN_DIR/trace.pt``; metrics.json records what was exported. `exitrl.experiments.runs.Run` and `exitrl.load_trace`
+look in the folder first. A co-trained run already holds its backbone.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from exitrl.backbones import MultiExitModel
 from exitrl.cli import fail
-from exitrl.runs import BACKBONE_DIR, TRACE_FILE, Run
+from exitrl.experiments.runs import BACKBONE_DIR, TRACE_FILE, Run
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -40,9 +40,9 @@ from exitrl.decoding import (
     policy_decoding,
     self_speculative,
 )
+from exitrl.experiments.runs import Run
 from exitrl.policy import ExitPolicy, load_policy
-from exitrl.runs import Run
-from exitrl.token_tracing import state_projection
+from exitrl.traces.tokens import state_projection
 
 METHODS = ("full", "selfspec", "calm", "free", "policy")
 MEASURES = ("margin", "saturation")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from exitrl.observation import (
+from exitrl.core.observation import (
     TokenExit,
     build_observation,
     confidence_measure,
@@ -31,7 +31,7 @@ from exitrl.observation import (
 class LayerBatch:
     """The rows still running at 1-indexed ``layer``: pooled ``states [B, H]`` and exit ``logits [B, C]``.
     ``extras`` may carry ``rows``, the rows' indices in the evaluated split, and ``split_size``, its length (only
-    analysis oracles read them). ``history`` ``[B, K]``: the rows' history features (`exitrl.observation`), which
+    analysis oracles read them). ``history`` ``[B, K]``: the rows' history features (`exitrl.core.observation`), which
     the walks track for a policy whose ``uses_history`` is True (None otherwise)."""
 
     layer: int
@@ -40,11 +40,11 @@ class LayerBatch:
     logits: torch.Tensor
     extras: dict = field(default_factory=dict)
     history: torch.Tensor | None = None
-    token: TokenExit | None = None  # a causal LM's exits: the emitted tokens and entropies (exitrl.observation)
+    token: TokenExit | None = None  # a causal LM's exits: the emitted tokens and entropies (exitrl.core.observation)
 
     @cached_property
     def observations(self) -> torch.Tensor:
-        """The same observation vector the envs emit (see `exitrl.observation`)."""
+        """The same observation vector the envs emit (see `exitrl.core.observation`)."""
         return build_observation(self.states, self.logits, self.layer, self.num_layers, self.history, self.token)
 
     @cached_property
@@ -58,7 +58,7 @@ class LayerBatch:
         return exit_predictions(self.logits, self.token)
 
     def confidence(self, measure: str) -> torch.Tensor:
-        """``maxprob``, ``margin`` or ``entropy`` of each row's exit (`exitrl.observation.confidence_measure`)."""
+        """``maxprob``, ``margin`` or ``entropy`` of each row's exit (`exitrl.core.observation.confidence_measure`)."""
         return confidence_measure(self.logits, measure, self.token)
 
 
@@ -70,8 +70,8 @@ class ExitPolicy(ABC):
 
     name: str = "policy"
     deployable: bool = True
-    # What the GPU fast path (`exitrl.fast_walk`) may rely on. ``graph_safe``: `decide` is tensor operations only,
-    # with no host reads and no Python state that changes between calls, so it can be captured in a CUDA graph.
+    # What the GPU fast path (`exitrl.runtime.fast_walk`) may rely on. ``graph_safe``: `decide` is tensor operations
+    # only, with no host reads and no Python state that changes between calls, so it can be captured in a CUDA graph.
     # ``first_exit_layer``: no row ever exits before this 1-indexed layer, so `decide` need not run (nor exit
     # heads be computed) below it; a policy whose memory must see every layer keeps 1.
     graph_safe: bool = False

@@ -1,6 +1,6 @@
 """``python -m exitrl.predict RUN_DIR --input FILE.{tsv,csv,jsonl} --output preds.jsonl``: classify a file with the
-run's backbone and exit policy (`exitrl.runtime.EarlyExitClassifier`), one JSON line per input row (``label``,
-``probs``, ``exit_layer``), then a summary line: examples/s, mean exit layer, saved layers.
+run's backbone and exit policy (`exitrl.runtime.classifier.EarlyExitClassifier`), one JSON line per input row
+(``label``, ``probs``, ``exit_layer``), then a summary line: examples/s, mean exit layer, saved layers.
 
 Text columns default to the run's task (a GLUE task's file columns, or a custom task's ``text_columns``);
 ``--text-columns a b`` names others. Files are read by the same readers as training data, with the same errors.
@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from exitrl.cli import USER_ERRORS, fail
 from exitrl.data import GLUE_TASKS, read_texts
-from exitrl.runs import Run
-from exitrl.runtime import EarlyExitClassifier
+from exitrl.experiments.runs import Run
+from exitrl.runtime.classifier import EarlyExitClassifier
 
 
 def default_columns(run_dir: Path, task: str) -> list[str]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from exitrl.observation import exit_predictions
-from exitrl.options import check_value
+from exitrl.core.observation import exit_predictions
+from exitrl.core.options import check_value
 
 DEPTHS = ("layer", "fraction")
 
@@ -37,7 +37,7 @@ class RewardContext:
     exit_layer: 1-indexed exit layer ``[B]``; num_layers: L; log_probs: exit head's log-softmax at the exit
     layer ``[B, C]``; label ``[B]``; memorized_layer ``[B]`` (1-indexed, ConsistentEE Eq. 7); final_prediction
     ``[B]``: what the last layer emits (the full model's answer, which a label-free consistency reward matches).
-    For a token exit (a causal LM's: `exitrl.observation.TokenExit`) ``log_probs`` holds the top k and the rest,
+    For a token exit (a causal LM's: `exitrl.core.observation.TokenExit`) ``log_probs`` holds the top k and the rest,
     and ``token_prediction`` / ``token_label_log_prob`` the emitted token and log p_l(next token): read them through
     ``prediction``, ``correct``, ``label_log_prob`` and ``max_prob``, which work for both kinds.
     """

@@ -49,9 +49,10 @@ from exitrl.cli import (
     wants_help,
 )
 from exitrl.compare import compare
-from exitrl.device import pick_device, set_reproducibility
-from exitrl.options import check_value
-from exitrl.pipeline import (
+from exitrl.core.device import pick_device, set_reproducibility
+from exitrl.core.options import check_value
+from exitrl.core.progress import progress
+from exitrl.experiments.pipeline import (
     LAYER_OPTIONS,
     AgentRun,
     Prepared,
@@ -59,11 +60,10 @@ from exitrl.pipeline import (
     prepare,
     prepare_from_trace,
 )
-from exitrl.progress import progress
-from exitrl.record import RunRecord
+from exitrl.experiments.record import RunRecord
 from exitrl.rewards import resolve_reward
 from exitrl.sweep_points import record_point, run_points, sweep_devices, with_value
-from exitrl.trace import HELD_OUT
+from exitrl.traces.trace import HELD_OUT
 
 log = logging.getLogger("exitrl.sweep")
 RUN_DIR = "hydra.run.dir"
@@ -131,7 +131,7 @@ def split_arguments(argv: list[str]) -> SweepArguments:
 
 
 def check_grid_depth(runs: dict[str, AgentRun], points: list[tuple], num_layers: int) -> None:
-    """Each ``(family, knob value)`` point names layers the backbone has (`exitrl.pipeline.check_depth`)."""
+    """Each ``(family, knob value)`` point names layers the backbone has (`exitrl.experiments.pipeline.check_depth`)."""
     for family, value in points:
         check_depth(family, {**runs[family].option_values(), runs[family].spec.knob.option: value}, num_layers,
                     f"sweep.grids.{family}: ")

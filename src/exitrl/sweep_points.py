@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from exitrl.agents.registry import get_agent
 from exitrl.cli import CONFIGS
-from exitrl.pipeline import AgentRun, Prepared, open_run, record_run
-from exitrl.record import FILE_NAME, RunRecord
-from exitrl.trace import Trace
+from exitrl.experiments.pipeline import AgentRun, Prepared, open_run, record_run
+from exitrl.experiments.record import FILE_NAME, RunRecord
+from exitrl.traces.trace import Trace
 
 log = logging.getLogger("exitrl.sweep_points")
 PLAN, TRACE = "plan.pt", "trace.pt"
@@ -167,7 +167,7 @@ def sweep_devices(devices: list[str] | None, device: torch.device) -> list[str]:
     """The devices the workers' slots cycle through: ``sweep.devices``, else every visible GPU when the run's device
     is CUDA, else the CPU."""
     if devices:
-        from exitrl.device import pick_device
+        from exitrl.core.device import pick_device
 
         try:
             return [str(pick_device(str(d))) for d in devices]

@@ -1,6 +1,6 @@
 """``python -m exitrl.train agent=reinforce env=rte``: fine-tune (or reuse) the backbone, trace it, train the
 agent, evaluate it beside the fixed baselines and the oracle bound, and write TensorBoard, metrics.json, the
-saved policy and the resolved config into the run folder (`exitrl.pipeline`).
+saved policy and the resolved config into the run folder (`exitrl.experiments.pipeline`).
 
 In Python the same run is ``exitrl.train(agent="reinforce", env="rte", reward={"alpha": 0.02}) -> Run``.
 """
@@ -24,7 +24,6 @@ from exitrl.agents.declaration import ANALYSIS
 from exitrl.agents.inputs import held_out_error, learn_split
 from exitrl.agents.registry import get_agent, rules
 from exitrl.backbones.loading import backbone_depth
-from exitrl.checkpoint import Checkpoints
 from exitrl.cli import (
     USER_ERRORS,
     agents_text,
@@ -40,12 +39,14 @@ from exitrl.cli import (
     prepare_cli,
     wants_help,
 )
-from exitrl.cotraining import CotrainConfig, cotrain_rounds
-from exitrl.device import check_threads, pick_device, set_reproducibility
-from exitrl.distributed import broadcast, check_sharding, current_world, launched_world, start
-from exitrl.hashing import hash_json
-from exitrl.options import checked_options
-from exitrl.pipeline import (
+from exitrl.core.checkpoint import Checkpoints
+from exitrl.core.device import check_threads, pick_device, set_reproducibility
+from exitrl.core.distributed import broadcast, check_sharding, current_world, launched_world, start
+from exitrl.core.hashing import hash_json
+from exitrl.core.options import checked_options
+from exitrl.core.report import results_table
+from exitrl.experiments.cotraining import CotrainConfig, cotrain_rounds
+from exitrl.experiments.pipeline import (
     LAYER_OPTIONS,
     AgentRun,
     Prepared,
@@ -57,10 +58,9 @@ from exitrl.pipeline import (
     prepare,
     record_run,
 )
+from exitrl.experiments.record import RunRecord
+from exitrl.experiments.runs import Run
 from exitrl.policy import policy_from_payload
-from exitrl.record import RunRecord
-from exitrl.report import results_table
-from exitrl.runs import Run
 
 log = logging.getLogger("exitrl.train")
 BACKBONE_MODES = ("frozen", "cotrain")
@@ -238,7 +238,7 @@ def train(agent: str = "reinforce", env: str = "rte", run_dir: str | Path | None
 
 def help_text() -> str:
     return f"""usage: python -m exitrl.train [group=option ...] [key=value ...]
-       exitrl.train(agent="reinforce", env="rte", **options) -> exitrl.runs.Run      (Python)
+       exitrl.train(agent="reinforce", env="rte", **options) -> exitrl.experiments.runs.Run      (Python)
 
 Fine-tune (or reuse) the backbone, trace it, train or fit the agent, evaluate it and the baselines on dev, and
 write metrics.json, policy.pt, config.yaml, train.log and tensorboard/ into the run folder (hydra.run.dir=).

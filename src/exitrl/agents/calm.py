@@ -27,9 +27,9 @@ from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.calibration.ltt import learn_then_test
 from exitrl.calibration.temperature import TemperatureScaledPolicy, fit_temperatures
-from exitrl.observation import TokenExit, confidence_measure
+from exitrl.core.observation import TokenExit, confidence_measure
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 MEASURES = ("margin", "saturation", "meta")
 RISKS = ("consistency", "loss")

@@ -16,7 +16,7 @@ from exitrl.agents.confidence import MEASURES
 from exitrl.agents.declaration import RULE, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
 from exitrl.calibration.per_layer import COST_WEIGHT_GRID, GAINS, exit_gains, fit_per_layer_thresholds
-from exitrl.observation import confidence_measure
+from exitrl.core.observation import confidence_measure
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from exitrl.options import checked_options
+from exitrl.core.options import checked_options
 
 if TYPE_CHECKING:
     from exitrl.agents.inputs import FitInputs

@@ -32,7 +32,7 @@ from exitrl.agents.inputs import FitInputs
 from exitrl.agents.reinforce import PerLayerExitNet
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.calibration.per_layer import COST_WEIGHT_GRID, GAINS, exit_gains, fit_per_layer_thresholds
-from exitrl.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 
@@ -83,7 +83,7 @@ class ExitScorerPolicy(ModuleExitPolicy):
 @dataclass
 class ExitScorerConfig:
     cost_weight: float = 0.1  # the knob: what one layer (as a fraction of L) costs in units of the gain
-    features: str = "history"  # state | confidence | observation | history | full (exitrl.observation)
+    features: str = "history"  # state | confidence | observation | history | full (exitrl.core.observation)
     target: str = "consistency"  # what g predicts: consistency (agrees with the last layer) | correct
     gain: str = "correct"  # what the thresholds maximise: correct | consistency
     hidden: int = 64

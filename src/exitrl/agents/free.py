@@ -27,7 +27,7 @@ from exitrl.agents.inputs import FitInputs
 from exitrl.backbones.recipes.free import default_shallow_layer
 from exitrl.calibration.beta_mixture import beta_mixture_threshold
 from exitrl.calibration.temperature import TemperatureScaledPolicy, fit_temperatures
-from exitrl.observation import confidence_measure
+from exitrl.core.observation import confidence_measure
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from exitrl.checkpoint import Checkpoints
+from exitrl.core.checkpoint import Checkpoints
 from exitrl.rewards import RewardSpec
-from exitrl.trace import HELD_OUT, SplitTrace, Trace
+from exitrl.traces.trace import HELD_OUT, SplitTrace, Trace
 
 LEARN_ON = ("auto", "train", "held_out")
 

@@ -25,8 +25,8 @@ from torch import nn
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
-from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 EXIT_ARM, CONTINUE_ARM = 0, 1  # rows of each layer's theta (saved in policy files), not the env's action ids
@@ -80,7 +80,7 @@ def spd_inverse(matrices: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LinUCBConfig:
-    features: str = "confidence"  # state | confidence | observation | history | full (exitrl.observation)
+    features: str = "confidence"  # state | confidence | observation | history | full (exitrl.core.observation)
     bonus: float = 0.5  # LinUCB's α: width of the optimism bonus, in reward units
     ridge: float = 1.0  # λ: prior precision of every θ
     rounds: int = 50_000  # examples seen online

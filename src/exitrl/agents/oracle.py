@@ -15,10 +15,10 @@ import torch
 
 from exitrl.agents.declaration import ANALYSIS, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
-from exitrl.evaluate import ORACLE_KINDS as KINDS
-from exitrl.evaluate import oracle_exit_layers
+from exitrl.evaluation.evaluate import ORACLE_KINDS as KINDS
+from exitrl.evaluation.evaluate import oracle_exit_layers
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 
 class OraclePolicy(ExitPolicy):
@@ -39,7 +39,7 @@ class OraclePolicy(ExitPolicy):
         rows = batch.extras.get("rows")
         if rows is None or batch.extras.get("split_size") != self.exit_layers.numel():
             raise ValueError("An oracle policy answers only for the split it was built from, walked by "
-                             "exitrl.evaluate.run_policy (which passes each row's index).")
+                             "exitrl.evaluation.evaluate.run_policy (which passes each row's index).")
         return self.exit_layers.to(rows.device)[rows] <= batch.layer
 
     def config(self) -> dict:

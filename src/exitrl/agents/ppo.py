@@ -25,12 +25,12 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
-from exitrl.checkpoint import Checkpoints, set_rng_state
+from exitrl.core.checkpoint import Checkpoints, set_rng_state
+from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.envs import EarlyExitEnv, observation_box
-from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 SB3_FILE = "ppo_sb3.zip"
 

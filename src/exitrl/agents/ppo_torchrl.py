@@ -20,10 +20,10 @@ from torchrl.objectives.value import GAE
 
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
-from exitrl.checkpoint import set_rng_state
+from exitrl.core.checkpoint import set_rng_state
+from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
-from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 

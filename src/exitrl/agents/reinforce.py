@@ -31,10 +31,10 @@ from torch import nn
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Curve, Knob, register
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
-from exitrl.checkpoint import set_rng_state
+from exitrl.core.checkpoint import set_rng_state
+from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.envs import TraceVectorEnv
-from exitrl.evaluate import evaluate_policy, log_eval
-from exitrl.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 

@@ -19,9 +19,9 @@ import torch
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
-from exitrl.evaluate import evaluate_policy
-from exitrl.observation import confidence_measure
-from exitrl.trace import SplitTrace
+from exitrl.core.observation import confidence_measure
+from exitrl.evaluation.evaluate import evaluate_policy
+from exitrl.traces.trace import SplitTrace
 
 SELECTION_RULES = ("ucb", "thompson")
 

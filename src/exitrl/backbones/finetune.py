@@ -23,11 +23,11 @@ from exitrl.backbones.loading import load_multi_exit
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes import build_recipe, recipe_settings
 from exitrl.backbones.training import train_stages
-from exitrl.checkpoint import Checkpoints, CorruptFile, verify_manifest, write_manifest
+from exitrl.core.checkpoint import Checkpoints, CorruptFile, verify_manifest, write_manifest
+from exitrl.core.device import autocast
+from exitrl.core.distributed import barrier, broadcast, current_world
+from exitrl.core.hashing import hash_json, hash_state_dict, hash_tokenizer
 from exitrl.data import TaskData
-from exitrl.device import autocast
-from exitrl.distributed import barrier, broadcast, current_world
-from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
 
 log = logging.getLogger(__name__)
 

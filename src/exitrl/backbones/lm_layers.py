@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from exitrl.backbones.multi_exit_lm import MultiExitLM
-from exitrl.device import autocast
+from exitrl.core.device import autocast
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from exitrl.backbones.finetune_config import FinetuneConfig
 from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.backbones.recipes import RECIPES, build_recipe
 from exitrl.backbones.training import train_stages
-from exitrl.checkpoint import Checkpoints
+from exitrl.core.checkpoint import Checkpoints
 
 
 def lm_recipes() -> list[str]:

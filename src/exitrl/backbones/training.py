@@ -5,7 +5,7 @@ Per stage: every parameter outside the stage's groups is frozen, AdamW over the 
 warm-up/decay schedule, gradient clipping over the trained parameters. Hooks let callers log (``on_step``),
 evaluate after each epoch (``on_epoch``) and edit gradients between backward and the step (``after_backward``).
 
-Under torchrun (`exitrl.distributed`) every process draws the same batch order, trains on its share of each batch,
+Under torchrun (`exitrl.core.distributed`) every process draws the same batch order, trains on its share of each batch,
 and DistributedDataParallel (or FSDP2, `exitrl.backbones.sharded`) averages the gradients, each share's loss
 weighted by its rows: the optimiser steps are those of one process on the whole batch. Process 0 alone saves
 checkpoints.
@@ -25,10 +25,10 @@ from exitrl.backbones.batching import batch_order, padded_batch
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Stage, StageLoss
 from exitrl.backbones.sharded import ShardedStage
-from exitrl.checkpoint import Checkpoints, rng_state, set_rng_state
-from exitrl.device import autocast, varied_shape_attention
-from exitrl.distributed import World, all_sum, broadcast, current_world, gather, same_everywhere, share
-from exitrl.progress import progress
+from exitrl.core.checkpoint import Checkpoints, rng_state, set_rng_state
+from exitrl.core.device import autocast, varied_shape_attention
+from exitrl.core.distributed import World, all_sum, broadcast, current_world, gather, same_everywhere, share
+from exitrl.core.progress import progress
 
 
 def freeze_all_but(model: MultiExitModel, stage: Stage) -> list[torch.nn.Parameter]:

@@ -19,9 +19,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from exitrl.core.hashing import hash_json
+from exitrl.core.splits import HELD_OUT
 from exitrl.data.tasks import GLUE_TASKS, TASK_NAMES, TaskSpec
-from exitrl.hashing import hash_json
-from exitrl.splits import HELD_OUT
 
 if TYPE_CHECKING:
     import datasets

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from exitrl.backbones.multi_exit_lm import MultiExitLM
-from exitrl.graphs import Replayable
+from exitrl.core.graphs import Replayable
 
 
 class SlotCache:

@@ -27,9 +27,9 @@ from collections.abc import Sequence
 import torch
 
 from exitrl.backbones.multi_exit_lm import MultiExitLM
+from exitrl.core.graphs import tree_copy
+from exitrl.core.observation import step_history, summarize_token_logits
 from exitrl.decoding.engine import Engine, Generation, all_ended, finish
-from exitrl.graphs import tree_copy
-from exitrl.observation import step_history, summarize_token_logits
 from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
 
 PROPAGATIONS = ("copy", "recompute")
@@ -59,7 +59,7 @@ class Decider:
 
 
 class PolicyDecider(Decider):
-    """An `ExitPolicy` asked per token and layer, seeing what it saw in a token trace (`exitrl.token_tracing`):
+    """An `ExitPolicy` asked per token and layer, seeing what it saw in a token trace (`exitrl.traces.tokens`):
     compact top-``top_k`` logits, the emitted token, the entropy, states through ``state_projection``. A policy
     without per-token memory whose decision can be captured (``graph_safe``: a learned MLP, a confidence rule) is
     captured with the layer; one with memory (patience, history features) decides eagerly."""

@@ -6,10 +6,10 @@ imported on demand so that plain Gymnasium users never load TorchRL.
 
 import gymnasium as gym
 
+from exitrl.core.observation import FEATURES, ObservationLayout, build_observation, check_features, observation_table
 from exitrl.envs.early_exit_env import CONTINUE, EXIT, EarlyExitEnv
 from exitrl.envs.spaces import observation_box
 from exitrl.envs.vector_env import TraceVectorEnv
-from exitrl.observation import FEATURES, ObservationLayout, build_observation, check_features, observation_table
 
 ENV_ID = "exitrl/EarlyExit-v0"
 if ENV_ID not in gym.registry:

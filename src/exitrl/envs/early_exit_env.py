@@ -11,10 +11,10 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
+from exitrl.core.observation import ObservationLayout
 from exitrl.envs.spaces import observation_box
-from exitrl.observation import ObservationLayout
 from exitrl.rewards import RewardSpec
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 CONTINUE, EXIT = 0, 1  # the actions of every env
 

@@ -14,7 +14,7 @@ from torchrl.envs import EnvBase
 
 from exitrl.envs.vector_env import TraceVectorEnv
 from exitrl.rewards import RewardSpec
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 
 class TorchRLEarlyExitEnv(EnvBase):

@@ -17,10 +17,10 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
+from exitrl.core.observation import ObservationLayout
 from exitrl.envs.spaces import observation_box
-from exitrl.observation import ObservationLayout
 from exitrl.rewards import RewardSpec
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 
 class TraceVectorEnv(gym.vector.VectorEnv):

@@ -2,7 +2,7 @@
 lookups and policies are evaluated without the backbone.
 
 Per example: every layer's pooled state and exit logits, the label and the memorized layer (ConsistentEE Eq. 7).
-Building a trace from a backbone (and its content-hash cache) is `exitrl.tracing`; this module only holds and
+Building a trace from a backbone (and its content-hash cache) is `exitrl.traces.build`; this module only holds and
 persists the tensors, so envs, policies and evaluation need no backbone code.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from exitrl.checkpoint import MAGIC, load_checked, save_checked
-from exitrl.observation import TokenExit, exit_predictions, observation_table
-from exitrl.splits import HELD_OUT
+from exitrl.core.checkpoint import MAGIC, load_checked, save_checked
+from exitrl.core.observation import TokenExit, exit_predictions, observation_table
+from exitrl.core.splits import HELD_OUT
 
 TRACE_FORMAT = 1
 STATE_DTYPE = torch.float16  # pooled states are kept at this precision; policies see them so at inference too
@@ -38,7 +38,7 @@ class SplitTrace:
     """One split: ``states [N, L, H]``, ``logits [N, L, C]``, ``labels [N]``, ``memorized [N]`` (1-indexed).
 
     Token traces (a causal LM's exits, one row per teacher-forced position) keep compact logits (see
-    `exitrl.observation.TokenExit`) and three tables ``[N, L]`` more: ``predictions`` (the token each exit emits),
+    `exitrl.core.observation.TokenExit`) and three tables ``[N, L]`` more: ``predictions`` (the token each exit emits),
     ``entropy`` (of its whole distribution) and ``label_log_probs`` (log-probability of the true next token, the
     label)."""
 
@@ -97,7 +97,7 @@ class SplitTrace:
         return exit_predictions(self.logits, self.token)
 
     def observations(self) -> torch.Tensor:
-        """The observation of every (row, layer), ``[N, L, D]`` (`exitrl.observation.observation_table`)."""
+        """The observation of every (row, layer), ``[N, L, D]`` (`exitrl.core.observation.observation_table`)."""
         return observation_table(self.states, self.logits, self.token)
 
     def reward_table(self, reward) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Steps on fixed tensors, captured once as CUDA graphs and replayed: the device-side trick both fast paths share
-(the classification walk, `exitrl.fast_walk`, and decoding, `exitrl.decoding`). On a small model a GPU spends more
-time launching kernels than running them; a replayed graph launches a whole step at once."""
+(the classification walk, `exitrl.runtime.fast_walk`, and decoding, `exitrl.decoding`). On a small model a GPU spends
+more time launching kernels than running them; a replayed graph launches a whole step at once."""
 
 from __future__ import annotations
 

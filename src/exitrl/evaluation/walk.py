@@ -14,9 +14,9 @@ from typing import Protocol
 
 import torch
 
-from exitrl.observation import exit_predictions, step_history
+from exitrl.core.observation import exit_predictions, step_history
 from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
-from exitrl.trace import SplitTrace
+from exitrl.traces.trace import SplitTrace
 
 
 class LayerSource(Protocol):

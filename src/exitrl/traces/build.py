@@ -13,13 +13,13 @@ import torch
 
 from exitrl.backbones.batching import batch_order, by_length, padded_batch, tokenize_split
 from exitrl.backbones.multi_exit import MultiExitModel
-from exitrl.checkpoint import CorruptFile, write_atomic
+from exitrl.core.checkpoint import CorruptFile, write_atomic
+from exitrl.core.device import autocast, varied_shape_attention
+from exitrl.core.distributed import barrier, current_world, in_order
+from exitrl.core.hashing import hash_json, hash_state_dict, hash_tokenizer
+from exitrl.core.progress import progress
 from exitrl.data import TaskData
-from exitrl.device import autocast, varied_shape_attention
-from exitrl.distributed import barrier, current_world, in_order
-from exitrl.hashing import hash_json, hash_state_dict, hash_tokenizer
-from exitrl.progress import progress
-from exitrl.trace import STATE_DTYPE, TRACE_FORMAT, SplitTrace, Trace
+from exitrl.traces.trace import STATE_DTYPE, TRACE_FORMAT, SplitTrace, Trace
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def load_or_build_trace(model: MultiExitModel, tokenizer, data: TaskData, cache_
     the recipe the backbone was trained with; it is part of the key and the meta, so traces say where they came
     from."""
     device = torch.device(device)
-    precision = "bf16-autocast" if device.type == "cuda" else "fp32"  # see exitrl.device.autocast
+    precision = "bf16-autocast" if device.type == "cuda" else "fp32"  # see exitrl.core.device.autocast
     settings = {"max_length": max_length, "pooling": model.pooling, "splits": sorted(data.splits),
                 "precision": precision, "objective": objective}
     key = trace_key(model, tokenizer, data, settings)

@@ -25,21 +25,21 @@ from exitrl.agents.declaration import AgentSpec
 from exitrl.agents.inputs import FitInputs, learn_split
 from exitrl.agents.registry import get_agent
 from exitrl.backbones import FinetuneConfig, load_or_finetune
-from exitrl.checkpoint import Checkpoints
-from exitrl.crossfit import check_crossfit, crossfit_train
+from exitrl.core.checkpoint import Checkpoints
+from exitrl.core.hashing import hash_json
+from exitrl.core.options import check_value, checked_options
 from exitrl.data import TaskData, load_task
-from exitrl.evaluate import evaluate_exits, oracle_bounds
-from exitrl.hashing import hash_json
-from exitrl.lm_traces import LMBackboneConfig, LMTextConfig, load_or_build_lm_trace
-from exitrl.options import check_value, checked_options
+from exitrl.evaluation.evaluate import evaluate_exits, oracle_bounds
+from exitrl.experiments.record import RunRecord, write_exits
+from exitrl.experiments.run_summary import log_run_summary
 from exitrl.policy import ExitPolicy
-from exitrl.record import RunRecord, write_exits
 from exitrl.rewards import RewardSpec
-from exitrl.run_summary import log_run_summary
-from exitrl.trace import HELD_OUT, Trace
-from exitrl.tracing import load_or_build_trace
+from exitrl.traces.build import load_or_build_trace
+from exitrl.traces.crossfit import check_crossfit, crossfit_train
+from exitrl.traces.lm_run import LMBackboneConfig, LMTextConfig, load_or_build_lm_trace
+from exitrl.traces.trace import HELD_OUT, Trace
 
-log = logging.getLogger("exitrl.pipeline")
+log = logging.getLogger("exitrl.experiments.pipeline")
 
 
 # -- one agent spec: which agent, its validated options, the reward it learns from, where it learns ---------------
@@ -125,7 +125,7 @@ class Prepared:
     tokenizer: Any = None
     finetune: FinetuneConfig | None = None
     data_source: str | None = None
-    environment: dict = field(default_factory=dict)  # `exitrl.device.set_reproducibility`'s, for the records
+    environment: dict = field(default_factory=dict)  # `exitrl.core.device.set_reproducibility`'s, for the records
 
     @cached_property
     def bounds(self) -> dict:
@@ -178,7 +178,7 @@ def seed_group(name: str, finetune: FinetuneConfig, data, meta: dict, crossfit: 
 
 def prepare_lm(cfg: DictConfig, device: torch.device) -> Prepared:
     """A causal-LM run (``backbone.kind: lm``, ``env=lm_text``): text, the LM (continued with a recipe when asked),
-    token traces (`exitrl.lm_traces`)."""
+    token traces (`exitrl.traces.lm_run`)."""
     if "lm_text" not in cfg.env:
         raise ValueError(f"backbone={cfg.backbone.get('name') or 'random'} is a causal LM: use env=lm_text (episodes "
                          f"are token positions of text), not env={cfg.env.task}.")
@@ -235,7 +235,7 @@ def prepare(cfg: DictConfig, device: torch.device, writer=None) -> Prepared:
 
 
 def prepare_from_trace(path: str | Path, device: torch.device, task: str) -> Prepared:
-    """A saved trace file (`exitrl.trace.Trace.save`) instead of fine-tuning and tracing."""
+    """A saved trace file (`exitrl.traces.trace.Trace.save`) instead of fine-tuning and tracing."""
     trace = Trace.load(Path(path).expanduser())
     return Prepared(trace.meta.get("task", task), trace.meta.get("metric", "accuracy"), trace,
                     {"trace": str(path)}, device)

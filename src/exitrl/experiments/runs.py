@@ -3,26 +3,18 @@ they sit in the folder (exported with ``python -m exitrl.export``) or in the cac
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from exitrl.core.cache import cache_dir
+from exitrl.experiments.record import FILE_NAME, RunRecord
 from exitrl.policy import ExitPolicy, load_policy
-from exitrl.record import FILE_NAME, RunRecord
-from exitrl.trace import Trace
+from exitrl.traces.trace import Trace
 
 TRACE_FILE = "trace.pt"  # an exported trace, inside the run folder
 BACKBONE_DIR = "backbone"  # the co-trained or exported backbone, inside the run folder
-CACHE_ENV = "EXITRL_CACHE_DIR"
-DEFAULT_CACHE = "~/.cache/exitrl"
-
-
-def cache_dir(default: str | Path | None = None) -> Path:
-    return Path(default or os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
-
-
 @dataclass
 class Run:
     dir: Path
@@ -40,7 +32,7 @@ class Run:
 
     @property
     def metrics(self) -> dict:
-        """metrics.json as a dict (`exitrl.record` documents the fields)."""
+        """metrics.json as a dict (`exitrl.experiments.record` documents the fields)."""
         return self.record.to_dict()
 
     @property

@@ -25,13 +25,13 @@ from exitrl.backbones.losses import exit_layer_ce, weighted_ce
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Stage, body_parameters
 from exitrl.backbones.training import train_stages
-from exitrl.checkpoint import Checkpoints, set_rng_state
+from exitrl.core.checkpoint import Checkpoints, set_rng_state
+from exitrl.core.distributed import all_sum, barrier, current_world, same_everywhere
 from exitrl.data import TaskData
-from exitrl.distributed import all_sum, barrier, current_world, same_everywhere
-from exitrl.evaluate import evaluate_policy, run_policy
+from exitrl.evaluation.evaluate import evaluate_policy, run_policy
 from exitrl.policy import ExitPolicy, policy_from_payload
-from exitrl.trace import SplitTrace, Trace
-from exitrl.tracing import load_or_build_trace
+from exitrl.traces.build import load_or_build_trace
+from exitrl.traces.trace import SplitTrace, Trace
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""The fast path of the inference runtime: the walk of `exitrl.walk`, shaped so a GPU can run it with almost no
-per-layer overhead.
+"""The fast path of the inference runtime: the walk of `exitrl.evaluation.walk`, shaped so a GPU can run it with
+almost no per-layer overhead.
 
 On a GPU, small batches are launch-bound: an eager layer costs more in kernel launches than in arithmetic, and a
 host read per layer stalls the pipeline, so a naive early-exit loop is slower than not exiting at all. Here:
@@ -18,7 +18,7 @@ host read per layer stalls the pipeline, so a naive early-exit loop is slower th
   last layer (``observes_final``) sees exactly the rows that reached it.
 
 Without CUDA (or with ``graphs=False``) every step simply runs eagerly: the same code, which is how the CPU tests
-check that this path equals `exitrl.walk.walk` exit for exit.
+check that this path equals `exitrl.evaluation.walk.walk` exit for exit.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from collections.abc import Callable
 import torch
 
 from exitrl.backbones.multi_exit import SHARED, MultiExitModel
-from exitrl.graphs import Replayable, tree_copy, tree_map
-from exitrl.observation import step_history
+from exitrl.core.graphs import Replayable, tree_copy, tree_map
+from exitrl.core.observation import step_history
+from exitrl.evaluation.walk import Exits
 from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
-from exitrl.trace import STATE_DTYPE
-from exitrl.walk import Exits
+from exitrl.traces.trace import STATE_DTYPE
 
 TOKEN_PLANES = 4  # input ids, attention mask, token types, and a plane whose column 0 marks the real rows
 

@@ -3,10 +3,10 @@
 A family is a list of *points* (one per knob value), each evaluated on both splits with per-example results
 (`SplitExits`). Nothing is chosen by dev:
 
-* **validated AUC**: for each saved-layer level s of `exitrl.tradeoff`'s grid, take the point with the best
+* **validated AUC**: for each saved-layer level s of `exitrl.evaluation.tradeoff`'s grid, take the point with the best
   *validation* score among those saving at least s *on validation* (the full model always qualifies), and read its
   *dev* score; F(s) is never below the dev score of exiting everything at layer 1. The AUC is the mean of F(s).
-  (The dev-frontier AUC of `exitrl.tradeoff` picks points by dev: optimistic for every family alike.)
+  (The dev-frontier AUC of `exitrl.evaluation.tradeoff` picks points by dev: optimistic for every family alike.)
 * **within 1 point** / **at ≥ 50 % saved**: the point chosen on validation (the fastest within 1 point of the
   validation full model / the best scoring among those saving ≥ 50 % on validation), reported on dev.
 * **best family**: by validation AUC.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exitrl.tradeoff import saving_grid
+from exitrl.evaluation.tradeoff import saving_grid
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Token traces: a causal LM's exits at every teacher-forced position of packed text, one episode per position.
 
 An episode walks position t of a chunk up the layers; its label is the true token t+1. Per (position, layer) the
-trace keeps what policies read without the vocabulary (`exitrl.observation.TokenExit`): the top-k log-probabilities
+trace keeps what policies read without the vocabulary (`exitrl.core.observation.TokenExit`): the top-k log-probabilities
 and the rest's mass as compact logits, the emitted token, the entropy of the whole distribution, log p(true next
 token), and the token state, optionally projected to ``state_dim`` features by a fixed random Gaussian map (a
 576-wide state per layer and token would make a trace of 100k tokens 3.5 GB; 64 features keep it at 0.4 GB).
@@ -16,10 +16,10 @@ import math
 import torch
 
 from exitrl.backbones.multi_exit_lm import MultiExitLM
-from exitrl.device import autocast
-from exitrl.distributed import current_world, in_order
-from exitrl.observation import summarize_token_logits
-from exitrl.trace import STATE_DTYPE, SplitTrace
+from exitrl.core.device import autocast
+from exitrl.core.distributed import current_world, in_order
+from exitrl.core.observation import summarize_token_logits
+from exitrl.traces.trace import STATE_DTYPE, SplitTrace
 
 
 def state_projection(hidden_size: int, state_dim: int | None, seed: int = 0) -> torch.Tensor | None:

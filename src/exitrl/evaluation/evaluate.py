@@ -1,5 +1,5 @@
 """The metric contract, one function for every policy: walk a policy over a trace split and summarise its exits
-(`exitrl.metrics`: task metric, mean exit layer, speedup, saved layers, histogram). `oracle_bounds` gives the
+(`exitrl.core.metrics`: task metric, mean exit layer, speedup, saved layers, histogram). `oracle_bounds` gives the
 analysis-only references: the consistency oracle (first layer whose prediction equals the last layer's; keeps the full
 model's predictions, so its saving bounds every no-loss policy) and the correctness oracle.
 """
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from exitrl.metrics import EVAL_KEYS, log_eval, summarize_exits, task_metric
+from exitrl.core.metrics import EVAL_KEYS, log_eval, summarize_exits, task_metric
+from exitrl.evaluation.tradeoff import oracle_frontier
+from exitrl.evaluation.walk import TraceSource, walk
 from exitrl.policy import ExitPolicy
-from exitrl.trace import SplitTrace
-from exitrl.tradeoff import oracle_frontier
-from exitrl.walk import TraceSource, walk
+from exitrl.traces.trace import SplitTrace
 
-__all__ = [  # the contract's numbers live in exitrl.metrics; evaluation re-exports them for its callers
+__all__ = [  # the contract's numbers live in exitrl.core.metrics; evaluation re-exports them for its callers
     "EVAL_KEYS", "ORACLE_KINDS", "consistency_risks", "evaluate_policy", "log_eval", "oracle_bounds",
     "oracle_exit_layers", "run_policy", "summarize_exits", "task_metric",
 ]
@@ -22,7 +22,8 @@ __all__ = [  # the contract's numbers live in exitrl.metrics; evaluation re-expo
 
 @torch.no_grad()
 def run_policy(policy: ExitPolicy, trace: SplitTrace, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Walk the trace layer by layer with compaction (`exitrl.walk`, the runtime's loop); returns exit layers and
+    """Walk the trace layer by layer with compaction (`exitrl.evaluation.walk`, the runtime's loop); returns exit
+    layers and
     predictions. The policy is moved to the trace's device (a policy trained on the GPU meets a CPU trace)."""
     device = trace.logits.device
     policy = policy.to(device)
@@ -52,7 +53,7 @@ def evaluate_policy(policy: ExitPolicy, trace: SplitTrace, metric: str = "accura
 
 def evaluate_exits(policy: ExitPolicy, trace: SplitTrace, metric: str = "accuracy") -> tuple[dict, dict]:
     """`evaluate_policy`'s result and the per-example exits behind it (``layers`` int16 and ``predictions`` int32, on
-    the CPU), which the honest comparison (`exitrl.protocol`) resamples."""
+    the CPU), which the honest comparison (`exitrl.evaluation.protocol`) resamples."""
     exit_layers, predictions = run_policy(policy, trace)
     result = summarize_exits(exit_layers, predictions, trace.labels, trace.num_layers, metric)
     result.update(consistency_risks(predictions, trace))

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from exitrl.metrics import summarize_exits
-from exitrl.trace import SplitTrace
+from exitrl.core.metrics import summarize_exits
+from exitrl.traces.trace import SplitTrace
 
 AUC_POINTS = 16
 

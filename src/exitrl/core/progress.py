@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-log = logging.getLogger("exitrl.progress")
+log = logging.getLogger("exitrl.core.progress")
 
 
 def interval() -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.utils.tensorboard.summary import hparams
 
-from exitrl.metrics import EVAL_KEYS, log_eval
+from exitrl.core.metrics import EVAL_KEYS, log_eval
 
 LAYOUT = {
     "exit policy (every run)": {

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from exitrl.backbones import FinetuneConfig, load_or_finetune
+from exitrl.core.hashing import hash_json
 from exitrl.data import TaskData, select_rows
-from exitrl.hashing import hash_json
-from exitrl.trace import SplitTrace, Trace
-from exitrl.tracing import load_or_build_trace
+from exitrl.traces.build import load_or_build_trace
+from exitrl.traces.trace import SplitTrace, Trace
 
 log = logging.getLogger(__name__)
 FOLD = "fold"  # the split name each fold backbone traces

@@ -1,10 +1,10 @@
 """`EarlyExitClassifier`: answer new text with real early exits. The backbone runs one layer at a time on the rows
 still in the batch (`LiveSource`); at each layer the run's `ExitPolicy` decides through the same walk that evaluates
-it on a trace (`exitrl.walk`), so rows that exit leave the batch (compaction) and their hidden states, attention
-masks and the policy's per-row memory are dropped together. Inputs are sorted by length and padded per batch
+it on a trace (`exitrl.evaluation.walk`), so rows that exit leave the batch (compaction) and their hidden states,
+attention masks and the policy's per-row memory are dropped together. Inputs are sorted by length and padded per batch
 (length bucketing), so short rows do not carry long rows' padding.
 
-Two paths walk the same way: the eager `walk` (``fast=False``), and `exitrl.fast_walk` (``fast=True``, the
+Two paths walk the same way: the eager `walk` (``fast=False``), and `exitrl.runtime.fast_walk` (``fast=True``, the
 default on CUDA): per-bucket CUDA graphs, decisions on the device and one 8-byte host read per layer where a row may
 exit. On a CPU both are compute-bound, so saved layers are saved time either way.
 """
@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from exitrl.backbones.multi_exit import MultiExitModel, select_rows
-from exitrl.device import autocast, pick_device
-from exitrl.fast_walk import FastWalker
+from exitrl.core.device import autocast, pick_device
+from exitrl.core.progress import progress as show_progress
+from exitrl.evaluation.walk import Exits, walk
+from exitrl.experiments.runs import Run
 from exitrl.policy import ExitPolicy
-from exitrl.progress import progress as show_progress
-from exitrl.runs import Run
-from exitrl.trace import STATE_DTYPE
-from exitrl.walk import Exits, walk
+from exitrl.runtime.fast_walk import FastWalker
+from exitrl.traces.trace import STATE_DTYPE
 
 
 class LiveSource:
@@ -53,7 +53,7 @@ class EarlyExitClassifier:
                  max_length: int = 128, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  fast: bool | None = None, compile_decisions: bool = False):
         """``dtype``: the backbone's weights (default bf16 on CUDA, fp32 on the CPU); ``fast``: the fast path
-        (`exitrl.fast_walk`; default on CUDA, where it captures CUDA graphs); ``compile_decisions``: the fast
+        (`exitrl.runtime.fast_walk`; default on CUDA, where it captures CUDA graphs); ``compile_decisions``: the fast
         path's exit heads and decisions through torch.compile (fewer kernels per layer, minutes of warm-up)."""
         if not policy.deployable:
             raise ValueError(f"The {policy.name} policy is analysis only (it reads answers it cannot have at "

@@ -1,7 +1,8 @@
 """The run record, ``metrics.json``: one schema for every run (``python -m exitrl.train``, each point of
 ``python -m exitrl.sweep``, the Python API and the benchmarks), written and read only here.
 
-Schema (version 1); every score is a fraction in [0, 1], every "result" is `exitrl.evaluate.evaluate_policy`'s dict
+Schema (version 1); every score is a fraction in [0, 1], every "result" is
+`exitrl.evaluation.evaluate.evaluate_policy`'s dict
 (``score``, ``accuracy``, ``avg_exit_layer``, ``speedup``, ``saved_layers``, ``exit_histogram``, ``num_examples``,
 ``disagreement``, ``loss_increase``, ``deployable``, ``metric``):
 
@@ -12,8 +13,8 @@ Schema (version 1); every score is a fraction in [0, 1], every "result" is `exit
 * ``task``, ``metric`` (accuracy | f1), ``num_layers``, ``label_names`` (by class id) and ``max_length`` (tokens),
   what the inference runtime needs to answer new text as the run was traced.
 * ``results``: ``{policy name: result}`` on dev: the agent's, then any baselines'.
-* ``oracle``: `exitrl.evaluate.oracle_bounds` on dev (full model, per-layer scores, both oracles, oracle frontier);
-  ``dev_per_layer``: its per-layer scores.
+* ``oracle``: `exitrl.evaluation.evaluate.oracle_bounds` on dev (full model, per-layer scores, both oracles, oracle
+  frontier); ``dev_per_layer``: its per-layer scores.
 * ``knob``: ``{"key", "value"}`` for a sweep point, else null; with ``"curve": {"attribute", "value"}`` for a point
   of a fitted policy's curve (`exitrl.agents.declaration.Curve`).
 * ``reward``: ``{"name", "fn", **kwargs}``; ``learn_on`` (the setting) and ``policy_trained_on`` (the split used).
@@ -21,11 +22,11 @@ Schema (version 1); every score is a fraction in [0, 1], every "result" is `exit
   ``seed_group``: the same hash for backbones differing only in their fine-tuning seed), or the trace file swept;
   ``backbone_mode`` (frozen | cotrain) and ``cotrain`` (per-round records, or null).
 * ``seed``: the run's seed; ``validation_results``: ``{policy name: result}`` on the held-out split (the validation
-  split of the honest comparison, `exitrl.protocol`), empty when the trace has none.
+  split of the honest comparison, `exitrl.evaluation.protocol`), empty when the trace has none.
 * ``exits.pt`` beside ``metrics.json`` (`write_exits` / `read_exits`): per policy and split (dev, held-out) the
   per-example exit layers and predictions, the labels, and the full model's and layer 1's predictions, so that
   comparisons choose on validation and bootstrap dev without the trace.
-* ``environment``: what the numbers depend on beyond the seed (`exitrl.device.set_reproducibility`: torch and
+* ``environment``: what the numbers depend on beyond the seed (`exitrl.core.device.set_reproducibility`: torch and
   transformers versions, CPU threads, deterministic kernels, the GPU).
 * ``agent_info`` and ``baseline_info``: what fitting reported (configs, learning curves, calibration);
   ``agent_seconds``, ``total_seconds``, ``data_source``, ``device``, ``run_dir``.
@@ -84,7 +85,7 @@ class RunRecord:
         return dataclasses.asdict(self)
 
     def write(self, run_dir: str | Path) -> Path:
-        from exitrl.checkpoint import write_atomic
+        from exitrl.core.checkpoint import write_atomic
 
         return write_atomic(Path(run_dir) / FILE_NAME, json.dumps(self.to_dict(), indent=2).encode())
 
@@ -130,7 +131,7 @@ def write_exits(run_dir: str | Path, labels: dict, policies: dict, reference: di
 
     import torch
 
-    from exitrl.checkpoint import write_atomic
+    from exitrl.core.checkpoint import write_atomic
 
     buffer = io.BytesIO()
     torch.save({"labels": labels, "policies": policies, "reference": reference}, buffer)

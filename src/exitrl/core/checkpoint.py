@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-log = logging.getLogger("exitrl.checkpoint")
+log = logging.getLogger("exitrl.core.checkpoint")
 MAGIC = b"exitrl-checked-v1\n"
 
 

@@ -19,13 +19,13 @@ from exitrl.backbones.lm_training import continue_training
 from exitrl.backbones.loading import load_multi_exit_lm, resolve_backbone_path
 from exitrl.backbones.multi_exit import BackboneError
 from exitrl.backbones.multi_exit_lm import MultiExitLM
-from exitrl.checkpoint import Checkpoints, CorruptFile
+from exitrl.core.checkpoint import Checkpoints, CorruptFile
+from exitrl.core.distributed import barrier, current_world
+from exitrl.core.hashing import hash_json
+from exitrl.core.splits import HELD_OUT
 from exitrl.data.lm_text import SOURCES, file_documents, glue_documents, pack, python_documents
-from exitrl.distributed import barrier, current_world
-from exitrl.hashing import hash_json
-from exitrl.splits import HELD_OUT
-from exitrl.token_tracing import build_token_split
-from exitrl.trace import Trace
+from exitrl.traces.tokens import build_token_split
+from exitrl.traces.trace import Trace
 
 log = logging.getLogger(__name__)
 
