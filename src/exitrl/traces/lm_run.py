@@ -16,7 +16,7 @@ import torch
 
 from exitrl.backbones.finetune_config import FinetuneConfig
 from exitrl.backbones.lm_training import continue_training
-from exitrl.backbones.loading import load_multi_exit_lm, resolve_backbone_path
+from exitrl.backbones.loading import load_multi_exit_lm, resolve_backbone_path, resolve_lm_path
 from exitrl.backbones.multi_exit import BackboneError
 from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.core.checkpoint import Checkpoints, CorruptFile
@@ -130,14 +130,19 @@ def load_or_build_lm_trace(backbone: LMBackboneConfig, finetune: FinetuneConfig,
     parts = split_documents(texts, text.dev, policy_split)
     data_key = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()[:16]
     trained = asdict(finetune) if backbone.continue_training else None
-    key = hash_json({"backbone": asdict(backbone), "finetune": trained, "text": asdict(text), "data": data_key,
-                     "policy_split": policy_split, "seed": seed if backbone.random or trained else None})
+    # the same name may mean other weights (the hub's full precision, or a quantized GGUF where the hub is unreachable)
+    named = backbone.random is None and backbone.name
+    weights = resolve_lm_path(backbone.name, backbone.package).source if named else None
+    seed_matters = backbone.random or trained
+    key = hash_json({"backbone": asdict(backbone), "weights": weights, "finetune": trained, "text": asdict(text),
+                     "data": data_key, "policy_split": policy_split, "seed": seed if seed_matters else None})
     cache = Path(cache_dir).expanduser()
     trace_path, model_dir = cache / "lm_traces" / f"{key}.pt", cache / "lm_backbones" / key
     model, tokenizer = (MultiExitLM.load(model_dir)[:2] if (model_dir / "exitrl_backbone.json").is_file()
                         else load_lm(backbone, seed))
     info = {"name": backbone.name or f"random {backbone.random}", "kind": "lm", "key": key,
-            "package": backbone.package, "documents": {k: len(v) for k, v in parts.items()}}
+            "package": backbone.package, "weights": model.weights_source,
+            "documents": {k: len(v) for k, v in parts.items()}}
     if (model_dir / "exitrl_backbone.json").is_file():
         info["path"] = str(model_dir)  # the continued LM a run decodes with (`exitrl.generate RUN_DIR`)
     # a continued LM's trace is reused only with the continued LM it came from (a run may decode with it)
