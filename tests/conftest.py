@@ -6,8 +6,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# The suite's models are width 32: their matrix products are too small to split across threads, and on a 2-core
+# machine a second OpenMP thread mostly spins (two test files took 109 s at 2 threads, 15 s at 1, on a busy 2-core
+# CPU). One thread for this process and every CLI it starts; a test that sets `threads=` still gets its count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("EXITRL_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -89,3 +96,23 @@ def synthetic_trace(n: int = 2000, num_layers: int = 4, hidden: int = 16, seed: 
         good = easy | (layer == num_layers - 1)
         logits[:, layer, 1] = torch.where(good, 3 * sign, -3 * sign)
     return SplitTrace.from_logits(states, logits, labels), easy
+
+
+@pytest.fixture(scope="session")
+def reference_numbers(tmp_path_factory):
+    """`numbers` of an uninterrupted run, by its overrides; each distinct run happens once a session (the resume
+    tests of two stages and the determinism test compare against the same uninterrupted run)."""
+    done: dict[tuple[str, ...], dict] = {}
+
+    def get(overrides: list[str]) -> dict:
+        from test_cli import run_cli
+        from test_resume import numbers
+
+        if tuple(overrides) not in done:
+            folder = tmp_path_factory.mktemp("reference")
+            out = run_cli(folder, *overrides)
+            assert out.returncode == 0, out.stderr[-3000:]
+            done[tuple(overrides)] = numbers(folder / "run")
+        return done[tuple(overrides)]
+
+    return get

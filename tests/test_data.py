@@ -8,8 +8,7 @@ import json
 import datasets
 import pytest
 
-from exitrl.data import GLUE_TASKS, DataError, load_task
-from exitrl.data import loading as loading_module
+from exitrl.data import GLUE_TASKS, DataError, load_task, read_table
 
 
 def test_local_glue_tasks_load_with_canonical_ids(glue_dir):
@@ -103,9 +102,10 @@ def test_custom_tsv_csv_jsonl_with_string_and_integer_labels(tmp_path):
 @pytest.mark.parametrize(
     ("train", "dev", "match"),
     [
-        ("text\ty\nhello\tpos\nbye\tneg\n", "words\ty\nhi\tpos\n", r"lacks column\(s\) \['text'\]"),
+        ("text\ty\nhello\tpos\nbye\tneg\n", "words\ty\nhi\tpos\n",
+         r"dev.tsv has no column 'text' \(its header: words, y\); set env.custom.text_columns="),
         ("text\ty\nhello\tpos\nbye\tneg\n", "text\ty\n", "no data rows"),
-        ("text\ty\nhello\tpos\nbye\tneg\n", "text\ty\nhi\tmaybe\n", "label 'maybe'.*not one of"),
+        ("text\ty\nhello\tpos\nbye\tneg\n", "text\ty\nhi\tmaybe\n", r"row 1 \(line 2\): label 'maybe'.*not one of"),
         ("text\ty\nhello\tpos\textra\nbye\tneg\n", "text\ty\nhi\tpos\n", "more fields than the header"),
         ("text\ty\nhello\tpos\nbye\tpos\n", "text\ty\nhi\tpos\n", "at least two"),
         ("text\ty\n\tpos\nbye\tneg\n", "text\ty\nhi\tpos\n", "is empty"),
@@ -120,7 +120,7 @@ def test_malformed_custom_files_get_clear_errors(tmp_path, train, dev, match):
 
 def test_jsonl_rows_are_checked_one_by_one(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "a", "y": 1}\n{"text": "b"}\n{"text": "c", "y": 0}\n')
-    with pytest.raises(DataError, match=r"row 2: lacks column\(s\) \['y'\]"):
+    with pytest.raises(DataError, match=r"train.jsonl row 2 \(line 2\) has no column 'y' \(columns: text\)"):
         load_task("custom", custom=_custom({"train": tmp_path / "train.jsonl", "dev": tmp_path / "train.jsonl"}))
     (tmp_path / "list.jsonl").write_text('[1, 2]\n')
     with pytest.raises(DataError, match="expected an object"):
@@ -134,7 +134,7 @@ def test_custom_needs_files_and_a_parsable_format(tmp_path):
     with pytest.raises(DataError, match="Cannot parse"):
         load_task("custom", custom=_custom({"train": tmp_path / "bad.jsonl", "dev": tmp_path / "bad.jsonl"}))
     with pytest.raises(DataError, match="does not exist"):
-        loading_module._read_rows(tmp_path / "absent.tsv")
+        read_table(tmp_path / "absent.tsv")
 
 
 def test_fingerprint_follows_content(glue_dir):

@@ -72,7 +72,18 @@ def test_decoding_settings_are_checked():
         self_speculative(model, ids, mask, 4, exit_layer=1, draft_tokens=0)
 
 
-def test_the_generate_cli_runs_every_method_and_refuses_bad_settings(tiny_llama, tmp_path):
+def run_generate(arguments: list[str], capsys) -> tuple[int, str]:
+    """``exitrl.generate``'s main in this process (argparse errors exit with 2): its status and stderr."""
+    from exitrl.generate import main
+
+    try:
+        status = main(arguments)
+    except SystemExit as stop:
+        status = stop.code
+    return status, capsys.readouterr().err
+
+
+def test_the_generate_cli_runs_every_method_and_refuses_bad_settings(tiny_llama, tmp_path, capsys):
     import json
     import subprocess
     import sys
@@ -87,15 +98,19 @@ def test_the_generate_cli_runs_every_method_and_refuses_bad_settings(tiny_llama,
                 "free": ["--shallow-layer", "1", "--threshold", "0.2"],
                 "policy": ["--policy", str(tmp_path / "policy.pt"), "--propagation", "recompute"]}
     for method, extra in settings.items():
-        done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), "--input", str(prompts),
-                               "--method", method, "--max-new-tokens", "10", *extra,
-                               "--output", str(tmp_path / f"{method}.jsonl")], capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
+        arguments = [str(tiny_llama), "--input", str(prompts), "--method", method, "--max-new-tokens", "10", *extra,
+                     "--output", str(tmp_path / f"{method}.jsonl")]
+        if method == "full":  # once as the command a user types, the others in this process (same main)
+            done = subprocess.run([sys.executable, "-m", "exitrl.generate", *arguments], capture_output=True,
+                                  text=True, timeout=300)
+            status, stderr = done.returncode, done.stderr
+        else:
+            status, stderr = run_generate(arguments, capsys)
+        assert status == 0, stderr[-2000:]
         rows = [json.loads(line) for line in (tmp_path / f"{method}.jsonl").read_text().splitlines()]
         assert [r["prompt"] for r in rows] == ["the good film", "she said it was a bad story and"]
         outputs[method] = rows
-        summary = json.loads(done.stderr.strip().splitlines()[-1])
+        summary = json.loads(stderr.strip().splitlines()[-1])
         assert summary["method"] == method and summary["tokens"] == sum(len(r["tokens"]) for r in rows)
         if method in ("calm", "free", "policy"):
             assert (2 if method == "calm" else 1) <= summary["mean_exit_layer"] <= 3  # calm: layer 2 or 3 only
@@ -105,7 +120,7 @@ def test_the_generate_cli_runs_every_method_and_refuses_bad_settings(tiny_llama,
     refused = {"--device 'gpux'": ["--input", str(prompts), "--device", "gpux"],
                "--policy": ["--input", str(prompts), "--method", "policy", "--policy", str(tmp_path / "junk.pt")],
                "No such file or directory": ["--input", str(prompts), "--output", str(tmp_path / "no" / "x.jsonl")],
-"line 1": ["--input", str(tmp_path / "bad.jsonl")],
+               "line 1": ["--input", str(tmp_path / "bad.jsonl")],
                "full, selfspec, calm, free, policy": ["--input", str(prompts), "--method", "beam"],
                "needs a trained policy": ["--input", str(prompts), "--method", "policy"],
                "exit_layer must lie in 1..2": ["--input", str(prompts), "--method", "selfspec", "--exit-layer", "9"],
@@ -115,9 +130,8 @@ def test_the_generate_cli_runs_every_method_and_refuses_bad_settings(tiny_llama,
                "has 3 layers": ["--input", str(prompts), "--method", "calm", "--exit-layers", "2", "9"],
                "1-indexed": ["--input", str(prompts), "--method", "policy", "--exit-layers", "0"]}
     for message, arguments in refused.items():
-        done = subprocess.run([sys.executable, "-m", "exitrl.generate", str(tiny_llama), *arguments],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, message
+        status, stderr = run_generate([str(tiny_llama), *arguments], capsys)
+        assert status == 2 and message in stderr and "Traceback" not in stderr, message
 
 
 def test_rows_stop_at_their_end_of_sequence_token_and_no_mask_means_no_padding():

@@ -19,7 +19,7 @@ LAYERS = [
     ("exitrl.train", "exitrl.compare", "exitrl.api", "exitrl.export", "exitrl.predict", "exitrl.generate",
      "exitrl.sweep_points"),
     ("exitrl.sweep",),
-    ("exitrl.command",),                                    # the `exitrl` console script
+    ("exitrl.command", "exitrl.__main__"),                  # the `exitrl` console script, python -m exitrl
 ]
 
 

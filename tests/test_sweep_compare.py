@@ -169,8 +169,8 @@ def test_compare_separates_rewards_and_keeps_train_baselines_apart(tmp_path, cap
     assert sorted(p["setting"] for p in families["reinforce[reward=hardness,depth=layer]"]) == ["alpha=0.04",
                                                                                                 "alpha=0.08"]
     with_baselines = read_runs(tmp_path, with_baselines=True)["rte"]["families"]
-    assert len(with_baselines["confidence"]) == 3 and all(p["setting"] == "baseline"
-                                                         for p in with_baselines["confidence"])
+    # the same baseline beside three runs of one trace: one point, not three
+    assert len(with_baselines["confidence"]) == 1 and with_baselines["confidence"][0]["setting"] == "baseline"
     report = compare(tmp_path)
     assert report["rte"]["learned"] == sorted(families)
     png = tmp_path / "comparison_rte.png"

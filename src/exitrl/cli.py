@@ -1,17 +1,22 @@
 """What every CLI shares: the config tree shipped in the wheel (``configs/``), the ``agent`` group generated from the
 agents' declarations (their options dataclasses are the only defaults, so there is no YAML per agent),
 ``plugins=[module, ...]`` (imported before anything is composed, so that their agents exist as config options),
-and the clean exit on a user error.
+the clean exit on a user error (one line, status 2), on Ctrl-C (one line, status 130) and after a failed run (its
+half-written folder removed), a key typo named with the closest valid key, and ``--threads``.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import logging
 import re
+import shutil
 import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -20,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from exitrl.agents.registry import agents, get_agent, load_plugins
 from exitrl.backbones import BackboneError
+from exitrl.core.threads import busy_warning, check_threads
 from exitrl.data import DataError
 from exitrl.rewards import RewardError
 
@@ -57,22 +63,97 @@ def default_agent() -> str:
     return next(entry["agent"] for entry in defaults if isinstance(entry, dict) and "agent" in entry)
 
 
+def closest(name: str, candidates) -> str:
+    """`` Did you mean 'x'?`` for the candidate nearest ``name`` (difflib), else ``''``."""
+    found = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean {found[0]!r}?" if found else ""
+
+
 def check_agent_option(agent: str, option: str, typed: str) -> None:
     """``typed`` (the key as the user wrote it) sets ``option``, which agent ``agent`` must have."""
     valid = get_agent(agent).defaults()
-    if option.split(".")[0] not in valid:
-        raise ValueError(f"{typed}: agent {agent} has no option {option.split('.')[0]!r}; valid: {sorted(valid)}.")
+    name = option.split(".")[0]
+    if name not in valid:
+        raise ValueError(f"{typed}: agent {agent} has no option {name!r}; valid: {sorted(valid)}."
+                         f"{closest(name, valid)}")
 
 
 USER_ERRORS = (DataError, BackboneError, RewardError, ValueError)  # the user can fix these: no traceback
 
 
-def fail(err: Exception, logger: str = "exitrl") -> None:
+def log_to_files(logger: str, level: int, message: str) -> None:
+    """``message`` into the log files configured for ``logger`` (Hydra's train.log) only: the terminal gets it once,
+    from the caller."""
+    node = logging.getLogger(logger)
+    record = node.makeRecord(node.name, level, __file__, 0, message, None, None)
+    while node is not None:
+        for handler in node.handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+        node = node.parent if node.propagate else None
+
+
+def fail(err: Exception, logger: str = "exitrl") -> NoReturn:
     """Report a user error in one line on stderr and exit with status 2."""
-    if logging.getLogger(logger).hasHandlers():  # a configured log (Hydra's train.log) keeps the error too
-        logging.getLogger(logger).error("%s", err)
+    log_to_files(logger, logging.ERROR, str(err))  # a configured log (Hydra's train.log) keeps the error too
     print(f"exitrl: error: {err}", file=sys.stderr)
     sys.exit(2)
+
+
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+
+
+def interrupted(hint: str = "", logger: str = "exitrl") -> NoReturn:
+    """Ctrl-C: one line (``interrupted`` and what to do next) instead of a traceback, status 130."""
+    line = f"interrupted{'; ' + hint if hint else ''}"
+    log_to_files(logger, logging.WARNING, line)
+    print(f"\nexitrl: {line}", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED)
+
+
+RUN_FILES = (".hydra", "train.log")  # what Hydra writes into a run folder before the run starts
+
+
+def folder_entries(run_dir: Path) -> set[str]:
+    """What a run folder holds before the run writes into it, Hydra's own files aside (see `discard_failed_run`)."""
+    return {p.name for p in run_dir.iterdir() if p.name not in RUN_FILES} if run_dir.is_dir() else set()
+
+
+def discard_failed_run(run_dir: Path, kept: set[str]) -> bool:
+    """After a failed run, remove what it wrote into ``run_dir`` (everything but the entries ``kept``, which were
+    there before) and the folder itself when nothing else is left, so no half-written run lingers for ``compare``
+    and TensorBoard to find. A folder with a checkpoint stays whole (``resume=`` continues it). True if removed."""
+    if not run_dir.is_dir() or any(run_dir.glob("checkpoint_*.pt")):
+        return False
+    for entry in run_dir.iterdir():
+        if entry.name not in kept:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    if any(run_dir.iterdir()):
+        return False
+    run_dir.rmdir()
+    return True
+
+
+def add_threads_option(parser: argparse.ArgumentParser, phase: str) -> None:
+    """``--threads N|auto`` on an argparse CLI (`exitrl.core.threads`; ``auto`` runs this CLI's work as ``phase``)."""
+    counts = {"backbone": "all cores", "policy": "1"}
+
+    def threads(text: str):
+        try:
+            return check_threads(text, "--threads")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--threads must be a whole number >= 1 or auto ({counts[phase]} "
+                                             f"for this work); got {text!r}.") from None
+
+    parser.add_argument("--threads", type=threads, default="auto", metavar="N",
+                        help=f"torch CPU threads: a number, or auto ({counts[phase]} for this work; the default)")
+
+
+def warn_if_busy(threads) -> None:
+    """The once-per-process warning of `exitrl.core.threads.busy_warning`, logged too when a log is configured."""
+    line = busy_warning(threads)
+    if line:
+        log_to_files("exitrl", logging.WARNING, line.removeprefix("exitrl: warning: "))
 
 
 # -- the Python API's configs: the same tree, defaults and overrides as the command line ---------------------------
@@ -108,6 +189,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     """The config a CLI run with these overrides would get (plugins loaded, ``hydra.run.dir`` resolved into
     ``run_dir``); a bad override is a ValueError."""
     prepare_cli(overrides)
+    check_override_keys(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
@@ -132,6 +214,74 @@ def callable_module(name: str, function: Callable) -> None:
             return function(*args, **kwargs)
 
     module.__class__ = CallableModule
+
+
+# -- a key typo: exitrl's one line, not Hydra's advice to add '+' -------------------------------------------------
+def key_paths(node, prefix: str = "") -> list[str]:
+    """Every dotted key of a plain nested dict."""
+    paths = []
+    for key, value in node.items():
+        paths.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            paths += key_paths(value, f"{prefix}{key}.")
+    return paths
+
+
+def check_override_keys(overrides: list[str], command: str = "exitrl train") -> None:
+    """A ``key=value`` override of a key the config lacks (``reward.alpah=0.1``, ``bogus=1``) is a ValueError naming
+    it and the closest valid key. The config is composed with the overrides' group choices; when that fails (an
+    unknown group option) or an override does not parse, Hydra's own clear error is left to say so."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+    except HydraException:
+        return
+    groups = {"agent", *(p.name for p in CONFIGS.iterdir() if p.is_dir())}
+
+    def is_group(override) -> bool:
+        return override.key_or_group in groups or "/" in override.key_or_group
+
+    choices = []
+    for override in parsed:
+        if is_group(override) and override.type == OverrideType.CHANGE:
+            value = (next(iter(override.sweep_string_iterator())) if override.is_sweep_override()
+                     else override.get_value_element_as_str())
+            choices.append(f"{override.get_key_element()}={value}")
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+            cfg = compose("config", overrides=choices, return_hydra_config=True)
+    except Exception:  # an unknown group option: Hydra names the valid ones
+        return
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    for override in parsed:
+        if override.type != OverrideType.CHANGE or override.package is not None or is_group(override):
+            continue
+        key, node, parent = override.key_or_group, plain, ""
+        for part in key.split("."):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node, parent = node[int(part)], f"{parent}{part}."
+            elif isinstance(node, dict) and part in node:
+                node, parent = node[part], f"{parent}{part}."
+            else:
+                break
+        else:
+            continue
+        candidates = [p for p in key_paths(plain) if (key.startswith("hydra") or not p.startswith("hydra"))
+                      and not key.startswith(f"{p}.")]  # never the existing part of the key itself
+        rest, siblings = key[len(parent):], [p[len(parent):] for p in candidates if p.startswith(parent)]
+        found = ([parent + f for f in difflib.get_close_matches(rest, siblings, n=1, cutoff=0.6)]  # a typo here
+                 or difflib.get_close_matches(key, [p for p in candidates if parent and not p.startswith(parent)],
+                                              n=1, cutoff=0.6)  # or under another parent
+                 or [p for p in candidates if p.endswith(f".{key}")][:3])  # or the full name of a short key
+        here = sorted(k for k in node if k != "hydra") if isinstance(node, dict) else []  # the deepest known parent
+        hint = (f"did you mean {' or '.join(repr(f) for f in found)}?" if found else
+                f"valid {'keys under ' + repr(parent.rstrip('.')) if parent else 'top-level keys'}: {here}.")
+        if parent and isinstance(node, dict) and not node:  # a place for keys of the user's choosing
+            hint = f"{parent.rstrip('.')} takes keys of your choosing: add one with +{override.input_line}."
+        raise ValueError(f"Unknown config key {key!r} ({override.input_line}): {hint} `{command} --help` lists "
+                         "every key.")
 
 
 # -- --help -------------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from exitrl.agents.declaration import LEARNED
 from exitrl.agents.registry import agents
-from exitrl.cli import callable_module, fail
+from exitrl.cli import add_threads_option, callable_module, fail, interrupted
+from exitrl.core.threads import threads_for
 from exitrl.evaluation.protocol import Point, SeedRun, SplitExits, difference_ci, family_row
 from exitrl.evaluation.tradeoff import family_summary
 from exitrl.experiments.record import EXITS_FILE, RunRecord, read_exits, read_records
@@ -84,6 +85,7 @@ def read_runs(runs_dir: Path, with_baselines: bool = False) -> dict[str, dict]:
     for _, record in records:
         keys[record.task].add(group_of(record))
     points = []  # (task, agent, base family, traits, result, setting, run)
+    baselines_seen = set()  # a baseline evaluated beside many runs of one trace is one point, not one per run
     seeds = {str(path.parent): (str(record.trace_key), record.seed) for path, record in records}
     for path, record in records:
         task = record.task
@@ -100,6 +102,11 @@ def read_runs(runs_dir: Path, with_baselines: bool = False) -> dict[str, dict]:
             own = agent == record.agent
             if not own and not with_baselines:
                 continue
+            if not own:
+                key = (task, agent, str(record.trace_key), json.dumps(result, sort_keys=True))
+                if key in baselines_seen:
+                    continue
+                baselines_seen.add(key)
             traits = family_traits(record, knob_key) if own else {}
             points.append((task, agent, record.family if own else agent, traits, result,
                            setting if own else "baseline", str(path.parent), kind_of(agent, record.kinds)))
@@ -122,6 +129,16 @@ def read_runs(runs_dir: Path, with_baselines: bool = False) -> dict[str, dict]:
     return tasks
 
 
+def settings(points: list[dict]) -> int:
+    """How many knob settings a family's points cover: with one (a single train run, or its seeds) the family is a
+    point, not a curve, and its AUC (`exitrl.evaluation.tradeoff`) says nothing about a trade-off."""
+    return len({point.get("setting", "") for point in points})
+
+
+ONE_SETTING = ("AUC –: a family of one setting (a single train run) is a point, not a curve, so it has no AUC; "
+               "compare its row's numbers, or sweep it (exitrl sweep agent=NAME) for a curve.")
+
+
 def first_backbone(task: dict) -> dict:
     """The task with only the points of its first trace: a dev frontier over several backbones' points would pick
     the luckiest backbone per point; the honest protocol averages the backbone seeds instead."""
@@ -135,7 +152,7 @@ def summarize(task: dict) -> dict:
     task = first_backbone(task)
     full = task["oracle"]["full_model"]
     layer_one = task["oracle"]["per_layer_score"][0]
-    families = {name: family_summary(points, full, layer_one, task["num_layers"])
+    families = {name: {**family_summary(points, full, layer_one, task["num_layers"]), "settings": settings(points)}
                 for name, points in sorted(task["families"].items())}
     return {"metric": task["metric"], "num_layers": task["num_layers"], "full_model": full,
             "learned": sorted(task["learned"] & set(families)), "backbones": len(task["traces"]),
@@ -194,11 +211,13 @@ def protocol_summary(task: dict, resamples: int = 2000) -> dict:
     metric, num_layers = task["metric"], task["num_layers"]
     runs = {family: {seed: SeedRun(points, *references[seed[0]]) for seed, points in by_seed.items()}
             for family, by_seed in families.items()}
-    rows = {family: {**family_row(list(by_seed.values()), metric, num_layers), "learned": family in task["learned"]}
+    rows = {family: {**family_row(list(by_seed.values()), metric, num_layers), "learned": family in task["learned"],
+                     "settings": len({p.setting for run in by_seed.values() for p in run.points})}
             for family, by_seed in runs.items()}
     summary = {"families": rows, "metric": metric, "backbones": len(references)}
-    learned = [f for f in rows if f in task["learned"]]
-    rules = [f for f in rows if f not in task["learned"]]
+    curves = [f for f in rows if rows[f]["settings"] > 1]  # a one-setting family's AUC ranks nothing
+    learned = [f for f in curves if f in task["learned"]]
+    rules = [f for f in curves if f not in task["learned"]]
     if learned and rules:
         best_learned = max(learned, key=lambda f: rows[f]["validation_auc"]["mean"])
         best_rule = max(rules, key=lambda f: rows[f]["validation_auc"]["mean"])
@@ -225,12 +244,17 @@ def protocol_table(name: str, summary: dict) -> str:
                   f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] over dev rows.", ""]
     lines += ["| family | validated AUC | validation AUC | speedup within 1 point | its dev score | dev score, ≥ 50 % "
               "saved | seeds | points |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for family, row in sorted(summary["families"].items(), key=lambda kv: -kv[1]["validated_auc"]["mean"]):
+    single = False
+    for family, row in sorted(summary["families"].items(),
+                              key=lambda kv: (kv[1].get("settings", 2) < 2, -kv[1]["validated_auc"]["mean"])):
         label = f"{family} (learned)" if row["learned"] else family
-        lines.append(f"| {label} | {ms(row['validated_auc'])} | {ms(row['validation_auc'])} | "
+        curve = row.get("settings", 2) > 1
+        single = single or not curve
+        lines.append(f"| {label} | {ms(row['validated_auc']) if curve else '–'} | "
+                     f"{ms(row['validation_auc']) if curve else '–'} | "
                      f"{ms(row['speedup_within_1pt'], 1, '×')} | {ms(row['score_within_1pt'])} | "
                      f"{ms(row['score_saved_50'])} | {row['seeds']} | {row['points']} |")
-    return "\n".join(lines)
+    return "\n".join(lines + (["", ONE_SETTING] if single else []))
 
 
 def table(name: str, summary: dict) -> str:
@@ -247,12 +271,15 @@ def table(name: str, summary: dict) -> str:
              f"{100 * oracle['saved_layers']:.1f} % ({oracle['speedup']:.2f}×) at {pct(oracle['score'])}", "",
              f"| family | AUC | best {metric}, ≥ 30 % saved | best {metric}, ≥ 50 % saved | speedup within 1 point "
              "| points |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    order = sorted(summary["families"].items(), key=lambda kv: -kv[1]["auc"])
+    order = sorted(summary["families"].items(), key=lambda kv: (kv[1].get("settings", 2) < 2, -kv[1]["auc"]))
+    single = False
     for family, row in order:
         label = f"{family} (learned)" if family in summary["learned"] else family
-        lines.append(f"| {label} | {pct(row['auc'])} | {pct(row['best_score_saved_30'])} | "
+        curve = row.get("settings", 2) > 1
+        single = single or not curve
+        lines.append(f"| {label} | {pct(row['auc']) if curve else '–'} | {pct(row['best_score_saved_30'])} | "
                      f"{pct(row['best_score_saved_50'])} | {row['speedup_within_1pt']:.2f}× | {row['points']} |")
-    return "\n".join(lines)
+    return "\n".join(lines + (["", ONE_SETTING] if single else []))
 
 
 def plot(name: str, task: dict, summary: dict, path: Path):
@@ -275,8 +302,10 @@ def plot(name: str, task: dict, summary: dict, path: Path):
                 ax.annotate(point["setting"].split("=")[-1], (point["speedup"], 100 * point["score"]), fontsize=5,
                             color=color, alpha=0.8, xytext=(2, 2), textcoords="offset points")
         frontier = sorted(summary["families"][family]["frontier"], key=lambda p: p["speedup"])
+        row = summary["families"][family]
         ax.plot([p["speedup"] for p in frontier], [100 * p["score"] for p in frontier], color=color,
-                label=f"{family} (AUC {100 * summary['families'][family]['auc']:.1f})",
+                label=f"{family} (AUC {100 * row['auc']:.1f})" if row.get("settings", 2) > 1 else
+                f"{family} (one setting: no AUC)",
                 linestyle="-" if learned else "--", linewidth=1.6)
         ys += [p["score"] for p in points]
     oracle_front = sorted(summary["oracle_frontier"], key=lambda p: p["speedup"])
@@ -335,15 +364,19 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("runs_dir", metavar="RUNS_DIR", help="a folder of runs (a sweep, or exitrl.train runs)")
     parse.add_argument("--with-baselines", action="store_true",
                        help="also count the baselines that train runs evaluated beside their agent")
+    add_threads_option(parse, "policy")
     return parse
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        compare(args.runs_dir, args.with_baselines)
+        with threads_for("policy", args.threads):
+            compare(args.runs_dir, args.with_baselines)
     except ValueError as err:
         fail(err, "exitrl.compare")
+    except KeyboardInterrupt:  # the runs are only read
+        interrupted("the runs are untouched; run it again", "exitrl.compare")
 
 
 callable_module(__name__, compare)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from exitrl.backbones import MultiExitModel
-from exitrl.cli import fail
+from exitrl.cli import add_threads_option, fail, interrupted
+from exitrl.core.threads import threads_for
 from exitrl.experiments.runs import BACKBONE_DIR, TRACE_FILE, Run
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -44,15 +45,19 @@ def export_run(run_dir: str | Path, dtype: str = "float16", trace: bool = True) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parse = argparse.ArgumentParser(prog="python -m exitrl.export", description=__doc__.split("\n\n")[0])
+    parse = argparse.ArgumentParser(prog="exitrl export", description=__doc__.split("\n\n")[0])
     parse.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by exitrl.train or exitrl.sweep")
     parse.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="precision of the copied backbone")
     parse.add_argument("--no-trace", action="store_true", help="do not copy the trace (reload then needs the cache)")
+    add_threads_option(parse, "backbone")
     args = parse.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        run = export_run(args.run_dir, args.dtype, not args.no_trace)
+        with threads_for("backbone", args.threads):
+            run = export_run(args.run_dir, args.dtype, not args.no_trace)
     except ValueError as err:
         fail(err, "exitrl.export")
+    except KeyboardInterrupt:  # the backbone is written beside its place and renamed: no half copy remains
+        interrupted("run it again to finish the export", "exitrl.export")
     print(f"exported {run.dir}: {run.record.backbone['exported']}")
 
 

@@ -31,6 +31,9 @@ import yaml
 from exitrl.agents.free import FreePolicy
 from exitrl.backbones.loading import load_multi_exit_lm
 from exitrl.backbones.multi_exit_lm import MultiExitLM
+from exitrl.cli import add_threads_option, interrupted, warn_if_busy
+from exitrl.core.progress import progress
+from exitrl.core.threads import on_threads
 from exitrl.decoding import (
     PROPAGATIONS,
     calm_decoding,
@@ -141,6 +144,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--state-dim", type=int, default=64, help="policy from a policy.pt: its trace's state width")
     parser.add_argument("--chat", action="store_true")
     parser.add_argument("--device", default="cpu")
+    add_threads_option(parser, "policy")
     return parser.parse_args(argv)
 
 
@@ -215,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer is None:
             raise ValueError(f"{args.model} was saved without a tokenizer; save it with one "
                              "(MultiExitLM.save(folder, tokenizer)).")
-        decode = decoder(args, model)
+        decode = on_threads("policy", args.threads, decoder(args, model))  # one token at a time: 1 thread (auto)
+        warn_if_busy(args.threads)
         model.to(torch.device(args.device))
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
@@ -230,12 +235,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(args.device)
     started, produced, totals = time.perf_counter(), 0, {"steps": 0, "drafted": 0, "accepted": 0, "exit_sum": 0.0}
+    # progress in token positions of every prompt (a bar on a terminal, a line every 30 s in a file)
+    bar = progress(total=len(texts) * args.max_new_tokens, desc=f"generate {args.method}", unit="token")
     try:
         for first in range(0, len(texts), args.batch_size):
             batch = tokenizer(texts[first:first + args.batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=not args.chat).to(device)
+            rows, before = len(batch.input_ids), bar.n
+
+            def on_tokens(n: int, rows: int = rows) -> None:
+                bar.update(n * rows)
+
             generation = decode(batch.input_ids, batch.attention_mask, max_new_tokens=args.max_new_tokens,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                on_tokens=on_tokens)
+            bar.update(before + rows * args.max_new_tokens - bar.n)  # rows that ended early: their share is done
             totals["steps"] += generation.steps
             totals["drafted"] += generation.drafted
             totals["accepted"] += generation.accepted
@@ -247,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                     totals["exit_sum"] += float(generation.exit_layers[row, :len(ids)].float().sum())
                 out.write(json.dumps({"prompt": prompts[first + row], "text": tokenizer.decode(ids),
                                       "tokens": ids}, ensure_ascii=False) + "\n")
+            bar.set_postfix(generated=f"{produced / max(time.perf_counter() - started, 1e-9):.1f} tok/s")
+        bar.close()
     finally:
         if args.output:
             out.close()
@@ -262,4 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # --output keeps the lines written so far
+        interrupted("the lines decoded so far are written")

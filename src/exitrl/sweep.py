@@ -41,17 +41,23 @@ from exitrl.cli import (
     callable_module,
     check_agent_option,
     check_known_keys,
+    check_override_keys,
     config_text,
+    discard_failed_run,
     fail,
+    folder_entries,
     groups_text,
+    interrupted,
     overrides_from,
     prepare_cli,
     wants_help,
+    warn_if_busy,
 )
 from exitrl.compare import compare
 from exitrl.core.device import pick_device, set_reproducibility
 from exitrl.core.options import check_value
 from exitrl.core.progress import progress
+from exitrl.core.threads import threads_for
 from exitrl.experiments.pipeline import (
     LAYER_OPTIONS,
     AgentRun,
@@ -62,7 +68,7 @@ from exitrl.experiments.pipeline import (
 )
 from exitrl.experiments.record import RunRecord
 from exitrl.rewards import resolve_reward
-from exitrl.sweep_points import record_point, run_points, sweep_devices, with_value
+from exitrl.sweep_points import point_folders, record_point, run_points, sweep_devices, with_value
 from exitrl.traces.trace import HELD_OUT
 
 log = logging.getLogger("exitrl.sweep")
@@ -165,6 +171,7 @@ def run_sweep(argv: list[str]) -> Path:
     """The sweep of the command-line arguments ``argv``; returns its folder."""
     prepare_cli(argv)
     args = split_arguments(argv)
+    check_override_keys([f"agent={args.families[0]}", *args.shared], "exitrl sweep")  # agent.* keys: checked above
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         configs = {f: compose_family(f, args.shared, args.own.get(f, [])) for f in args.families}
     for config in configs.values():
@@ -196,7 +203,9 @@ def run_sweep(argv: list[str]) -> Path:
     workers = check_value("sweep.workers", first.sweep.get("workers", 1), int)
     devices = sweep_devices(OmegaConf.to_container(first.sweep.devices) if first.sweep.get("devices") else None,
                             device)  # an unknown or absent device is named now, before any work
-    environment = set_reproducibility(first.get("deterministic", False), first.get("threads"))
+    threads = first.get("threads")
+    environment = set_reproducibility(first.get("deterministic", False), threads)
+    warn_if_busy(threads)
     torch.manual_seed(first.seed)
     out = Path(args.out or first.sweep.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +216,8 @@ def run_sweep(argv: list[str]) -> Path:
             raise ValueError(f"{first.sweep.trace} has no held-out split, which {', '.join(calibrating) or 'learn_on'} "
                              "needs: trace a backbone fine-tuned with data.policy_split > 0.")
     else:
-        prepared = prepare(first, device)
+        with threads_for("backbone", threads):
+            prepared = prepare(first, device)
         prepared.model = None
     prepared.environment = environment
     num_layers = prepared.trace["dev"].num_layers
@@ -220,16 +230,29 @@ def run_sweep(argv: list[str]) -> Path:
                    first.sweep.get("launcher", "joblib"), list(first.sweep.get("launcher_args") or []))
     bar = progress(points, desc=f"sweep {prepared.task}", unit="point")
     recorded = {family: [] for family in args.families}
-    for family, value in bar:
-        bar.set_postfix(family=family, **{runs[family].spec.knob.option: value})
-        recorded[family].append((value, record_point(configs[family], family, value, prepared, out)))
-    bar.close()
-    for family in args.families:
-        if first.sweep.get("adaptive", True) and runs[family].spec.knob.key == "reward.alpha" \
-                and family not in args.grids:
-            extend_alpha(configs[family], family, recorded[family], prepared, out, num_layers)
+    with threads_for("policy", threads):
+        for family, value in bar:
+            bar.set_postfix(family=family, **{runs[family].spec.knob.option: value})
+            recorded[family].append((value, recorded_point(configs[family], family, value, prepared, out)))
+        bar.close()
+        for family in args.families:
+            if first.sweep.get("adaptive", True) and runs[family].spec.knob.key == "reward.alpha" \
+                    and family not in args.grids:
+                extend_alpha(configs[family], family, recorded[family], prepared, out, num_layers)
     log.info("Sweep done in %.0f s: %s", time.time() - started, out)
     return out
+
+
+def recorded_point(cfg: DictConfig, family: str, value, prepared: Prepared, out: Path) -> list[RunRecord]:
+    """`record_point`; a point that fails leaves no half-written folder (`exitrl.cli.discard_failed_run`)."""
+    run_dir = point_folders(cfg, family, value, out)[2]
+    kept = folder_entries(run_dir)
+    try:
+        return record_point(cfg, family, value, prepared, out)
+    except Exception:
+        if discard_failed_run(run_dir, kept) and not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()  # the family's folder, when this was its only point
+        raise
 
 
 ALPHA_STEP, ALPHA_ROUNDS = 3.0, 4
@@ -262,7 +285,7 @@ def extend_alpha(cfg: DictConfig, family: str, recorded: list, prepared: Prepare
             log.info("%s: extending its alpha grid to %s (held-out saved layers so far %.2f-%.2f)", family, value,
                      min(saved), max(saved))
             values.append(value)
-            saved += saved_off_dev(record_point(cfg, family, value, prepared, out))
+            saved += saved_off_dev(recorded_point(cfg, family, value, prepared, out))
 
 
 def sweep(agents: list[str] | str, env: str = "rte", overrides: list[str] = (), compare_runs: bool = True,
@@ -278,8 +301,8 @@ def sweep(agents: list[str] | str, env: str = "rte", overrides: list[str] = (), 
 
 
 def help_text() -> str:
-    return f"""usage: python -m exitrl.sweep agent=a,b,... [<family>.<option>=v ...] [sweep.grids.<family>=[...]]
-                             [key=value ...]
+    return f"""usage: exitrl sweep agent=a,b,... [<family>.<option>=v ...] [sweep.grids.<family>=[...]]
+                    [key=value ...]                                  (or python -m exitrl.sweep)
        exitrl.sweep(["a", "b"], env="rte", **options) -> folder       (Python)
 
 Run each family over its trade-off knob's grid on ONE fine-tuned backbone and ONE trace, write one run folder per
@@ -307,9 +330,11 @@ def main(argv: list[str] | None = None) -> None:
             print(help_text())
             return
         out = run_sweep(argv)
+        compare(out)
     except USER_ERRORS as err:
         fail(err, log.name)
-    compare(out)
+    except KeyboardInterrupt:
+        interrupted("run the same command again to continue: the points already recorded are skipped", log.name)
 
 
 callable_module(__name__, sweep)

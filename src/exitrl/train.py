@@ -30,21 +30,27 @@ from exitrl.cli import (
     callable_module,
     check_agent_option,
     check_known_keys,
+    check_override_keys,
     compose_config,
     config_text,
     default_agent,
+    discard_failed_run,
     fail,
+    folder_entries,
     groups_text,
+    interrupted,
     overrides_from,
     prepare_cli,
     wants_help,
+    warn_if_busy,
 )
 from exitrl.core.checkpoint import Checkpoints
-from exitrl.core.device import check_threads, pick_device, set_reproducibility
+from exitrl.core.device import pick_device, set_reproducibility
 from exitrl.core.distributed import broadcast, check_sharding, current_world, launched_world, start
 from exitrl.core.hashing import hash_json
 from exitrl.core.options import checked_options
 from exitrl.core.report import results_table
+from exitrl.core.threads import check_threads, threads_for
 from exitrl.experiments.cotraining import CotrainConfig, cotrain_rounds
 from exitrl.experiments.pipeline import (
     LAYER_OPTIONS,
@@ -119,14 +125,30 @@ def plan(cfg: DictConfig) -> TrainPlan:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """The whole job; returns what it writes to metrics.json."""
+    """The whole job; returns what it writes to metrics.json. A run that fails leaves no half-written folder
+    (`exitrl.cli.discard_failed_run`); an interrupted one keeps it for ``resume=``."""
+    kept = folder_entries(run_dir) if not cfg.get("resume") else {p.name for p in run_dir.iterdir()}
+    try:
+        return run_steps(cfg, run_dir)
+    except Exception:
+        discard_failed_run(run_dir, kept)
+        raise
+
+
+def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
+    """`run`'s work: the backbone and its trace on the ``backbone`` phase's threads, the agent and the evaluation
+    on the ``policy`` phase's (`exitrl.core.threads`)."""
     started = time.time()
     steps = plan(cfg)
+    threads = cfg.get("threads")
     world, device = start(pick_device(cfg.device), sharding(cfg))  # torchrun: this process's GPU, the group
     writer = open_run(run_dir, cfg) if world.is_main else None
-    environment = set_reproducibility(cfg.get("deterministic", False), cfg.get("threads"))
+    environment = set_reproducibility(cfg.get("deterministic", False), threads)
+    if world.is_main:
+        warn_if_busy(threads)
     torch.manual_seed(cfg.seed)
-    prepared = prepare(cfg, device, writer)
+    with threads_for("backbone", threads):
+        prepared = prepare(cfg, device, writer)
     if not world.is_main and steps.mode != "cotrain":  # the backbone and the trace were the shared work
         return {}
     prepared.environment = {**environment, "processes": world.size, "sharding": world.sharding}
@@ -142,20 +164,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         return Checkpoints(checkpoint_dir / f"checkpoint_{name}.pt", checkpoint_seconds(cfg), work=f"{work}:{name}")
 
     if not world.is_main:  # co-training: every process trains the backbone under process 0's policies
-        fitted = agent.fit(prepared.trace, device, metric=prepared.metric)
+        with threads_for("policy", threads):
+            fitted = agent.fit(prepared.trace, device, metric=prepared.metric)
         fitted.policy = process_zeros(fitted.policy)
         cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, None, checkpoints_for)
         return {}
     checkpoints = checkpoints_for("agent")
-    fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric, checkpoints)
+    with threads_for("policy", threads):
+        fitted = agent.fit(prepared.trace, device, writer, Path(writer.log_dir), prepared.metric, checkpoints)
     extra = {"backbone_mode": steps.mode}
     if steps.mode == "cotrain":
         fitted.policy = process_zeros(fitted.policy)
         prepared, fitted, extra["cotrain"] = cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, writer,
                                                      checkpoints_for)
     prepared.model = None  # the backbone's memory is no longer needed
-    record = record_run(agent, fitted, prepared, run_dir, writer, seed=cfg.seed, baselines=steps.baselines,
-                        extra=extra, started=started)
+    with threads_for("policy", threads):
+        record = record_run(agent, fitted, prepared, run_dir, writer, seed=cfg.seed, baselines=steps.baselines,
+                            extra=extra, started=started)
     for leftover in run_dir.glob("checkpoint_*.pt"):  # only now: metrics.json is written
         leftover.unlink()
     report(record, prepared)
@@ -173,17 +198,22 @@ def cotrain(agent: AgentRun, fitted, prepared: Prepared, cotrain_cfg: CotrainCon
             writer, checkpoints: Callable[[str], Checkpoints] | None) -> tuple[Prepared, object, dict]:
     """ConsistentEE's iterative training after round 0; the co-trained backbone is saved in the run folder. Under
     several processes every process trains the backbone (`train_stages`) and refits the agent, and all use process
-    0's policy; the others pass no ``writer`` (process 0 writes) and read process 0's ``checkpoints``."""
+    0's policy; the others pass no ``writer`` (process 0 writes) and read process 0's ``checkpoints``. The backbone
+    trains on the ``backbone`` phase's threads, the agent on the ``policy`` phase's."""
+    threads = cfg.get("threads")
+
     def train_agent(trace, agent_writer, agent_checkpoints):
-        refit = agent.fit(trace, prepared.device, agent_writer,
-                          None if agent_writer is None else Path(agent_writer.log_dir), prepared.metric,
-                          agent_checkpoints if current_world().is_main else None)  # process 0's policy is used
+        with threads_for("policy", threads):
+            refit = agent.fit(trace, prepared.device, agent_writer,
+                              None if agent_writer is None else Path(agent_writer.log_dir), prepared.metric,
+                              agent_checkpoints if current_world().is_main else None)  # process 0's policy is used
         return process_zeros(refit.policy), refit.info
 
-    trace, policy, last_info, rounds = cotrain_rounds(
-        prepared.model, prepared.tokenizer, prepared.data, prepared.trace, fitted.policy, train_agent, cotrain_cfg,
-        cfg.cache_dir, prepared.device, prepared.finetune.max_length, run_dir, writer, prepared.metric,
-        None if checkpoints is None else lambda name: checkpoints(f"cotrain_{name}"))
+    with threads_for("backbone", threads):
+        trace, policy, last_info, rounds = cotrain_rounds(
+            prepared.model, prepared.tokenizer, prepared.data, prepared.trace, fitted.policy, train_agent,
+            cotrain_cfg, cfg.cache_dir, prepared.device, prepared.finetune.max_length, run_dir, writer,
+            prepared.metric, None if checkpoints is None else lambda name: checkpoints(f"cotrain_{name}"))
     if writer is None:
         return prepared, fitted, {}
     prepared.model.save(run_dir / "backbone", prepared.tokenizer, extra={"cotrain": asdict(cotrain_cfg)})
@@ -237,7 +267,7 @@ def train(agent: str = "reinforce", env: str = "rte", run_dir: str | Path | None
 
 
 def help_text() -> str:
-    return f"""usage: python -m exitrl.train [group=option ...] [key=value ...]
+    return f"""usage: exitrl train [group=option ...] [key=value ...]       (or python -m exitrl.train)
        exitrl.train(agent="reinforce", env="rte", **options) -> exitrl.experiments.runs.Run      (Python)
 
 Fine-tune (or reuse) the backbone, trace it, train or fit the agent, evaluate it and the baselines on dev, and
@@ -255,13 +285,29 @@ Config keys (config.yaml; any key: key=value):
 """
 
 
+_started_in: list[Path] = []  # the run folder of this process's run, once Hydra made it (for the Ctrl-C line)
+
+
 @hydra.main(config_path="configs", config_name="config", version_base=None)
 def hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    _started_in.append(run_dir)
     try:
         run(cfg, run_dir)
     except USER_ERRORS as err:
         fail(err, log.name)
+
+
+def interrupted_run() -> None:
+    """Ctrl-C: one line saying how to continue. The run folder keeps its Hydra config and every checkpoint saved
+    (fine-tuning's in the cache, the agent's in the folder), which ``resume=`` continues from; finished cache
+    entries are reused."""
+    run_dir = _started_in[-1] if _started_in else None
+    if run_dir is None or not (run_dir / ".hydra" / "overrides.yaml").is_file():
+        interrupted(logger=log.name)
+    if (run_dir / "metrics.json").is_file():
+        interrupted(f"the run had finished: {run_dir}", log.name)
+    interrupted(f"resume with `exitrl train resume={run_dir}`", log.name)
 
 
 def resume_arguments(argv: list[str]) -> list[str]:
@@ -315,14 +361,20 @@ def main() -> None:
     try:
         sys.argv[1:] = quiet_other_processes(resume_arguments(sys.argv[1:]))
         prepare_cli(sys.argv[1:])
-        if not wants_help(sys.argv[1:]):
+        if not wants_help(sys.argv[1:]) and "--hydra-help" not in sys.argv[1:]:
             check_agent_overrides(sys.argv[1:])
+            check_override_keys([a for a in sys.argv[1:] if not a.startswith("resume=")])
     except ValueError as err:
         fail(err, log.name)
+    except KeyboardInterrupt:
+        interrupted(logger=log.name)
     if wants_help(sys.argv[1:]):
         print(help_text())
         sys.exit(0)
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        interrupted_run()
 
 
 callable_module(__name__, train)

@@ -28,6 +28,7 @@ from exitrl.agents.standardize import fit_standardizer
 from exitrl.calibration.ltt import learn_then_test
 from exitrl.calibration.temperature import TemperatureScaledPolicy, fit_temperatures
 from exitrl.core.observation import TokenExit, confidence_measure
+from exitrl.core.progress import progress
 from exitrl.policy import ExitPolicy, LayerBatch, Memory
 from exitrl.traces.trace import SplitTrace
 
@@ -200,6 +201,8 @@ def train_meta_classifier(meta: MetaClassifier, trace: SplitTrace, cfg: CalmConf
     optimizer = torch.optim.Adam(meta.parameters(), lr=cfg.meta_lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     loss = torch.tensor(0.0)
+    batches = -(-agrees.numel() // cfg.meta_batch_size)
+    bar = progress(total=cfg.meta_epochs * batches, desc="calm meta classifier", unit="batch")
     for _ in range(cfg.meta_epochs):
         for index in torch.randperm(agrees.numel(), generator=generator).split(cfg.meta_batch_size):
             index = index.to(states.device)
@@ -208,6 +211,8 @@ def train_meta_classifier(meta: MetaClassifier, trace: SplitTrace, cfg: CalmConf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            bar.update(1)
+    bar.close()
     meta.eval()
     return {"meta_agree_fraction": positives / agrees.numel(), "meta_final_loss": float(loss.detach())}
 

@@ -33,6 +33,7 @@ from exitrl.agents.reinforce import PerLayerExitNet
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.calibration.per_layer import COST_WEIGHT_GRID, GAINS, exit_gains, fit_per_layer_thresholds
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.core.progress import progress
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 
@@ -109,10 +110,10 @@ class ExitScorerConfig:
 
 
 def train_net(net: PerLayerExitNet, x: torch.Tensor, target: torch.Tensor, cfg: ExitScorerConfig,
-              resumed: dict | None = None, save: Callable[[int, dict], None] | None = None) -> None:
+              resumed: dict | None = None, save: Callable[[int, dict], None] | None = None, bar=None) -> None:
     """Full-batch BCE on layers 1..L−1 (the last layer always exits). ``resumed`` (``step``, ``optimizer``)
     continues a checkpointed fit whose weights are already in ``net``; ``save(step, optimizer_state)`` is offered
-    the state after every step."""
+    the state after every step; ``bar`` (`exitrl.core.progress`) counts the steps."""
     fit_standardizer(net, x)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resumed is not None:
@@ -123,6 +124,8 @@ def train_net(net: PerLayerExitNet, x: torch.Tensor, target: torch.Tensor, cfg: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if bar is not None:
+            bar.update(1)
         if save is not None and step + 1 < cfg.steps:
             save(step + 1, optimizer.state_dict())
 
@@ -187,15 +190,18 @@ def train_exit_scorer(cfg: ExitScorerConfig, inputs: FitInputs) -> TrainedScorer
             checkpoints.save({"fold": fold, "step": step, "optimizer": optimizer, "learned": learned,
                               "nets": policy.module.state_dict()})
 
+    done = resumed["fold"] * cfg.steps + resumed["step"] if resumed is not None else 0
+    bar = progress(total=cfg.folds * cfg.steps, desc="exit_scorer", unit="step", initial=done)
     for k, net in enumerate(policy.module):
         if resumed is not None and k < resumed["fold"]:
             continue  # finished before the kill: its scores are in ``learned``
         seen = part != k if cfg.folds > 1 else torch.ones_like(part, dtype=torch.bool)
         train_net(net, x[seen], target[seen], cfg, resumed if resumed is not None and k == resumed["fold"] else None,
-                  None if checkpoints is None else functools.partial(save, k))
+                  None if checkpoints is None else functools.partial(save, k), bar)
         with torch.no_grad():
             held = part == k
             learned[held] = torch.stack([net(x[held, layer], layer) for layer in range(num_layers)], 1)
+    bar.close()
     gains = exit_gains(learn.prediction_table(), learn.labels, cfg.gain)
     return TrainedScorer(policy, learned, max_prob_logit(table, policy.layout), gains, list(cfg.blends),
                          inputs.learn_on, time.time() - started,

@@ -26,6 +26,7 @@ from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, regi
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.core.progress import progress
 from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
@@ -120,6 +121,7 @@ def train_linucb(cfg: LinUCBConfig, inputs: FitInputs) -> tuple[LinUCBPolicy, di
         generator.set_state(resumed["generator"])
         history, total, regret = resumed["history"], resumed["total"], resumed["regret"]
         seen, batches = resumed["seen"], resumed["batches"]
+    bar = progress(total=cfg.rounds, desc="linucb", unit="example", initial=seen)
     while seen < cfg.rounds:
         rows = torch.randint(len(train), (min(cfg.batch_size, cfg.rounds - seen),), generator=generator).to(device)
         # 1. Walk the batch up the layers, each row taking the arm with the higher upper confidence bound.
@@ -147,6 +149,7 @@ def train_linucb(cfg: LinUCBConfig, inputs: FitInputs) -> tuple[LinUCBPolicy, di
         covariance = spd_inverse(precision)
         seen += len(rows)
         batches += 1
+        bar.update(len(rows))
         total += returns.sum().item()
         regret += (oracle_return[rows] - returns).sum().item()
         if writer is not None and batches % cfg.log_every == 0:
@@ -158,10 +161,12 @@ def train_linucb(cfg: LinUCBConfig, inputs: FitInputs) -> tuple[LinUCBPolicy, di
             metrics = {**evaluate_policy(policy, dev.to(device), metric), "round": seen}
             history.append(metrics)
             log_eval(writer, metrics, seen)
+            bar.set_postfix(dev=f"{metrics['score']:.3f}", exit=f"{metrics['avg_exit_layer']:.2f}")
         if checkpoints is not None and seen < cfg.rounds and checkpoints.due():
             checkpoints.save({"precision": precision, "weighted": weighted, "generator": generator.get_state(),
                               "history": history, "total": total, "regret": regret, "seen": seen,
                               "batches": batches})
+    bar.close()
     values.theta.copy_((covariance @ weighted.unsqueeze(-1)).squeeze(-1))
     info = {"config": asdict(cfg), "updates": seen, "mean_reward": total / max(seen, 1),
             "regret_to_oracle": regret, "train_seconds": round(time.time() - start, 2), "history": history}

@@ -18,6 +18,7 @@ from torch import nn
 from exitrl.agents.declaration import RULE, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
+from exitrl.core.progress import progress
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 
@@ -77,6 +78,7 @@ def fit_lte(cfg: LteConfig, inputs: FitInputs) -> tuple[LearnToExitPolicy, dict]
     optimizer = torch.optim.Adam(unit.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     loss = torch.tensor(0.0)
+    bar = progress(total=cfg.epochs * -(-wrong.numel() // cfg.batch_size), desc="lte", unit="batch")
     for _ in range(cfg.epochs):
         for index in torch.randperm(wrong.numel(), generator=generator).split(cfg.batch_size):
             index = index.to(states.device)
@@ -84,6 +86,8 @@ def fit_lte(cfg: LteConfig, inputs: FitInputs) -> tuple[LearnToExitPolicy, dict]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            bar.update(1)
+    bar.close()
     unit.eval()
     return policy.to(torch.device("cpu")), {"final_mse": float(loss.detach()), "error_rate": float(wrong.mean())}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import gymnasium as gym
 import torch
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import Logger, configure
 from stable_baselines3.common.policies import ActorCriticPolicy
@@ -27,6 +27,7 @@ from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, regi
 from exitrl.agents.inputs import FitInputs
 from exitrl.core.checkpoint import Checkpoints, set_rng_state
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.core.progress import progress
 from exitrl.envs import EarlyExitEnv, observation_box
 from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
@@ -103,6 +104,29 @@ class ExitrlEvalCallback(BaseCallback):
         metrics["timesteps"] = self.num_timesteps
         self.history.append(metrics)
         log_eval(self.writer, metrics, self.num_timesteps)
+
+
+class ProgressCallback(BaseCallback):
+    """exitrl's progress (`exitrl.core.progress`: a bar on a terminal, a line every 30 s in a log) over the
+    timesteps, with the last dev score of ``evaluation``; SB3's own bar would flood a log file."""
+
+    def __init__(self, total: int, evaluation: ExitrlEvalCallback | None = None):
+        super().__init__()
+        self.total, self.evaluation, self.bar, self.shown = total, evaluation, None, 0
+
+    def _on_training_start(self) -> None:
+        self.bar = progress(total=self.total, desc="ppo", unit="step", initial=self.num_timesteps)
+
+    def _on_step(self) -> bool:
+        self.bar.update(self.num_timesteps - self.bar.n)
+        if self.evaluation is not None and len(self.evaluation.history) != self.shown:
+            self.shown = len(self.evaluation.history)
+            last = self.evaluation.history[-1]
+            self.bar.set_postfix(dev=f"{last['score']:.3f}", exit=f"{last['avg_exit_layer']:.2f}", refresh=False)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.bar.close()
 
 
 @dataclass
@@ -189,7 +213,8 @@ def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
         callback.history, callback._next = resumed["history"], resumed["next"]
         set_rng_state(resumed["rng"])
     model.learn(total_timesteps=cfg.total_timesteps - model.num_timesteps if resumed else cfg.total_timesteps,
-                callback=callback, reset_num_timesteps=resumed is None)
+                callback=CallbackList([callback, ProgressCallback(cfg.total_timesteps, callback)]),
+                reset_num_timesteps=resumed is None)
     if dev_cpu is not None:
         callback.evaluate()
     policy.actor.set_training_mode(False)

@@ -22,6 +22,7 @@ from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, regi
 from exitrl.agents.inputs import FitInputs
 from exitrl.core.checkpoint import set_rng_state
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.core.progress import progress
 from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
 from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
@@ -116,8 +117,10 @@ def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRL
     collector = Collector(create_env_fn=env, policy=actor, frames_per_batch=cfg.frames_per_batch,
                           total_frames=cfg.total_frames - frames, device=device,
                           auto_register_policy_transforms=False)  # a feed-forward policy needs no InitTracker
+    bar = progress(total=cfg.total_frames, desc="ppo_torchrl", unit="frame", initial=frames)
     for data in collector:
         frames += data.numel()
+        bar.update(data.numel())
         for _ in range(cfg.n_epochs):
             with torch.no_grad():
                 advantage(data)
@@ -140,10 +143,12 @@ def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRL
             metrics = {**evaluate_policy(policy, dev.to(device), metric), "frames": frames}
             history.append(metrics)
             log_eval(writer, metrics, frames)
+            bar.set_postfix(dev=f"{metrics['score']:.3f}", exit=f"{metrics['avg_exit_layer']:.2f}")
         if checkpoints is not None and checkpoints.due() and frames < cfg.total_frames:
             checkpoints.save({"loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
                               "env": env.inner.state(), "history": history, "frames": frames, "updates": updates})
     collector.shutdown()
+    bar.close()
     info = {"config": asdict(cfg), "frames": frames, "updates": updates,
             "train_seconds": round(time.time() - start, 2), "history": history}
     if checkpoints is not None:  # the run removes the file once its record is written

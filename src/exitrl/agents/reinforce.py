@@ -33,6 +33,7 @@ from exitrl.agents.inputs import FitInputs
 from exitrl.agents.standardize import fit_standardizer
 from exitrl.core.checkpoint import set_rng_state
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
+from exitrl.core.progress import progress
 from exitrl.envs import TraceVectorEnv
 from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
@@ -130,6 +131,8 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
         history, step = resumed["history"], resumed["step"]
         set_rng_state(resumed["rng"])
 
+    per_epoch = (len(train) - cfg.batch_size) // cfg.batch_size + 1
+    bar = progress(total=cfg.epochs * per_epoch, desc="reinforce", unit="update", initial=step)
     for epoch in range(resumed["epoch"] if resumed else 1, cfg.epochs + 1):
         epoch_generator = generator.get_state()
         order = torch.randperm(len(train), generator=generator).to(device)
@@ -168,6 +171,7 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
             nn.utils.clip_grad_norm_(policy.net.parameters(), cfg.clip_norm)
             optimizer.step()
             step += 1
+            bar.update(1)
             if writer is not None and (step % log_every == 0 or first == starts[-1]):
                 writer.add_scalar("train/reward", returns.mean().item(), step)
                 writer.add_scalar("train/policy_loss", loss.item(), step)
@@ -183,6 +187,8 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
             metrics.update(epoch=epoch, step=step)
             history.append(metrics)
             log_eval(writer, metrics, step)
+            bar.set_postfix(epoch=epoch, dev=f"{metrics['score']:.3f}", exit=f"{metrics['avg_exit_layer']:.2f}")
+    bar.close()
     info = {"config": asdict(cfg), "updates": step, "train_seconds": round(time.time() - start, 2), "history": history}
     if checkpoints is not None:  # the run removes the file once its record is written
         info["checkpoints"] = checkpoints.summary()

@@ -20,6 +20,7 @@ from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
 from exitrl.core.observation import confidence_measure
+from exitrl.core.progress import progress
 from exitrl.evaluation.evaluate import evaluate_policy
 from exitrl.traces.trace import SplitTrace
 
@@ -69,7 +70,9 @@ def train_threshold_bandit(cfg: BanditConfig, inputs: FitInputs) -> tuple[Confid
         counts, sums, sum_squares = resumed["counts"], resumed["sums"], resumed["sum_squares"]
         regret, total, first_round = resumed["regret"], resumed["total"], resumed["round"] + 1
         rng.bit_generator.state = resumed["generator"]
+    bar = progress(total=cfg.rounds, desc=f"bandit_{cfg.rule}", unit="round", initial=first_round - 1)
     for t in range(first_round, cfg.rounds + 1):
+        bar.update(1)
         means = np.divide(sums, counts, out=np.zeros(arms), where=counts > 0)
         if cfg.rule == "ucb":
             unplayed = np.flatnonzero(counts == 0)
@@ -94,6 +97,7 @@ def train_threshold_bandit(cfg: BanditConfig, inputs: FitInputs) -> tuple[Confid
         if checkpoints is not None and t < cfg.rounds and t % cfg.log_every == 0 and checkpoints.due():
             checkpoints.save({"round": t, "counts": counts, "sums": sums, "sum_squares": sum_squares,
                               "regret": regret, "total": total, "generator": rng.bit_generator.state})
+    bar.close()
     learned = int(np.argmax(np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)))
     policy = ConfidencePolicy(cfg.thresholds[learned])
     history = []

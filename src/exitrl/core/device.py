@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from exitrl.core.threads import check_threads, threads_record
+
 
 def pick_device(preference: str = "auto") -> torch.device:
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; anything else, or CUDA where there is none, is a ValueError that
@@ -24,32 +26,27 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def check_threads(threads) -> int | None:
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be a whole number >= 1 (or null: torch's default), got {threads!r}.")
-    return threads
-
-
-def set_reproducibility(deterministic: bool = False, threads: int | None = None) -> dict:
+def set_reproducibility(deterministic: bool = False, threads: int | str | None = None) -> dict:
     """Pin what a run's numbers depend on beyond its seed, and say what it was (recorded in ``metrics.json``).
 
     ``threads`` fixes torch's CPU thread count: matrix products split their sums by thread, so the same seed on
-    another thread count gives slightly different floats (measured: README, Reproducibility). ``deterministic``
-    makes CUDA use deterministic kernels only (``torch.use_deterministic_algorithms``; cuBLAS's workspace is set
-    for it), slower, and an error names any operation that has no deterministic kernel."""
+    another thread count gives slightly different floats (measured: README, Reproducibility). A number is set
+    here for the whole run; ``auto`` is set per phase (`exitrl.core.threads`), and the record names each phase's
+    count. ``deterministic`` makes CUDA use deterministic kernels only (``torch.use_deterministic_algorithms``;
+    cuBLAS's workspace is set for it), slower, and an error names any operation that has no deterministic kernel."""
     import os
     import platform
 
     import transformers
 
-    if check_threads(threads) is not None:
-        torch.set_num_threads(threads)
+    if isinstance(check_threads(threads), int):
+        torch.set_num_threads(check_threads(threads))
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(bool(deterministic))
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "deterministic": bool(deterministic),
+            "threads": threads_record(threads), "deterministic": bool(deterministic),
             "machine": platform.machine(), "cuda": torch.version.cuda if torch.cuda.is_available() else None,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 

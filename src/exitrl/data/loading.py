@@ -7,7 +7,6 @@ when no source works the error says both ways to provide one.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -21,16 +20,13 @@ import numpy as np
 
 from exitrl.core.hashing import hash_json
 from exitrl.core.splits import HELD_OUT
+from exitrl.data.files import DataError, Table, read_table, require_columns
 from exitrl.data.tasks import GLUE_TASKS, TASK_NAMES, TaskSpec
 
 if TYPE_CHECKING:
     import datasets
 
 DATA_DIR_ENV = "EXITRL_DATA_DIR"
-
-
-class DataError(ValueError):
-    """A data source is missing or malformed; the message says what to do."""
 
 
 @dataclass
@@ -175,9 +171,10 @@ def _load_glue_local(spec: TaskSpec, folder: Path, splits: tuple[str, ...]) -> T
         if not path.is_file():
             raise DataError(f"Task {spec.name!r}: {path} does not exist (the local GLUE folder {folder} has no "
                             f"{split} split). Provide it, or use a task that has one.")
-        rows = _read_rows(path)
-        out[split] = _standardise(rows, path, spec.local_columns, spec.local_label_column, list(spec.label_names),
-                                   ids_allowed=True)
+        fix = f"this is not {spec.name}'s GLUE file layout: use the files of the GLUE release, or task=custom"
+        columns = [*spec.local_columns, spec.local_label_column]
+        out[split] = _standardise(read_table(path), spec.local_columns, spec.local_label_column,
+                                  list(spec.label_names), dict.fromkeys(columns, fix), ids_allowed=True)
     return TaskData(spec.name, spec.label_names, spec.metric, out, f"local:{folder}")
 
 
@@ -186,23 +183,27 @@ def _load_custom(cfg: dict, splits: tuple[str, ...]) -> TaskData:
     text_columns = tuple(cfg.get("text_columns") or ())
     label_column = cfg.get("label_column") or "label"
     if not text_columns or len(text_columns) > 2:
-        raise DataError("task=custom needs data.custom.text_columns: one or two column names, e.g. [sentence].")
+        raise DataError("task=custom needs env.custom.text_columns: one or two column names, e.g. [sentence].")
     missing = [s for s in splits if not files.get(s)]
     if missing:
         raise DataError(f"task=custom needs a file for each split {list(splits)}; missing: {missing}. "
-                        "Set data.custom.files.train=... and data.custom.files.dev=... (TSV, CSV or JSONL).")
-    raw = {s: _read_rows(Path(files[s]).expanduser(), bool(cfg.get("quoted_tsv", False))) for s in splits}
+                        "Set env.custom.files.train=... and env.custom.files.dev=... (TSV, CSV or JSONL).")
+    fixes = {**dict.fromkeys(text_columns, "set env.custom.text_columns=[...] to the column(s) that hold the text"),
+             label_column: "set env.custom.label_column=... to the column that holds the labels"}
+    tables = {s: read_table(files[s], bool(cfg.get("quoted_tsv", False))) for s in splits}
+    for table in tables.values():  # every column of every row, before labels are read off any of them
+        require_columns(table, [*text_columns, label_column], fixes)
     label_names = cfg.get("label_names")
     if label_names is None:
-        first = "train" if "train" in raw else splits[0]
-        values = {str(r.get(label_column)) for r in raw[first] if r.get(label_column) not in (None, "")}
+        first = tables["train" if "train" in tables else splits[0]]
+        values = {str(v).strip() for v in first.column(label_column)}
         label_names = sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit()
                                                     else 0, v))
     label_names = [str(x) for x in label_names]
     if len(label_names) < 2:
         raise DataError(f"task=custom: found {len(label_names)} distinct label(s) in column {label_column!r}; "
                         "a classification task needs at least two.")
-    out = {s: _standardise(raw[s], Path(files[s]), text_columns, label_column, label_names) for s in splits}
+    out = {s: _standardise(tables[s], text_columns, label_column, label_names, fixes) for s in splits}
     if "train" in out and len(set(out["train"]["label"])) < 2:
         raise DataError(f"task=custom: every row of {files['train']} has the same label "
                         f"({label_names[out['train']['label'][0]]!r}); a classifier needs at least two classes to "
@@ -211,99 +212,41 @@ def _load_custom(cfg: dict, splits: tuple[str, ...]) -> TaskData:
                     "custom:" + ",".join(str(files[s]) for s in splits))
 
 
-def _check_encoding(path: Path) -> None:
-    """UTF-8 text, or a DataError naming the first line that is not (with the byte that breaks it)."""
-    with path.open("rb") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}, line {number}: not UTF-8 text (byte {line[err.start:err.start + 1]!r} at "
-                                f"column {err.start + 1}); save the file as UTF-8.") from err
-
-
-def _read_rows(path: Path, quoted_tsv: bool = False) -> list[dict]:
-    """Read TSV (no quote processing by default: GLUE has raw quotes; ``quoted_tsv`` reads CSV-style quoted
-    fields), CSV (quoted) or JSONL into dict rows."""
-    if not path.is_file():
-        raise DataError(f"Data file {path} does not exist.")
-    _check_encoding(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8-sig") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            bad = next((i for i, r in enumerate(rows, start=1) if not isinstance(r, dict)), None)
-            if bad is not None:
-                raise DataError(f"{path}, row {bad}: expected an object per line, got {type(rows[bad - 1]).__name__}.")
-            return rows
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            if suffix == ".csv":
-                reader = csv.DictReader(f)
-            elif quoted_tsv:
-                reader = csv.DictReader(f, delimiter="\t")
-            else:
-                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            rows = list(reader)
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"Cannot parse {path}: {err}. Expected TSV/CSV with a header row, or one JSON object "
-                        "per line (.jsonl).") from err
-    bad = [i for i, r in enumerate(rows) if None in r]
-    if bad:
-        raise DataError(f"{path}: row {bad[0] + 2} has more fields than the header; check the delimiter.")
-    return rows
-
-
 def read_texts(path: str | Path, text_columns: list[str] | tuple[str, ...]) -> tuple[list[str], list[str] | None]:
     """The text columns (one, or a pair) of a TSV/CSV/JSONL file, for prediction: no label needed. Errors name the
-    file, the row and the columns it has."""
-    path = Path(path)
-    rows = _read_rows(path)
-    if not rows:
-        raise DataError(f"{path} has no data rows.")
+    file, the row, its line and the columns it has."""
     if not 1 <= len(text_columns) <= 2:
         raise DataError(f"Give one or two text columns, got {list(text_columns)}.")
-    for line, row in enumerate(rows, start=2):
-        absent = [c for c in text_columns if c not in row]
-        if absent:
-            raise DataError(f"{path}, row {line - 1}: lacks column(s) {absent}; it has {list(row)}. Name the text "
-                            "columns with --text-columns.")
-        empty = next((c for c in text_columns if row[c] in (None, "")), None)
-        if empty is not None:
-            raise DataError(f"{path}, row {line - 1}: column {empty!r} is empty.")
-    text_a = [str(r[text_columns[0]]) for r in rows]
-    return text_a, [str(r[text_columns[1]]) for r in rows] if len(text_columns) > 1 else None
+    table = read_table(path)
+    require_columns(table, text_columns, {c: "name the text columns with --text-columns" for c in text_columns})
+    text_a = [str(v) for v in table.column(text_columns[0])]
+    return text_a, [str(v) for v in table.column(text_columns[1])] if len(text_columns) > 1 else None
 
 
-def _standardise(rows: list[dict], path: Path, text_columns, label_column: str, label_names: list[str],
-                 ids_allowed: bool = False):
-    """Validate columns and labels; ``ids_allowed`` also accepts labels written as ids (SST-2's 0/1)."""
-    if not rows:
-        raise DataError(f"{path} has no data rows.")
-    needed = [*text_columns, label_column]
-    for line, row in enumerate(rows, start=2):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}, row {line - 1}: expected an object with keys {needed}, got {type(row).__name__}.")
-        absent = [c for c in needed if c not in row]
-        if absent:
-            raise DataError(f"{path}, row {line - 1}: lacks column(s) {absent}; it has {list(row)}.")
+def label_ids(table: Table, label_column: str, label_names: list[str], ids_allowed: bool = False) -> list[int]:
+    """Each row's label as its index in ``label_names``; ``ids_allowed`` also accepts labels written as ids (SST-2's
+    0/1). An unknown label names its row, line and the valid ones."""
     index = {name: i for i, name in enumerate(label_names)}
     labels = []
-    for line, row in enumerate(rows, start=2):
-        value = row[label_column]
-        key = str(value).strip() if value is not None else ""
+    for number, value in enumerate(table.column(label_column)):
+        key = str(value).strip()
         if key not in index and ids_allowed and key.isdigit() and int(key) < len(label_names):
             key = label_names[int(key)]
         if key not in index:
-            raise DataError(f"{path}, row {line}: label {value!r} in column {label_column!r} is not one of "
+            raise DataError(f"{table.where(number)}: label {value!r} in column {label_column!r} is not one of "
                             f"{label_names}.")
         labels.append(index[key])
-    for column in text_columns:
-        empty = next((i for i, r in enumerate(rows) if r[column] in (None, "")), None)
-        if empty is not None:
-            raise DataError(f"{path}, row {empty + 2}: column {column!r} is empty.")
-    text_b = [str(r[text_columns[1]]) for r in rows] if len(text_columns) > 1 else [None] * len(rows)
-    return _make_dataset({"text_a": [str(r[text_columns[0]]) for r in rows], "text_b": text_b, "label": labels})
+    return labels
+
+
+def _standardise(table: Table, text_columns, label_column: str, label_names: list[str], fixes: dict[str, str],
+                 ids_allowed: bool = False):
+    """Validate columns (row by row) and labels; ``fixes`` says per column which setting names it."""
+    require_columns(table, [*text_columns, label_column], fixes)
+    labels = label_ids(table, label_column, label_names, ids_allowed)
+    text_b = [str(v) for v in table.column(text_columns[1])] if len(text_columns) > 1 else [None] * len(table)
+    return _make_dataset({"text_a": [str(v) for v in table.column(text_columns[0])], "text_b": text_b,
+                          "label": labels})
 
 
 def _make_dataset(columns: dict[str, list]) -> datasets.Dataset:

@@ -12,13 +12,14 @@ of the output against the full model's greedy output (CALM's textual consistency
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from exitrl.agents.calm import CalmPolicy
 from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.calibration.ltt import learn_then_test
+from exitrl.core.progress import progress
 from exitrl.decoding.engine import Generation
 from exitrl.decoding.greedy import greedy
 from exitrl.decoding.per_token import Decider, per_token_decoding
@@ -70,7 +71,8 @@ def calm_decoding(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: t
                   policy: CalmPolicy | None = None, decay: bool = True, propagation: str = "copy",
                   eos_token_id: int | None = None, pad_token_id: int = 0, graphs: bool | None = None,
                   state_projection: torch.Tensor | None = None,
-                  exit_layers: Sequence[int] | None = None) -> Generation:
+                  exit_layers: Sequence[int] | None = None,
+                  on_tokens: Callable[[int], None] | None = None) -> Generation:
     """CALM decoding with base threshold λ = ``threshold`` (``policy``: a fitted `CalmPolicy`, whose measure and meta
     classifier are used, with the token trace's ``state_projection``; else ``measure``), leaving only at
     ``exit_layers`` when given (`per_token_decoding`)."""
@@ -79,7 +81,7 @@ def calm_decoding(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: t
         raise ValueError(f"CALM's threshold must lie in [0, 1], got {threshold}.")
     decider = CalmDecider(policy, threshold, model, max_new_tokens, input_ids.device, decay, state_projection)
     return per_token_decoding(model, decider, input_ids, attention_mask, max_new_tokens, propagation, eos_token_id,
-                              pad_token_id, graphs, exit_layers)
+                              pad_token_id, graphs, exit_layers, on_tokens)
 
 
 def calibration_candidates(measure: str, count: int = 16) -> list[float]:
@@ -104,21 +106,28 @@ def calibrate_calm(model: MultiExitLM, batches: list[tuple[torch.Tensor, torch.T
     candidates = candidates if candidates is not None else calibration_candidates(measure)
     common = {"max_new_tokens": max_new_tokens, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
               "graphs": graphs}
-    references = [strip_after(greedy(model, ids, mask, **common).tokens, eos_token_id) for ids, mask in batches]
+    bar = progress(total=len(batches) * (1 + len(candidates)), desc="calibrate calm", unit="batch")
+    references = []
+    for ids, mask in batches:
+        references.append(strip_after(greedy(model, ids, mask, **common).tokens, eos_token_id))
+        bar.update(1)
     n = sum(len(rows) for rows in references)
     risks: list[float] = []
     result = learn_then_test([], max(n, 1), delta, epsilon)
     for candidate in candidates:
+        bar.set_postfix(threshold=f"{candidate:.4g}")
         losses = []
         for (ids, mask), reference in zip(batches, references):
             out = calm_decoding(model, ids, mask, threshold=candidate, measure=measure, policy=policy, decay=decay,
                                 propagation=propagation, state_projection=state_projection,
                                 exit_layers=exit_layers, **common)
             losses += [1.0 - rouge_l(a, b) for a, b in zip(strip_after(out.tokens, eos_token_id), reference)]
+            bar.update(1)
         risks.append(sum(losses) / len(losses))
         result = learn_then_test(risks, n, delta, epsilon)
         if result.index < len(risks) - 1:  # this candidate was not accepted: the walk ends
             break
+    bar.close()  # the walk may stop early: the bar's total is its longest
     chosen = candidates[result.index] if result.certified else None
     return chosen, {"candidates": candidates[:len(risks)], "risks": risks, "pvalues": result.pvalues, "n": n,
                     "delta": delta, "epsilon": epsilon, "threshold": chosen}

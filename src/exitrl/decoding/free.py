@@ -20,6 +20,7 @@ confidences once per token.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,9 +33,11 @@ from exitrl.decoding.engine import Engine, Generation, finish
 def free_decoding(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   max_new_tokens: int = 32, policy: FreePolicy | None = None, shallow_layer: int | None = None,
                   threshold: float = 0.9, adaptive: bool = True, max_pending: int = 8,
-                  eos_token_id: int | None = None, pad_token_id: int = 0, graphs: bool | None = None) -> Generation:
+                  eos_token_id: int | None = None, pad_token_id: int = 0, graphs: bool | None = None,
+                  on_tokens: Callable[[int], None] | None = None) -> Generation:
     """Shallow–deep decoding (see the module's docstring). ``policy`` carries the threshold and its pairs between
-    calls (a fresh one from ``shallow_layer`` (default L/4), ``threshold`` and ``adaptive`` otherwise)."""
+    calls (a fresh one from ``shallow_layer`` (default L/4), ``threshold`` and ``adaptive`` otherwise).
+    ``on_tokens(n)``: told of every n new token positions (a progress bar's update)."""
     last = model.num_layers
     if policy is None:
         policy = FreePolicy(shallow_layer or max(1, last // 4), threshold, adaptive=adaptive)
@@ -76,6 +79,8 @@ def free_decoding(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: t
     ended = torch.zeros(engine.batch, dtype=torch.bool)  # rows past their end of sequence (host)
     if eos_token_id is not None:
         ended |= token[:, 0].cpu() == eos_token_id
+    if on_tokens is not None:
+        on_tokens(1)
     while len(tokens) < max_new_tokens and not bool(ended.all()):
         waiting.fill_(len(held))
         shallow_replay()
@@ -99,6 +104,8 @@ def free_decoding(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: t
         slot.add_(1)
         if eos_token_id is not None:
             ended |= emitted == eos_token_id
+        if on_tokens is not None:
+            on_tokens(1)
     exit_layers = torch.stack(exits, 1)
     skipped = int((last - exit_layers[:, 1:]).sum())
     out = finish(torch.cat(tokens, 1), eos_token_id, pad_token_id)

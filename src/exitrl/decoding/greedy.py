@@ -9,6 +9,7 @@ step, so on a GPU a token costs one graph launch and no host read; the end of se
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -19,8 +20,10 @@ from exitrl.decoding.engine import Engine, Generation, all_ended, finish
 @torch.no_grad()
 def greedy(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
            max_new_tokens: int = 32, eos_token_id: int | None = None, pad_token_id: int = 0,
-           graphs: bool | None = None, check_every: int = 8) -> Generation:
-    """Greedy decoding with every layer for every token; ``graphs``: CUDA graphs (default: on CUDA)."""
+           graphs: bool | None = None, check_every: int = 8,
+           on_tokens: Callable[[int], None] | None = None) -> Generation:
+    """Greedy decoding with every layer for every token; ``graphs``: CUDA graphs (default: on CUDA);
+    ``on_tokens(n)``: told of every n new token positions (a progress bar's update)."""
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}.")
     started, last = time.perf_counter(), model.num_layers
@@ -38,9 +41,13 @@ def greedy(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Te
         column.add_(1)
 
     replay, produced = engine.step(step, "greedy step"), 1
+    if on_tokens is not None:
+        on_tokens(1)
     while produced < max_new_tokens:
         replay()
         produced += 1
+        if on_tokens is not None:
+            on_tokens(1)
         if produced % check_every == 0 and all_ended(out[:, :produced], eos_token_id):
             break
     tokens = finish(out[:, :produced], eos_token_id, pad_token_id)

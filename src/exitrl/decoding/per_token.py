@@ -22,7 +22,7 @@ costs as much as eight of its layers, so a head at every layer costs more than t
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -111,10 +111,12 @@ def checked_exit_layers(exit_layers: Sequence[int] | None, num_layers: int) -> f
 def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                        propagation: str = "copy", eos_token_id: int | None = None, pad_token_id: int = 0,
-                       graphs: bool | None = None, exit_layers: Sequence[int] | None = None) -> Generation:
+                       graphs: bool | None = None, exit_layers: Sequence[int] | None = None,
+                       on_tokens: Callable[[int], None] | None = None) -> Generation:
     """Greedy decoding where ``decider`` lets tokens leave early (see the module's docstring). The first token is
     the full model's (the prompt runs every layer). ``accepted`` counts the layers skipped, summed over rows.
-    ``exit_layers``: the 1-indexed layers where a token may leave (None: every layer; the last is always one)."""
+    ``exit_layers``: the 1-indexed layers where a token may leave (None: every layer; the last is always one).
+    ``on_tokens(n)``: told of every n new token positions (a progress bar's update)."""
     if propagation not in PROPAGATIONS:
         raise ValueError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}.")
     started, last = time.perf_counter(), model.num_layers
@@ -203,6 +205,8 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
     layer_steps = [engine.step(layer(i), f"layer {i + 1}") for i in range(last)]
     fill_steps = [engine.step(fill(i), f"fill after layer {i + 1}") for i in range(last - 1)]
     tokens, exits = [token.clone()], [torch.full_like(exit_at, last)]
+    if on_tokens is not None:
+        on_tokens(1)
     while len(tokens) < max_new_tokens:
         decider.start_token(len(tokens))
         embed_step()
@@ -226,6 +230,8 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
         exits.append(exit_at.clone())
         token.copy_(emitted)
         slot.add_(1)
+        if on_tokens is not None:
+            on_tokens(1)
         if len(tokens) % 8 == 0 and all_ended(torch.cat(tokens, 1), eos_token_id):  # a host read every 8 tokens
             break
     exit_layers = torch.stack(exits, 1)
@@ -239,9 +245,10 @@ def policy_decoding(model: MultiExitLM, policy: ExitPolicy, input_ids: torch.Ten
                     attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, top_k: int = 8,
                     state_projection: torch.Tensor | None = None, propagation: str = "copy",
                     eos_token_id: int | None = None, pad_token_id: int = 0, graphs: bool | None = None,
-                    exit_layers: Sequence[int] | None = None) -> Generation:
+                    exit_layers: Sequence[int] | None = None,
+                    on_tokens: Callable[[int], None] | None = None) -> Generation:
     """Greedy decoding where an `ExitPolicy` (a learned agent or a rule) decides per token, row and layer (at
     ``exit_layers`` only, when given)."""
     decider = PolicyDecider(policy, model.num_layers, top_k, state_projection)
     return per_token_decoding(model, decider, input_ids, attention_mask, max_new_tokens, propagation, eos_token_id,
-                              pad_token_id, graphs, exit_layers)
+                              pad_token_id, graphs, exit_layers, on_tokens)

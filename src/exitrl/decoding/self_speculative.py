@@ -17,6 +17,7 @@ one host read (how many drafts each row confirmed).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -39,9 +40,10 @@ def check_self_speculative(model: MultiExitLM, exit_layer: int, draft_tokens: in
 def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      max_new_tokens: int = 32, exit_layer: int = 4, draft_tokens: int = 4,
                      eos_token_id: int | None = None, pad_token_id: int = 0,
-                     graphs: bool | None = None) -> Generation:
+                     graphs: bool | None = None, on_tokens: Callable[[int], None] | None = None) -> Generation:
     """Draft ``draft_tokens`` tokens with layers 1..``exit_layer`` and the shared exit, verify them with the rest in
-    one pass. Output = `greedy`'s."""
+    one pass. Output = `greedy`'s. ``on_tokens(n)``: told of every n new token positions of the slowest unfinished
+    row (a progress bar's update)."""
     check_self_speculative(model, exit_layer, draft_tokens)
     check_new_tokens(max_new_tokens)
     started, last, d = time.perf_counter(), model.num_layers, draft_tokens
@@ -72,6 +74,13 @@ def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask
     done = [finished(row) for row in rows]
     per_row: list[list[int]] = [[] for _ in rows]  # tokens each cycle emitted, per row
     steps, drafted, accepted = 1, 0, 0
+
+    def reached() -> int:  # the token positions every row has: a finished row has all it will get
+        return min(max_new_tokens if done[r] else min(len(row), max_new_tokens) for r, row in enumerate(rows))
+
+    told = reached()
+    if on_tokens is not None:
+        on_tokens(told)
     while not all(done):
         replay()
         host_drafts, host_verified = torch.stack([drafts, verified]).cpu()  # the one host read of a cycle
@@ -91,6 +100,10 @@ def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask
         token.copy_(newest[:, None].to(engine.device))
         base.add_(torch.tensor(advance, device=engine.device)[:, None])
         steps += 1
+        if on_tokens is not None:
+            now = reached()
+            on_tokens(now - told)
+            told = now
     width = max(min(len(row), max_new_tokens) for row in rows)
     out = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     for r, row in enumerate(rows):

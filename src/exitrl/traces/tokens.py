@@ -19,6 +19,7 @@ from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.core.device import autocast
 from exitrl.core.distributed import current_world, in_order
 from exitrl.core.observation import summarize_token_logits
+from exitrl.core.progress import progress
 from exitrl.traces.trace import STATE_DTYPE, SplitTrace
 
 
@@ -48,7 +49,8 @@ def build_token_split(model: MultiExitLM, chunks: list[dict], k: int = 8, state_
     names = ("states", "logits", "labels", "predictions", "entropy", "label_lp")
     world = current_world()
     mine: dict[int, dict[str, torch.Tensor]] = {}
-    for first in range(world.rank * batch_size, len(chunks), world.size * batch_size):
+    starts = range(world.rank * batch_size, len(chunks), world.size * batch_size)
+    for first in progress(starts, desc="token trace", unit="batch", disable=world.rank != 0):
         ids = torch.tensor([c["input_ids"] for c in chunks[first:first + batch_size]], device=device)
         targets = ids[:, 1:].reshape(-1)
         columns: dict[str, list[torch.Tensor]] = {name: [] for name in names if name != "labels"}
