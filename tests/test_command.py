@@ -40,11 +40,12 @@ def test_each_subcommand_gives_its_own_help(name):
     through_command = exitrl_command(name, "--help")
     assert through_command.returncode == 0, through_command.stderr[-2000:]
     assert "usage:" in through_command.stdout and "Traceback" not in through_command.stderr
-    direct = subprocess.run([sys.executable, "-m", f"exitrl.{name}", "--help"], env=ENV, capture_output=True,
-                            text=True, timeout=300)
-    assert direct.returncode == 0 and direct.stdout == through_command.stdout  # the same CLI either way
     if name in ("predict", "compare", "generate", "export"):
-        assert "--threads N" in direct.stdout
+        assert "--threads N" in through_command.stdout
+    if name in ("train", "predict"):  # a Hydra app and an argparse one: the same CLI either way
+        direct = subprocess.run([sys.executable, "-m", f"exitrl.{name}", "--help"], env=ENV, capture_output=True,
+                                text=True, timeout=300)
+        assert direct.returncode == 0 and direct.stdout == through_command.stdout
 
 
 def test_hydra_sees_its_own_flags_through_the_command():
@@ -64,12 +65,8 @@ def test_an_unknown_subcommand_names_the_closest():
     (["train", "reward.alpah=0.1"], "Unknown config key 'reward.alpah' (reward.alpah=0.1): did you mean "
                                     "'reward.alpha'?"),
     (["train", "agent.epochz=3"], "agent.epochz: agent reinforce has no option 'epochz'; valid: ['batch_size', "),
-    (["train", "agent.epochz=3"], "'samples']. Did you mean 'epochs'?"),
     (["train", "bogus=1"], "Unknown config key 'bogus' (bogus=1): valid top-level keys: ['agent', "),
-    (["train", "data.limits.train=5"], "did you mean 'data.limit.train'?"),
     (["sweep", "agent=confidence", "reward.alpah=0.1"], "did you mean 'reward.alpha'? `exitrl sweep --help`"),
-    (["sweep", "agent=reinforce", "reinforce.epochz=3"], "agent reinforce has no option 'epochz'; valid: "),
-    (["sweep", "agent=ppo", "ppo.epochs=3"], "Did you mean 'n_epochs'?"),
 ])
 def test_a_key_hydra_rejects_gets_one_line_with_the_closest_key(tmp_path, arguments, expected):
     out = exitrl_command(*arguments, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -108,5 +105,23 @@ def test_key_typos_in_process():
             check_override_keys(overrides)
         assert message in str(err.value)
     check_override_keys(["reward=nope", "x=1"])  # an unknown group option: Hydra's error names the valid ones
+    from exitrl.sweep import split_arguments
+
+    with pytest.raises(ValueError, match=r"reinforce.epochz: agent reinforce has no option 'epochz'; valid: "
+                                         r"\[.*\]\. Did you mean 'epochs'\?$"):
+        split_arguments(["agent=reinforce", "reinforce.epochz=3"])
+    with pytest.raises(ValueError, match=r"ppo.epochs: agent ppo has no option 'epochs'; .* Did you mean 'n_epochs'"):
+        split_arguments(["agent=ppo", "ppo.epochs=3"])
     with pytest.raises(ValueError, match="did you mean 'reward.alpha'"):
         exitrl.train("confidence", "rte", overrides=["reward.alpah=0.1"])  # the Python API: the same check
+
+
+def test_a_module_in_the_current_folder_imports_as_under_python_m(tmp_path):
+    """A user's reward or plugin file beside them (``reward.fn=my_rewards:fn``, ``plugins=[my_agent]``) imports
+    through the console script as it does through ``python -m exitrl.train``, which puts the current folder first."""
+    (tmp_path / "cwd_toy_agent.py").write_text((TESTS / "toy_agent.py").read_text())
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}  # an empty PYTHONPATH entry would add the folder too
+    shown = subprocess.run([shutil.which("exitrl"), "train", "plugins=[cwd_toy_agent]", "--help"], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "toy rule for the plugin test" in shown.stdout

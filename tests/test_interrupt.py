@@ -19,7 +19,7 @@ ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONP
 
 
 def test_ctrl_c_ends_with_one_line_and_the_run_resumes_to_the_same_numbers(tiny_bert, glue_dir, tmp_path):
-    overrides = [*common(tiny_bert, glue_dir), "agent.epochs=200"]  # threads: auto
+    overrides = [*common(tiny_bert, glue_dir), "agent.epochs=200"]
     reference = run_cli(tmp_path / "reference", *overrides)  # python -m exitrl.train, never interrupted
     assert reference.returncode == 0, reference.stderr[-3000:]
 

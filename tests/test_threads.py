@@ -13,12 +13,15 @@ import torch
 
 import exitrl
 from exitrl.core import threads
-from exitrl.core.threads import STARTUP_THREADS, busy_warning, check_threads, phase_threads, threads_for
+from exitrl.core.threads import busy_warning, check_threads, phase_threads, threads_for
+
+CORES = 4  # the count torch found at start, as on a 4-core machine (the suite itself starts on OMP_NUM_THREADS=1)
 
 
 @pytest.fixture(autouse=True)
-def restore_threads():
+def four_cores(monkeypatch):
     before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "STARTUP_THREADS", CORES)
     yield
     torch.set_num_threads(before)
 
@@ -26,10 +29,10 @@ def restore_threads():
 def test_each_phase_runs_on_its_count_and_the_previous_count_returns():
     torch.set_num_threads(3)
     with threads_for("backbone", "auto") as count:
-        assert count == torch.get_num_threads() == STARTUP_THREADS
+        assert count == torch.get_num_threads() == CORES
         with threads_for("policy", "auto"):
             assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == STARTUP_THREADS
+        assert torch.get_num_threads() == CORES
     assert torch.get_num_threads() == 3
     for phase in ("backbone", "policy"):
         with threads_for(phase, 2):  # an explicit count is that count in every phase
@@ -70,7 +73,7 @@ def test_a_busy_machine_gets_one_warning(monkeypatch):
     assert busy_warning(1, load=lambda: 9.0, cores=2, stream=quiet) is None  # one thread already
     assert quiet.getvalue() == ""
     shown = io.StringIO()
-    line = busy_warning("auto" if STARTUP_THREADS > 1 else 4, load=lambda: 3.5, cores=2, stream=shown)
+    line = busy_warning("auto", load=lambda: 3.5, cores=2, stream=shown)
     assert shown.getvalue() == line + "\n" and len(shown.getvalue().splitlines()) == 1
     assert "load 3.5 on 2 cores" in line and "threads=1 (--threads 1)" in line
     assert busy_warning(4, load=lambda: 7.0, cores=2, stream=shown) is None  # once per process
@@ -94,7 +97,7 @@ def test_a_run_gives_each_phase_its_count_and_records_them(tiny_bert, glue_dir, 
     options = {"backbone": {"name": str(tiny_bert), "package": None, "finetune": {"epochs": 1, "batch_size": 16}},
                "data": {"dir": str(glue_dir), "limit": {"train": 32, "dev": 16}}, "plugins": ["threads_agent"],
                "cache_dir": str(tmp_path / "cache"), "baselines": []}
-    for setting, backbone, policy in (("auto", STARTUP_THREADS, 1), (3, 3, 3)):
+    for setting, backbone, policy in (("auto", CORES, 1), (3, 3, 3)):
         seen.clear()
         torch.set_num_threads(2)
         run = exitrl.train("threads_probe", "rte", run_dir=tmp_path / f"run_{setting}", threads=setting, **options)

@@ -18,13 +18,15 @@ Importing exitrl registers ``exitrl/EarlyExit-v0`` with Gymnasium.
 
 import importlib
 
-from exitrl import envs as _envs  # noqa: F401 - registers exitrl/EarlyExit-v0
+from exitrl.core.registration import register_env
+
+register_env()  # exitrl/EarlyExit-v0, without importing torch: `exitrl --help` and `import exitrl` stay quick
 
 __version__ = "0.1.0"
 _CALLABLE_MODULES = ("train", "sweep", "compare")  # modules that are also the API functions of their CLI
 _ATTRIBUTES = {"make_env": "exitrl.api", "load_trace": "exitrl.api", "Run": "exitrl.experiments.runs",
                "load_policy": "exitrl.policy", "ExitPolicy": "exitrl.policy", "RewardSpec": "exitrl.rewards",
-               "Trace": "exitrl.traces.trace", "ENV_ID": "exitrl.envs"}
+               "Trace": "exitrl.traces.trace", "ENV_ID": "exitrl.core.registration"}
 __all__ = [*_CALLABLE_MODULES, *_ATTRIBUTES, "__version__"]
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import runpy
 import sys
 
@@ -45,8 +46,12 @@ def version() -> str:
 def run_command(name: str, arguments: list[str]) -> None:
     """Run subcommand ``name`` exactly as ``python -m exitrl.<name> arguments`` would: the module runs as
     ``__main__`` with ``sys.argv`` set as Python sets it (Hydra reads the overrides, ``--help``, ``-m`` there, and
-    finds its configs beside the module's file). Its exit status leaves through ``SystemExit``."""
+    finds its configs beside the module's file), and the current folder first on ``sys.path``, so that a reward or
+    plugin module in it (``reward.fn=my_rewards:fn``) imports as it does under ``python -m``. Its exit status leaves
+    through ``SystemExit``."""
     sys.argv = [sys.argv[0], *arguments]
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     runpy.run_module(f"exitrl.{name}", run_name="__main__", alter_sys=True)
 
 
