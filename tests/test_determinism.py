@@ -12,6 +12,7 @@ from test_resume import common, numbers
 from exitrl.core.device import pick_device, set_reproducibility
 
 
+@pytest.mark.xdist_group("reference_numbers")
 def test_two_runs_of_one_job_give_identical_numbers(tiny_bert, glue_dir, tmp_path, reference_numbers):
     overrides = common(tiny_bert, glue_dir)  # with threads=1: the count is part of what the numbers depend on
     second = run_cli(tmp_path / "b", *overrides)  # each run fine-tunes and traces from scratch (its own cache)

@@ -10,34 +10,45 @@ import subprocess
 import sys
 import time
 
+import pytest
 from test_cli import TESTS, run_cli
 from test_resume import common, numbers
 
 from exitrl.cli import discard_failed_run, folder_entries
+from exitrl.core.checkpoint import Checkpoints, load_checked, save_on_interrupt
 
 ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
 
 
 def test_ctrl_c_ends_with_one_line_and_the_run_resumes_to_the_same_numbers(tiny_bert, glue_dir, tmp_path):
-    overrides = [*common(tiny_bert, glue_dir), "agent.epochs=200"]
+    """Ctrl-C in the middle of policy training, with no periodic checkpoint due for an hour: the loop saves the step
+    it is in, the run stops with one line, and resuming gives an uninterrupted run's numbers (nothing lost)."""
+    overrides = [o for o in common(tiny_bert, glue_dir) if not o.startswith("checkpoint.")]
+    overrides += ["agent.epochs=200", "checkpoint.every_seconds=3600"]
     reference = run_cli(tmp_path / "reference", *overrides)  # python -m exitrl.train, never interrupted
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    env = {**ENV, "EXITRL_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**ENV, "EXITRL_CACHE_DIR": str(tmp_path / "cache"), "EXITRL_PROGRESS_SECONDS": "0.2"}
     run = tmp_path / "stopped"
     process = subprocess.Popen([sys.executable, "-m", "exitrl", "train", *overrides, f"hydra.run.dir={run}"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
-    while not (run / "checkpoint_agent.pt").is_file() and process.poll() is None and time.time() < deadline:
+
+    def training_policy() -> bool:  # REINFORCE's progress lines have reached the run's log
+        return (run / "train.log").is_file() and "reinforce:" in (run / "train.log").read_text()
+
+    while not training_policy() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before Ctrl-C: " + process.stderr.read()[-2000:]
-    process.send_signal(signal.SIGINT)  # what Ctrl-C sends, in the middle of policy training
+    assert not (run / "checkpoint_agent.pt").exists()
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 130, stderr[-3000:]
     line = f"exitrl: interrupted; resume with `exitrl train resume={run}`"
     assert stderr.rstrip().splitlines()[-1] == line and stderr.count("interrupted") == 1
+    assert "exitrl: saving a checkpoint at the end of this step, then stopping" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert (run / "checkpoint_agent.pt").is_file() and not (run / "metrics.json").exists()  # nothing lost
+    assert (run / "checkpoint_agent.pt").is_file() and not (run / "metrics.json").exists()  # saved by the Ctrl-C
     assert line.removeprefix("exitrl: ") in (run / "train.log").read_text()
 
     resumed = subprocess.run([sys.executable, "-m", "exitrl", "train", f"resume={run}"], env=env,
@@ -46,6 +57,31 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes_to_the_same_numbers(tiny_
     assert "Resuming from the checkpoint" in (run / "train.log").read_text()
     assert numbers(run) == numbers(tmp_path / "reference" / "run")
     assert not list(run.glob("checkpoint_*.pt"))
+
+
+def test_ctrl_c_waits_for_a_checkpointing_loop_only(tmp_path):
+    """In-process: while a loop asks `due`, the first Ctrl-C makes the next save happen and end in
+    KeyboardInterrupt; with no loop checkpointing, or on a second Ctrl-C, it stops at once."""
+    checkpoints = Checkpoints(tmp_path / "state.pt", every_seconds=3600)
+    before = signal.getsignal(signal.SIGINT)
+    with save_on_interrupt():
+        with pytest.raises(KeyboardInterrupt):  # nothing polled yet: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert not checkpoints.due()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes
+        assert checkpoints.due()  # the step in progress ends with a save ...
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.save({"step": 7})  # ... then stops
+        assert load_checked(tmp_path / "state.pt")["step"] == 7
+        checkpoints.due()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_failed_run_leaves_no_folder(tiny_bert, glue_dir, tmp_path):

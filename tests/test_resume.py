@@ -76,6 +76,7 @@ PPO = ["agent=ppo", "agent.total_timesteps=40960", "agent.n_envs=4", "agent.n_st
 COTRAIN = ["agent.epochs=15", "backbone.mode=cotrain", "cotrain.rounds=2", "cotrain.lr=1e-3", "cotrain.head_lr=1e-3"]
 
 
+@pytest.mark.xdist_group("reference_numbers")
 @pytest.mark.parametrize("stage", ["fine-tuning", "policy training", "ppo training", "co-training"])
 def test_a_killed_run_resumes_to_the_same_numbers(tiny_bert, glue_dir, tmp_path, stage, reference_numbers):
     overrides = common(tiny_bert, glue_dir)

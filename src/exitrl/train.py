@@ -44,7 +44,7 @@ from exitrl.cli import (
     wants_help,
     warn_if_busy,
 )
-from exitrl.core.checkpoint import Checkpoints
+from exitrl.core.checkpoint import Checkpoints, save_on_interrupt
 from exitrl.core.device import pick_device, set_reproducibility
 from exitrl.core.distributed import broadcast, check_sharding, current_world, launched_world, start
 from exitrl.core.hashing import hash_json
@@ -372,7 +372,11 @@ def main() -> None:
         print(help_text())
         sys.exit(0)
     try:
-        hydra_main()
+        if launched_world().size > 1:  # every process gets Ctrl-C: they stop together, from their last checkpoints
+            hydra_main()
+        else:
+            with save_on_interrupt():  # Ctrl-C: the training loop in progress saves its step, then the run stops
+                hydra_main()
     except KeyboardInterrupt:
         interrupted_run()
 

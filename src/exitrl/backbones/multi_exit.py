@@ -18,10 +18,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoModel, AutoTokenizer
+
+if TYPE_CHECKING:  # loading transformers' modeling code costs seconds; annotations do not need it
+    from transformers import PreTrainedModel
 
 POOLINGS = ("cls", "mean")
 _LAYER_PATHS = ("encoder.layer", "encoder.layers", "transformer.layer", "layers")

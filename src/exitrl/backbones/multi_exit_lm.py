@@ -25,10 +25,14 @@ import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+if TYPE_CHECKING:  # loading transformers' modeling code costs seconds; annotations do not need it
+    from transformers import DynamicCache, PreTrainedModel
 
 from exitrl.backbones.multi_exit import BackboneError, skip_rows
 
@@ -95,6 +99,8 @@ class MultiExitLM(nn.Module):
     # -- the pieces a walk calls one by one -------------------------------------------------------------------
     def new_cache(self) -> DynamicCache:
         """An empty KV cache the layers fill (transformers' own class)."""
+        from transformers import DynamicCache
+
         return DynamicCache(config=self.config)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

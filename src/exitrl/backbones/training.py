@@ -19,12 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from transformers import get_linear_schedule_with_warmup
 
 from exitrl.backbones.batching import batch_order, padded_batch
 from exitrl.backbones.multi_exit import MultiExitModel
 from exitrl.backbones.recipes.base import Progress, Stage, StageLoss
-from exitrl.backbones.sharded import ShardedStage
 from exitrl.core.checkpoint import Checkpoints, rng_state, set_rng_state
 from exitrl.core.device import autocast, varied_shape_attention
 from exitrl.core.distributed import World, all_sum, broadcast, current_world, gather, same_everywhere, share
@@ -101,13 +99,18 @@ def train_stages(model: MultiExitModel, tokenizer, examples: list[dict], stages:
             if stage_index < position["stage"]:
                 continue
             trained, groups = freeze_all_but(model, stage), stage.groups
-            sharded = ShardedStage(model, stage, device, world.size) if world.active and world.sharding == "fsdp" \
-                else None
+            sharded = None
+            if world.active and world.sharding == "fsdp":
+                from exitrl.backbones.sharded import ShardedStage  # here: FSDP2 loads torch.distributed's checkpointing
+
+                sharded = ShardedStage(model, stage, device, world.size)
             if sharded is not None:
                 engine, trained, groups = sharded.loss, sharded.trained, sharded.groups
             else:
                 engine = wrap_for(world, model, stage, device)
             optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+            from transformers import get_linear_schedule_with_warmup  # here: its module loads transformers' models
+
             stage_steps = stage.epochs * batches_per_epoch
             scheduler = None if warmup_ratio is None else get_linear_schedule_with_warmup(
                 optimizer, int(warmup_ratio * stage_steps), stage_steps)

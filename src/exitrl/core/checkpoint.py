@@ -9,6 +9,11 @@ backbone).
 
 `Checkpoints` decides when a training loop saves (every ``every_seconds`` of wall time, 0: after every step) and
 holds the file; `rng_state` / `set_rng_state` carry Python's, NumPy's and torch's (CPU and CUDA) generators.
+
+`save_on_interrupt` makes Ctrl-C lose no training: while a loop is checkpointing, the first Ctrl-C makes its next
+`Checkpoints.due` true, so the loop saves at the end of the step it is in and then stops with KeyboardInterrupt.
+A second Ctrl-C, a Ctrl-C while no loop checkpoints (tracing, evaluation), or a loop that does not reach its next
+save within ``GRACE_SECONDS``, stops at once.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ import io
 import logging
 import os
 import random
+import signal
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +37,9 @@ import torch
 
 log = logging.getLogger("exitrl.core.checkpoint")
 MAGIC = b"exitrl-checked-v1\n"
+GRACE_SECONDS = 10.0  # how long a Ctrl-C waits for the running loop's checkpoint before stopping anyway
+POLLING_SECONDS = 2.0  # a loop that asked `due` this recently is checkpointing: a Ctrl-C waits for its save
+_interrupt = {"requested": False, "polled": float("-inf")}
 
 
 class CorruptFile(ValueError):
@@ -118,6 +130,36 @@ def verify_manifest(folder: str | Path) -> None:
             raise CorruptFile(f"{folder} is corrupt: {name} does not match its checksum (truncated or altered).")
 
 
+def _on_ctrl_c(signum, frame) -> None:
+    checkpointing = time.monotonic() - _interrupt["polled"] <= POLLING_SECONDS
+    if _interrupt["requested"] or not checkpointing:
+        raise KeyboardInterrupt
+    _interrupt["requested"] = True
+    signal.setitimer(signal.ITIMER_REAL, GRACE_SECONDS)
+    print("exitrl: saving a checkpoint at the end of this step, then stopping (Ctrl-C again stops now)",
+          file=sys.stderr, flush=True)
+
+
+def _on_grace_over(signum, frame) -> None:
+    if _interrupt["requested"]:  # the loop did not reach its save in time
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def save_on_interrupt() -> Iterator[None]:
+    """Within the block, Ctrl-C lets the running training loop save its checkpoint before the KeyboardInterrupt
+    (one process only: under torchrun every process gets the signal and they must stop together)."""
+    previous = signal.signal(signal.SIGINT, _on_ctrl_c), signal.signal(signal.SIGALRM, _on_grace_over)
+    _interrupt.update(requested=False, polled=float("-inf"))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGALRM, previous[1])
+        _interrupt["requested"] = False
+
+
 def rng_state() -> dict:
     """Every generator a training loop may draw from: Python's, NumPy's, torch's CPU and (when present) CUDA's."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -149,7 +191,8 @@ class Checkpoints:
         self.saves = 0
 
     def due(self) -> bool:
-        return time.monotonic() - self.last >= self.every_seconds
+        _interrupt["polled"] = time.monotonic()
+        return _interrupt["requested"] or time.monotonic() - self.last >= self.every_seconds
 
     def save(self, state: dict) -> None:
         started = time.monotonic()
@@ -157,6 +200,10 @@ class Checkpoints:
         self.last = time.monotonic()
         self.seconds_writing += self.last - started
         self.saves += 1
+        if _interrupt["requested"]:  # the Ctrl-C this save was for: stop now, with the step kept
+            _interrupt["requested"] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            raise KeyboardInterrupt
 
     def load(self) -> dict | None:
         if not self.path.is_file():
