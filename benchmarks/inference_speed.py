@@ -115,6 +115,39 @@ def shape_benchmark(name: str, batch: int, seq: int, device: torch.device, warmu
     return out
 
 
+def hf_pipeline(classifier: EarlyExitClassifier, batch: int):
+    """What a user would run instead: Hugging Face's text-classification pipeline on the same fine-tuned weights
+    (the run's encoder, its mean pooling and its last exit head, wrapped as a `PreTrainedModel`; same dtype and
+    device)."""
+    import copy
+
+    from transformers import PreTrainedModel, TextClassificationPipeline
+    from transformers.modeling_outputs import SequenceClassifierOutput
+    from transformers.utils import logging as hf_logging
+
+    class MeanPooledClassifier(PreTrainedModel):
+        _supports_sdpa = _supports_flash_attn = _supports_attention_backend = True
+
+        def __init__(self, model, label_names):
+            config = copy.deepcopy(model.encoder.config)
+            config.id2label = dict(enumerate(label_names))
+            config.label2id = {name: i for i, name in enumerate(label_names)}
+            config.problem_type = "single_label_classification"
+            super().__init__(config)
+            self.multi_exit = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None, **_):
+            m = self.multi_exit
+            hidden = m.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
+            return SequenceClassifierOutput(logits=m.exit_logits(m.num_layers - 1, m.pool(hidden, attention_mask)))
+
+    hf_logging.set_verbosity(50)  # the pipeline logs an error that it does not know this model class
+    model = MeanPooledClassifier(classifier.model, classifier.label_names).eval()
+    return TextClassificationPipeline(model=model, tokenizer=classifier.tokenizer, device=classifier.device,
+                                      batch_size=batch, truncation=True, max_length=classifier.max_length)
+
+
 def file_labels(path: str) -> list[int] | None:
     """Class indices from a GLUE TSV's ``label`` column of digits (SST-2, RTE ids differ: then None)."""
     with open(path, encoding="utf-8") as handle:
@@ -130,10 +163,9 @@ def run_benchmark(run_dir: str, texts_path: str, batches: list[int], device: tor
     full model and of early exit at each batch size, on the runtime's default path and on the eager walk; and how
     often the default path's exits and answers equal the eager walk's."""
     if text_columns is None:
-        from exitrl.experiments.runs import Run
-        from exitrl.predict import default_columns  # reads the run's config (omegaconf)
+        from exitrl.predict import run_task  # reads the run's config (omegaconf)
 
-        text_columns = default_columns(Path(run_dir), Run.load(run_dir).record.task)
+        text_columns = run_task(Path(run_dir)).text_columns
     classifier = EarlyExitClassifier.from_run(run_dir, str(device), compile_decisions=compile_decisions)
     eager = EarlyExitClassifier.from_run(run_dir, str(device), fast=False)
     first, second = read_texts(texts_path, text_columns)
@@ -151,6 +183,13 @@ def run_benchmark(run_dir: str, texts_path: str, batches: list[int], device: tor
             seconds = timed(lambda r=runner, b=batch: r.exits(first, second, batch_size=b), device, warmup, reps) / 1000
             timings[label] = {"seconds": seconds, "examples_per_second": len(first) / seconds}
         classifier.policy = policy
+        pipe = hf_pipeline(classifier, batch)
+        inputs = first if second is None else [{"text": a, "text_pair": b} for a, b in zip(first, second)]
+        seconds = timed(lambda p=pipe, x=inputs: p(x), device, 1, max(1, min(reps, 3))) / 1000
+        piped = pipe(inputs)
+        index = {name: i for i, name in enumerate(classifier.label_names)}
+        piped_predictions = torch.tensor([index[a["label"]] for a in piped])
+        timings["hf_pipeline"] = {"seconds": seconds, "examples_per_second": len(first) / seconds}
         if classifier.fast:  # the model's time alone: batches tokenized and padded beforehand
             timings.update(pretokenized(classifier, first, second, batch, StaticPolicy(layers), device, warmup, reps))
         found = classifier.exits(first, second, batch_size=batch)
@@ -163,7 +202,9 @@ def run_benchmark(run_dir: str, texts_path: str, batches: list[int], device: tor
                    / timings["model_only_early_exit"]["seconds"]} if classifier.fast else {}),
                "exits_equal_eager_walk": float((found.layers == walked.layers).float().mean()),
                "predictions_equal_eager_walk": float((found.predictions == walked.predictions).float().mean())}
+        row["over_hf_pipeline"] = timings["hf_pipeline"]["seconds"] / timings["early_exit"]["seconds"]
         if labels is not None:
+            row["accuracy_hf_pipeline"] = float((piped_predictions == torch.tensor(labels)).float().mean())
             row["accuracy"] = float((found.predictions == torch.tensor(labels)).float().mean())
             row["accuracy_eager_walk"] = float((walked.predictions == torch.tensor(labels)).float().mean())
         out["batches"].append(row)
@@ -264,7 +305,10 @@ def main() -> None:
                      f"early exit {row['model_only_early_exit']['examples_per_second']:.0f}/s, "
                      f"{row['model_only_speedup']:.2f}x, ratio {row['model_only_speedup'] / row['ideal_speedup']:.2f}"
                      if "model_only_speedup" in row else "")
-                  + (f"; accuracy {row['accuracy']:.4f} (eager {row['accuracy_eager_walk']:.4f})"
+                  + f"; HF pipeline {row['hf_pipeline']['examples_per_second']:.0f}/s (early exit "
+                    f"{row['over_hf_pipeline']:.2f}x of it)"
+                  + (f"; accuracy {row['accuracy']:.4f} (eager {row['accuracy_eager_walk']:.4f}, HF pipeline "
+                     f"{row['accuracy_hf_pipeline']:.4f})"
                      if "accuracy" in row else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ def test_each_subcommand_gives_its_own_help(name):
     through_command = exitrl_command(name, "--help")
     assert through_command.returncode == 0, through_command.stderr[-2000:]
     assert "usage:" in through_command.stdout and "Traceback" not in through_command.stderr
-    if name in ("predict", "compare", "generate", "export"):
+    if name in ("predict", "compare", "generate", "export", "serve"):
         assert "--threads N" in through_command.stdout
     if name in ("train", "predict"):  # a Hydra app and an argparse one: the same CLI either way
         direct = subprocess.run([sys.executable, "-m", f"exitrl.{name}", "--help"], env=ENV, capture_output=True,
@@ -58,7 +58,7 @@ def test_an_unknown_subcommand_names_the_closest():
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [
         "exitrl: error: unknown command 'trian'; did you mean 'train'? commands: train, sweep, compare, predict, "
-        "generate, export (exitrl --help)."]
+        "generate, export, serve (exitrl --help)."]
 
 
 @pytest.mark.parametrize("arguments, expected", [

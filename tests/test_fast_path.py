@@ -57,6 +57,56 @@ def policies(model: MultiExitModel, threshold: float) -> dict:
             "free_adaptive": FreePolicy(1, threshold, refit_every=8)}  # refits between batches: eager
 
 
+def pipelined_equals_one_at_a_time(device: torch.device, graphs: bool) -> set:
+    """Several batches in flight (3 lanes) answer exactly what one batch at a time does, and what the trace walk
+    does on the live backbone, for every agent and rule; returns which policies exited rows at several layers."""
+    model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    model = model.to(device)
+    with torch.no_grad():
+        first = model(ids.to(device), mask.to(device)).logits[:, 0].float()
+    threshold = float(torch.softmax(first, -1).max(-1).values.median())
+    batches = [(ids[i:i + n], mask[i:i + n]) for i, n in ((0, 8), (8, 5), (13, 11), (2, 1), (4, 16), (0, 24))]
+    mixed = set()
+    for name, policy in policies(model, threshold).items():
+        one = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs, token_types=False,
+                         lanes=1)
+        many = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs, token_types=False,
+                          lanes=3)
+        reference = copy.deepcopy(policy).to(device)
+        for _ in range(2):  # the second pass replays every graph
+            expected = [one.run(i, m) for i, m in batches]
+            got = list(many.run_batches(iter(batches)))
+            assert len(got) == len(batches)
+            for (batch_ids, batch_mask), a, b in zip(batches, expected, got):
+                assert torch.equal(a.layers, b.layers) and torch.equal(a.predictions, b.predictions), name
+                assert torch.equal(a.logits, b.logits), name
+                with torch.no_grad():
+                    walked = walk(reference, LiveSource(model, batch_ids.to(device), batch_mask.to(device)),
+                                  len(batch_ids), device)
+                if device.type == "cpu":  # the same arithmetic: exit for exit
+                    assert torch.equal(walked.layers.cpu(), b.layers), name
+                mixed.add((name, len(set(b.layers.tolist())) > 1))
+        in_flight = len(many.lanes)
+        assert in_flight == (1 if policy.observes_final or not policy.graph_safe else 3), name
+    return mixed
+
+
+def test_batches_in_flight_answer_what_one_batch_at_a_time_and_the_trace_walk_do():
+    mixed = pipelined_equals_one_at_a_time(torch.device("cpu"), graphs=False)
+    assert ("confidence", True) in mixed and ("patience", True) in mixed
+
+
+@CUDA
+def test_batches_in_flight_on_cuda_graphs_answer_what_one_batch_at_a_time_does():
+    assert ("confidence", True) in pipelined_equals_one_at_a_time(torch.device("cuda"), graphs=True)
+
+
+def test_lanes_must_be_positive():
+    model, _, _ = tiny("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    with pytest.raises(ValueError, match="lanes must be >= 1"):
+        FastWalker(model, StaticPolicy(1), lanes=0)
+
+
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["bert", *sorted(FAMILIES)])

@@ -17,7 +17,7 @@ LAYERS = [
     ("exitrl.runtime", "exitrl.decoding"),                  # real early exits: classification and generation
     ("exitrl.cli",),                                        # what every CLI shares
     ("exitrl.train", "exitrl.compare", "exitrl.api", "exitrl.export", "exitrl.predict", "exitrl.generate",
-     "exitrl.sweep_points"),
+     "exitrl.sweep_points", "exitrl.serve"),
     ("exitrl.sweep",),
     ("exitrl.command", "exitrl.__main__"),                  # the `exitrl` console script, python -m exitrl
 ]

@@ -1,16 +1,17 @@
 """``python -m exitrl.predict`` on a run of a tiny backbone on a slice of RTE: an id on every output line, accuracy
 and the exit histogram when the input has labels, ``--limit``, and an input checked row by row before the model
-loads (a pair task's run refuses single texts)."""
+loads (a pair task's run refuses single texts); the measured wall-clock speedup beside the layer speedup."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 from test_cli import run_cli
 
-from exitrl.predict import main
+from exitrl.predict import main, predict_file, report
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +106,31 @@ def test_the_input_is_checked_before_the_model_loads(rte_run, tmp_path, capsys):
 def test_help_says_where_ids_come_from(capsys):
     code, out, _ = predict(capsys, "--help")
     assert code == 0 and "--limit N" in out and "id, idx, index, guid" in out and "row number" in out
+
+
+def test_the_summary_has_the_wall_clock_speedup_beside_the_layer_speedup(rte_run, glue_dir, tmp_path, capsys):
+    dev = (glue_dir / "RTE" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "dev.tsv").write_text("\n".join(dev[:41]) + "\n", encoding="utf-8")
+    summary = predict_file(rte_run, tmp_path / "dev.tsv", tmp_path / "p.jsonl", batch_size=8, speed_sample=24)
+    assert summary["layer_speedup"] == pytest.approx(3 / summary["avg_exit_layer"])
+    wall = summary["wall_clock_speedup"]
+    assert isinstance(wall, float) and math.isfinite(wall) and wall > 0
+    speed = summary["speed"]
+    assert speed["wall_clock_speedup"] == wall and speed["examples"] == 24 and speed["batch_size"] == 8
+    assert speed["device"] == "cpu" and speed["policy_seconds"] > 0 and speed["full_seconds"] > 0
+    assert 1 <= speed["layer_speedup"] <= 3
+    text = report(summary)
+    assert (f"exitrl: layer speedup {summary['layer_speedup']:.2f}x (L / mean exit layer), wall-clock speedup "
+            f"{wall:.2f}x against the full model on cpu (24 rows, batch 8;") in text
+
+    off = predict_file(rte_run, tmp_path / "dev.tsv", tmp_path / "p.jsonl", batch_size=8, speed_sample=0)
+    assert off["wall_clock_speedup"] is None and off["speed"] is None and off["layer_speedup"] > 0
+    assert "wall-clock speedup not measured (--speed-sample 0)" in report(off)
+
+    code, out, err = predict(capsys, rte_run, "--input", tmp_path / "dev.tsv", "--output", tmp_path / "q.jsonl",
+                             "--limit", 10, "--speed-sample", 6)
+    assert code == 0, err
+    assert "wall-clock speedup" in out and "against the full model on cpu (6 rows, batch 32;" in out
+    code, _, err = predict(capsys, rte_run, "--input", tmp_path / "dev.tsv", "--output", tmp_path / "q.jsonl",
+                           "--speed-sample", -1)
+    assert code == 2 and "--speed-sample must be >= 0 (0: no timing), got -1" in err

@@ -1,4 +1,4 @@
-"""The ``exitrl`` command: ``exitrl train|sweep|compare|predict|generate|export ...`` runs the CLI of
+"""The ``exitrl`` command: ``exitrl train|sweep|compare|predict|generate|export|serve ...`` runs the CLI of
 ``python -m exitrl.<name>`` with the same arguments (``exitrl train agent=reinforce env=rte`` is
 ``python -m exitrl.train agent=reinforce env=rte``). A subcommand's module is imported only when it runs, so
 ``exitrl --help`` and ``exitrl --version`` stay fast.
@@ -18,6 +18,7 @@ COMMANDS = {  # name: what it does, in one line
     "predict": "classify a file with a run's backbone and exit policy (real early exits)",
     "generate": "decode prompts with a causal LM and an early-exit method (calm, free, selfspec, policy)",
     "export": "copy a run's backbone and trace into its folder, so it reloads without the cache",
+    "serve": "answer HTTP requests with runs' early exits (LitServe: dynamic batching, /health, /metrics)",
 }
 
 

@@ -2,6 +2,11 @@
 the cache: the backbone the run used (fp16 by default) goes into ``RUN_DIR/backbone/`` and its trace into
 ``RUN_DIR/trace.pt``; metrics.json records what was exported. `exitrl.experiments.runs.Run` and `exitrl.load_trace`
 look in the folder first. A co-trained run already holds its backbone.
+
+``python -m exitrl.export RUN_DIR --pretrained OUT_DIR`` writes instead one self-contained classifier folder
+(`exitrl.runtime.pretrained`: backbone, tokenizer, policy, label names, max length, the task's columns and a
+checksummed manifest) that ``EarlyExitClassifier.from_pretrained`` and ``exitrl predict`` load; the run folder is left
+as it is.
 """
 
 from __future__ import annotations
@@ -11,14 +16,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from exitrl.backbones import MultiExitModel
 from exitrl.cli import add_threads_option, fail, interrupted
 from exitrl.core.threads import threads_for
 from exitrl.experiments.runs import BACKBONE_DIR, TRACE_FILE, Run
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from exitrl.runtime.pretrained import DTYPES
 
 
 def export_run(run_dir: str | Path, dtype: str = "float16", trace: bool = True) -> Run:
@@ -44,21 +46,48 @@ def export_run(run_dir: str | Path, dtype: str = "float16", trace: bool = True) 
     return Run.load(run.dir)
 
 
+def export_pretrained(run_dir: str | Path, out_dir: str | Path, dtype: str = "float16") -> Path:
+    """The run's backbone (cast to ``dtype``), tokenizer and policy, its label names, traced length and task columns
+    as one classifier folder ``out_dir`` (`exitrl.runtime.pretrained`)."""
+    from exitrl.predict import run_task  # the runtime, only when it is used: `exitrl export` starts quickly
+    from exitrl.runtime.classifier import EarlyExitClassifier
+    from exitrl.runtime.pretrained import save_pretrained
+
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}.")
+    run_dir = Path(run_dir)
+    task = run_task(run_dir)  # a folder that is not a run fails here, before any loading
+    classifier = EarlyExitClassifier.from_run(run_dir, "cpu", dtype=DTYPES[dtype])
+    columns = {"name": task.name, "metric": task.metric, "text_columns": task.text_columns,
+               "label_column": task.label_column}
+    return save_pretrained(classifier, out_dir, task=columns, source=str(run_dir.resolve()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parse = argparse.ArgumentParser(prog="exitrl export", description=__doc__.split("\n\n")[0])
     parse.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by exitrl.train or exitrl.sweep")
     parse.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="precision of the copied backbone")
     parse.add_argument("--no-trace", action="store_true", help="do not copy the trace (reload then needs the cache)")
+    parse.add_argument("--pretrained", metavar="OUT_DIR", default=None,
+                       help="write one self-contained classifier folder there instead (EarlyExitClassifier."
+                            "from_pretrained, exitrl predict OUT_DIR); the run folder is left as it is")
     add_threads_option(parse, "backbone")
     args = parse.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         with threads_for("backbone", args.threads):
-            run = export_run(args.run_dir, args.dtype, not args.no_trace)
+            if args.pretrained is not None:
+                folder = export_pretrained(args.run_dir, args.pretrained, args.dtype)
+            else:
+                run = export_run(args.run_dir, args.dtype, not args.no_trace)
     except ValueError as err:
         fail(err, "exitrl.export")
     except KeyboardInterrupt:  # the backbone is written beside its place and renamed: no half copy remains
         interrupted("run it again to finish the export", "exitrl.export")
-    print(f"exported {run.dir}: {run.record.backbone['exported']}")
+    if args.pretrained is not None:
+        print(f"exported {args.run_dir} as a classifier folder: {folder} (EarlyExitClassifier.from_pretrained, "
+              f"exitrl predict {folder})")
+    else:
+        print(f"exported {run.dir}: {run.record.backbone['exported']}")
 
 
 if __name__ == "__main__":

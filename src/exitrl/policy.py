@@ -47,6 +47,14 @@ class LayerBatch:
         """The same observation vector the envs emit (see `exitrl.core.observation`)."""
         return build_observation(self.states, self.logits, self.layer, self.num_layers, self.history, self.token)
 
+    def features(self, layout, view: str) -> torch.Tensor:
+        """The feature ``view`` of the observations (`exitrl.core.observation.ObservationLayout.view`), building only
+        what it reads: the pooled state alone needs no probabilities, entropy or concatenation, which on a GPU are
+        most of a small decision's kernels."""
+        if view == "state":
+            return self.states.float()
+        return layout.select(self.observations, view)
+
     @cached_property
     def probs(self) -> torch.Tensor:
         """The probabilities confidence measures read: every class, or a token exit's top k."""

@@ -1,7 +1,10 @@
 """``python -m exitrl.predict RUN_DIR --input FILE.{tsv,csv,jsonl} --output preds.jsonl``: classify a file with the
 run's backbone and exit policy (`exitrl.runtime.classifier.EarlyExitClassifier`), one JSON line per input row
 (``id``, ``label``, ``probs``, ``exit_layer``, and ``gold`` when the file has labels), then a summary: examples/s,
-mean exit layer, saved layers and, when the file has the run's label column, accuracy and the exit-layer histogram.
+mean exit layer, saved layers, the layer speedup (L / mean exit layer) beside the measured wall-clock speedup against
+the full model (`exitrl.runtime.speed`, on at most ``--speed-sample`` rows) and, when the file has the run's label
+column, accuracy and the exit-layer histogram. RUN_DIR may also be a classifier folder (``exitrl export RUN_DIR
+--pretrained OUT_DIR``, ``EarlyExitClassifier.save_pretrained``).
 
 Text columns default to the run's task (a GLUE task's file columns, or a custom task's ``text_columns``);
 ``--text-columns a b`` names others. A run on a pair task (RTE, MRPC, QNLI) needs both texts of each pair. The file
@@ -26,6 +29,8 @@ from exitrl.core.threads import threads_for
 from exitrl.data import GLUE_TASKS, DataError, Table, label_ids, read_table, require_columns
 from exitrl.experiments.runs import Run
 from exitrl.runtime.classifier import EarlyExitClassifier
+from exitrl.runtime.pretrained import is_pretrained, read_manifest
+from exitrl.runtime.speed import measure_wall_clock
 
 ID_COLUMNS = ("id", "idx", "index", "guid")  # an input's id column, when --id-column names none: the first present
 
@@ -42,7 +47,10 @@ class RunTask:
 
 
 def run_task(run_dir: Path) -> RunTask:
-    """The run's task: a custom task's columns from its config, a GLUE task's from its file layout."""
+    """The run's task: a custom task's columns from its config, a GLUE task's from its file layout; a classifier
+    folder's from its manifest."""
+    if is_pretrained(run_dir):
+        return pretrained_task(run_dir)
     record = Run.load(run_dir).record
     config = OmegaConf.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     custom = OmegaConf.select(config, "env.custom") if config is not None else None
@@ -54,6 +62,17 @@ def run_task(run_dir: Path) -> RunTask:
         columns, label_column = list(spec.local_columns), spec.local_label_column
     names = [str(n) for n in record.label_names] if record.label_names is not None else None
     return RunTask(record.task, columns, label_column, names, record.metric)
+
+
+def pretrained_task(folder: Path) -> RunTask:
+    """A classifier folder's task, as its manifest recorded it (a classifier saved from Python without a task: the
+    text columns must be named with --text-columns)."""
+    manifest = read_manifest(folder)
+    task = manifest.get("task") or {}
+    columns = task.get("text_columns")
+    return RunTask(str(task.get("name") or "unknown"), list(columns) if columns else None,
+                   str(task.get("label_column") or "label"), [str(n) for n in manifest["label_names"]],
+                   str(task.get("metric") or "accuracy"))
 
 
 @dataclass
@@ -124,17 +143,21 @@ def read_inputs(path: str | Path, task: RunTask, text_columns: list[str] | None 
 
 def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path, batch_size: int = 32,
                  text_columns: list[str] | None = None, device: str = "auto", id_column: str | None = None,
-                 label_column: str | None = None, limit: int | None = None) -> dict:
+                 label_column: str | None = None, limit: int | None = None, speed_sample: int = 512) -> dict:
     """Predict every row of ``input_path`` (the first ``limit``) into ``output_path``; returns the summary. The
-    file is checked before the model loads."""
+    file is checked before the model loads. ``speed_sample``: rows (at most) on which the policy is timed against
+    the full model after the predictions (0: not measured). ``run_dir``: a run folder or a classifier folder."""
     run_dir = Path(run_dir)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}.")
+    if speed_sample < 0:
+        raise ValueError(f"--speed-sample must be >= 0 (0: no timing), got {speed_sample}.")
     task = run_task(run_dir)
     inputs = read_inputs(input_path, task, text_columns, id_column, label_column, limit)
     if not Path(output_path).parent.is_dir():
         raise ValueError(f"--output {output_path}: the folder {Path(output_path).parent} does not exist.")
-    classifier = EarlyExitClassifier.from_run(run_dir, device)
+    classifier = (EarlyExitClassifier.from_pretrained(run_dir, device) if is_pretrained(run_dir)
+                  else EarlyExitClassifier.from_run(run_dir, device))
     labels = inputs.labels
     if labels is not None and task.label_names is None:  # a record without label names: the trace's
         table = Table(Path(input_path), [{"label": v} for v in labels], list(range(1, len(labels) + 1)), None)
@@ -151,9 +174,14 @@ def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str |
     mean_exit = float(layers.float().mean())
     summary = {"examples": len(answers), "seconds": round(seconds, 3),
                "examples_per_second": len(answers) / max(seconds, 1e-9), "avg_exit_layer": mean_exit,
-               "saved_layers": 1 - mean_exit / num_layers, "device": str(classifier.device),
+               "saved_layers": 1 - mean_exit / num_layers, "layer_speedup": num_layers / mean_exit,
+               "wall_clock_speedup": None, "speed": None, "device": str(classifier.device),
                "output": str(output_path), "id_column": inputs.id_column,
                "exit_histogram": torch.bincount(layers - 1, minlength=num_layers).tolist()}
+    if speed_sample:
+        measured = measure_wall_clock(classifier, inputs.texts, batch_size, speed_sample)
+        if measured is not None:
+            summary.update(wall_clock_speedup=measured.wall_clock_speedup, speed=measured.to_dict())
     if labels is not None:
         index = {name: i for i, name in enumerate(classifier.label_names)}
         predictions = torch.tensor([index[a["label"]] for a in answers])
@@ -168,7 +196,7 @@ def report(summary: dict) -> str:
     lines = [f"exitrl: {summary['examples']} examples in {summary['seconds']:.2f} s "
              f"({summary['examples_per_second']:.1f} examples/s on {summary['device']}), mean exit layer "
              f"{summary['avg_exit_layer']:.2f}, saved layers {100 * summary['saved_layers']:.1f} %; wrote "
-             f"{summary['output']} (ids: {summary['id_column'] or 'row numbers'})"]
+             f"{summary['output']} (ids: {summary['id_column'] or 'row numbers'})", speed_line(summary)]
     if "accuracy" in summary:
         score = f", {summary['metric']} {100 * summary['score']:.2f} %" if summary["metric"] != "accuracy" else ""
         lines.append(f"exitrl: accuracy {100 * summary['accuracy']:.2f} %{score} against column "
@@ -179,9 +207,22 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_line(summary: dict) -> str:
+    """The layer speedup beside the measured wall-clock speedup, and where it was measured."""
+    line = f"exitrl: layer speedup {summary['layer_speedup']:.2f}x (L / mean exit layer)"
+    speed = summary.get("speed")
+    if speed is None:
+        return f"{line}; wall-clock speedup not measured (--speed-sample 0)"
+    return (f"{line}, wall-clock speedup {speed['wall_clock_speedup']:.2f}x against the full model on "
+            f"{speed['device']} ({speed['examples']} rows, batch {speed['batch_size']}; "
+            f"{speed['layer_speedup']:.2f}x in layers on those rows)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parse = argparse.ArgumentParser(prog="python -m exitrl.predict", description=__doc__.split("\n\n")[0])
-    parse.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by exitrl.train")
+    parse.add_argument("run_dir", metavar="RUN_DIR",
+                       help="a folder written by exitrl.train, or a classifier folder (exitrl export RUN_DIR "
+                            "--pretrained OUT_DIR)")
     parse.add_argument("--input", required=True, help="a TSV (no quote processing), CSV or JSONL file")
     parse.add_argument("--output", required=True, help="where to write one JSON line per input row")
     parse.add_argument("--text-columns", nargs="+", help="one column, or two for text pairs")
@@ -195,13 +236,17 @@ def main(argv: list[str] | None = None) -> None:
                        help="gold labels, for accuracy and the exit histogram (default: the run's label column, "
                             "when the input has it)")
     parse.add_argument("--limit", type=int, default=None, metavar="N", help="predict only the first N rows")
+    parse.add_argument("--speed-sample", type=int, default=512, metavar="N",
+                       help="after predicting, time the policy against the full model on at most N of the rows "
+                            "(same batches; one warm-up batch each) for the wall-clock speedup; 0: do not (default: "
+                            "512)")
     add_threads_option(parse, "backbone")
     args = parse.parse_args(sys.argv[1:] if argv is None else argv)
     warn_if_busy(args.threads)
     try:
         with threads_for("backbone", args.threads):
             summary = predict_file(args.run_dir, args.input, args.output, args.batch_size, args.text_columns,
-                               args.device, args.id_column, args.label_column, args.limit)
+                               args.device, args.id_column, args.label_column, args.limit, args.speed_sample)
     except USER_ERRORS as err:
         fail(err, "exitrl.predict")
     except KeyboardInterrupt:  # the output is written at the end: no partial file

@@ -1,12 +1,14 @@
 """``python -m exitrl.train agent=reinforce env=rte``: fine-tune (or reuse) the backbone, trace it, train the
-agent, evaluate it beside the fixed baselines and the oracle bound, and write TensorBoard, metrics.json, the
-saved policy and the resolved config into the run folder (`exitrl.experiments.pipeline`).
+agent, evaluate it beside the fixed baselines and the oracle bound, measure its wall-clock speedup against the full
+model through the runtime (``eval.speed_sample`` dev rows at most, `exitrl.runtime.speed`), and write TensorBoard,
+metrics.json, the saved policy and the resolved config into the run folder (`exitrl.experiments.pipeline`).
 
 In Python the same run is ``exitrl.train(agent="reinforce", env="rte", reward={"alpha": 0.02}) -> Run``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import sys
@@ -18,7 +20,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from exitrl.agents.declaration import ANALYSIS
 from exitrl.agents.inputs import held_out_error, learn_split
@@ -48,7 +50,7 @@ from exitrl.core.checkpoint import Checkpoints, save_on_interrupt
 from exitrl.core.device import pick_device, set_reproducibility
 from exitrl.core.distributed import broadcast, check_sharding, current_world, launched_world, start
 from exitrl.core.hashing import hash_json
-from exitrl.core.options import checked_options
+from exitrl.core.options import check_value, checked_options
 from exitrl.core.report import results_table
 from exitrl.core.threads import check_threads, threads_for
 from exitrl.experiments.cotraining import CotrainConfig, cotrain_rounds
@@ -66,10 +68,11 @@ from exitrl.experiments.pipeline import (
 )
 from exitrl.experiments.record import RunRecord
 from exitrl.experiments.runs import Run
-from exitrl.policy import policy_from_payload
+from exitrl.policy import ExitPolicy, policy_from_payload
 
 log = logging.getLogger("exitrl.train")
 BACKBONE_MODES = ("frozen", "cotrain")
+SPEED_BATCH = 32  # the batch size the wall-clock speedup is measured at (exitrl predict's default)
 
 
 @dataclass
@@ -107,6 +110,7 @@ def plan(cfg: DictConfig) -> TrainPlan:
     pick_device(cfg.device)
     sharding(cfg)
     check_threads(cfg.get("threads"))
+    speed_options(cfg)
     finetune_config(cfg)
     check_data_options(cfg)
     has_held_out = bool(cfg.data.policy_split)
@@ -177,6 +181,7 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
         fitted.policy = process_zeros(fitted.policy)
         prepared, fitted, extra["cotrain"] = cotrain(agent, fitted, prepared, steps.cotrain, cfg, run_dir, writer,
                                                      checkpoints_for)
+    extra["wall_clock"] = wall_clock(cfg, prepared, agent, fitted.policy)
     prepared.model = None  # the backbone's memory is no longer needed
     with threads_for("policy", threads):
         record = record_run(agent, fitted, prepared, run_dir, writer, seed=cfg.seed, baselines=steps.baselines,
@@ -185,6 +190,51 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
         leftover.unlink()
     report(record, prepared)
     return record.to_dict()
+
+
+def speed_options(cfg: DictConfig) -> tuple[int, float | None]:
+    """``eval.speed_sample`` (rows, 0: off) and ``eval.speed_seconds`` (a time limit, or None), checked."""
+    sample = check_value("eval.speed_sample", OmegaConf.select(cfg, "eval.speed_sample", default=0), int)
+    seconds = check_value("eval.speed_seconds", OmegaConf.select(cfg, "eval.speed_seconds", default=None),
+                          float | None)
+    return sample, seconds
+
+
+def wall_clock(cfg: DictConfig, prepared: Prepared, agent: AgentRun, policy: ExitPolicy) -> dict:
+    """The trained policy's wall-clock speedup against the full model on at most ``eval.speed_sample`` dev rows,
+    through the runtime on the run's device (`exitrl.runtime.speed`), timed on a copy of the policy (the saved one
+    and dev's evaluation are untouched); or ``{"skipped": why}``."""
+    sample, seconds = speed_options(cfg)
+    if not sample:
+        return {"skipped": "eval.speed_sample=0"}
+    if agent.spec.kind == ANALYSIS or not policy.deployable:
+        return {"skipped": f"{agent.name} is analysis only: the runtime cannot run it"}
+    if cfg.backbone.get("kind", "encoder") == "lm":
+        return {"skipped": "the backbone is a causal LM: exitrl generate measures decoding"}
+    if prepared.model is None or prepared.data is None or "dev" not in prepared.data.splits:
+        return {"skipped": "no backbone and dev text in memory"}
+    if current_world().size > 1:
+        return {"skipped": "measured in single-process runs only"}
+    from exitrl.runtime.classifier import EarlyExitClassifier  # the runtime, only when it is used
+    from exitrl.runtime.speed import measure_wall_clock
+
+    dev = prepared.data.splits["dev"]
+    texts, second = list(dev["text_a"]), list(dev["text_b"])
+    if any(text is not None for text in second):
+        texts = list(zip(texts, second))
+    label_names = list(prepared.trace.meta.get("label_names") or prepared.data.label_names)
+    try:
+        classifier = EarlyExitClassifier(prepared.model, prepared.tokenizer, copy.deepcopy(policy), label_names,
+                                         prepared.finetune.max_length, prepared.device)
+        with threads_for("backbone", cfg.get("threads")):
+            measured = measure_wall_clock(classifier, texts, SPEED_BATCH, sample, seconds)
+    except ValueError as err:  # the runtime refuses this backbone or policy: the run's results still stand
+        log.warning("Wall-clock speedup not measured: %s", err)
+        return {"skipped": f"the runtime refused it: {err}"}
+    if measured is None:
+        return {"skipped": "no dev rows to time"}
+    log.info("Wall-clock speedup of %s: %s", agent.name, measured.describe())
+    return measured.to_dict()
 
 
 def process_zeros(policy):
@@ -230,10 +280,23 @@ def report(record: RunRecord, prepared: Prepared) -> None:
     table = results_table(rows, record.metric, record.num_layers)
     notes = calibration_notes({record.agent: record.agent_info, **record.baseline_info}, record.results)
     text = (f"\nexitrl: {record.agent} on {record.task} (dev, {len(prepared.trace['dev'])} examples, "
-            f"{record.num_layers} layers)\n{table}\n{notes}run folder: {record.run_dir}")
+            f"{record.num_layers} layers)\n{table}\n{wall_clock_line(record)}\n{notes}run folder: {record.run_dir}")
     print(text)
     with open(Path(record.run_dir) / "train.log", "a") as log_file:  # the log ends with what the terminal showed
         log_file.write(text + "\n")
+
+
+def wall_clock_line(record: RunRecord) -> str:
+    """The policy's measured wall-clock speedup beside its layer speedup, and the device; or why it was not
+    measured."""
+    measured = record.wall_clock or {"skipped": "not recorded"}
+    if "skipped" in measured:
+        return f"wall-clock speedup: not measured ({measured['skipped']})"
+    layers = record.results.get(record.agent, {}).get("speedup")
+    on_dev = f", {layers:.2f}x on all of dev" if layers is not None else ""
+    return (f"wall-clock speedup of {record.agent}: {measured['wall_clock_speedup']:.2f}x against the full model on "
+            f"{measured['device']} ({measured['examples']} dev rows, batch {measured['batch_size']}); layer "
+            f"speedup {measured['layer_speedup']:.2f}x on those rows{on_dev}")
 
 
 def calibration_notes(infos: dict[str, dict], results: dict[str, dict]) -> str:

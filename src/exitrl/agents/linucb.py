@@ -66,7 +66,7 @@ class LinUCBPolicy(ModuleExitPolicy):
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
         layer = batch.layer - 1
-        x = self.values.contexts(self.layout.select(batch.observations, self.features), layer)
+        x = self.values.contexts(batch.features(self.layout, self.features), layer)
         estimates = x @ self.values.theta[layer].T  # [B, 2]
         return estimates[:, EXIT_ARM] >= estimates[:, CONTINUE_ARM]
 

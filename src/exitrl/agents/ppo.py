@@ -61,7 +61,7 @@ class SB3ExitPolicy(ModuleExitPolicy):
 
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
-        obs = self.layout.select(batch.observations, self.features).to(self.actor.device)
+        obs = batch.features(self.layout, self.features).to(self.actor.device)
         probs = self.actor.get_distribution(obs).distribution.probs
         return (probs[:, 1] > probs[:, 0]).to(batch.states.device)
 

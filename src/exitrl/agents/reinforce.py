@@ -78,7 +78,8 @@ class ReinforcePolicy(ModuleExitPolicy):
 
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
-        return self.exit_probability(batch.observations, batch.layer - 1) > self.threshold
+        x = batch.features(self.layout, self.features)
+        return torch.sigmoid(self.net(x, batch.layer - 1)) > self.threshold
 
     def config(self) -> dict:
         return dict(self._config)

@@ -29,8 +29,9 @@ RANGES: dict[str, tuple] = {
         "total_timesteps", "layer", "shallow_layer", "net_arch", "num_cells", "rotation", "workers")},
     **{name: NON_NEGATIVE for name in (
         "head_epochs", "freeze_layers", "cost_weight", "weight_decay", "ent_coef", "entropy_coef", "keep_weighted_ce",
-        "bonus", "ucb_c", "distill_weight", "alpha", "layerskip_e_scale", "every_seconds")},
-    **{name: POSITIVE for name in ("lr", "head_lr", "meta_lr", "clip_norm", "eps_decay", "ridge", "prior_std")},
+        "bonus", "ucb_c", "distill_weight", "alpha", "layerskip_e_scale", "every_seconds", "speed_sample")},
+    **{name: POSITIVE for name in ("lr", "head_lr", "meta_lr", "clip_norm", "eps_decay", "ridge", "prior_std",
+                                   "speed_seconds")},
     **{name: UNIT for name in ("eps_start", "eps_end", "gae_lambda", "clip_range", "clip_epsilon", "layerskip_p_max",
                                "thresholds", "blends", "confidence_threshold")},
     **{name: UNIT_OPEN_TOP for name in ("warmup_ratio", "policy_split")},

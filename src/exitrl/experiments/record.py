@@ -28,6 +28,11 @@ Schema (version 1); every score is a fraction in [0, 1], every "result" is
   comparisons choose on validation and bootstrap dev without the trace.
 * ``environment``: what the numbers depend on beyond the seed (`exitrl.core.device.set_reproducibility`: torch and
   transformers versions, CPU threads, deterministic kernels, the GPU).
+* ``wall_clock`` (``exitrl train`` only; null elsewhere): the agent's measured wall-clock speedup against the full
+  model through the runtime (`exitrl.runtime.speed`): ``wall_clock_speedup`` (full-model seconds / policy seconds),
+  ``layer_speedup`` (on the timed rows), ``policy_seconds``, ``full_seconds``, ``examples`` (dev rows timed),
+  ``batch_size`` and ``device``; or ``{"skipped": why}`` (``eval.speed_sample=0``, an analysis-only policy, a causal
+  LM). It varies from run to run, unlike ``results``.
 * ``agent_info`` and ``baseline_info``: what fitting reported (configs, learning curves, calibration);
   ``agent_seconds``, ``total_seconds``, ``data_source``, ``device``, ``run_dir``.
 """
@@ -76,6 +81,7 @@ class RunRecord:
     seed: int | None = None
     validation_results: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
+    wall_clock: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):

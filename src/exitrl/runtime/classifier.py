@@ -11,6 +11,7 @@ exit. On a CPU both are compute-bound, so saved layers are saved time either way
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from exitrl.evaluation.walk import Exits, walk
 from exitrl.experiments.runs import Run
 from exitrl.policy import ExitPolicy
 from exitrl.runtime.fast_walk import FastWalker
+from exitrl.runtime.stream import TokenizedBatches, TokenizerPool
 from exitrl.traces.trace import STATE_DTYPE
 
 
@@ -67,6 +69,7 @@ class EarlyExitClassifier:
         self.compile_decisions = bool(compile_decisions)
         self._walkers: dict[tuple[int, int], FastWalker] = {}
         self.tokenizer, self.label_names, self.max_length = tokenizer, list(label_names), int(max_length)
+        self._tokenizers = TokenizerPool(tokenizer)  # threads that tokenize ahead of the model
         self.policy = policy.to(self.device)
 
     @classmethod
@@ -94,34 +97,44 @@ class EarlyExitClassifier:
 
     @torch.no_grad()
     def exits(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32, bucket: bool = True,
-              progress: bool = False) -> Exits:
-        """Exit layer, prediction and exit logits of every input, in input order."""
-        if pairs is not None and len(pairs) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(pairs)} second texts of pairs.")
-        examples = self.encode(texts, pairs)
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"])) if bucket else list(
-            range(len(examples)))
-        n = len(examples)
+              progress: bool = False, workers: int | None = None) -> Exits:
+        """Exit layer, prediction and exit logits of every input, in input order. Batches are tokenized ahead in
+        ``workers`` threads (`exitrl.runtime.stream`) while the model runs the batches before them."""
+        if workers is not None and workers != self._tokenizers.workers:
+            self._tokenizers = TokenizerPool(self.tokenizer, workers)
+        stream = TokenizedBatches(self._tokenizers, texts, pairs, batch_size, self.max_length, bucket,
+                                  pin_memory=self.device.type == "cuda")
+        n = len(stream.texts)
         layers = torch.empty(n, dtype=torch.long)
         predictions = torch.empty(n, dtype=torch.long)
         logits = torch.empty(n, self.model.num_labels)
-        starts = range(0, n, batch_size)
-        for start in show_progress(starts, desc="predict", unit="batch", disable=not progress):
-            chunk = order[start:start + batch_size]
-            padded = self.tokenizer.pad([examples[i] for i in chunk], return_tensors="pt")
-            if self.fast:
-                found = self.walker(batch_size).run(padded["input_ids"], padded["attention_mask"],
-                                                    padded.get("token_type_ids"))
-            else:
-                padded = padded.to(self.device)
-                with autocast(self.device):
-                    source = LiveSource(self.model, padded["input_ids"], padded["attention_mask"],
-                                        padded.get("token_type_ids"))
-                    found = walk(self.policy, source, len(chunk), self.device)
-            index = torch.tensor(chunk)
+        for rows, found in show_progress(self._walk_stream(stream), total=len(stream), desc="predict", unit="batch",
+                                         disable=not progress):
+            index = torch.tensor(rows)
             layers[index], predictions[index] = found.layers.cpu(), found.predictions.cpu()
             logits[index] = found.logits.float().cpu()
         return Exits(layers, predictions, logits)
+
+    def _walk_stream(self, stream: TokenizedBatches):
+        """``(rows, Exits)`` of each batch of ``stream``, in order: on the fast path with several batches in flight;
+        else through the eager walk."""
+        if not self.fast:
+            for batch in stream:
+                tokens = [t.to(self.device) if t is not None else None
+                          for t in (batch.input_ids, batch.attention_mask, batch.token_type_ids)]
+                with autocast(self.device):
+                    found = walk(self.policy, LiveSource(self.model, *tokens), len(batch.rows), self.device)
+                yield batch.rows, found
+            return
+        rows: deque[list[int]] = deque()
+
+        def feed():
+            for batch in stream:
+                rows.append(batch.rows)
+                yield batch.input_ids, batch.attention_mask, batch.token_type_ids
+
+        for found in self.walker(stream.batch_size).run_batches(feed()):
+            yield rows.popleft(), found
 
     def walker(self, batch_size: int) -> FastWalker:
         """The fast path for this policy and batch size (its buckets and graphs are kept between calls)."""
@@ -145,3 +158,21 @@ class EarlyExitClassifier:
         probs = torch.softmax(found.logits, -1)
         return [{"label": self.label_names[int(p)], "probs": dict(zip(self.label_names, row.tolist())),
                  "exit_layer": int(layer)} for p, row, layer in zip(found.predictions, probs, found.layers)]
+
+    def save_pretrained(self, directory: str | Path, dtype: str | torch.dtype | None = None,
+                        task: dict | None = None) -> Path:
+        """One self-contained folder (backbone, tokenizer, policy, label names, max length, a checksummed manifest)
+        that `from_pretrained` loads anywhere; ``dtype`` converts the saved weights (default: the model's own).
+        See `exitrl.runtime.pretrained`."""
+        from exitrl.runtime.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, dtype, task)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "auto", **options) -> EarlyExitClassifier:
+        """A classifier saved with `save_pretrained` (or ``exitrl export RUN_DIR --pretrained DIR``), without the
+        run folder, the cache or the hub. ``options``: ``verify`` (checksums, default True), ``dtype``, ``fast``,
+        ``compile_decisions`` (see the constructor)."""
+        from exitrl.runtime.pretrained import load_pretrained
+
+        return load_pretrained(directory, cls, device, **options)

@@ -13,6 +13,12 @@ host read per layer stalls the pipeline, so a naive early-exit loop is slower th
   device-side select); the only host read is the number of rows alive, 8 bytes, and only at layers where a row may
   exit (``ExitPolicy.first_exit_layer``; a static exit reads once). Rows move to a smaller bucket (compaction,
   alive rows first, with their memory and answers) only when the alive count fits one, so the graphs stay few;
+- the GPU never waits on that read: `FastWalker.run_batches` keeps several batches in flight (``lanes``, each with
+  its own buckets), one walk per batch as a generator that stops at each read. While the host waits for one
+  batch's count (an event on that batch's last step, not a stream synchronisation), the GPU runs the layers queued
+  for the others, so a read costs the host's turnaround, not an idle GPU. A policy with state that changes between
+  batches (``observes_final``) or host reads (not ``graph_safe``) walks one batch at a time, in order, as the
+  trace walk does, so its decisions are the ones evaluation measured;
 - a policy that cannot be captured (``graph_safe`` False: host reads, or Python state that changes between calls,
   like FREE's online threshold) runs eagerly after the captured layer, on the same buffers; one that learns at the
   last layer (``observes_final``) sees exactly the rows that reached it.
@@ -23,7 +29,8 @@ check that this path equals `exitrl.evaluation.walk.walk` exit for exit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
 
 import torch
 
@@ -44,11 +51,29 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted(size for size in sizes if size < max_batch) + [max_batch]
 
 
-class Bucket:
-    """Everything a batch of ``size`` rows and ``seq`` tokens needs on the device, allocated once."""
+class Lane:
+    """One batch in flight: its own buckets (so batches in flight never share a buffer), its own answer table and
+    its host copy."""
 
-    def __init__(self, walker: FastWalker, size: int, seq: int):
-        self.walker, self.size, self.seq = walker, size, seq
+    def __init__(self, walker: FastWalker, index: int):
+        self.walker, self.index = walker, index
+        pinned = walker.device.type == "cuda"
+        self.answers = torch.zeros(walker.capacity + 1, 2 + walker.model.num_labels, device=walker.device)  # + spare
+        self.host_answers = torch.zeros(self.answers.shape, pin_memory=pinned)
+        self.buckets: dict[tuple[int, int], Bucket] = {}
+
+    def bucket(self, rows: int, seq: int) -> Bucket:
+        size = next(size for size in self.walker.buckets if size >= rows)
+        if (size, seq) not in self.buckets:
+            self.buckets[(size, seq)] = Bucket(self.walker, size, seq, self)
+        return self.buckets[(size, seq)]
+
+
+class Bucket:
+    """Everything a batch of ``size`` rows and ``seq`` tokens needs on the device, allocated once (per lane)."""
+
+    def __init__(self, walker: FastWalker, size: int, seq: int, lane: Lane):
+        self.walker, self.size, self.seq, self.lane = walker, size, seq, lane
         model, device = walker.model, walker.device
         self.tokens = torch.zeros(TOKEN_PLANES, size, seq, dtype=torch.long, device=device)
         self.tokens[1] = 1
@@ -65,6 +90,7 @@ class Bucket:
         # the answers as of the last decision, copied to the host with the alive count: when the batch never
         # moved bucket, they are final once nobody is alive, with no further round trip
         self.host_answers = torch.zeros(self.answers.shape, pin_memory=pinned)
+        self.alive_count = torch.zeros((), dtype=torch.long, pin_memory=pinned)  # written by the decision step
         self.steps: dict[int, Replayable] = {}  # 0: the embedding; 1..L: the layers
         self.moves: dict[int, Replayable] = {}  # compaction into the bucket of that size
         # where a batch is staged on the host: pinned, so the one copy per batch overlaps nothing it must wait for
@@ -117,9 +143,9 @@ class Bucket:
         self.report()
 
     def report(self) -> None:
-        """Copy the answers and the alive count to pinned host memory (read after the step)."""
+        """Copy the answers and the alive count to pinned host memory (read once the step's event has passed)."""
         self.host_answers.copy_(self.answers, non_blocking=True)
-        self.walker.alive_count.copy_(self.alive.sum(), non_blocking=True)
+        self.alive_count.copy_(self.alive.sum(), non_blocking=True)
 
     def decide_on_device(self, layer: int, captured: bool) -> None:
         walker = self.walker
@@ -173,7 +199,7 @@ class Bucket:
     # -- moving rows --------------------------------------------------------------------------------------------
     def flush(self) -> None:
         """Write every row's answer to the walker's answer table (rows still running are rewritten later)."""
-        self.walker.answers[self.position] = self.answers
+        self.lane.answers[self.position] = self.answers
 
     def move(self, other: Bucket) -> None:
         """`move_to` ``other``, captured as a graph like the steps when the policy's memory keeps its shape."""
@@ -208,10 +234,14 @@ class Bucket:
 class FastWalker:
     """Walks batches of token ids up ``model`` under ``policy`` through per-bucket CUDA graphs (or eagerly, on the
     same buffers, without CUDA or with ``graphs=False``). Build one per (model, policy); buckets and graphs are made
-    on first use and kept."""
+    on first use and kept. ``lanes``: batches `run_batches` keeps in flight (each lane has its own buckets and
+    graphs); 1 walks one batch at a time."""
 
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
-                 graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False):
+                 graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False,
+                 lanes: int = 2):
+        if int(lanes) < 1:
+            raise ValueError(f"lanes must be >= 1 (batches in flight), got {lanes}.")
         self.model, self.policy = model, policy
         self.device = next(model.parameters()).device
         self.num_layers = model.num_layers
@@ -224,10 +254,10 @@ class FastWalker:
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device; use graphs=False on the CPU.")
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        pinned = self.device.type == "cuda"
-        self.alive_count = torch.zeros((), dtype=torch.long, pin_memory=pinned)
-        self.answers = torch.zeros(self.capacity + 1, 2 + model.num_labels, device=self.device)  # + a spare slot
-        self._buckets: dict[tuple[int, int], Bucket] = {}
+        # batches in flight must not change each other's decisions: a policy that learns between batches, or reads
+        # the host inside its decision, walks them one at a time
+        in_order = policy.observes_final or not policy.graph_safe
+        self.lanes = [Lane(self, index) for index in range(1 if in_order else int(lanes))]
         # compile: the exit head, decision and bookkeeping of each layer through torch.compile (kernels fused; a
         # warm-up of minutes, once per layer and shape family) before capture
         self.compiled = None
@@ -235,34 +265,72 @@ class FastWalker:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
             self.compiled = torch.compile(Bucket.exit_and_decide, dynamic=True)
 
+    @property
+    def _buckets(self) -> dict[tuple[int, int, int], Bucket]:
+        """Every bucket of every lane, by (lane, size, seq)."""
+        return {(lane.index, *key): bucket for lane in self.lanes for key, bucket in lane.buckets.items()}
+
     def init_memory(self, size: int) -> dict[str, torch.Tensor]:
         return walk_memory(self.policy, size, self.model.hidden_size, self.device)
-
-    def bucket(self, rows: int, seq: int) -> Bucket:
-        size = next(size for size in self.buckets if size >= rows)
-        key = (size, seq)
-        if key not in self._buckets:
-            self._buckets[key] = Bucket(self, size, seq)
-        return self._buckets[key]
-
-    def _read_alive(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return int(self.alive_count)
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             token_type_ids: torch.Tensor | None = None) -> Exits:
         """Exit layer, prediction and exit logits of each row (rows in order; at most ``max_batch`` of them).
         Token tensors on the host (where a tokenizer leaves them) reach the device in one copy."""
+        return next(self.run_batches([(input_ids, attention_mask, token_type_ids)]))
+
+    @torch.no_grad()
+    def run_batches(self, batches: Iterable[tuple]) -> Iterator[Exits]:
+        """`run` on each ``(input_ids, attention_mask[, token_type_ids])`` of ``batches``, answers yielded in order;
+        up to ``lanes`` batches in flight, so the GPU runs one batch's layers while the host reads another's alive
+        count. ``batches`` is consumed lazily (a tokenizer may still be filling it)."""
+        pending = iter(batches)
+        active: deque[tuple[int, Generator, torch.cuda.Event | None]] = deque()  # oldest read first
+        free = list(reversed(self.lanes))
+        done: dict[int, Exits] = {}
+        started = answered = 0
+
+        def advance(index: int, walk_one: Generator) -> None:
+            """Run a batch's walk to its next read (queued behind the others), or record its answers."""
+            try:
+                active.append((index, walk_one, walk_one.send(None)))
+            except StopIteration as finished:
+                exits, lane = finished.value
+                done[index] = exits
+                free.append(lane)
+
+        exhausted = False
+        while True:
+            while free and not exhausted:  # every free lane takes the next batch
+                batch = next(pending, None)
+                exhausted = batch is None
+                if not exhausted:
+                    advance(started, self._walk(free.pop(), *batch))
+                    started += 1
+            if active:
+                index, walk_one, event = active.popleft()
+                if event is not None:
+                    event.synchronize()  # this batch's last step, not the work queued after it
+                advance(index, walk_one)
+            while answered in done:
+                yield done.pop(answered)
+                answered += 1
+            if exhausted and not active:
+                return
+
+    def _walk(self, lane: Lane, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> Generator[torch.cuda.Event | None, None, tuple]:
+        """One batch's walk in ``lane``: enqueues steps and stops (yielding an event to wait for) wherever it must
+        read the device; returns ``(Exits, lane)``."""
         rows, length = input_ids.shape
         if rows > self.capacity:
             raise ValueError(f"{rows} rows in one batch, more than this walker's max_batch={self.capacity}.")
         if rows == 0:
             return Exits(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                         torch.empty(0, self.model.num_labels))
+                         torch.empty(0, self.model.num_labels)), lane
         seq = -(-length // self.seq_multiple) * self.seq_multiple
-        bucket = start = self.bucket(rows, seq)
+        bucket = start = lane.bucket(rows, seq)
         staged = bucket.staging if input_ids.device.type == "cpu" else bucket.tokens
         staged.zero_()
         staged[0, :rows, :length] = input_ids
@@ -280,17 +348,28 @@ class FastWalker:
             bucket.run_layer(layer)
             if layer < self.first_exit:
                 continue
-            alive = self._read_alive()  # the layer's one host read
+            yield self._event()  # the layer's one host read, once its step has run
+            alive = int(bucket.alive_count)
             if alive == 0:
                 break
             size = next(size for size in self.buckets if size >= alive)
             if size < bucket.size:
-                smaller = self.bucket(alive, seq)
+                smaller = lane.bucket(alive, seq)
                 bucket.move(smaller)
                 bucket = smaller
         if bucket is start:  # never moved: the answers are in row order, and on the host since the last read
             answers = bucket.host_answers[:rows].clone()
         else:
             bucket.flush()
-            answers = self.answers[:rows].cpu()
-        return Exits(answers[:, 0].long(), answers[:, 1].long(), answers[:, 2:])
+            lane.host_answers.copy_(lane.answers, non_blocking=True)
+            yield self._event()
+            answers = lane.host_answers[:rows].clone()
+        return Exits(answers[:, 0].long(), answers[:, 1].long(), answers[:, 2:]), lane
+
+    def _event(self) -> torch.cuda.Event | None:
+        """An event after the work queued so far (None off CUDA, where every step has already run)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
