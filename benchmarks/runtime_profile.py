@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 from datetime import date
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--compile", action="store_true",
+                        help="also the early-exit walk with torch.compile'd exit heads and decisions (largest batch)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -104,6 +107,17 @@ def main() -> None:
                 mean_exit = float(torch.cat([f.layers for f in found]).float().mean())
                 row["mean_exit_layer"], row["ideal_speedup"] = mean_exit, layers / mean_exit
             row[f"{label}_steps_us"] = step_times(walkers[(label, 1)], device)
+        if args.compile and batch == max(args.batches):
+            started = time.perf_counter()
+            walker = FastWalker(classifier.model, policy, batch, token_types=types, lanes=max(args.lanes),
+                                compile_decisions=True)
+            list(walker.run_batches(padded))
+            row["compile_warmup_s"] = time.perf_counter() - started
+            row["early_exit_compiled_ms"] = 1000 * timed(lambda w=walker, p=padded: list(w.run_batches(p)), device,
+                                                         args.warmup, args.reps)
+            row["early_exit_compiled_steps_us"] = step_times(walker, device)
+            print(f"  compiled decisions: {row['early_exit_compiled_ms']:.2f} ms (warm-up "
+                  f"{row['compile_warmup_s']:.0f} s), steps {row['early_exit_compiled_steps_us']}")
         for lanes in args.lanes:
             speedup = row[f"full_lanes{lanes}_ms"] / row[f"early_exit_lanes{lanes}_ms"]
             row[f"speedup_lanes{lanes}"] = speedup

@@ -15,6 +15,7 @@ LAYERS = [
     ("exitrl.agents",),                                     # learned agents and fixed rules, one file each
     ("exitrl.experiments",),                                # a run: pipeline, record, run folder, co-training
     ("exitrl.runtime", "exitrl.decoding"),                  # real early exits: classification and generation
+    ("exitrl.serving",),                                    # exitrl serve's parts: requests, metrics, LitServe API
     ("exitrl.cli",),                                        # what every CLI shares
     ("exitrl.train", "exitrl.compare", "exitrl.api", "exitrl.export", "exitrl.predict", "exitrl.generate",
      "exitrl.sweep_points", "exitrl.serve"),

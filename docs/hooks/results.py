@@ -55,9 +55,14 @@ GROUPS = (
           "self-speculative decoding, CALM, FREE, a learned policy and peer implementations.",
           (r"^generation_speed",)),
     Group("inference-speed", "Inference speed",
-          "Early-exit classification with the runtime: milliseconds per batch against the full model, and a trained "
-          "run's examples/s.",
-          (r"^inference_speed",)),
+          "Early-exit classification with the runtime: milliseconds per batch against the full model, a trained "
+          "run's examples/s (pre-tokenized and from text, against Hugging Face's pipeline), and the profile of where "
+          "a trained policy's GPU time goes (batches in flight, per-step GPU time with and without the decision).",
+          (r"^inference_speed", r"^runtime_profile")),
+    Group("serving", "Serving under load",
+          "`exitrl serve` under Poisson arrivals: p50/p99 latency and throughput of early exit against the full "
+          "model at each offered load, and soaks (lost or duplicated answers, memory over time).",
+          (r"^serve_load",)),
     Group("scale", "Scale and distributed",
           "Fine-tuning throughput in one and more processes, dev accuracy across process counts, and sweeps over "
           "workers.",
@@ -89,6 +94,8 @@ WHAT = (  # a one-line description per study, by file-name pattern (first match 
     (r"^layerskip_continual", "SmolLM2-135M continued training: plain against LayerSkip"),
     (r"^generation_speed", "Early-exit decoding speed and quality on SmolLM2-135M"),
     (r"^inference_speed", "Early-exit classification speed of the runtime"),
+    (r"^runtime_profile", "Where a trained policy's GPU time goes: batches in flight, steps, tokenization"),
+    (r"^serve_load", "exitrl serve under Poisson load: latency, throughput, losses, memory"),
     (r"^scale_dev_accuracy", "One against two processes: dev accuracy and throughput"),
     (r"^scale", "Fine-tuning throughput by process count"),
     (r"^sweep_scale", "A sweep's wall-clock time by worker count"),
