@@ -36,6 +36,10 @@ SOURCES = {
         "rows[shape=bert-base,batch=1,policy=static 6/12].runtime_ms",
         "rows[shape=bert-base,batch=1,policy=static 6/12].exitrl_full_ms",
         "rows[shape=bert-base,batch=1,policy=static 6/12].hf_eager_ms"],
+    "A trained policy on real text, text in, on the CPU": [
+        "trained_run.batches[batch=256].speedup", "trained_run.batches[batch=256].ideal_speedup",
+        "trained_run.batches[batch=256].over_hf_pipeline", "trained_run.batches[batch=256].accuracy",
+        "trained_run.batches[batch=256].accuracy_hf_pipeline"],
     "A trained policy on real text is not faster on the GPU yet": [
         "trained_run.batches[batch=32].early_exit.examples_per_second",
         "trained_run.batches[batch=32].full.examples_per_second", "trained_run.batches[batch=32].speedup"],
