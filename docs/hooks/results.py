@@ -47,13 +47,14 @@ GROUPS = (
           "with each recipe (weighted CE, SWEET, LayerSkip, DeeBERT, FREE).",
           (r"rules_recipes", r"_finetune_", r"policy_split_study")),
     Group("lm-studies", "Causal LM studies",
-          "SmolLM2-135M: continued training for early exit (plain against LayerSkip) and learned agents against rules "
-          "on token episodes.",
-          (r"^lm_token", r"^layerskip_continual")),
+          "SmolLM2-135M: continued training for early exit (plain against LayerSkip), exit adapters trained on the "
+          "frozen model's own text, and learned agents against rules on token episodes.",
+          (r"^lm_token", r"^layerskip_continual", r"^exit_adapters")),
     Group("generation-speed", "Generation speed",
           "Early-exit decoding on SmolLM2-135M: tokens/s and ROUGE-L against full greedy decoding, for the full model, "
-          "self-speculative decoding, CALM, FREE, a learned policy and peer implementations.",
-          (r"^generation_speed",)),
+          "self-speculative decoding, CALM, FREE, a learned policy and peer implementations; what an exit costs the "
+          "engine against a model cut at the exit layer.",
+          (r"^generation_speed", r"^decoder_engine", r"^self_speculative")),
     Group("inference-speed", "Inference speed",
           "Early-exit classification with the runtime: milliseconds per batch against the full model, a trained "
           "run's examples/s (pre-tokenized and from text, against Hugging Face's pipeline), and the profile of where "
@@ -93,6 +94,9 @@ WHAT = (  # a one-line description per study, by file-name pattern (first match 
     (r"^lm_token_study", "SmolLM2-135M continued with LayerSkip, and token traces of both models"),
     (r"^layerskip_continual", "SmolLM2-135M continued training: plain against LayerSkip"),
     (r"^generation_speed", "Early-exit decoding speed and quality on SmolLM2-135M"),
+    (r"^decoder_engine", "What an exit costs the decoding engine: an exit at E against the E-layer model"),
+    (r"^self_speculative", "Self-speculative decoding through exit adapters, chosen on validation prompts"),
+    (r"^exit_adapters", "Exit adapters on the frozen SmolLM2-135M: agreement with the last layer"),
     (r"^inference_speed", "Early-exit classification speed of the runtime"),
     (r"^runtime_profile", "Where a trained policy's GPU time goes: batches in flight, steps, tokenization"),
     (r"^serve_load", "exitrl serve under Poisson load: latency, throughput, losses, memory"),

@@ -48,6 +48,17 @@ def _cache_keyword() -> str:
     return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
+def call_llama_layer(layer: nn.Module, hidden: torch.Tensor, mask, layer_inputs: dict,
+                     cache_keyword: str) -> torch.Tensor:
+    """A Llama-like decoder layer called as the model's own forward calls its layers: the model's layers, and copies
+    of them that follow an exit (`exitrl.backbones.exit_adapters`), go through this one call."""
+    cache = layer_inputs["cache"]
+    out = layer(hidden, attention_mask=mask, position_ids=layer_inputs["position_ids"],
+                position_embeddings=layer_inputs.get("position_embeddings"), use_cache=cache is not None,
+                **{cache_keyword: cache})
+    return out[0] if isinstance(out, tuple) else out
+
+
 def layout_of(lm: PreTrainedModel) -> str:
     """Which layout ``lm`` has, or a `BackboneError` that says which models exitrl drives."""
     body = getattr(lm, "model", None)
@@ -94,6 +105,7 @@ class MultiExitLM(nn.Module):
             types = ["sliding_attention"] * self.num_layers  # Mistral slides every layer when a window is set
         self.layer_types = list(types or ["full_attention"] * self.num_layers)[: self.num_layers]
         self._cache_keyword = _cache_keyword()
+        self.exit_adapters = None  # `attach_exit_adapters`
         self.train(lm.training)  # the wrapper starts in the mode of the model it wraps
 
     # -- the pieces a walk calls one by one -------------------------------------------------------------------
@@ -146,12 +158,9 @@ class MultiExitLM(nn.Module):
         """Layer ``index`` (0-based) of the model's own layers; it appends its keys and values to the cache."""
         layer, cache = self.layers[index], layer_inputs["cache"]
         mask = layer_inputs["masks"][self.layer_types[index]]
-        if self.layout == GPT2_LIKE:
-            out = layer(hidden, cache, mask, use_cache=cache is not None, position_ids=layer_inputs["position_ids"])
-        else:
-            out = layer(hidden, attention_mask=mask, position_ids=layer_inputs["position_ids"],
-                        position_embeddings=layer_inputs.get("position_embeddings"), use_cache=cache is not None,
-                        **{self._cache_keyword: cache})
+        if self.layout == LLAMA_LIKE:
+            return call_llama_layer(layer, hidden, mask, layer_inputs, self._cache_keyword)
+        out = layer(hidden, cache, mask, use_cache=cache is not None, position_ids=layer_inputs["position_ids"])
         return out[0] if isinstance(out, tuple) else out
 
     def write_keys_values(self, index: int, hidden: torch.Tensor, layer_inputs: dict) -> None:
@@ -208,11 +217,29 @@ class MultiExitLM(nn.Module):
         except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):
             return False
 
-    def exit_logits(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the vocabulary at layer ``index`` (0-based) for states ``[..., H]``."""
+    def attach_exit_adapters(self, adapters) -> MultiExitLM:
+        """Read the exits `adapters` (`exitrl.backbones.exit_adapters.ExitAdapters`, or None to drop them) were
+        trained for through them. Attached, not registered: the model's parameters, ``state_dict`` and ``.to()``
+        stay the trunk's own (the adapters travel in their own file and move with their own ``.to()``)."""
+        if adapters is not None:
+            adapters.check_fits(self)
+        self.__dict__["exit_adapters"] = adapters
+        return self
+
+    def exit_states(self, index: int, hidden: torch.Tensor, layer_inputs: dict | None = None) -> torch.Tensor:
+        """What the LM head reads at layer ``index`` (0-based) for states ``[..., H]``: through the attached exit
+        adapter when layer ``index`` + 1 has one (``layer_inputs``: what that layer ran with, which an adapter that
+        attends needs), then the model's final norm. A drafter that scores only part of the vocabulary starts here."""
+        if self.exit_adapters is not None and index + 1 in self.exit_adapters.exit_layers:
+            hidden = self.exit_adapters.adapt(index + 1, hidden, layer_inputs)
         if self.adapters is not None:
             hidden = self.adapters[index](hidden)
-        return self.lm_head(self.final_norm(hidden))
+        return self.final_norm(hidden)
+
+    def exit_logits(self, index: int, hidden: torch.Tensor, layer_inputs: dict | None = None) -> torch.Tensor:
+        """Logits over the vocabulary at layer ``index`` (0-based) for states ``[..., H]`` (`exit_states`, then the
+        LM head)."""
+        return self.lm_head(self.exit_states(index, hidden, layer_inputs))
 
     @property
     def heads(self) -> nn.ModuleList:

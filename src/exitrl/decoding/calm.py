@@ -72,7 +72,7 @@ def calm_decoding(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: t
                   eos_token_id: int | None = None, pad_token_id: int = 0, graphs: bool | None = None,
                   state_projection: torch.Tensor | None = None,
                   exit_layers: Sequence[int] | None = None,
-                  on_tokens: Callable[[int], None] | None = None) -> Generation:
+                  on_tokens: Callable[[int], None] | None = None, compile: bool = False) -> Generation:
     """CALM decoding with base threshold λ = ``threshold`` (``policy``: a fitted `CalmPolicy`, whose measure and meta
     classifier are used, with the token trace's ``state_projection``; else ``measure``), leaving only at
     ``exit_layers`` when given (`per_token_decoding`)."""
@@ -81,7 +81,7 @@ def calm_decoding(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: t
         raise ValueError(f"CALM's threshold must lie in [0, 1], got {threshold}.")
     decider = CalmDecider(policy, threshold, model, max_new_tokens, input_ids.device, decay, state_projection)
     return per_token_decoding(model, decider, input_ids, attention_mask, max_new_tokens, propagation, eos_token_id,
-                              pad_token_id, graphs, exit_layers, on_tokens)
+                              pad_token_id, graphs, exit_layers, on_tokens, compile=compile)
 
 
 def calibration_candidates(measure: str, count: int = 16) -> list[float]:

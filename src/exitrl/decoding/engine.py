@@ -26,24 +26,43 @@ import torch
 from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.core.graphs import Replayable
 
+CAPACITY_BUCKET = 64  # compiled steps: cache lengths rounded up to a multiple of this
+RECOMPILE_LIMIT = 256  # compiled steps: entries per step function (one per segment, batch size and cache bucket)
+
 
 class SlotCache:
     """Every layer's keys and values in ``[B, kv_heads, capacity, head_dim]`` buffers (allocated by the first write,
     the prefill, which runs eagerly); a layer's ``update`` writes its new tokens at ``slots`` (``[q]`` for every row,
     or ``[B, q]`` per row) and returns the whole buffers (the mask hides the slots not yet written or no longer
-    wanted)."""
+    wanted). With ``layers``, the first write allocates every layer at once as views of one stacked tensor
+    ``[layers, B, kv_heads, capacity, head_dim]``, so a step can write many layers' entries in one go
+    (`write_stacked`, the fused fill)."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, capacity: int, layers: int | None = None):
+        self.capacity, self.layers = capacity, layers
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.key_stack: torch.Tensor | None = None
+        self.value_stack: torch.Tensor | None = None
         self.slots: torch.Tensor | None = None  # set by the engine before every run
+
+    def allocate(self, like: torch.Tensor, layers: int) -> None:
+        """Every layer's buffers, shaped after ``like [B, kv_heads, q, head_dim]``, as views of one stack."""
+        batch, heads, _, dim = like.shape
+        self.key_stack = like.new_zeros(layers, batch, heads, self.capacity, dim)
+        self.value_stack = like.new_zeros(layers, batch, heads, self.capacity, dim)
+        for index in range(layers):
+            self.keys[index], self.values[index] = self.key_stack[index], self.value_stack[index]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx not in self.keys:
-            batch, heads, _, dim = key_states.shape
-            self.keys[layer_idx] = key_states.new_zeros(batch, heads, self.capacity, dim)
-            self.values[layer_idx] = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
+            if self.layers is not None and self.key_stack is None and layer_idx < self.layers \
+                    and key_states.shape[-1] == value_states.shape[-1]:
+                self.allocate(key_states, self.layers)
+            else:
+                batch, heads, _, dim = key_states.shape
+                self.keys[layer_idx] = key_states.new_zeros(batch, heads, self.capacity, dim)
+                self.values[layer_idx] = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
         if self.slots.dim() == 1:  # every row writes at the same slots
             self.keys[layer_idx].index_copy_(2, self.slots, key_states)
             self.values[layer_idx].index_copy_(2, self.slots, value_states)
@@ -52,6 +71,13 @@ class SlotCache:
             self.keys[layer_idx].scatter_(2, index.expand_as(key_states), key_states)
             self.values[layer_idx].scatter_(2, index.expand_as(value_states), value_states)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def write_stacked(self, first: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+        """Layers ``first``.. ``first + len(keys)``'s entries ``[layers, B, kv_heads, q, head_dim]`` at ``slots
+        [q]``, in one write each."""
+        last = first + keys.shape[0]
+        self.key_stack[first:last].index_copy_(3, slots, keys)
+        self.value_stack[first:last].index_copy_(3, slots, values)
 
 
 @dataclass
@@ -93,9 +119,10 @@ class Engine:
     """One batch's decoding state: the slot cache, the padding of every row, the graph pool."""
 
     def __init__(self, model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 new_slots: int, graphs: bool | None = None):
+                 new_slots: int, graphs: bool | None = None, compile: bool = False):
         """``new_slots``: how many slots past the prompts the method may write; ``graphs``: capture steps as CUDA
-        graphs (default: on CUDA)."""
+        graphs (default: on CUDA); ``compile``: each step through ``torch.compile`` first (its kernels fused), then
+        captured."""
         check_new_tokens(new_slots)
         model.eval()
         self.model, self.device = model, input_ids.device
@@ -104,12 +131,15 @@ class Engine:
         self.batch, self.prompt_length = input_ids.shape
         self.pad = (mask == 0).sum(1)
         self.capacity = self.prompt_length + new_slots
-        self.cache = SlotCache(self.capacity)
+        if compile:  # a compiled step specializes on the cache's shape: bucket it, so prompts of near lengths share
+            self.capacity = -(-self.capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
+        self.cache = SlotCache(self.capacity, model.num_layers)
         self.key_slots = torch.arange(self.capacity, device=self.device)
         self.dtype = model.lm_head.weight.dtype
         self.window = getattr(model.config, "sliding_window", None) or self.capacity  # None: nothing slides
         capture = self.device.type == "cuda" if graphs is None else graphs and self.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.compile = compile
 
     # -- the pieces steps are made of -------------------------------------------------------------------------
     def positions(self, slots: torch.Tensor) -> torch.Tensor:
@@ -159,14 +189,47 @@ class Engine:
         return self.model.exit_logits(layer - 1, hidden).argmax(-1)
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The prompts through every layer (eagerly: their length varies); the full model's first token ``[B, 1]``."""
+        """The prompts through every layer (eagerly: their length varies), and through every attached exit adapter
+        that attends (its keys and values for the prompt); the full model's first token ``[B, 1]``."""
         slots = torch.arange(self.prompt_length, device=self.device)
-        hidden = self.run(slots, 0, self.model.num_layers, ids=input_ids)
+        hidden, inputs = self.embed(input_ids, slots)
+        for index in range(self.model.num_layers):
+            hidden = self.model.run_layer(index, hidden, inputs)
+            if index + 1 in self.attending_exits:
+                self.model.exit_adapters.adapt(index + 1, hidden, inputs)
         return self.greedy_token(self.model.num_layers, hidden[:, -1:])
+
+    @property
+    def attending_exits(self) -> tuple[int, ...]:
+        """The 1-indexed exits whose attached adapter attends over earlier tokens (it keeps a cache of its own)."""
+        adapters = self.model.exit_adapters
+        return adapters.exit_layers if adapters is not None and adapters.needs_cache else ()
+
+    def exit_token(self, layer: int, hidden: torch.Tensor, inputs: dict,
+                   vocabulary: torch.Tensor | None = None, head: torch.Tensor | None = None) -> torch.Tensor:
+        """The exit at 1-indexed ``layer``'s greedy tokens for states ``[B, q, H]`` that ran with ``inputs``
+        (through its adapter, which may attend); ``vocabulary``/``head``: only these token ids, scored by these
+        rows of the LM head (a cheaper drafter)."""
+        states = self.model.exit_states(layer - 1, hidden, inputs)
+        if vocabulary is None:
+            return self.model.lm_head(states).argmax(-1)
+        scores = states @ head.t()
+        if self.model.lm_head.bias is not None:
+            scores = scores + self.model.lm_head.bias[vocabulary]
+        return vocabulary[scores.argmax(-1)]
 
     def step(self, fn: Callable[[], None], name: str) -> Replayable:
         """``fn`` as a replayable step (captured on CUDA after its first, eager, run)."""
-        return Replayable(fn, self.pool, name)
+        if not self.compile:
+            return Replayable(fn, self.pool, name)
+        compiled = torch.compile(fn, dynamic=False)
+
+        def run() -> None:
+            # every layer segment of a method is a closure of one function: one compiled entry each
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                compiled()
+
+        return Replayable(run, self.pool, name)
 
 
 def finish(tokens: torch.Tensor, eos: int | None, pad: int) -> torch.Tensor:

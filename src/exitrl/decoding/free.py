@@ -57,9 +57,10 @@ def free_decoding(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: t
     offsets = torch.arange(max_pending, device=engine.device)
 
     def shallow_step() -> None:
-        hidden = engine.run(slot, 0, shallow, ids=token)
+        hidden, inputs = engine.embed(token, slot)
+        hidden = engine.layers(hidden, inputs, 0, shallow)
         pending.index_copy_(1, waiting, hidden)
-        probs = torch.softmax(model.exit_logits(shallow - 1, hidden[:, 0]).float(), -1)
+        probs = torch.softmax(model.exit_logits(shallow - 1, hidden, inputs)[:, 0].float(), -1)
         confidence, prediction = probs.max(-1)
         shallow_out.copy_(torch.stack([confidence, prediction.float()]))
 

@@ -21,13 +21,14 @@ from exitrl.decoding.engine import Engine, Generation, all_ended, finish
 def greedy(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
            max_new_tokens: int = 32, eos_token_id: int | None = None, pad_token_id: int = 0,
            graphs: bool | None = None, check_every: int = 8,
-           on_tokens: Callable[[int], None] | None = None) -> Generation:
+           on_tokens: Callable[[int], None] | None = None, compile: bool = False) -> Generation:
     """Greedy decoding with every layer for every token; ``graphs``: CUDA graphs (default: on CUDA);
-    ``on_tokens(n)``: told of every n new token positions (a progress bar's update)."""
+    ``on_tokens(n)``: told of every n new token positions (a progress bar's update); ``compile``: the step
+    through ``torch.compile`` before it is captured."""
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}.")
     started, last = time.perf_counter(), model.num_layers
-    engine = Engine(model, input_ids, attention_mask, max_new_tokens, graphs)
+    engine = Engine(model, input_ids, attention_mask, max_new_tokens, graphs, compile)
     out = torch.zeros(engine.batch, max_new_tokens, dtype=torch.long, device=engine.device)
     token = engine.prefill(input_ids)
     out[:, :1] = token

@@ -30,6 +30,7 @@ from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.core.graphs import tree_copy
 from exitrl.core.observation import step_history, summarize_token_logits
 from exitrl.decoding.engine import Engine, Generation, all_ended, finish
+from exitrl.decoding.fused_fill import fused_fill_for
 from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
 
 PROPAGATIONS = ("copy", "recompute")
@@ -107,21 +108,34 @@ def checked_exit_layers(exit_layers: Sequence[int] | None, num_layers: int) -> f
     return frozenset(layers) | {num_layers}
 
 
+def exit_points(exits_at: frozenset[int], decider: Decider, last: int) -> list[int]:
+    """The 1-indexed layers the loop stops at, in order. A graph-safe decider keeps no per-layer memory and promises
+    no row leaves before its ``first_exit_layer``, so the layers below it are no stops (their head and decision
+    would say no); a decider with memory is asked at every allowed layer, as in its trace."""
+    floor = decider.first_exit_layer if decider.graph_safe else 1
+    return sorted(layer for layer in exits_at if layer >= floor or layer == last)
+
+
 @torch.no_grad()
 def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                        propagation: str = "copy", eos_token_id: int | None = None, pad_token_id: int = 0,
                        graphs: bool | None = None, exit_layers: Sequence[int] | None = None,
-                       on_tokens: Callable[[int], None] | None = None) -> Generation:
+                       on_tokens: Callable[[int], None] | None = None, read_ahead: bool | None = None,
+                       fused_fill: bool = True, compile: bool = False) -> Generation:
     """Greedy decoding where ``decider`` lets tokens leave early (see the module's docstring). The first token is
     the full model's (the prompt runs every layer). ``accepted`` counts the layers skipped, summed over rows.
     ``exit_layers``: the 1-indexed layers where a token may leave (None: every layer; the last is always one).
-    ``on_tokens(n)``: told of every n new token positions (a progress bar's update)."""
+    ``read_ahead``: queue the next segment before reading whether every row left (None: on a GPU when segments
+    are short, where a host read would leave it idle longer than the segment it may waste). ``fused_fill``: fill
+    the skipped layers' keys and values in one step where the architecture allows (`FusedFill`); ``compile``: every
+    step through ``torch.compile`` before it is captured. ``on_tokens(n)``: told of every n new token positions (a
+    progress bar's update)."""
     if propagation not in PROPAGATIONS:
         raise ValueError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}.")
     started, last = time.perf_counter(), model.num_layers
-    exits_at = checked_exit_layers(exit_layers, last)
-    engine = Engine(model, input_ids, attention_mask, max_new_tokens, graphs)
+    points = exit_points(checked_exit_layers(exit_layers, last), decider, last)
+    engine = Engine(model, input_ids, attention_mask, max_new_tokens, graphs, compile)
     token = engine.prefill(input_ids).clone()
     slot = torch.full((1,), engine.prompt_length, dtype=torch.long, device=engine.device)
     embedded, inputs = engine.embed(token, slot)  # allocates the buffers the steps write in place
@@ -132,10 +146,16 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
     exit_at = torch.full((engine.batch,), last, dtype=torch.long, device=engine.device)
     copy = propagation == "copy"
     kv_only = copy and model.keys_values_exact
+    fused = fused_fill_for(model) if kv_only and fused_fill else None
     # a decider that reads no logits (CALM's saturation or meta measure) gets no exit head per layer: with shared
     # exits the head runs once per token, on each row's exited state (SmolLM2's head weighs as much as 8 layers)
-    per_layer_head = decider.needs_logits or not model.shared_heads
+    # (an exit adapter makes an exit's head its own: then each exit emits its own tokens)
+    per_layer_head = decider.needs_logits or not model.shared_heads or model.exit_adapters is not None
+    attending = engine.attending_exits  # exit adapters with a cache: a token that skips them still owes it
     on_gpu = engine.device.type == "cuda"
+    lengths = [b - a for a, b in zip([0, *points], points)]
+    if read_ahead is None:
+        read_ahead = on_gpu and sum(lengths) / len(lengths) < 3
     anyone = torch.zeros(last, dtype=torch.bool, pin_memory=on_gpu)  # per exit layer: is a row still running
     done = [torch.cuda.Event() for _ in range(last)] if on_gpu else None
 
@@ -162,32 +182,44 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
     def report(index: int) -> None:
         anyone[index:index + 1].copy_(running.any().reshape(1), non_blocking=True)
 
-    def layer(index: int):
+    def segment(first: int, end: int):
+        """Layers first..end−1 (0-based) as one step, ending at the exit after layer ``end`` (1-indexed): a row
+        that has left reads its exited state at every layer (``copy``), so the cache gets its entries."""
         def run() -> None:
             engine.cache.slots = slot  # this token's slot (another method's step may have left its own)
-            out.copy_(model.run_layer(index, hidden, inputs))
-            if index + 1 not in exits_at:  # no exit here: the rows still running go on
-                hidden.copy_(torch.where(running[:, None, None], out, frozen) if copy else out)
-                return
+            state = hidden
+            for index in range(first, end - 1):
+                state = model.run_layer(index, state, inputs)
+                if copy:
+                    state = torch.where(running[:, None, None], state, frozen)
+            if end - 1 > first:
+                hidden.copy_(state)  # the exit layer's input (CALM's saturation compares with it)
+            out.copy_(model.run_layer(end - 1, hidden, inputs))
             if per_layer_head:
-                logits.copy_(model.exit_logits(index, out[:, 0]).float())
+                logits.copy_(model.exit_logits(end - 1, out, inputs)[:, 0].float())
             if decider.graph_safe:
-                settle(index)
-                report(index)
+                settle(end - 1)
+                report(end - 1)
         return run
 
     def all_left(index: int) -> bool:
-        """Whether every row had left by layer index+1 (waits for that layer only; the next one is queued)."""
+        """Whether every row had left by layer index+1 (waits for that layer's step only)."""
         if done is not None:
             done[index].synchronize()
         return not bool(anyone[index])
 
-    def fill(index: int):
-        """Every row has left at layer index+1: the deeper layers' cache entries for this token."""
+    def fill(first: int):
+        """Every row has left: layers first..L−1's cache entries for this token."""
         def run() -> None:
             engine.cache.slots = slot
+            for exit_layer in attending:  # the skipped exit adapters' entries, from the exited state
+                if exit_layer > first and exit_layer in points:
+                    model.exit_adapters.adapt(exit_layer, frozen, inputs)
+            if fused is not None:
+                fused(first, frozen, inputs, slot)
+                return
             state = frozen if copy else hidden
-            for deeper in range(index + 1, last):
+            for deeper in range(first, last):
                 if kv_only:
                     model.write_keys_values(deeper, state, inputs)
                 elif copy:
@@ -202,27 +234,31 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
 
     embed_step = engine.step(embed, "per-token embedding")
     emit_step = None if per_layer_head else engine.step(emit, "exit head")
-    layer_steps = [engine.step(layer(i), f"layer {i + 1}") for i in range(last)]
-    fill_steps = [engine.step(fill(i), f"fill after layer {i + 1}") for i in range(last - 1)]
+    segment_steps = [engine.step(segment(a, b), f"layers {a + 1}-{b}") for a, b in zip([0, *points], points)]
+    fill_steps = {end: engine.step(fill(end), f"fill from layer {end + 1}") for end in points[:-1]}
     tokens, exits = [token.clone()], [torch.full_like(exit_at, last)]
     if on_tokens is not None:
         on_tokens(1)
     while len(tokens) < max_new_tokens:
         decider.start_token(len(tokens))
         embed_step()
-        for index in range(last):
-            layer_steps[index]()
-            if index + 1 in exits_at:
-                if not decider.graph_safe:
-                    settle(index)
-                    report(index)
-                if done is not None:
-                    done[index].record()
-            # read the exit before this layer while this layer runs: a layer run after every row has left only
-            # writes its cache entries (from the exited state under copy, the true one under recompute)
-            if 1 <= index < last - 1 and index in exits_at and index >= decider.first_exit_layer \
-                    and all_left(index - 1):
-                fill_steps[index]()
+        for k, end in enumerate(points):
+            segment_steps[k]()
+            if not decider.graph_safe:
+                settle(end - 1)
+                report(end - 1)
+            if end == last:
+                break
+            if done is not None:
+                done[end - 1].record()
+            if not read_ahead:  # wait for this exit: the rest of the layers only fill the cache
+                if all_left(end - 1):
+                    fill_steps[end]()
+                    break
+            elif k > 0 and all_left(points[k - 1] - 1):
+                # every row had left at the exit before; this segment ran on their exited states (its cache
+                # entries are the propagated ones): the layers after it only fill the cache
+                fill_steps[end]()
                 break
         if emit_step is not None:
             emit_step()
@@ -238,7 +274,8 @@ def per_token_decoding(model: MultiExitLM, decider: Decider, input_ids: torch.Te
     skipped = int((last - exit_layers[:, 1:]).sum())
     out_tokens = finish(torch.cat(tokens, 1), eos_token_id, pad_token_id)
     return Generation(out_tokens, len(tokens), 0, skipped, time.perf_counter() - started, exit_layers,
-                      {"cache": engine.cache})
+                      {"cache": engine.cache, "fused_fill": fused is not None, "read_ahead": read_ahead,
+                       "exit_points": points})
 
 
 def policy_decoding(model: MultiExitLM, policy: ExitPolicy, input_ids: torch.Tensor,
@@ -246,9 +283,10 @@ def policy_decoding(model: MultiExitLM, policy: ExitPolicy, input_ids: torch.Ten
                     state_projection: torch.Tensor | None = None, propagation: str = "copy",
                     eos_token_id: int | None = None, pad_token_id: int = 0, graphs: bool | None = None,
                     exit_layers: Sequence[int] | None = None,
-                    on_tokens: Callable[[int], None] | None = None) -> Generation:
+                    on_tokens: Callable[[int], None] | None = None, compile: bool = False,
+                    read_ahead: bool | None = None, fused_fill: bool = True) -> Generation:
     """Greedy decoding where an `ExitPolicy` (a learned agent or a rule) decides per token, row and layer (at
-    ``exit_layers`` only, when given)."""
+    ``exit_layers`` only, when given); the engine's options are `per_token_decoding`'s."""
     decider = PolicyDecider(policy, model.num_layers, top_k, state_projection)
     return per_token_decoding(model, decider, input_ids, attention_mask, max_new_tokens, propagation, eos_token_id,
-                              pad_token_id, graphs, exit_layers, on_tokens)
+                              pad_token_id, graphs, exit_layers, on_tokens, read_ahead, fused_fill, compile)

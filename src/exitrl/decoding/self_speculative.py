@@ -17,12 +17,32 @@ one host read (how many drafts each row confirmed).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.decoding.engine import Engine, Generation, check_new_tokens, finish
+
+
+def draft_vocabulary(token_ids: torch.Tensor | Sequence[Sequence[int]], size: int,
+                     vocab_size: int | None = None) -> torch.Tensor:
+    """The ``size`` most frequent token ids in ``token_ids`` (text the model produced, e.g. its own samples or
+    greedy outputs), sorted: the tokens drafts may propose. The full model still verifies every draft, so the
+    output is unchanged; what changes is the drafter's cost (SmolLM2's LM head weighs as much as 8 of its layers on
+    a CPU; 8,192 of its 49,152 rows cost a sixth) and, for tokens outside the set, a draft that is rejected."""
+    if size < 1:
+        raise ValueError(f"a draft vocabulary needs size >= 1, got {size}.")
+    flat = token_ids.flatten() if isinstance(token_ids, torch.Tensor) else \
+        torch.tensor([t for row in token_ids for t in row], dtype=torch.long)
+    if flat.numel() == 0:
+        raise ValueError("a draft vocabulary needs some token ids to count; got none.")
+    if int(flat.min()) < 0 or (vocab_size is not None and int(flat.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in 0..{(vocab_size or 0) - 1}: got {int(flat.min())}.."
+                         f"{int(flat.max())}.")
+    counts = torch.bincount(flat.cpu(), minlength=vocab_size or 0)
+    top = torch.topk(counts, min(size, int((counts > 0).sum()))).indices
+    return top.sort().values
 
 
 def check_self_speculative(model: MultiExitLM, exit_layer: int, draft_tokens: int) -> None:
@@ -40,14 +60,22 @@ def check_self_speculative(model: MultiExitLM, exit_layer: int, draft_tokens: in
 def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      max_new_tokens: int = 32, exit_layer: int = 4, draft_tokens: int = 4,
                      eos_token_id: int | None = None, pad_token_id: int = 0,
-                     graphs: bool | None = None, on_tokens: Callable[[int], None] | None = None) -> Generation:
-    """Draft ``draft_tokens`` tokens with layers 1..``exit_layer`` and the shared exit, verify them with the rest in
-    one pass. Output = `greedy`'s. ``on_tokens(n)``: told of every n new token positions of the slowest unfinished
-    row (a progress bar's update)."""
+                     graphs: bool | None = None, on_tokens: Callable[[int], None] | None = None,
+                     compile: bool = False, vocabulary: torch.Tensor | None = None) -> Generation:
+    """Draft ``draft_tokens`` tokens with layers 1..``exit_layer`` and the shared exit (through its exit adapter when
+    one is attached), verify them with the rest in one pass. Output = `greedy`'s. ``vocabulary``: the token ids
+    drafts may propose (`draft_vocabulary`; None: all). ``on_tokens(n)``: told of every n new token positions of
+    the slowest unfinished row (a progress bar's update)."""
     check_self_speculative(model, exit_layer, draft_tokens)
     check_new_tokens(max_new_tokens)
+    head = None
+    if vocabulary is not None:
+        vocabulary = torch.as_tensor(vocabulary, dtype=torch.long, device=input_ids.device).flatten()
+        if vocabulary.numel() == 0 or int(vocabulary.min()) < 0 or int(vocabulary.max()) >= model.vocab_size:
+            raise ValueError(f"vocabulary must hold token ids in 0..{model.vocab_size - 1} (at least one).")
+        head = model.lm_head.weight[vocabulary]  # gathered once: the drafter's rows of the LM head
     started, last, d = time.perf_counter(), model.num_layers, draft_tokens
-    engine = Engine(model, input_ids, attention_mask, max_new_tokens + d, graphs)
+    engine = Engine(model, input_ids, attention_mask, max_new_tokens + d, graphs, compile)
     token = engine.prefill(input_ids).clone()  # each row's newest token (the full model's first); not cached yet
     base = torch.full((engine.batch, 1), engine.prompt_length, dtype=torch.long, device=engine.device)  # its slot
     offsets = torch.arange(d, device=engine.device)[None, :]
@@ -57,9 +85,10 @@ def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask
     def cycle() -> None:
         inputs, states = token, []
         for i in range(d):  # draft: one token at a time through the first E layers (their cache is kept)
-            hidden = engine.run(base + i, 0, exit_layer, ids=inputs)
+            hidden, layer_inputs = engine.embed(inputs, base + i)
+            hidden = engine.layers(hidden, layer_inputs, 0, exit_layer)
             states.append(hidden)
-            inputs = engine.greedy_token(exit_layer, hidden)
+            inputs = engine.exit_token(exit_layer, hidden, layer_inputs, vocabulary, head)
             drafts[:, i:i + 1] = inputs
         # verify: the d inputs' layer-E states through the remaining layers, at their slots, in one pass
         hidden = engine.run(base + offsets, exit_layer, last, hidden=torch.cat(states, 1))
