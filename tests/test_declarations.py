@@ -30,7 +30,7 @@ def compose_with(*overrides: str):
 def test_every_agent_is_declared_once_with_a_generated_config():
     assert not (CONFIGS / "agent").exists()  # no YAML that could drift from the dataclasses
     assert set(learned_agents()) == {"reinforce", "ppo", "ppo_torchrl", "bandit_ucb", "bandit_thompson", "linucb",
-                                     "exit_scorer"}
+                                     "exit_scorer", "stopping"}
     assert set(rules()) == {"confidence", "confidence_per_layer", "static", "patience", "calm", "free", "lte"}
     assert analysis_agents() == ("oracle",)
     for name, spec in agents().items():

@@ -28,6 +28,7 @@ LEARNERS = [  # agent, options, the bar's name, its total
     ("bandit_thompson", {"rounds": 300}, "bandit_thompson", "300/300 round"),
     ("linucb", {"rounds": 640}, "linucb", "640/640 example"),
     ("exit_scorer", {"steps": 20, "folds": 2}, "exit_scorer", "40/40 step"),
+    ("stopping", {"steps": 20, "folds": 2}, "stopping", "8/8 fit"),
     ("calm", {"measure": "meta", "threshold": 0.5, "meta_epochs": 2, "meta_batch_size": 256},
      "calm meta classifier", "6/6 batch"),
     ("lte", {"epochs": 2, "batch_size": 256}, "lte", "8/8 batch"),

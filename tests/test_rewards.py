@@ -38,6 +38,14 @@ def test_vanilla_and_hardness_by_hand():
         vanilla(ctx, depth="meters")
 
 
+def test_the_correct_reward_pays_one_for_a_right_exit_minus_the_cost():
+    from exitrl.rewards import correct
+
+    ctx = _ctx()  # predictions 0, 1, 0 (a tie) against labels 0, 0, 1
+    torch.testing.assert_close(correct(ctx, alpha=0.05), torch.tensor([1 - 0.05, 0 - 0.15, 0 - 0.3]))
+    torch.testing.assert_close(correct(ctx, alpha=0.6, depth="fraction"), torch.tensor([1 - 0.1, -0.3, -0.6]))
+
+
 def test_user_reward_by_import_path():
     fn = resolve_reward(fn="example_rewards:correct_and_shallow")
     out = call_reward(fn, _ctx(), {"bonus": 2.0, "cost": 0.5})

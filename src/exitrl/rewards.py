@@ -106,8 +106,16 @@ def consistency(ctx: RewardContext, alpha: float = 0.02, depth: str = "layer") -
     return ctx.agrees_with_final.float() - alpha * ctx.depth(depth)
 
 
+def correct(ctx: RewardContext, alpha: float = 0.02, depth: str = "layer") -> torch.Tensor:
+    """R = 1[the exit is right] - α·depth(l): the gain the reported accuracy counts, minus the cost. Unlike the
+    log-probability rewards it does not punish a deep head's confident mistake more than it pays its accuracy, so
+    its best policy is the one the accuracy / speed trade-off asks for."""
+    return ctx.correct.float() - alpha * ctx.depth(depth)
+
+
 BUILTIN_REWARDS: dict[str, Callable[..., torch.Tensor]] = {"vanilla": vanilla, "hardness": hardness,
-                                                           "confidence": confidence, "consistency": consistency}
+                                                           "confidence": confidence, "consistency": consistency,
+                                                           "correct": correct}
 
 
 def resolve_reward(name: str | None = None, fn: str | None = None) -> Callable[..., torch.Tensor]:
@@ -245,5 +253,5 @@ class RewardSpec:
 
 __all__ = [
     "BUILTIN_REWARDS", "DEPTHS", "RewardContext", "RewardError", "RewardSpec", "call_reward", "confidence",
-    "consistency", "hardness", "resolve_reward", "reward_table", "vanilla",
+    "consistency", "correct", "hardness", "resolve_reward", "reward_table", "vanilla",
 ]
