@@ -169,7 +169,9 @@ def main() -> None:
                         return policy_decoding(model, StaticPolicy(layer), i, m, new, compile=c, **o).tokens
                     seconds, tokens = timed(decode, ids, mask, device, args.warmups, args.reps)
                     same = agreement(cut, ids, tokens)
+                    engine = policy_decoding(model, StaticPolicy(e), ids, mask, 2, compile=compiled, **options).info
                     record(batch, f"exit at E ({variant})", seconds, exit_layer=e, compiled=compiled,
+                           fused_fill=engine["fused_fill"], read_ahead=engine["read_ahead"],
                            of_e_layer_model=round(ideal["seconds"] / seconds, 3),
                            of_ideal_speedup=round(full[compiled]["seconds"] / seconds * e / last, 3),
                            tokens_equal_e_layer_model=same)

@@ -9,7 +9,9 @@ split; dev is only read for the reported numbers. Families:
 * rules: confidence (one global max-prob threshold, a dense grid), confidence_per_layer (per-layer thresholds),
   patience (PABEE), static;
 * learned: exit_scorer with the history view (and with the full view), REINFORCE with the history view (one
-  policy per alpha, its π threshold swept at evaluation: one trained policy, a whole curve);
+  policy per alpha, its π threshold swept at evaluation: one trained policy, a whole curve), the optimal-stopping
+  agent with gain = correct and, label-free, gain = agrees with the last layer (one fit per family, its cost
+  weight swept at evaluation);
 * ablations: exit_scorer fitted on the deployed backbone's own (overfit) train states, and on the held-out split.
 
     python benchmarks/learned_vs_rules.py --backbone sentence-transformers/all-MiniLM-L6-v2 --tasks rte mrpc sst2 \
@@ -39,6 +41,7 @@ from exitrl.agents.inputs import FitInputs
 from exitrl.agents.patience import PatiencePolicy
 from exitrl.agents.reinforce import AGENT as REINFORCE
 from exitrl.agents.static import StaticPolicy
+from exitrl.agents.stopping import AGENT as STOPPING
 from exitrl.backbones import FinetuneConfig, load_or_finetune
 from exitrl.data import load_task
 from exitrl.evaluation.evaluate import run_policy
@@ -106,6 +109,15 @@ def family_points(trace: Trace, learn: dict[str, SplitTrace], device, reinforce_
         inputs = FitInputs(Trace({"train": learn[split], "dev": dev}), "train", device=device)
         trained = train_exit_scorer(SCORER.make_options({"features": features}), inputs)
         points[family] = [(f"w={w}", trained.with_cost_weight(w)[0]) for w in weights]
+    for family, gain in (("stopping", "correct"), ("stopping_label_free", "consistency")):
+        # one fit, conditioned on every cost weight of the grid: the whole curve from its λ
+        options = STOPPING.make_options({"gain": gain, "train_costs": list(weights)})
+        policy = STOPPING.fit(options, FitInputs(Trace({"train": learn["crossfit"], "dev": dev}), "train",
+                                                 device=device))[0]
+        for weight in weights:
+            swept = copy.deepcopy(policy)
+            swept.cost_weight = weight
+            points[family].append((f"w={weight}", swept))
     for alpha in (0.02, 0.1):
         options = REINFORCE.make_options({"features": "history", "epochs": reinforce_epochs})
         inputs = FitInputs(

@@ -21,9 +21,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from exitrl.agents.declaration import AgentSpec
+from exitrl.agents.declaration import LEARNED, AgentSpec
 from exitrl.agents.inputs import FitInputs, learn_split
 from exitrl.agents.registry import get_agent
+from exitrl.agents.rule_guard import check_share, guarded_fit
 from exitrl.backbones import FinetuneConfig, load_or_finetune
 from exitrl.core.checkpoint import Checkpoints
 from exitrl.core.hashing import hash_json
@@ -49,21 +50,28 @@ class AgentRun:
     options: Any  # the agent's options dataclass, validated
     reward: RewardSpec = RewardSpec()
     learn_on: str = "auto"
+    rule_guard: float = 0.0  # a learned agent: share of its learn rows held back to keep it at least the rule
+    seed: int = 0
 
     @classmethod
     def create(cls, agent: str, options: dict | None = None, reward: RewardSpec | str | None = None,
-               learn_on: str = "auto", seed: int = 0) -> AgentRun:
+               learn_on: str = "auto", seed: int = 0, rule_guard: float = 0.0) -> AgentRun:
         """Validate everything about one agent spec; a ValueError names the bad key or value."""
         spec = get_agent(agent)
         learn_split(learn_on, True)  # a bad learn_on fails here; whether there is a held-out split, later
-        return cls(spec, spec.make_options(options, seed), RewardSpec.coerce(reward).check(), learn_on)
+        guard = float(rule_guard or 0.0)
+        if guard:
+            check_share(guard)
+            if spec.kind != LEARNED:
+                guard = 0.0  # a rule or an oracle is not trained: nothing to guard
+        return cls(spec, spec.make_options(options, seed), RewardSpec.coerce(reward).check(), learn_on, guard, seed)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> AgentRun:
         """From a composed config: ``agent`` (name and options), ``reward``, ``learn_on``, ``seed``."""
         agent = OmegaConf.to_container(cfg.agent, resolve=True)
         return cls.create(agent.pop("name"), agent, RewardSpec.from_config(
-            OmegaConf.to_container(cfg.reward, resolve=True)), cfg.learn_on, cfg.seed)
+            OmegaConf.to_container(cfg.reward, resolve=True)), cfg.learn_on, cfg.seed, cfg.get("rule_guard", 0.0))
 
     @property
     def name(self) -> str:
@@ -85,7 +93,10 @@ class AgentRun:
         check_depth(self.spec.name, self.option_values(), trace["dev" if "dev" in trace.splits else split].num_layers)
         inputs = FitInputs(trace, split, self.reward, device, writer, log_dir, metric, checkpoints)
         started = time.time()
-        policy, info = self.spec.fit(self.options, inputs)
+        if self.rule_guard:
+            policy, info = guarded_fit(self.spec, self.options, inputs, self.rule_guard, self.seed)
+        else:
+            policy, info = self.spec.fit(self.options, inputs)
         return Fitted(policy, info, time.time() - started, split)
 
 
