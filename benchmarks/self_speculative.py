@@ -34,6 +34,7 @@ from exitrl.backbones.exit_adapters import ExitAdapters
 from exitrl.backbones.loading import load_multi_exit_lm
 from exitrl.data.lm_text import glue_documents, split_documents
 from exitrl.decoding import greedy, self_speculative
+from exitrl.decoding.quality import strip_after
 from exitrl.decoding.self_speculative import draft_vocabulary
 
 
@@ -112,15 +113,16 @@ def main() -> None:
     rows, references, baseline = [], {}, {}
     for name, batch in prompts.items():
         seconds, tokens, _ = run(full, batch, device)
-        references[name] = tokens
-        count = sum(int((t != 0).sum()) for t in tokens)
+        references[name] = [strip_after(t, eos)[0] for t in tokens]  # batch 1: each prompt's tokens up to its end
+        count = sum(len(r) for r in references[name])
         baseline[name] = {"seconds": round(seconds, 3), "tokens": count, "tokens_per_s": round(count / seconds, 2)}
         print(f"full greedy, {name}: {count} tokens in {seconds:.1f} s = {count / seconds:.2f} tokens/s", flush=True)
     source = "val greedy outputs"
-    counted = torch.cat([t.flatten().cpu() for t in references["val"]])
+    counted = torch.tensor([t for r in references["val"] for t in r], dtype=torch.long)
     if args.vocabulary_from is not None:
         saved = torch.load(args.vocabulary_from, weights_only=True)
-        counted = saved["samples"]["train"][0].flatten()
+        sampled = json.loads(saved["key"])["new_tokens"]  # count the sampled tokens, not the prompts
+        counted = saved["samples"]["train"][0][:, -sampled:].flatten()
         source = f"{args.vocabulary_from.name}: the adapters' training samples"
     vocabularies = {size: None if size == 0 else draft_vocabulary(counted, size, model.vocab_size).to(device)
                     for size in args.vocabulary}
@@ -132,13 +134,17 @@ def main() -> None:
             return self_speculative(model, ids, mask, new, exit_layer=e, draft_tokens=d, eos_token_id=eos,
                                     pad_token_id=0, vocabulary=vocabulary)
         seconds, tokens, generations = run(decode, prompts[name], device)
-        identical = sum(torch.equal(a, b) for a, b in zip(tokens, references[name])) / len(tokens)
+        produced = [strip_after(t, eos)[0] for t in tokens]
+        identical = sum(a == b for a, b in zip(produced, references[name])) / len(tokens)
+        # where a prompt's output first leaves the full model's (a near-tie rounded the other way), if anywhere
+        first_difference = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                            for a, b in zip(produced, references[name]) if a != b]
         drafted = sum(g.drafted for g in generations)
         row = {"split": name, "exit_layer": e, "draft_tokens": d, "vocabulary": size or model.vocab_size,
                "seconds": round(seconds, 3), "tokens_per_s": round(baseline[name]["tokens"] / seconds, 2),
                "speedup": round(baseline[name]["seconds"] / seconds, 3),
                "acceptance": round(sum(g.accepted for g in generations) / max(drafted, 1), 3),
-               "identical_to_greedy": identical}
+               "identical_to_greedy": identical, "first_difference": first_difference}
         rows.append(row)
         print(json.dumps(row), flush=True)
         return row

@@ -12,11 +12,19 @@ What the layers a token skipped owe the tokens after it (their keys and values) 
 
 A batch runs a layer while any row is still in it; a row that has left keeps its exited state (``copy``) or its
 true states (``recompute``) for those layers, and once every row has left, the rest of the layers only fill the
-cache. Each layer (with, at an exit, its exit head and, for a decider that can be captured, its decision) is one
-replayable step, and so is each "fill from layer j"; the host reads one flag per exit, one layer behind.
+cache. What a token pays is kept to what it saves:
 
-``exit_layers`` restricts where a token may leave. On a small model this is what pays: SmolLM2-135M's exit head
-costs as much as eight of its layers, so a head at every layer costs more than the layers a token skips.
+* the layers between two places a token may leave (``exit_layers``, and for a graph-safe decider nothing below its
+  ``first_exit_layer``) are one replayable step, ending in that place's exit head and, for a decider that can be
+  captured, its decision: a token that leaves at E runs E layers, one head and one decision;
+* "fill from layer j" is one step, and under ``copy`` one fused step where the architecture allows
+  (`exitrl.decoding.fused_fill`: one matrix product for every skipped layer's keys and values);
+* the host reads one flag per place a token may leave: at once where segments are long (the GPU idles for a read
+  rather than run a segment it may not need), or one segment behind where they are short (``read_ahead``; the
+  segment run meanwhile on exited states writes exactly the propagated entries, so the cache is the same).
+
+On a small model restricting the places pays most: SmolLM2-135M's exit head costs as much as eight of its layers
+on a CPU, so a head at every layer costs more than the layers a token skips.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from exitrl.agents.static import StaticPolicy
 from exitrl.backbones.multi_exit_lm import MultiExitLM
 from exitrl.core.graphs import tree_copy
 from exitrl.core.observation import step_history, summarize_token_logits
@@ -76,6 +85,9 @@ class PolicyDecider(Decider):
         memoryless = not policy.uses_history and not policy.init_memory(1, torch.device("cpu"))
         self.graph_safe = bool(policy.graph_safe) and memoryless
         self.memory = {} if self.graph_safe else None
+        # the static rule reads nothing: no head per exit place and no features, only its layer
+        self.static_layer = policy.layer if isinstance(policy, StaticPolicy) else None
+        self.needs_logits = self.static_layer is None
 
     def start_token(self, step: int) -> None:
         if not self.graph_safe:
@@ -83,6 +95,8 @@ class PolicyDecider(Decider):
 
     def decide(self, index: int, states: torch.Tensor, logits: torch.Tensor,
                previous: torch.Tensor) -> torch.Tensor:
+        if self.static_layer is not None:
+            return torch.full((states.shape[0],), index + 1 >= self.static_layer, device=states.device)
         compact, token = summarize_token_logits(logits, self.top_k)
         states = states[:, 0].float()
         if self.projection is not None:
