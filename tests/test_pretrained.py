@@ -26,7 +26,7 @@ from exitrl.runtime.pretrained import FORMAT_VERSION, MANIFEST, PretrainedError
 
 VARIANTS = [*BUDGETS.items(), ("confidence", {"threshold": 0.9, "temperature": True}),
             ("calm", {"measure": "meta", "delta": 0.3}), ("confidence_per_layer", {"cost_weight": 0.1}),
-            ("exit_scorer", {"cost_weight": 0.1, "steps": 50})]
+            ("exit_scorer", {"cost_weight": 0.1, "steps": 50}), ("stopping", {"cost_weight": 0.1, "steps": 50})]
 
 
 def test_the_variants_cover_every_deployable_agent():
