@@ -74,18 +74,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(decode, ids, mask, device, warmups: int, reps: int) -> tuple[float, torch.Tensor]:
-    """Median seconds of ``reps`` runs of ``decode(ids, mask) -> tokens`` after ``warmups``."""
+def timed(decode, ids, mask, device, warmups: int, reps: int):
+    """Median seconds of ``reps`` runs of ``decode(ids, mask)`` after ``warmups``, and the last run's output."""
     for _ in range(warmups):
-        tokens = decode(ids, mask)
+        out = decode(ids, mask)
     seconds = []
     for _ in range(reps):
         sync(device)
         started = time.perf_counter()
-        tokens = decode(ids, mask)
+        out = decode(ids, mask)
         sync(device)
         seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds), tokens
+    return statistics.median(seconds), out
 
 
 def agreement(cut: MultiExitLM, ids: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -147,7 +147,7 @@ def main() -> None:
         mask = torch.ones_like(ids)
         full = {}
         for compiled in modes:
-            seconds, reference = timed(lambda i, m, c=compiled: greedy(model, i, m, new, compile=c).tokens, ids,
+            seconds, _ = timed(lambda i, m, c=compiled: greedy(model, i, m, new, compile=c).tokens, ids,
                                        mask, device, args.warmups, args.reps)
             full[compiled] = record(batch, "full greedy (exitrl)", seconds, compiled=compiled)
         if not args.no_hf and device.type == "cuda":
@@ -166,10 +166,9 @@ def main() -> None:
                             "read ahead": {"read_ahead": True}}
                 for variant, options in variants.items():
                     def decode(i, m, o=options, c=compiled, layer=e):
-                        return policy_decoding(model, StaticPolicy(layer), i, m, new, compile=c, **o).tokens
-                    seconds, tokens = timed(decode, ids, mask, device, args.warmups, args.reps)
-                    same = agreement(cut, ids, tokens)
-                    engine = policy_decoding(model, StaticPolicy(e), ids, mask, 2, compile=compiled, **options).info
+                        return policy_decoding(model, StaticPolicy(layer), i, m, new, compile=c, **o)
+                    seconds, out = timed(decode, ids, mask, device, args.warmups, args.reps)
+                    same, engine = agreement(cut, ids, out.tokens), out.info
                     record(batch, f"exit at E ({variant})", seconds, exit_layer=e, compiled=compiled,
                            fused_fill=engine["fused_fill"], read_ahead=engine["read_ahead"],
                            of_e_layer_model=round(ideal["seconds"] / seconds, 3),

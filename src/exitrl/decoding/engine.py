@@ -184,10 +184,6 @@ class Engine:
             inputs = self.inputs(slots, hidden)
         return self.layers(hidden, inputs, first, last)
 
-    def greedy_token(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """The exit at 1-indexed ``layer``'s greedy tokens for states ``[B, q, H]``: ``[B, q]``."""
-        return self.model.exit_logits(layer - 1, hidden).argmax(-1)
-
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The prompts through every layer (eagerly: their length varies), and through every attached exit adapter
         that attends (its keys and values for the prompt); the full model's first token ``[B, 1]``."""
@@ -205,11 +201,11 @@ class Engine:
         adapters = self.model.exit_adapters
         return adapters.exit_layers if adapters is not None and adapters.needs_cache else ()
 
-    def exit_token(self, layer: int, hidden: torch.Tensor, inputs: dict,
-                   vocabulary: torch.Tensor | None = None, head: torch.Tensor | None = None) -> torch.Tensor:
-        """The exit at 1-indexed ``layer``'s greedy tokens for states ``[B, q, H]`` that ran with ``inputs``
-        (through its adapter, which may attend); ``vocabulary``/``head``: only these token ids, scored by these
-        rows of the LM head (a cheaper drafter)."""
+    def greedy_token(self, layer: int, hidden: torch.Tensor, inputs: dict | None = None,
+                     vocabulary: torch.Tensor | None = None, head: torch.Tensor | None = None) -> torch.Tensor:
+        """The exit at 1-indexed ``layer``'s greedy tokens ``[B, q]`` for states ``[B, q, H]`` (through its exit
+        adapter; ``inputs``: what the states ran with, which an adapter that attends needs); ``vocabulary``/``head``:
+        only these token ids, scored by these rows of the LM head (a cheaper drafter)."""
         states = self.model.exit_states(layer - 1, hidden, inputs)
         if vocabulary is None:
             return self.model.lm_head(states).argmax(-1)

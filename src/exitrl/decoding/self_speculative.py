@@ -88,7 +88,7 @@ def self_speculative(model: MultiExitLM, input_ids: torch.Tensor, attention_mask
             hidden, layer_inputs = engine.embed(inputs, base + i)
             hidden = engine.layers(hidden, layer_inputs, 0, exit_layer)
             states.append(hidden)
-            inputs = engine.exit_token(exit_layer, hidden, layer_inputs, vocabulary, head)
+            inputs = engine.greedy_token(exit_layer, hidden, layer_inputs, vocabulary, head)
             drafts[:, i:i + 1] = inputs
         # verify: the d inputs' layer-E states through the remaining layers, at their slots, in one pass
         hidden = engine.run(base + offsets, exit_layer, last, hidden=torch.cat(states, 1))
