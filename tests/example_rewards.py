@@ -23,3 +23,8 @@ def broken_nan(ctx: RewardContext) -> torch.Tensor:
 
 def raises(ctx: RewardContext) -> torch.Tensor:
     raise KeyError("no such feature")
+
+
+def squared_cost(ctx: RewardContext, alpha: float = 0.1) -> torch.Tensor:
+    """Not linear in α (a cost-conditioned agent must refuse it)."""
+    return ctx.correct.float() - alpha ** 2 * ctx.depth("fraction")

@@ -30,7 +30,24 @@ def test_env_variable_names_the_data_folder(glue_dir, monkeypatch):
 def test_qnli_has_no_local_train_split(glue_dir):
     with pytest.raises(DataError, match="train"):
         load_task("qnli", glue_dir)
+    with pytest.raises(DataError, match="data.train_from_dev=0.5"):
+        load_task("qnli", glue_dir)
     assert len(load_task("qnli", glue_dir, splits=("dev",)).splits["dev"]) == 5463
+
+
+def test_train_from_dev_carves_a_fixed_disjoint_train_out_of_qnli_dev(glue_dir):
+    whole = load_task("qnli", glue_dir, splits=("dev",)).splits["dev"]
+    data = load_task("qnli", glue_dir, train_from_dev=0.5, policy_split=0.2)
+    assert {k: len(v) for k, v in data.splits.items()} == {"dev": 2731, "train": 2186, "policy": 546}
+    rows = lambda ds: set(zip(ds["text_a"], ds["text_b"], ds["label"]))  # noqa: E731
+    parts = [rows(data.splits[s]) for s in ("train", "policy", "dev")]
+    assert sum(map(len, parts)) == len(rows(whole)) and set().union(*parts) == rows(whole)
+    assert "0.5 of its dev file" in data.source
+    again = load_task("qnli", glue_dir, train_from_dev=0.5)
+    assert list(again.splits["dev"]["text_a"]) == list(data.splits["dev"]["text_a"])  # the same rows every time
+    for bad in (1.0, -0.2):
+        with pytest.raises(DataError, match="data.train_from_dev"):
+            load_task("qnli", glue_dir, train_from_dev=bad)
 
 
 def test_hub_path_reads_a_dataset_repository(tmp_path, monkeypatch):

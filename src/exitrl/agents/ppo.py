@@ -25,6 +25,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
+from exitrl.agents.rule_prior import check_start, clone_rule, fit_rule, max_prob_table, thresholds_to_json
 from exitrl.core.checkpoint import Checkpoints, set_rng_state
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.core.progress import progress
@@ -143,10 +144,12 @@ class PPOConfig:
     features: str = "state"
     net_arch: list[int] = field(default_factory=lambda: [64, 64])
     eval_every: int = 20_000  # timesteps
+    start: str = "scratch"  # scratch | rule: the actor is first fitted to the best per-layer max-prob rule's decisions
     seed: int = 0
 
     def __post_init__(self):
         check_features(self.features)
+        check_start(self.start)
 
 
 def training_state(model: PPO) -> dict:
@@ -184,6 +187,32 @@ def restore_training_state(model: PPO, state: dict) -> None:
             setattr(monitor, key, value)
 
 
+CLONE_PAIRS = 16_384  # (row, layer) pairs the actor is cloned on: enough for a 2-layer MLP, seconds on a CPU
+
+
+def start_from_rule(model: PPO, train: SplitTrace, cfg: PPOConfig, reward) -> dict:
+    """Fit SB3's actor to the rule's decisions on (row, layer) pairs of the learn split (behaviour cloning: SB3
+    owns the network, so the rule cannot be added to its logits as REINFORCE's and TorchRL's residual is)."""
+    thresholds, learn_reward = fit_rule(train, reward)
+    layout = ObservationLayout(train.hidden_size, train.num_classes)
+    table, max_prob = train.observations(), max_prob_table(train)  # [N, L, D], [N, L]
+    n, num_layers = max_prob.shape
+    pick = torch.randperm(n * num_layers, generator=torch.Generator().manual_seed(cfg.seed))[:CLONE_PAIRS]
+    rows, layers = pick // num_layers, pick % num_layers
+    actor = model.policy
+    features = layout.select(table[rows, layers], cfg.features).float().to(actor.device)
+
+    def exit_logits(x: torch.Tensor, _layers: torch.Tensor) -> torch.Tensor:
+        logits = actor.get_distribution(x).distribution.logits
+        return logits[:, 1] - logits[:, 0]
+
+    actor.set_training_mode(True)
+    agreement = clone_rule(exit_logits, actor.parameters(), features, layers.to(actor.device),
+                           max_prob[rows, layers].to(actor.device), thresholds)
+    return {"thresholds": thresholds_to_json(thresholds), "learn_reward": learn_reward, "clone_pairs": len(pick),
+            "clone_agreement": agreement}
+
+
 def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
     """Train SB3 PPO on ``cfg.n_envs`` Gymnasium envs over ``inputs.learn``; evaluate on dev as it goes."""
     start = time.time()
@@ -202,12 +231,13 @@ def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
                 device="cpu", verbose=0)
     # SB3's keys go to the run's TensorBoard folder; with no folder, nowhere (SB3 would make a temp folder per run)
     model.set_logger(configure(str(log_dir), ["tensorboard"]) if log_dir is not None else Logger(None, []))
+    checkpoints = inputs.checkpoints
+    resumed = checkpoints.load() if checkpoints is not None else None
+    rule = start_from_rule(model, train, cfg, inputs.reward) if cfg.start == "rule" and resumed is None else None
     policy = SB3ExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.net_arch, actor=model.policy)
     policy.model = model
     dev_cpu = dev.to("cpu") if dev is not None else None
-    checkpoints = inputs.checkpoints
     callback = ExitrlEvalCallback(policy, dev_cpu, writer, metric, cfg.eval_every, checkpoints)
-    resumed = checkpoints.load() if checkpoints is not None else None
     if resumed is not None:  # a killed run's state, put back between the same two rollouts
         restore_training_state(model, resumed["sb3"])
         callback.history, callback._next = resumed["history"], resumed["next"]
@@ -220,6 +250,8 @@ def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
     policy.actor.set_training_mode(False)
     info = {"config": asdict(cfg), "timesteps": int(model.num_timesteps), "updates": int(model.num_timesteps),
             "train_seconds": round(time.time() - start, 2), "history": callback.history}
+    if rule is not None:
+        info["rule"] = rule
     if checkpoints is not None:  # the run removes the file once its record is written
         info["checkpoints"] = checkpoints.summary()
     return policy, info

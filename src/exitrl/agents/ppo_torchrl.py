@@ -20,6 +20,7 @@ from torchrl.objectives.value import GAE
 
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Knob, register
 from exitrl.agents.inputs import FitInputs
+from exitrl.agents.rule_prior import RulePrior, check_start, fit_rule, thresholds_to_json, zero_last_linear
 from exitrl.core.checkpoint import set_rng_state
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.core.progress import progress
@@ -39,13 +40,33 @@ class FeatureView(nn.Module):
         return self.layout.select(observation, self.features)
 
 
+class ActionLogits(nn.Module):
+    """[continue, exit] logits from the observation: the MLP over the feature view, plus (``agent.start=rule``)
+    the rule's exit logit on the 'exit' side (`exitrl.agents.rule_prior`)."""
+
+    def __init__(self, layout: ObservationLayout, view: FeatureView, logits_net: nn.Module,
+                 prior: RulePrior | None):
+        super().__init__()
+        self.layout, self.view, self.logits_net, self.prior = layout, view, logits_net, prior
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        logits = self.logits_net(self.view(observation))
+        if self.prior is None:
+            return logits
+        num_layers = self.prior.thresholds.numel()  # the observation carries the layer as a fraction of L
+        layer = (observation[..., self.layout.position] * num_layers).round().long().clamp(1, num_layers) - 1
+        rule = self.prior(observation[..., self.layout.max_prob], layer)
+        return logits + torch.stack([torch.zeros_like(rule), rule], -1)
+
+
 class TorchRLExitPolicy(ModuleExitPolicy):
     """Exit where the actor's logits favour 'exit' (deterministic inference)."""
 
     name = "ppo_torchrl"
     graph_safe = True
 
-    def __init__(self, hidden_size: int, num_classes: int, features: str = "state", num_cells=(64, 64)):
+    def __init__(self, hidden_size: int, num_classes: int, features: str = "state", num_cells=(64, 64),
+                 rule_thresholds: list[float | None] | None = None):
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
         self.uses_history = view_reads_history(features)
@@ -54,16 +75,26 @@ class TorchRLExitPolicy(ModuleExitPolicy):
         self.logits_net = MLP(in_features=self.layout.feature_size(features), out_features=2,
                               num_cells=self.num_cells, activation_class=nn.Tanh)
         self.module = self.logits_net
+        self.rule_thresholds = None if rule_thresholds is None else list(rule_thresholds)
+        prior = RulePrior(rule_thresholds) if rule_thresholds is not None else None
+        self.logits = ActionLogits(self.layout, self.view, self.logits_net, prior)
+
+    def to(self, device):
+        self.logits.to(device)
+        return self
 
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
         device = next(self.logits_net.parameters()).device
-        logits = self.logits_net(self.view(batch.observations.to(device)))
+        logits = self.logits(batch.observations.to(device))
         return (logits[:, 1] > logits[:, 0]).to(batch.states.device)
 
     def config(self) -> dict:
-        return {"hidden_size": self.layout.hidden_size, "num_classes": self.layout.num_classes,
-                "features": self.features, "num_cells": self.num_cells}
+        config = {"hidden_size": self.layout.hidden_size, "num_classes": self.layout.num_classes,
+                  "features": self.features, "num_cells": self.num_cells}
+        if self.rule_thresholds is not None:
+            config["rule_thresholds"] = self.rule_thresholds
+        return config
 
 
 @dataclass
@@ -79,10 +110,12 @@ class TorchRLPPOConfig:
     entropy_coef: float = 0.01
     features: str = "state"
     num_cells: list[int] = field(default_factory=lambda: [64, 64])
+    start: str = "scratch"  # scratch | rule: the actor is a residual on the best per-layer max-prob rule
     seed: int = 0
 
     def __post_init__(self):
         check_features(self.features)
+        check_start(self.start)
 
 
 def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRLExitPolicy, dict]:
@@ -91,10 +124,14 @@ def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRL
     start = time.time()
     train, dev, device, writer, metric = inputs.learn, inputs.dev, inputs.device, inputs.writer, inputs.metric
     env = TorchRLEarlyExitEnv(train, cfg.num_envs, inputs.reward, device=device, seed=cfg.seed)
-    policy = TorchRLExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.num_cells).to(device)
+    rule = fit_rule(train, inputs.reward) if cfg.start == "rule" else None
+    policy = TorchRLExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.num_cells,
+                               rule_thresholds=thresholds_to_json(rule[0]) if rule else None).to(device)
+    if rule is not None:  # the untrained actor is the rule: the residual starts at zero
+        zero_last_linear(policy.logits_net)
     view = TensorDictModule(policy.view, in_keys=["observation"], out_keys=["features"])
     actor = ProbabilisticActor(
-        TensorDictSequential(view, TensorDictModule(policy.logits_net, in_keys=["features"], out_keys=["logits"])),
+        TensorDictModule(policy.logits, in_keys=["observation"], out_keys=["logits"]),
         in_keys=["logits"], distribution_class=torch.distributions.Categorical, return_log_prob=True,
         spec=env.action_spec,
     )
@@ -151,6 +188,8 @@ def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRL
     bar.close()
     info = {"config": asdict(cfg), "frames": frames, "updates": updates,
             "train_seconds": round(time.time() - start, 2), "history": history}
+    if rule is not None:
+        info["rule"] = {"thresholds": thresholds_to_json(rule[0]), "learn_reward": rule[1]}
     if checkpoints is not None:  # the run removes the file once its record is written
         info["checkpoints"] = checkpoints.summary()
     return policy, info

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from exitrl.agents.cost_conditioning import check_costs, gain_and_cost
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Curve, Knob, register
 from exitrl.agents.inputs import FitInputs
-from exitrl.agents.standardize import fit_standardizer
+from exitrl.agents.rule_prior import RulePrior, check_start, fit_rule, thresholds_to_json, zero_last_linear
+from exitrl.agents.standardize import STD_FLOOR, fit_standardizer
 from exitrl.core.checkpoint import set_rng_state
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.core.progress import progress
@@ -57,32 +59,68 @@ class PerLayerExitNet(nn.Module):
 
 
 class ReinforcePolicy(ModuleExitPolicy):
-    """Deployable form: exit at the first layer whose π_l exceeds ``threshold`` (0.5 in ConsistentEE)."""
+    """Deployable form: exit at the first layer whose π_l exceeds ``threshold`` (0.5 in ConsistentEE). With
+    ``rule_thresholds`` (``agent.start=rule``) the net is a residual on the per-layer max-prob rule
+    (`exitrl.agents.rule_prior`). A cost-conditioned policy (``agent.train_costs``) also reads α, and decides at
+    ``cost_weight`` (movable after fitting: `exitrl.agents.cost_conditioning`)."""
 
     name = "reinforce"
     graph_safe = True
 
     def __init__(self, num_layers: int, hidden_size: int, num_classes: int, hidden: int = 128,
-                 features: str = "state", threshold: float = 0.5):
+                 features: str = "state", threshold: float = 0.5, rule_thresholds: list[float | None] | None = None,
+                 cost_conditioned: bool = False, cost_weight: float = 0.0):
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
         self.uses_history = view_reads_history(features)
         self.threshold = threshold
+        self.cost_conditioned, self.cost_weight = bool(cost_conditioned), float(cost_weight)
         self._config = {"num_layers": num_layers, "hidden_size": hidden_size, "num_classes": num_classes,
                         "hidden": hidden, "features": features, "threshold": threshold}
-        self.net = PerLayerExitNet(num_layers, self.layout.feature_size(features), hidden)
+        self.net = PerLayerExitNet(num_layers, self.layout.feature_size(features) + self.cost_conditioned, hidden)
         self.module = self.net
+        self.prior = None
+        if rule_thresholds is not None:
+            self.prior = RulePrior(rule_thresholds)
+            self._config["rule_thresholds"] = list(rule_thresholds)
+        if cost_conditioned:
+            self._config["cost_conditioned"] = True
 
-    def exit_probability(self, obs: torch.Tensor, layer: int) -> torch.Tensor:
-        return torch.sigmoid(self.net(self.layout.select(obs, self.features), layer))
+    def to(self, device):
+        super().to(device)
+        if self.prior is not None:
+            self.prior.to(device)
+        return self
+
+    def with_cost(self, features: torch.Tensor, cost: float | torch.Tensor | None) -> torch.Tensor:
+        """The net's input: ``features``, and α as the last column when the policy is cost-conditioned."""
+        if not self.cost_conditioned:
+            return features
+        cost = self.cost_weight if cost is None else cost
+        column = torch.as_tensor(cost, dtype=features.dtype, device=features.device).expand(features.shape[:-1])
+        return torch.cat([features, column[..., None]], -1)
+
+    def exit_logit(self, obs: torch.Tensor, layer: int, cost: torch.Tensor | None = None) -> torch.Tensor:
+        logit = self.net(self.with_cost(self.layout.select(obs, self.features), cost), layer)
+        if self.prior is not None:
+            logit = logit + self.prior(obs[..., self.layout.max_prob], layer)
+        return logit
+
+    def exit_probability(self, obs: torch.Tensor, layer: int, cost: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.exit_logit(obs, layer, cost))
 
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
-        x = batch.features(self.layout, self.features)
-        return torch.sigmoid(self.net(x, batch.layer - 1)) > self.threshold
+        logit = self.net(self.with_cost(batch.features(self.layout, self.features), None), batch.layer - 1)
+        if self.prior is not None:
+            logit = logit + self.prior(batch.confidence("maxprob"), batch.layer - 1)
+        return torch.sigmoid(logit) > self.threshold
 
     def config(self) -> dict:
-        return dict(self._config)
+        config = dict(self._config)
+        if self.cost_conditioned:
+            config["cost_weight"] = self.cost_weight
+        return config
 
 
 @dataclass
@@ -97,10 +135,14 @@ class ReinforceConfig:
     eps_end: float = 0.02
     eps_decay: float = 1000.0  # updates
     clip_norm: float = 1.0
+    start: str = "scratch"  # scratch (ConsistentEE) | rule: a residual on the best per-layer max-prob rule
+    train_costs: list[float] = field(default_factory=list)  # α values: one policy conditioned on α ([]: off)
     seed: int = 0
 
     def __post_init__(self):
         check_features(self.features)
+        check_start(self.start)
+        self.train_costs = check_costs(self.train_costs)
 
 
 def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20) -> tuple[ReinforcePolicy, dict]:
@@ -116,9 +158,21 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
     num_layers, samples = train.num_layers, cfg.samples
     env = TraceVectorEnv(train, cfg.batch_size * samples, inputs.reward, device=device, autoreset=False,
                          seed=cfg.seed)
-    policy = ReinforcePolicy(num_layers, train.hidden_size, train.num_classes, cfg.hidden, cfg.features).to(device)
+    rule = fit_rule(train, inputs.reward) if cfg.start == "rule" else None
+    conditioned = bool(cfg.train_costs)
+    alpha = float(inputs.reward.kwargs.get("alpha", 0.0)) if conditioned else 0.0
+    policy = ReinforcePolicy(num_layers, train.hidden_size, train.num_classes, cfg.hidden, cfg.features,
+                             rule_thresholds=thresholds_to_json(rule[0]) if rule else None,
+                             cost_conditioned=conditioned, cost_weight=alpha).to(device)
     table = env.trace.observations()
-    fit_standardizer(policy.net, policy.layout.select(table, cfg.features))
+    costs = torch.tensor(cfg.train_costs or [0.0], device=device)
+    fit_standardizer(policy.net, policy.with_cost(policy.layout.select(table, cfg.features), costs.mean()))
+    if conditioned:  # α's column: standardised over the values it is drawn from; paid G − α·C
+        policy.net.std[:, -1] = costs.std().clamp_min(STD_FLOOR) if len(costs) > 1 else 1.0
+        gain_table, cost_table = (t.to(device) for t in gain_and_cost(train, inputs.reward))
+    if rule is not None:  # the untrained policy is the rule: the residual starts at zero
+        for mlp in policy.net.mlps:
+            zero_last_linear(mlp)
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.lr)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     history, step, start = [], 0, time.time()
@@ -142,7 +196,11 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
         for batch_number, first in enumerate(starts[done:], start=done):
             # 1. K copies of each example in the batch walk up the layers together.
             examples = order[first:first + cfg.batch_size]
-            obs, _ = env.reset(options={"indices": examples.repeat_interleave(samples)})
+            rows = examples.repeat_interleave(samples)
+            obs, _ = env.reset(options={"indices": rows})
+            # a cost-conditioned policy: one α per example (its K samples share it, so their mean stays a baseline)
+            cost = (costs[torch.randint(len(costs), (cfg.batch_size,), device=device)].repeat_interleave(samples)
+                    if conditioned else None)
             epsilon = cfg.eps_end + (cfg.eps_start - cfg.eps_end) * math.exp(-step / cfg.eps_decay)
             log_prob = torch.zeros(env.num_envs, device=device)
             returns = torch.zeros(env.num_envs, device=device)
@@ -150,7 +208,7 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
             exit_layer = torch.zeros(env.num_envs, dtype=torch.long, device=device)
             for layer in range(num_layers):
                 alive = ~env.finished
-                pi = policy.exit_probability(obs, layer).clamp(1e-6, 1 - 1e-6)
+                pi = policy.exit_probability(obs, layer, cost).clamp(1e-6, 1 - 1e-6)
                 # 2. ε-greedy: a uniformly random action with probability ε, else a sample from π.
                 explore = torch.rand(env.num_envs, device=device) < epsilon
                 action = torch.where(explore, torch.rand(env.num_envs, device=device) < 0.5,
@@ -163,6 +221,8 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
                 obs, reward_t, _, _, info = env.step(action)
                 returns += reward_t
                 exit_layer = torch.maximum(exit_layer, info["exit_layer"])
+            if conditioned:  # paid at the example's own α
+                returns = gain_table[rows, exit_layer - 1] - cost * cost_table[rows, exit_layer - 1]
             # 3. REINFORCE with the per-example mean over its K samples as baseline.
             grouped = returns.view(cfg.batch_size, samples)
             advantage = (grouped - grouped.mean(1, keepdim=True)).view(-1)
@@ -191,6 +251,8 @@ def train_reinforce(cfg: ReinforceConfig, inputs: FitInputs, log_every: int = 20
             bar.set_postfix(epoch=epoch, dev=f"{metrics['score']:.3f}", exit=f"{metrics['avg_exit_layer']:.2f}")
     bar.close()
     info = {"config": asdict(cfg), "updates": step, "train_seconds": round(time.time() - start, 2), "history": history}
+    if rule is not None:
+        info["rule"] = {"thresholds": thresholds_to_json(rule[0]), "learn_reward": rule[1]}
     if checkpoints is not None:  # the run removes the file once its record is written
         info["checkpoints"] = checkpoints.summary()
     return policy, info

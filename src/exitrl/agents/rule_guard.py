@@ -6,7 +6,8 @@ makes "at least the rule" a property of the fitting, for any agent and any rewar
 
 1. the learn split is cut by a seeded permutation into a part to fit on and a guard part (``share`` of the rows);
 2. the agent trains on the first part; the best per-layer max-prob rule *for the same reward* (thresholds by exact
-   coordinate ascent on the reward table, `exitrl.calibration.per_layer`) is fitted on the same rows;
+   coordinate ascent on the reward table, `exitrl.agents.rule_prior.fit_rule`) is fitted on the same rows: the
+   very rule an agent with ``agent.start=rule`` starts from;
 3. on the guard rows, the mean reward of the agent's exits is compared with the rule's; the one that earns more is
    deployed, and the record says by how much and which.
 
@@ -23,8 +24,7 @@ import torch
 from exitrl.agents.confidence_per_layer import PerLayerConfidencePolicy
 from exitrl.agents.declaration import AgentSpec
 from exitrl.agents.inputs import FitInputs
-from exitrl.calibration.per_layer import fit_per_layer_thresholds
-from exitrl.core.observation import ObservationLayout
+from exitrl.agents.rule_prior import fit_rule
 from exitrl.evaluation.evaluate import run_policy
 from exitrl.policy import ExitPolicy
 from exitrl.traces.trace import SplitTrace, Trace
@@ -62,8 +62,7 @@ def guarded_fit(spec: AgentSpec, options, inputs: FitInputs, share: float,
     splits[inputs.learn_on] = fit_split
     fit_inputs = dataclasses.replace(inputs, trace=Trace(splits, inputs.trace.meta))
     policy, info = spec.fit(options, fit_inputs)
-    fit_rewards = fit_split.reward_table(inputs.reward)
-    rule = PerLayerConfidencePolicy(fit_per_layer_thresholds(max_prob(fit_split), fit_rewards, 0.0)[0].tolist())
+    rule = PerLayerConfidencePolicy(fit_rule(fit_split, inputs.reward)[0])
     guard_rewards = guard_split.reward_table(inputs.reward)
     agent_reward = mean_reward(policy, guard_split, guard_rewards)
     rule_reward = mean_reward(rule, guard_split, guard_rewards)
@@ -74,8 +73,3 @@ def guarded_fit(spec: AgentSpec, options, inputs: FitInputs, share: float,
                           "rule_thresholds": [None if t == float("inf") else t for t in rule.thresholds]}
     return (policy if kept == "agent" else rule), info
 
-
-def max_prob(split: SplitTrace) -> torch.Tensor:
-    """Each row's max-prob at every layer ``[N, L]``, as the rule reads it (a token trace's top-1)."""
-    layout = ObservationLayout(split.hidden_size, split.num_classes)
-    return split.observations()[..., layout.max_prob]

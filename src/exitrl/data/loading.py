@@ -62,19 +62,31 @@ def load_task(
     limit: dict[str, int | None] | None = None,
     custom: dict | None = None,
     policy_split: float = 0.0,
+    train_from_dev: float = 0.0,
 ) -> TaskData:
     """Load ``splits`` of ``task``; ``limit`` keeps the first n rows of a split (for quick runs and tests).
+
+    ``train_from_dev`` > 0 is for a task whose source has no labelled train file (QNLI in the data folder): dev is
+    read and that share of it (a fixed seeded permutation, the same on every machine) becomes ``train``, the rest
+    stays ``dev``. A result on such a split is not comparable with one on the official dev set; say so.
 
     ``policy_split`` > 0 moves that fraction of ``train`` (a fixed random subset) into a ``policy`` split: the
     backbone never trains on it, so exit policies learn from states that behave like unseen data.
     """
     task = task.lower()
+    if train_from_dev:
+        check_share("data.train_from_dev", train_from_dev)
+        splits = tuple(dict.fromkeys(s for s in (*splits, "dev") if s != "train"))
     if task == "custom":
         data = _load_custom(custom or {}, splits)
     elif task in GLUE_TASKS:
         data = _load_glue(GLUE_TASKS[task], data_dir, splits)
     else:
         raise DataError(f"Unknown task {task!r}. Valid tasks: {', '.join(TASK_NAMES)}.")
+    if train_from_dev:
+        data.splits["train"], data.splits["dev"] = split_rows(data.splits["dev"], float(train_from_dev),
+                                                              "data.train_from_dev")
+        data.source += f" (train = {train_from_dev:g} of its dev file, seed {SPLIT_SEED}; dev = the rest)"
     for split, n in (limit or {}).items():
         if n is not None and split in data.splits:
             data.splits[split] = select_rows(data.splits[split], list(range(min(int(n), len(data.splits[split])))))
@@ -86,18 +98,30 @@ def load_task(
     return data
 
 
-def _carve_policy_split(data: TaskData, fraction: float, seed: int = 0) -> None:
+SPLIT_SEED = 0  # the permutation every carved split uses: the same rows on every machine and run
+
+
+def check_share(key: str, fraction: float) -> None:
+    if not 0.0 < float(fraction) < 1.0:
+        raise DataError(f"{key}={fraction} must lie in (0, 1): the share of the split's rows it moves.")
+
+
+def split_rows(ds: datasets.Dataset, fraction: float, key: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(``fraction`` of the rows, the rest), by a fixed seeded permutation, each kept in file order."""
+    check_share(key, fraction)
+    count = int(round(fraction * len(ds)))
+    if count < 1 or count >= len(ds):
+        raise DataError(f"{key}={fraction} of {len(ds)} rows leaves an empty split.")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(ds))
+    return select_rows(ds, sorted(order[:count].tolist())), select_rows(ds, sorted(order[count:].tolist()))
+
+
+def _carve_policy_split(data: TaskData, fraction: float) -> None:
     if not 0.0 < fraction < 1.0:
         raise DataError(f"data.policy_split={fraction} must lie in (0, 1): the share of train held out for policies.")
     if "train" not in data.splits:
         raise DataError("data.policy_split needs a train split to carve the policy split from.")
-    train = data.splits["train"]
-    count = int(round(fraction * len(train)))
-    if count < 1 or count >= len(train):
-        raise DataError(f"data.policy_split={fraction} of {len(train)} training rows leaves an empty split.")
-    order = np.random.default_rng(seed).permutation(len(train))
-    data.splits[HELD_OUT] = select_rows(train, sorted(order[:count].tolist()))
-    data.splits["train"] = select_rows(train, sorted(order[count:].tolist()))
+    data.splits[HELD_OUT], data.splits["train"] = split_rows(data.splits["train"], fraction, "data.policy_split")
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
@@ -170,7 +194,9 @@ def _load_glue_local(spec: TaskSpec, folder: Path, splits: tuple[str, ...]) -> T
         path = folder / spec.local_splits[split]
         if not path.is_file():
             raise DataError(f"Task {spec.name!r}: {path} does not exist (the local GLUE folder {folder} has no "
-                            f"{split} split). Provide it, or use a task that has one.")
+                            f"{split} split). Provide it, or use a task that has one"
+                            + (" (or carve train out of the labelled dev file: data.train_from_dev=0.5)."
+                               if split == "train" else "."))
         fix = f"this is not {spec.name}'s GLUE file layout: use the files of the GLUE release, or task=custom"
         columns = [*spec.local_columns, spec.local_label_column]
         out[split] = _standardise(read_table(path), spec.local_columns, spec.local_label_column,

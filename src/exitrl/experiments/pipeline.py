@@ -159,6 +159,7 @@ def check_data_options(cfg: DictConfig) -> None:
     ``data.limit.*``, ``data.crossfit``, ``confidence_threshold`` and ``checkpoint.every_seconds``."""
     check_value("seed", cfg.seed, int)
     check_value("data.policy_split", cfg.data.policy_split, float)
+    check_value("data.train_from_dev", cfg.data.get("train_from_dev", 0.0), float)
     for split, limit in (OmegaConf.to_container(cfg.data.limit, resolve=True) or {}).items():
         if limit is not None:
             check_value(f"data.limit.{split}", limit, int)
@@ -222,7 +223,8 @@ def prepare(cfg: DictConfig, device: torch.device, writer=None) -> Prepared:
     limit = OmegaConf.to_container(cfg.data.limit, resolve=True)
     custom = OmegaConf.to_container(cfg.env.custom, resolve=True) if "custom" in cfg.env else None
     crossfit = check_crossfit(cfg.data.get("crossfit", 0))
-    data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom, policy_split=cfg.data.policy_split)
+    data = load_task(cfg.env.task, cfg.data.dir, limit=limit, custom=custom, policy_split=cfg.data.policy_split,
+                     train_from_dev=cfg.data.get("train_from_dev", 0.0))
     log.info("Task %s from %s: %s", data.name, data.source, {k: len(v) for k, v in data.splits.items()})
     check_crossfit(crossfit, len(data.splits["train"]))
     finetune = finetune_config(cfg)

@@ -1,0 +1,73 @@
+"""Cost-conditioned REINFORCE (CPU, planted traces): the reward splits into gain and cost exactly; one fit,
+moved along α after fitting, exits earlier as α grows and matches what a policy trained at that α earns; a reward
+that is not linear in α, or takes none, is refused before training, naming it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_stopping import planted
+
+from exitrl.agents.cost_conditioning import gain_and_cost
+from exitrl.agents.inputs import FitInputs
+from exitrl.agents.registry import get_agent
+from exitrl.agents.rule_guard import mean_reward
+from exitrl.evaluation.evaluate import run_policy
+from exitrl.policy import load_policy
+from exitrl.rewards import RewardSpec
+from exitrl.traces.trace import Trace
+
+COSTS = [0.0, 0.6, 3.0]
+
+
+def reward(alpha: float, name: str = "correct") -> RewardSpec:
+    return RewardSpec(name, kwargs={"alpha": alpha, "depth": "fraction"})
+
+
+@pytest.mark.parametrize("name", ["correct", "vanilla", "hardness", "consistency", "confidence"])
+def test_every_builtin_reward_splits_into_gain_minus_alpha_times_cost(name):
+    trace, _ = planted(n=200, seed=3)
+    gain, cost = gain_and_cost(trace, reward(0.1, name))
+    for alpha in (0.0, 0.07, 1.5):
+        assert torch.allclose(gain - alpha * cost, trace.reward_table(reward(alpha, name)), atol=1e-5)
+
+
+def test_one_conditioned_fit_moves_along_the_trade_off_with_alpha(tmp_path):
+    train, _ = planted(n=900, seed=4)
+    test, _ = planted(n=900, seed=7)
+    spec = get_agent("reinforce")
+    options = {"epochs": 30, "batch_size": 64, "lr": 3e-3}
+    policy, _ = spec.fit(spec.make_options({**options, "train_costs": COSTS}),
+                         FitInputs(Trace({"train": train}), "train", reward(0.6)))
+    assert policy.cost_weight == 0.6  # deployed at the run's own α
+    exits, earned = [], []
+    for alpha in COSTS:
+        moved = copy.deepcopy(policy)
+        moved.cost_weight = alpha
+        exits.append(float(run_policy(moved, test)[0].float().mean()))
+        earned.append(mean_reward(moved, test, test.reward_table(reward(alpha))))
+    assert exits[0] > exits[1] > exits[2] == 1.0  # dearer layers, earlier exits; at α = 3 nothing is worth a layer
+    assert exits[0] > 2.5
+    single, _ = spec.fit(spec.make_options(options), FitInputs(Trace({"train": train}), "train", reward(0.6)))
+    assert earned[1] >= mean_reward(single, test, test.reward_table(reward(0.6))) - 0.03
+    policy.save(tmp_path / "policy.pt")
+    loaded = load_policy(tmp_path / "policy.pt")
+    assert loaded.cost_weight == 0.6 and torch.equal(run_policy(loaded, test)[0], run_policy(policy, test)[0])
+
+
+@pytest.mark.parametrize("fn,match", [("example_rewards:squared_cost", "linear in alpha"),
+                                      ("example_rewards:only_layer_two", "`alpha` keyword")])
+def test_a_reward_not_linear_in_alpha_is_refused_naming_it(fn, match):
+    trace, _ = planted(n=100, seed=3)
+    spec = get_agent("reinforce")
+    inputs = FitInputs(Trace({"train": trace}), "train", RewardSpec(None, fn, {}))
+    with pytest.raises(ValueError, match=match) as error:
+        spec.fit(spec.make_options({"epochs": 1, "batch_size": 32, "train_costs": [0.0, 0.5]}), inputs)
+    assert fn in str(error.value)
+
+
+def test_bad_train_costs_are_refused_naming_the_key():
+    with pytest.raises(ValueError, match="agent.train_costs"):
+        get_agent("reinforce").make_options({"train_costs": [0.1, -1.0]})
