@@ -1,7 +1,13 @@
-"""Exit-ready exits on a frozen model (issue 30, frozen-trunk arm): small exit adapters at chosen layers, trained by
-distillation from the frozen model's own samples (`exitrl.backbones.exit_distillation`), per adapter kind. Reports
-greedy agreement with the last layer, raw and through each kind's adapters, on held-out GLUE text and on held-out
-self samples; training tokens/s and seconds; the adapter file's size. Writes JSON (and the adapter files).
+"""Exit-ready exits (issue 30), both arms on the same text and token budget, side by side:
+
+* frozen trunk: small exit adapters at chosen layers, trained by distillation from the frozen model's own samples
+  (`exitrl.backbones.exit_distillation`), per adapter kind;
+* light trunk tuning (``--tuned-anchors``): rank-r deltas on every decoder layer (`exitrl.backbones.trunk_tuning`),
+  trained so the bare exits match the *original* last layer, with the tuned last layer anchored to it; reported with
+  how far the last layer moved (greedy agreement with the original model, perplexity of held-out text).
+
+Reports greedy agreement with the (original) last layer, raw and per arm, on held-out GLUE text and on held-out
+self samples; training tokens/s and seconds; each arm's file size. Writes JSON (and the files).
 
     # on the GPU machine; a call that hits --max-seconds saves its checkpoints: run the same line again to go on
     python benchmarks/exit_adapters.py --tokens 4000000 --work-dir $WORK --save-dir $OUT/adapters \\
@@ -31,6 +37,7 @@ from exitrl.backbones.exit_adapters import ExitAdapters
 from exitrl.backbones.exit_distillation import DistillConfig, distill, exit_agreement, sample_mask, sample_texts
 from exitrl.backbones.loading import load_multi_exit_lm
 from exitrl.backbones.multi_exit_lm import MultiExitLM
+from exitrl.backbones.trunk_tuning import TrunkTuneConfig, last_layer_drift, tune_trunk
 from exitrl.data.lm_text import glue_documents, pack, split_documents
 
 SETTINGS = {  # what --tiny changes: a model, text and budget that finish on a CPU in well under a minute
@@ -158,6 +165,10 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the per-chunk loss")
+    parser.add_argument("--tuned-anchors", nargs="*", type=float, default=[1.0],
+                        help="one tuned-trunk arm per anchor weight (none: the frozen arm only)")
+    parser.add_argument("--tuned-rank", type=int, default=8)
+    parser.add_argument("--tuned-lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-seconds", type=float, default=None, help="training time for this call, all arms")
     parser.add_argument("--work-dir", type=Path, default=None, help="samples and checkpoints, reused by a rerun")
@@ -247,7 +258,43 @@ def main() -> None:
         write(args.out, out)
         print(f"{kind}: {result['tokens']:,} tokens in {result['seconds']:.1f} s "
               f"({result['tokens_per_second']} tokens/s), agreement {arm['agreement']}", flush=True)
+    for anchor in args.tuned_anchors:
+        left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        name = f"tuned_r{args.tuned_rank}_anchor{anchor:g}"
+        out["arms"][name] = tuned_arm(args, model, exits, train, train_mask, held, held_mask, prompts, anchor, left,
+                                      device, source, out["date"])
+        out["total_seconds"] = round(time.perf_counter() - started, 1)
+        write(args.out, out)
+        print(f"{name}: {out['arms'][name]}", flush=True)
     print(markdown(out, exits))
+
+
+def tuned_arm(args, model: MultiExitLM, exits: list[int], train, train_mask, held, held_mask, prompts: dict,
+              anchor: float, seconds: float | None, device: torch.device, source: str, date: str) -> dict:
+    """One light-trunk-tuning arm: train the deltas, measure the exits against the original last layer and how far
+    the last layer moved, save the deltas' file, and take them off the model again."""
+    cfg = TrunkTuneConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.tuned_lr, rank=args.tuned_rank,
+                          anchor=anchor, kl=args.kl, top_k=args.top_k, temperature=args.temperature, chunk=args.chunk,
+                          warmup_ratio=args.warmup_ratio, seed=args.seed,
+                          log_every=max(1, args.tokens // (args.batch_size * train.shape[1]) // 10))
+    lora, result = tune_trunk(model, exits, train, cfg, device, attention_mask=train_mask, max_seconds=seconds)
+    try:
+        arm = {"training": result, "parameters": sum(p.numel() for p in lora.parameters_to_train())}
+        if not result["finished"]:
+            arm["note"] = (f"stopped at step {result['steps']} of {result['steps_planned']} by --max-seconds (this "
+                           "arm does not resume): measured as it stands")
+        drift = {"glue": last_layer_drift(model, lora, prompts["glue"], None, args.eval_batch, device, exits),
+                 "self": last_layer_drift(model, lora, held, held_mask, args.eval_batch, device, exits)}
+        arm["agreement"] = {name: d.pop("exits_agree_with_original") for name, d in drift.items()}
+        arm["last_layer"] = drift
+        if args.save_dir is not None:
+            path = lora.save(args.save_dir / f"trunk_r{args.tuned_rank}_anchor{anchor:g}.safetensors",
+                             training={"source": source, "tokens": result["tokens"], "anchor": anchor,
+                                       "exit_layers": exits, "date": date})
+            arm["file"], arm["file_bytes"] = str(path), path.stat().st_size
+    finally:
+        lora.remove()
+    return arm
 
 
 def write(path: Path, out: dict) -> None:
@@ -258,20 +305,24 @@ def write(path: Path, out: dict) -> None:
 
 def markdown(out: dict, exits: list[int]) -> str:
     lines = [f"# Exit adapters ({out['date']}, {out['machine']}, {out['model']})", "",
-             "Greedy agreement with the last layer (%), held-out GLUE text / held-out self samples", "",
-             "| arm | " + " | ".join(f"layer {e}" for e in exits) + " | tokens/s | s | file |",
-             "| --- | " + " | ".join("---:" for _ in exits) + " | ---: | ---: | ---: |"]
+             "Greedy agreement with the (original) last layer (%), held-out GLUE text / held-out self samples; "
+             "tuned arms: how often their own last layer keeps the original's greedy token, same texts", "",
+             "| arm | " + " | ".join(f"layer {e}" for e in exits) + " | last layer kept | tokens/s | s | file |",
+             "| --- | " + " | ".join("---:" for _ in exits) + " | ---: | ---: | ---: | ---: |"]
     raw = out["raw"]
     lines.append("| raw | " + " | ".join(f"{100 * raw['glue'][e]:.1f} / {100 * raw['self'][e]:.1f}" for e in exits)
-                 + " | | | |")
+                 + " | 100 / 100 | | | |")
     for kind, arm in out["arms"].items():
         if "agreement" not in arm:
             continue
         scores, training = arm["agreement"], arm["training"]
         size = f"{arm['file_bytes'] / 2 ** 20:.1f} MiB" if "file_bytes" in arm else ""
+        last = arm.get("last_layer")
+        kept = (f"{100 * last['glue']['agreement_with_original']:.1f} / "
+                f"{100 * last['self']['agreement_with_original']:.1f}") if last else "100 / 100"
         lines.append(f"| {kind} | " + " | ".join(f"{100 * scores['glue'][e]:.1f} / {100 * scores['self'][e]:.1f}"
                                                   for e in exits)
-                     + f" | {training['tokens_per_second']} | {training['seconds']:.0f} | {size} |")
+                     + f" | {kept} | {training['tokens_per_second']} | {training['seconds']:.0f} | {size} |")
     return "\n".join(lines) + "\n"
 
 
