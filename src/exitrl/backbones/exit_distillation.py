@@ -116,24 +116,32 @@ class DistillConfig:
     clip_norm: float = 1.0  # gradient norm clipping on the adapters' parameters; 0: none
 
     def __post_init__(self):
-        for key in ("tokens", "batch_size", "top_k", "chunk", "log_every", "checkpoint_every"):
-            _check_int(key, getattr(self, key), 1)
+        check_settings(self, ("tokens", "batch_size", "top_k", "chunk", "log_every", "checkpoint_every"),
+                       (("lr", self.lr > 0, "> 0"), ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+                        ("weight_decay", self.weight_decay >= 0, ">= 0"), ("temperature", self.temperature > 0, "> 0"),
+                        ("clip_norm", self.clip_norm >= 0, ">= 0")))
         _check_int("seed", self.seed, 0)
-        for key, ok, what in (("lr", self.lr > 0, "> 0"), ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
-                              ("weight_decay", self.weight_decay >= 0, ">= 0"),
-                              ("temperature", self.temperature > 0, "> 0"), ("clip_norm", self.clip_norm >= 0, ">= 0")):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
-                raise ValueError(f"DistillConfig.{key} must be a number {what}, got {value!r}.")
         if self.kl not in KL_KINDS:
             raise ValueError(f"DistillConfig.kl must be one of {', '.join(KL_KINDS)}, got {self.kl!r}.")
         if not isinstance(self.compile, bool):
             raise ValueError(f"DistillConfig.compile must be True or False, got {self.compile!r}.")
 
 
-def _check_int(key: str, value, low: int) -> None:
+def _check_int(key: str, value, low: int, owner: str = "DistillConfig") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"DistillConfig.{key} must be a whole number >= {low}, got {value!r}.")
+        raise ValueError(f"{owner}.{key} must be a whole number >= {low}, got {value!r}.")
+
+
+def check_settings(cfg, whole: tuple[str, ...], numbers: tuple[tuple[str, bool, str], ...]) -> None:
+    """A training config's checks: ``whole`` keys are whole numbers >= 1; each ``(key, ok, what)`` of ``numbers`` a
+    finite number for which ``ok`` holds. Errors name the config class and the key."""
+    owner = type(cfg).__name__
+    for key in whole:
+        _check_int(key, getattr(cfg, key), 1, owner)
+    for key, ok, what in numbers:
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+            raise ValueError(f"{owner}.{key} must be a number {what}, got {value!r}.")
 
 
 def kl_sum(student: torch.Tensor, teacher: torch.Tensor, kl: str, top_k: int, temperature: float) -> torch.Tensor:
@@ -152,7 +160,7 @@ def kl_sum(student: torch.Tensor, teacher: torch.Tensor, kl: str, top_k: int, te
     return (log_p_top.exp() * (log_p_top - log_q_top)).sum() + rest.sum()
 
 
-def learning_rate(cfg: DistillConfig, step: int, steps: int) -> float:
+def learning_rate(cfg, step: int, steps: int) -> float:
     """Linear warmup over ``warmup_ratio`` of the steps, then cosine decay to zero."""
     warmup = int(cfg.warmup_ratio * steps)
     if step < warmup:

@@ -27,7 +27,9 @@ from exitrl.backbones.exit_distillation import (
     KL_KINDS,
     BatchOrder,
     check_sequences,
+    check_settings,
     kl_sum,
+    learning_rate,
     positions_of,
 )
 from exitrl.backbones.multi_exit_lm import MultiExitLM
@@ -55,26 +57,12 @@ class TrunkTuneConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for key in ("tokens", "batch_size", "rank", "top_k", "chunk", "log_every"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrunkTuneConfig.{key} must be a whole number >= 1, got {value!r}.")
-        for key, ok, what in (("lr", self.lr > 0, "> 0"), ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
-                              ("alpha", self.alpha > 0, "> 0"), ("anchor", self.anchor >= 0, ">= 0"),
-                              ("temperature", self.temperature > 0, "> 0"), ("clip_norm", self.clip_norm >= 0, ">= 0")):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
-                raise ValueError(f"TrunkTuneConfig.{key} must be a number {what}, got {value!r}.")
+        check_settings(self, ("tokens", "batch_size", "rank", "top_k", "chunk", "log_every"),
+                       (("lr", self.lr > 0, "> 0"), ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+                        ("alpha", self.alpha > 0, "> 0"), ("anchor", self.anchor >= 0, ">= 0"),
+                        ("temperature", self.temperature > 0, "> 0"), ("clip_norm", self.clip_norm >= 0, ">= 0")))
         if self.kl not in KL_KINDS:
             raise ValueError(f"TrunkTuneConfig.kl must be one of {', '.join(KL_KINDS)}, got {self.kl!r}.")
-
-
-def schedule(cfg: TrunkTuneConfig, step: int, steps: int) -> float:
-    """Linear warmup, then cosine decay to zero."""
-    warmup = int(cfg.warmup_ratio * steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 def tune_trunk(model: MultiExitLM, exit_layers, sequences: torch.Tensor, cfg: TrunkTuneConfig,
@@ -114,7 +102,7 @@ def tune_trunk(model: MultiExitLM, exit_layers, sequences: torch.Tensor, cfg: Tr
             if max_seconds is not None and time.perf_counter() - began >= max_seconds:
                 break
             for group in optimizer.param_groups:
-                group["lr"] = schedule(cfg, step, steps)
+                group["lr"] = learning_rate(cfg, step, steps)
             picked = order(step)
             pending.append(_tune_step(model, lora, adapters, exits, sequences[picked].to(device),
                                       mask[picked].to(device), cfg, device))
