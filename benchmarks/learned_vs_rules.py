@@ -173,19 +173,48 @@ def family_points(trace: Trace, learn: dict[str, SplitTrace], device, reinforce_
     return points
 
 
+RUN_KEYS = ("backbone", "crossfit", "policy_split", "batch_size", "reinforce_epochs")  # what every seed must share
+
+
+def task_settings(args, task: str) -> dict:
+    return {"epochs": args.epochs.get(task, 5), "limit": args.limit.get(task),
+            "train_from_dev": args.train_from_dev.get(task, 0.0)}
+
+
+def start_or_continue(args, machine: str) -> dict:
+    """The results so far in ``--out`` (a run cut short, or one machine's share of the seeds), checked to be of the
+    same settings, or a fresh record. Seeds already there are not run again."""
+    path = Path(args.out)
+    if not path.is_file():
+        return {"machine": machine, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "tasks": {}}
+    results = torch.load(path, weights_only=False)
+    differ = [f"{k}={results['args'].get(k)!r} there, {getattr(args, k)!r} here" for k in RUN_KEYS
+              if results["args"].get(k) != getattr(args, k)]
+    differ += [f"{task}: {task_out.get('settings')} there, {task_settings(args, task)} here"
+               for task, task_out in results["tasks"].items()
+               if task in args.tasks and task_out.get("settings") not in (None, task_settings(args, task))]
+    if differ:
+        raise SystemExit(f"{path} holds a run with other settings ({'; '.join(differ)}): pass another --out, or the "
+                         "same settings to continue it.")
+    done = {task: sorted(t["seeds"]) for task, t in results["tasks"].items()}
+    print(f"continuing {path}: seeds done {done}", flush=True)
+    if machine not in results["machine"].split(" + "):
+        results["machine"] += f" + {machine}"
+    return results
+
+
 def run(args) -> None:
     device = torch.device(args.device)
-    results = {
-        "machine": f"{platform.node()} {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}",
-        "date": time.strftime("%Y-%m-%d"),
-        "args": vars(args),
-        "tasks": {},
-    }
+    machine = f"{platform.node()} {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}"
+    results = start_or_continue(args, machine)
     for task in args.tasks:
         limit = {"train": args.limit.get(task)}
         epochs = args.epochs.get(task, 5)
-        task_out = results["tasks"][task] = {"seeds": {}}
+        task_out = results["tasks"].setdefault(task, {"seeds": {}})
+        task_out["settings"] = task_settings(args, task)
         for seed in args.seeds:
+            if seed in task_out["seeds"]:
+                continue
             started = time.time()
             data = load_task(task, args.data_dir, limit=limit, policy_split=args.policy_split,
                              train_from_dev=args.train_from_dev.get(task, 0.0))
@@ -213,6 +242,7 @@ def run(args) -> None:
                 "deployed_train_per_layer": trace["train"].per_layer_accuracy(),
                 "sizes": {k: len(v) for k, v in trace.splits.items()},
                 "finetune_seconds": round(tuned, 1),
+                "machine": machine,
                 "rule_guards": guards,
                 "families": {},
             }

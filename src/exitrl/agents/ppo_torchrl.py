@@ -7,6 +7,7 @@ Read top to bottom: the actor and critic (MLPs over one feature view of the obse
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -151,9 +152,10 @@ def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRL
         env.restore(resumed["env"])
         history, frames, updates = resumed["history"], resumed["frames"], resumed["updates"]
         set_rng_state(resumed["rng"])
+    quiet = {"auto_register_policy_transforms": False}  # a feed-forward policy needs no InitTracker (torchrl ≥ 0.13)
     collector = Collector(create_env_fn=env, policy=actor, frames_per_batch=cfg.frames_per_batch,
                           total_frames=cfg.total_frames - frames, device=device,
-                          auto_register_policy_transforms=False)  # a feed-forward policy needs no InitTracker
+                          **{k: v for k, v in quiet.items() if k in inspect.signature(Collector).parameters})
     bar = progress(total=cfg.total_frames, desc="ppo_torchrl", unit="frame", initial=frames)
     for data in collector:
         frames += data.numel()
