@@ -58,7 +58,9 @@ class Replayable:
         collecting = gc.isenabled()
         gc.disable()  # a collection during capture may free CUDA memory or graphs, which capture forbids
         try:
-            with torch.cuda.graph(graph, pool=self.pool):  # collects garbage before it starts capturing
+            # thread_local: only this thread's unsafe calls break the capture; the runtime's reader thread pins the
+            # next batches' host memory meanwhile, which the default (global) mode refuses
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self.fn()
         except RuntimeError as error:
             warnings.warn(f"{self.name} cannot be captured in a CUDA graph and runs eagerly: "
