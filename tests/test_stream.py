@@ -80,6 +80,10 @@ def test_worker_count_and_window_change_nothing_but_the_speed(tokenizer):
     for window in (1, 3):
         many = collect(TokenizedBatches(pool, texts, batch_size=8, window_batches=window))
         assert {i: v[0] for i, v in many.items()} == {i: v[0] for i, v in one.items()}
+    # one window larger than the input: its texts are split across the workers, and joined back in order
+    split = collect(TokenizedBatches(pool, texts, pairs=texts[::-1], batch_size=256))
+    whole = collect(TokenizedBatches(tokenizer, texts, pairs=texts[::-1], batch_size=256, workers=1))
+    assert {i: v[:2] for i, v in split.items()} == {i: v[:2] for i, v in whole.items()}
 
 
 def test_a_consumer_that_stops_early_leaves_the_pool_usable(tokenizer):
