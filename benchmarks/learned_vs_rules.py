@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import time
 from collections import defaultdict
@@ -205,7 +206,8 @@ def start_or_continue(args, machine: str) -> dict:
 
 def run(args) -> None:
     device = torch.device(args.device)
-    machine = f"{platform.node()} {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}"
+    machine = (f"{platform.node()} {torch.cuda.get_device_name()}" if device.type == "cuda"
+               else f"{platform.node()} CPU ({os.cpu_count()} cores)")
     results = start_or_continue(args, machine)
     for task in args.tasks:
         limit = {"train": args.limit.get(task)}
