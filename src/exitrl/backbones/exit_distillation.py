@@ -260,10 +260,7 @@ def distill(model: MultiExitLM, adapters: ExitAdapters, sequences: torch.Tensor,
                 group["lr"] = lr
             pending.append(_train_step(model, adapters, sequences[rows_now].to(device), mask[rows_now].to(device),
                                        cfg, loss_fn, device))
-            if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, cfg.clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(optimizer, parameters, cfg.clip_norm)
             step += 1
             if step % cfg.log_every == 0 or step == steps:
                 record = {"step": step, "loss": float(torch.stack(pending).mean()), "lr": lr}
@@ -288,6 +285,14 @@ def distill(model: MultiExitLM, adapters: ExitAdapters, sequences: torch.Tensor,
     return {"steps": step, "steps_planned": steps, "tokens": tokens, "seconds": round(seconds, 3),
             "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None, "losses": losses,
             "lr": lr, "finished": step >= steps, "resumed_from": start}
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, parameters: list, clip_norm: float) -> None:
+    """Clip the gradients' norm to ``clip_norm`` (0: no clipping), step, and clear them."""
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -26,6 +26,7 @@ from exitrl.backbones.exit_adapters import ExitAdapters, check_exit_layers
 from exitrl.backbones.exit_distillation import (
     KL_KINDS,
     BatchOrder,
+    apply_gradients,
     check_sequences,
     check_settings,
     kl_sum,
@@ -106,10 +107,7 @@ def tune_trunk(model: MultiExitLM, exit_layers, sequences: torch.Tensor, cfg: Tr
             picked = order(step)
             pending.append(_tune_step(model, lora, adapters, exits, sequences[picked].to(device),
                                       mask[picked].to(device), cfg, device))
-            if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, cfg.clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(optimizer, parameters, cfg.clip_norm)
             step += 1
             if step % cfg.log_every == 0 or step == steps:
                 losses.append({"step": step, "loss": float(torch.stack(pending).mean())})

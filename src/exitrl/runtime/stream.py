@@ -56,10 +56,10 @@ class TokenizerPool:
         self.splitter = ThreadPoolExecutor(self.workers, thread_name_prefix="exitrl-tokenize-part")
         self._local = local()
 
-    def encode(self, texts: list[str], pairs: list[str] | None, **options) -> dict[str, list]:
-        """The tokenizer on ``texts`` (and ``pairs``), cut into up to ``workers`` parts of at least `SPLIT_ROWS`
-        rows tokenized at once (a fast tokenizer releases the GIL), joined back in order."""
-        parts = min(self.workers, len(texts) // SPLIT_ROWS)
+    def encode(self, texts: list[str], pairs: list[str] | None, split: bool = True, **options) -> dict[str, list]:
+        """The tokenizer on ``texts`` (and ``pairs``); with ``split``, cut into up to ``workers`` parts of at least
+        `SPLIT_ROWS` rows tokenized at once (a fast tokenizer releases the GIL), joined back in order."""
+        parts = min(self.workers, len(texts) // SPLIT_ROWS) if split else 1
         if parts < 2:
             return self.own()(texts, pairs, **options)
         bounds = [round(i * len(texts) / parts) for i in range(parts + 1)]
@@ -92,6 +92,7 @@ class TokenizedBatches:
         self.texts, self.pairs = list(texts), None if pairs is None else list(pairs)
         self.batch_size, self.max_length, self.bucket = int(batch_size), int(max_length), bool(bucket)
         self.window = max(1, int(window_batches)) * self.batch_size
+        self.windows = -(-len(self.texts) // self.window)  # fewer than the workers: a window's texts are split
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.token_types = "token_type_ids" in tokenizer.model_input_names
         self.pad_id = tokenizer.pad_token_id or 0
@@ -106,7 +107,8 @@ class TokenizedBatches:
         """Tokenize, sort and pad the texts at ``order[start:start + window]``."""
         picked = self.order[start:start + self.window]
         second = [self.pairs[i] for i in picked] if self.pairs is not None else None
-        encoded = self.pool.encode([self.texts[i] for i in picked], second, truncation=True,
+        encoded = self.pool.encode([self.texts[i] for i in picked], second, split=self.windows < self.pool.workers,
+                                   truncation=True,
                                    max_length=self.max_length, return_attention_mask=False,
                                    return_token_type_ids=self.token_types)
         ids = encoded["input_ids"]
