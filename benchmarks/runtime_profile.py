@@ -1,13 +1,17 @@
 """Where a trained policy's time goes on real text, and what each remedy buys: the profile behind the encoder
 runtime's design (issue 29). For a run and a text file, at each batch size:
 
-- whole-split time, pre-tokenized, of the full model and of early exit on the fast path, with 1, 2 and 3 batches in
-  flight (``lanes``; 1 is a host read per layer with the GPU idle meanwhile);
-- each captured step's GPU time, replayed back to back (no host reads): a layer alone (the full model's steps) and a
-  layer with its exit head and decision (the policy's), on the largest bucket of the split; their difference is
-  what a decision costs;
+- whole-split time, pre-tokenized, of the full model and of early exit on the fast path, for each window (rows
+  walked up the layers together in launches of at most the batch size; a window of one batch is a plain batched
+  walk) and each number of windows in flight (``lanes``; 1 is a host read per layer with the GPU idle meanwhile);
+  the speedup at each setting and the honest one, each side at its own fastest setting;
+- each captured step's GPU time, replayed back to back (no host reads), one batch per window: a layer alone (the
+  full model's steps) and a layer with its exit head and decision (the policy's); their difference is what a
+  decision costs;
+- ``--scaling``: one layer step's GPU time against the rows it runs on (why exits inside one small batch save little);
 - tokenization: the whole split tokenized and padded in order (one thread) against the classifier's stream;
-- end to end (text in, answers out) through ``EarlyExitClassifier.exits``, full and early exit.
+- end to end (text in, answers out) through ``EarlyExitClassifier.exits``, full and early exit, each at its fastest
+  window.
 
     python benchmarks/runtime_profile.py --run runs/sst2_reinforce --texts ../shared/data/glue/SST-2/dev.tsv \
         --out benchmarks/reference/runtime_profile_h100_sst2_<date>.json
@@ -40,25 +44,49 @@ def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
     return timed_ms(fn, device, warmup, reps) / 1000
 
 
-def step_times(walker: FastWalker, device: torch.device, replays: int = 50) -> dict[int, float]:
-    """Microseconds of GPU time per replay of each captured step of the walker's largest bucket (first lane)."""
+def replay_us(step, device: torch.device, replays: int = 50) -> float:
+    """Microseconds of GPU time per replay of one captured step (eager off CUDA)."""
+    replay = step.graph.replay if step.graph is not None else step.fn
+    return 1e6 * timed(lambda: [replay() for _ in range(replays)], device, 1, 3) / replays
+
+
+def step_times(walker: FastWalker, device: torch.device) -> dict[str, float]:
+    """GPU time of each captured step of the first lane's longest window that runs a whole batch in one launch:
+    the embedding, each layer alone or with its exit heads and decision (``layer+decide``), compactions."""
     if device.type != "cuda":
         return {}
-    bucket = max(walker.lanes[0].buckets.values(), key=lambda b: (b.size, b.seq))
-    out = {}
-    for index, step in sorted(bucket.steps.items()):
-        if step.graph is None:
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(5):
-            step.graph.replay()
-        start.record()
-        for _ in range(replays):
-            step.graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        out[index] = 1000 * start.elapsed_time(end) / replays
-    out["bucket"] = [bucket.size, bucket.seq]
+    window = max(walker.lanes[0].windows.values(), key=lambda w: w.seq)
+    top = walker.capacity
+    out: dict = {" ".join(map(str, key)): replay_us(step, device) for key, step in sorted(window.steps.items())
+                 if step.graph is not None and key[-1] == top and (key[0] != "layer" or key[2] == 0)}
+    out["seq"] = window.seq
+    return out
+
+
+def row_scaling(classifier: EarlyExitClassifier, policy, tokens: tuple, types: bool, device: torch.device,
+                sizes: list[int], compile_sizes: list[int]) -> list[dict]:
+    """GPU time of the policy's first deciding layer's step against the rows it runs on (the first ``size`` rows of
+    one batch): the layer alone (full model), with the exit head and decision eager, and with them through
+    torch.compile. A launch-bound layer costs about as much on 16 rows as on 32, so exits inside one small batch
+    save little time."""
+    out = []
+    layer = FastWalker(classifier.model, policy, 1, token_types=types).first_exit  # the policy's first decision
+    for size in sizes:
+        part = [t[:size] if t is not None else None for t in tokens]
+        entry = {"rows": size, "seq": int(part[0].shape[1])}
+        variants = [("layer", StaticPolicy(classifier.model.num_layers), False), ("with_exit", policy, False)]
+        if size in compile_sizes:
+            variants.append(("with_exit_compiled", policy, True))
+        for label, chosen, compiled in variants:
+            walker = FastWalker(classifier.model, chosen, size, token_types=types, lanes=1,
+                                compile_decisions=compiled)
+            for _ in range(3):
+                list(walker.run_batches([part]))
+            window = walker.lanes[0].windows[-(-entry["seq"] // walker.seq_multiple) * walker.seq_multiple]
+            step = next(step for key, step in window.steps.items() if key[0].startswith("layer") and key[1] == layer)
+            entry[f"{label}_us"] = replay_us(step, device, 100)
+        print(f"  rows {size:4d}: " + ", ".join(f"{k} {v:.1f}" for k, v in entry.items() if k.endswith("_us")))
+        out.append(entry)
     return out
 
 
@@ -68,12 +96,17 @@ def main() -> None:
     parser.add_argument("--texts", required=True)
     parser.add_argument("--text-columns", nargs="+")
     parser.add_argument("--batches", nargs="+", type=int, default=[32, 256])
-    parser.add_argument("--lanes", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--lanes", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--windows", nargs="+", type=int, default=[0, 256, 1024],
+                        help="rows walked up the layers together (0 or less than the batch: one batch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--compile", action="store_true",
                         help="also the early-exit walk with torch.compile'd exit heads and decisions (largest batch)")
+    parser.add_argument("--scaling", nargs="*", type=int,
+                        help="only the GPU time of one layer step against its rows, at these row counts")
+    parser.add_argument("--compile-sizes", nargs="*", type=int, default=[32, 256])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -88,63 +121,87 @@ def main() -> None:
     record = {"date": date.today().isoformat(), "device": str(device), "torch": torch.__version__,
               "machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "run": args.run, "texts": args.texts, "examples": n, "num_layers": layers, "batches": []}
+    if args.scaling:
+        types = "token_type_ids" in classifier.tokenizer.model_input_names
+        stream = TokenizedBatches(classifier.tokenizer, first, second, max(args.scaling), classifier.max_length,
+                                  workers=1)
+        batch = next(iter(stream))
+        record["scaling"] = row_scaling(classifier, policy, (batch.input_ids, batch.attention_mask,
+                                        batch.token_type_ids), types, device, args.scaling, args.compile_sizes)
+        args.batches = []
     for batch in args.batches:
         stream = TokenizedBatches(classifier.tokenizer, first, second, batch, classifier.max_length, workers=1)
         padded = [(b.input_ids, b.attention_mask, b.token_type_ids) for b in stream]
         row: dict = {"batch": batch, "padded_tokens": sum(int(b[0].numel()) for b in padded),
                      "real_tokens": sum(int(b[1].sum()) for b in padded)}
         types = "token_type_ids" in classifier.tokenizer.model_input_names
-        walkers = {}
+        windows = sorted({max(batch, w) for w in args.windows})
+        row["windows"] = windows
         for label, chosen in (("full", full), ("early_exit", policy)):
-            for lanes in args.lanes:
-                walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=lanes)
-                seconds = timed(lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup,
-                                args.reps)
-                row[f"{label}_lanes{lanes}_ms"] = 1000 * seconds
-                walkers[(label, lanes)] = walker
-            found = list(walkers[(label, 1)].run_batches(padded))
+            for window in windows:
+                for lanes in args.lanes:
+                    walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=lanes, window=window)
+                    seconds = timed(lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup,
+                                    args.reps)
+                    row[f"{label}_w{window}_lanes{lanes}_ms"] = 1000 * seconds
+                    if window == batch and lanes == 1:
+                        found = list(walker.run_batches(padded))
+                        row[f"{label}_steps_us"] = step_times(walker, device)
             if label == "early_exit":
                 mean_exit = float(torch.cat([f.layers for f in found]).float().mean())
                 row["mean_exit_layer"], row["ideal_speedup"] = mean_exit, layers / mean_exit
-            row[f"{label}_steps_us"] = step_times(walkers[(label, 1)], device)
+        for window in windows:
+            for lanes in args.lanes:
+                speedup = row[f"full_w{window}_lanes{lanes}_ms"] / row[f"early_exit_w{window}_lanes{lanes}_ms"]
+                row[f"speedup_w{window}_lanes{lanes}"] = speedup
+                row[f"achieved_over_ideal_w{window}_lanes{lanes}"] = speedup / row["ideal_speedup"]
+        # the honest ratio: each side at its own fastest setting
+        for label in ("full", "early_exit"):
+            key = min((k for k in row if k.startswith(f"{label}_w") and k.endswith("_ms")), key=row.get)
+            row[f"{label}_best_ms"], row[f"{label}_best"] = row[key], key[len(label) + 1:-3]
+        row["speedup_best"] = row["full_best_ms"] / row["early_exit_best_ms"]
+        row["achieved_over_ideal_best"] = row["speedup_best"] / row["ideal_speedup"]
+        best_window = int(row["early_exit_best"].split("_")[0][1:])
         if args.compile and batch == max(args.batches):
-            started = time.perf_counter()
-            walker = FastWalker(classifier.model, policy, batch, token_types=types, lanes=max(args.lanes),
-                                compile_decisions=True)
-            list(walker.run_batches(padded))
-            row["compile_warmup_s"] = time.perf_counter() - started
-            row["early_exit_compiled_ms"] = 1000 * timed(lambda w=walker, p=padded: list(w.run_batches(p)), device,
-                                                         args.warmup, args.reps)
-            row["early_exit_compiled_steps_us"] = step_times(walker, device)
-            print(f"  compiled decisions: {row['early_exit_compiled_ms']:.2f} ms (warm-up "
-                  f"{row['compile_warmup_s']:.0f} s), steps {row['early_exit_compiled_steps_us']}")
-        for lanes in args.lanes:
-            speedup = row[f"full_lanes{lanes}_ms"] / row[f"early_exit_lanes{lanes}_ms"]
-            row[f"speedup_lanes{lanes}"] = speedup
-            row[f"achieved_over_ideal_lanes{lanes}"] = speedup / row["ideal_speedup"]
+            for window in sorted({batch, best_window}):
+                started = time.perf_counter()
+                walker = FastWalker(classifier.model, policy, batch, token_types=types, lanes=max(args.lanes),
+                                    compile_decisions=True, window=window)
+                list(walker.run_batches(padded))
+                row[f"compile_w{window}_warmup_s"] = time.perf_counter() - started
+                row[f"early_exit_compiled_w{window}_ms"] = 1000 * timed(
+                    lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup, args.reps)
+                print(f"  compiled decisions, window {window}: {row[f'early_exit_compiled_w{window}_ms']:.2f} ms "
+                      f"(warm-up {row[f'compile_w{window}_warmup_s']:.0f} s)")
         row["tokenize_serial_ms"] = 1000 * timed(lambda: classifier.encode(first, second), device, 1, 3)
         row["tokenize_stream_ms"] = 1000 * timed(
             lambda b=batch: list(TokenizedBatches(classifier._tokenizers, first, second, b, classifier.max_length)),
             device, 1, 3)
         for label, chosen in (("full", full), ("early_exit", policy)):
             classifier.policy = chosen
+            classifier.window = int(row[f"{label}_best"].split("_")[0][1:])  # each at its fastest window
             row[f"end_to_end_{label}_ms"] = 1000 * timed(lambda b=batch: classifier.exits(first, second, b), device,
                                                          args.warmup, args.reps)
-        classifier.policy = policy
+        classifier.policy, classifier.window = policy, None
         row["end_to_end_speedup"] = row["end_to_end_full_ms"] / row["end_to_end_early_exit_ms"]
+        row["end_to_end_over_ideal"] = row["end_to_end_speedup"] / row["ideal_speedup"]
         record["batches"].append(row)
-        full_steps, exit_steps = row["full_steps_us"], row["early_exit_steps_us"]
-        print(f"batch {batch}: mean exit {row['mean_exit_layer']:.2f}/{layers} (ideal {row['ideal_speedup']:.2f}x); "
-              + "; ".join(f"lanes {k}: full {row[f'full_lanes{k}_ms']:.2f} ms, exit "
-                          f"{row[f'early_exit_lanes{k}_ms']:.2f} ms = {row[f'speedup_lanes{k}']:.2f}x "
-                          f"({row[f'achieved_over_ideal_lanes{k}']:.2f} of ideal)" for k in args.lanes))
-        if full_steps:
-            print("  step GPU us (layer alone / with exit+decision): " + ", ".join(
-                f"{i}: {full_steps.get(i, float('nan')):.1f}/{exit_steps.get(i, float('nan')):.1f}"
-                for i in range(layers + 1)) + f" on bucket {exit_steps.get('bucket')}")
+        print(f"batch {batch}: mean exit {row['mean_exit_layer']:.2f}/{layers} (ideal {row['ideal_speedup']:.2f}x)")
+        for window in windows:
+            print(f"  window {window}: " + "; ".join(
+                f"lanes {k}: full {row[f'full_w{window}_lanes{k}_ms']:.2f} ms, exit "
+                f"{row[f'early_exit_w{window}_lanes{k}_ms']:.2f} ms = {row[f'speedup_w{window}_lanes{k}']:.2f}x "
+                f"({row[f'achieved_over_ideal_w{window}_lanes{k}']:.2f} of ideal)" for k in args.lanes))
+        print(f"  best: full {row['full_best_ms']:.2f} ms ({row['full_best']}), exit {row['early_exit_best_ms']:.2f} "
+              f"ms ({row['early_exit_best']}) = {row['speedup_best']:.2f}x ({row['achieved_over_ideal_best']:.2f} "
+              "of ideal)")
+        if row["full_steps_us"]:
+            print(f"  step GPU us, one batch per window: full {row['full_steps_us']}; "
+                  f"exit {row['early_exit_steps_us']}")
         print(f"  tokenize: serial {row['tokenize_serial_ms']:.1f} ms, stream {row['tokenize_stream_ms']:.1f} ms; "
-              f"end to end: full {row['end_to_end_full_ms']:.1f} ms, exit {row['end_to_end_early_exit_ms']:.1f} ms "
-              f"= {row['end_to_end_speedup']:.2f}x")
+              f"end to end (each at its best window): full {row['end_to_end_full_ms']:.1f} ms, exit "
+              f"{row['end_to_end_early_exit_ms']:.1f} ms = {row['end_to_end_speedup']:.2f}x "
+              f"({row['end_to_end_over_ideal']:.2f} of ideal)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))

@@ -178,7 +178,7 @@ class Server:
                         "--device", args.device, "--max-batch-size", str(args.max_batch_size),
                         "--batch-timeout", str(args.batch_timeout), "--workers-per-device",
                         str(args.workers_per_device), "--threads", str(args.threads),
-                        "--timeout", str(args.request_timeout),
+                        "--timeout", str(args.request_timeout), "--api-servers", str(args.api_servers),
                         *(["--full"] if mode == "full" else [])]
         self.log = logs / f"server_{mode}.log"
         with open(self.log, "w") as log:
@@ -535,6 +535,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--batch-timeout", type=float, default=0.005)
     parser.add_argument("--workers-per-device", type=int, default=1)
+    parser.add_argument("--api-servers", type=int, default=1, help="the server's HTTP processes")
     parser.add_argument("--threads", default="auto", help="the server's --threads")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="the server's --timeout")
     parser.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")

@@ -68,6 +68,11 @@ def test_runtime_walk_equals_the_trace_walk(family):
     assert torch.equal(found.layers, expected_layers) and torch.equal(found.predictions, expected_predictions)
     fast = FastWalker(model, ConfidencePolicy(threshold), max_batch=32, token_types=False).run(ids, mask)
     assert torch.equal(fast.layers, expected_layers) and torch.equal(fast.predictions, expected_predictions)
+    # three batches in one window, each layer in launches of at most 8 rows: the same exits
+    windowed = FastWalker(model, ConfidencePolicy(threshold), max_batch=8, window=24, token_types=False)
+    parts = list(windowed.run_batches([(ids[i:i + 8], mask[i:i + 8]) for i in (0, 8, 16)]))
+    assert torch.equal(torch.cat([p.layers for p in parts]), expected_layers)
+    assert torch.equal(torch.cat([p.predictions for p in parts]), expected_predictions)
 
 
 def test_albert_shares_its_layer_groups_across_depth():

@@ -51,6 +51,7 @@ def policies(model: MultiExitModel, threshold: float) -> dict:
     torch.manual_seed(1)
     return {"static": StaticPolicy(2), "confidence": ConfidencePolicy(threshold), "patience": PatiencePolicy(1),
             "reinforce": ReinforcePolicy(layers, hidden, 2, hidden=16), "lte": LearnToExitPolicy(hidden, 0.5),
+            "reinforce_history": ReinforcePolicy(layers, hidden, 2, hidden=16, features="history"),  # walk memory
             "calm_margin": CalmPolicy("margin", 2 * threshold - 1),
             "calm_saturation": CalmPolicy("saturation", 0.9),  # memory changes shape: eager after the layer
             "free_fixed": FreePolicy(1, threshold, adaptive=False),
@@ -58,26 +59,34 @@ def policies(model: MultiExitModel, threshold: float) -> dict:
 
 
 def pipelined_equals_one_at_a_time(device: torch.device, graphs: bool) -> set:
-    """Several batches in flight (3 lanes) answer exactly what one batch at a time does, and what the trace walk
-    does on the live backbone, for every agent and rule; returns which policies exited rows at several layers."""
+    """Several batches in flight (3 lanes), and windows of several batches walked together in launches of at most
+    ``max_batch`` rows (2 lanes of 72-row windows, split where the sequence bucket changes), answer exactly what one
+    batch at a time does, and what the trace walk does on the live backbone, for every agent and rule; returns which
+    policies exited rows at several layers."""
     model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
     model = model.to(device)
     with torch.no_grad():
         first = model(ids.to(device), mask.to(device)).logits[:, 0].float()
     threshold = float(torch.softmax(first, -1).max(-1).values.median())
     batches = [(ids[i:i + n], mask[i:i + n]) for i, n in ((0, 8), (8, 5), (13, 11), (2, 1), (4, 16), (0, 24))]
+    batches.insert(4, (ids[3:9, :7], mask[3:9, :7]))  # a shorter sequence bucket: a window of its own
     mixed = set()
     for name, policy in policies(model, threshold).items():
         one = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs, token_types=False,
                          lanes=1)
         many = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs, token_types=False,
                           lanes=3)
+        windowed = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs,
+                              token_types=False, lanes=2, window=72, seq_multiple=4)
         reference = copy.deepcopy(policy).to(device)
         for _ in range(2):  # the second pass replays every graph
             expected = [one.run(i, m) for i, m in batches]
             got = list(many.run_batches(iter(batches)))
-            assert len(got) == len(batches)
-            for (batch_ids, batch_mask), a, b in zip(batches, expected, got):
+            together = list(windowed.run_batches(iter(batches)))
+            assert len(got) == len(together) == len(batches)
+            for (batch_ids, batch_mask), a, b, c in zip(batches, expected, got, together):
+                assert torch.equal(a.layers, c.layers) and torch.equal(a.predictions, c.predictions), name
+                assert torch.allclose(a.logits, c.logits, atol=1e-5), name
                 assert torch.equal(a.layers, b.layers) and torch.equal(a.predictions, b.predictions), name
                 assert torch.equal(a.logits, b.logits), name
                 with torch.no_grad():
@@ -88,6 +97,10 @@ def pipelined_equals_one_at_a_time(device: torch.device, graphs: bool) -> set:
                 mixed.add((name, len(set(b.layers.tolist())) > 1))
         in_flight = len(many.lanes)
         assert in_flight == (1 if policy.observes_final or not policy.graph_safe else 3), name
+        launched = {key[0] for lane in windowed.lanes for w in lane.windows.values() for key in w.steps}
+        buckets = {seq for lane in windowed.lanes for seq in lane.windows}
+        assert buckets == {8, 12} and "layer" in launched, name  # two sequence buckets; layers split in launches
+        assert windowed.window == (24 if policy.observes_final else 72), name  # learning between batches: one
     return mixed
 
 
@@ -99,6 +112,24 @@ def test_batches_in_flight_answer_what_one_batch_at_a_time_and_the_trace_walk_do
 @CUDA
 def test_batches_in_flight_on_cuda_graphs_answer_what_one_batch_at_a_time_does():
     assert ("confidence", True) in pipelined_equals_one_at_a_time(torch.device("cuda"), graphs=True)
+
+
+def test_warm_up_makes_every_step_a_one_launch_walk_needs_before_the_first_batch():
+    model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    with torch.no_grad():
+        first = model(ids, mask).logits[:, 0].float()
+    threshold = float(torch.softmax(first, -1).max(-1).values.median())
+    warmed = FastWalker(model, ConfidencePolicy(threshold), max_batch=8, token_types=False, lanes=2)
+    made = warmed.warm_up(max_length=ids.shape[1])  # 11 tokens: one sequence bucket of 16
+    assert made == 2 * len(warmed.buckets) * (1 + 3 + 1)  # lanes x sizes x (embedding, 3 layers, compaction)
+    steps = {key for lane in warmed.lanes for w in lane.windows.values() for key in w.steps}
+    batches = [(ids[i:i + n], mask[i:i + n]) for i, n in ((0, 8), (8, 3), (11, 8), (19, 5))]
+    got = list(warmed.run_batches(batches))
+    assert {key for lane in warmed.lanes for w in lane.windows.values() for key in w.steps} == steps  # none new
+    fresh = FastWalker(model, ConfidencePolicy(threshold), max_batch=8, token_types=False, lanes=2)
+    for a, b in zip(got, fresh.run_batches(batches)):  # warming changed no answer
+        assert torch.equal(a.layers, b.layers) and torch.equal(a.logits, b.logits)
+    assert len({int(layer) for a in got for layer in a.layers}) > 1
 
 
 def test_lanes_must_be_positive():
@@ -136,8 +167,8 @@ def test_cuda_graphs_equal_the_same_steps_run_eagerly(family, dtype):
             agree = float((walked.layers.cpu() == a.layers).float().mean())
             assert agree >= (0.95 if dtype == torch.float32 else 0.8), (family, name, agree)  # padded shapes
             mixed.add((name, len(set(a.layers.tolist())) > 1))
-        layers = [step for b in graphed._buckets.values() for i, step in b.steps.items() if i > 0]
-        layers += [move for b in graphed._buckets.values() for move in b.moves.values()]  # compactions
+        layers = [step for lane in graphed.lanes for w in lane.windows.values() for key, step in w.steps.items()
+                  if key[0] != "embed"]  # layers, decisions, compactions
         assert layers and all(step.graph is not None for step in layers), (family, name)  # the embedding may not
     assert ("confidence", True) in mixed  # rows left at different layers: the buckets moved rows
 

@@ -74,7 +74,7 @@ def server(runs, tmp_path_factory):
            "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [sys.executable, "-m", "exitrl.serve", *map(str, runs), "--port", str(port), "--device", "cpu",
                "--threads", "1", "--batch-timeout", "0.25", "--max-texts-per-request", str(MAX_TEXTS),
-               "--max-chars", str(MAX_CHARS)]
+               "--max-chars", str(MAX_CHARS), "--api-servers", "2"]  # two HTTP processes, one worker
     with open(logs / "out.txt", "w") as out, open(logs / "err.txt", "w") as err:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=err, start_new_session=True, cwd=logs)
     url = f"http://127.0.0.1:{port}"
@@ -278,6 +278,7 @@ def test_command_line_errors_come_before_any_model_loads(runs, tmp_path, capsys)
         ([rte, "--max-texts-per-request", 0], "--max-texts-per-request must be >= 1, got 0."),
         ([rte, "--max-chars", -5], "--max-chars must be >= 1, got -5."),
         ([rte, "--workers-per-device", 0], "--workers-per-device must be >= 1, got 0."),
+        ([rte, "--api-servers", 0], "--api-servers must be >= 1, got 0."),
         ([rte, "--batch-timeout", -1], "--batch-timeout must be >= 0 and below --timeout (30.0 s), got -1.0."),
         ([rte, "--host", "10.1.2.3"], "--host must be one of 127.0.0.1, 0.0.0.0, :: or localhost"),
         ([rte, "--port", 80], "--port must be between 1024 and 65535, got 80."),

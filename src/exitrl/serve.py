@@ -86,6 +86,7 @@ class ServeConfig:
     threads: int | str
     timeout: float
     log_level: str
+    api_servers: int = 1
 
     @property
     def url(self) -> str:
@@ -112,7 +113,8 @@ def check_config(args: argparse.Namespace) -> ServeConfig:
                          "pip install 'exitrl[serve]' (LitServe 0.2.19 and prometheus-client).")
     for flag, value, low in (("--max-batch-size", args.max_batch_size, 1),
                              ("--max-texts-per-request", args.max_texts_per_request, 1),
-                             ("--max-chars", args.max_chars, 1), ("--workers-per-device", args.workers_per_device, 1)):
+                             ("--max-chars", args.max_chars, 1), ("--workers-per-device", args.workers_per_device, 1),
+                             ("--api-servers", args.api_servers, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}.")
     if not 0 < args.timeout:
@@ -142,7 +144,7 @@ def check_config(args: argparse.Namespace) -> ServeConfig:
     check_port(host, args.port)
     return ServeConfig(runs, host, args.port, device, args.max_batch_size, args.batch_timeout,
                        args.max_texts_per_request, args.max_chars, args.full, args.workers_per_device, args.threads,
-                       args.timeout, args.log_level)
+                       args.timeout, args.log_level, args.api_servers)
 
 
 _main_pid: list[int] = []
@@ -224,7 +226,8 @@ def _serve(config: ServeConfig, metrics_dir: str) -> int:
           f"POST {config.url}{PREDICT_PATH} answers once GET {config.url}/health says ok "
           f"(metrics: {config.url}/metrics)", flush=True)
     try:
-        server.run(host=config.host, port=config.port, log_level=config.log_level, generate_client_file=False)
+        server.run(host=config.host, port=config.port, log_level=config.log_level, generate_client_file=False,
+                   num_api_servers=config.api_servers)
     except KeyboardInterrupt:  # while the workers were loading, before LitServe's own shutdown covers them
         stop_processes(server)
         _stopped.append(_stopped[-1] if _stopped else signal.SIGINT)
@@ -254,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="serve the full model: every row runs every layer (the runs' policies are not used)")
     parse.add_argument("--workers-per-device", type=int, default=1,
                        help="inference processes per GPU (or on the CPU), each with every run loaded")
+    parse.add_argument("--api-servers", type=int, default=1,
+                       help="HTTP server processes in front of the workers (default 1); more when one process's "
+                            "request handling, not the model, bounds throughput")
     parse.add_argument("--timeout", type=float, default=30.0,
                        help="seconds a request may wait for a worker before it is answered 504 (default 30)")
     parse.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="LitServe's and uvicorn's logs")

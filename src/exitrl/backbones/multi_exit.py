@@ -184,13 +184,23 @@ class MultiExitModel(nn.Module):
             out = encoder.conv(hidden, out, layer_inputs["input_mask"])
         return out
 
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+             weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The pooled state ``[B, H]``: the first token's, or the mean of the real tokens' (a batched matrix
+        product, then a division: two kernels). ``weights``: `pool_weights` of the mask, when the caller keeps them
+        (the fast path computes them once per batch)."""
         if self.encoder.config.model_type == "modernbert":
             hidden = self.encoder.final_norm(hidden)
         if self.pooling == "cls":
             return hidden[:, 0]
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        mask, count = self.pool_weights(attention_mask, hidden.dtype) if weights is None else weights
+        return torch.bmm(mask, hidden).squeeze(1) / count
+
+    @staticmethod
+    def pool_weights(attention_mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean pooling's mask ``[B, 1, S]`` and token count ``[B, 1]`` (at least 1), in the hidden states' dtype."""
+        mask = attention_mask.unsqueeze(1).to(dtype)
+        return mask, mask.sum(-1).clamp_min(1.0)
 
     def exit_logits(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
         return self.heads[index](self.dropout(pooled))

@@ -53,10 +53,14 @@ class EarlyExitClassifier:
 
     def __init__(self, model: MultiExitModel, tokenizer, policy: ExitPolicy, label_names: list[str],
                  max_length: int = 128, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 fast: bool | None = None, compile_decisions: bool = False):
+                 fast: bool | None = None, compile_decisions: bool = False, window: int | None = None):
         """``dtype``: the backbone's weights (default bf16 on CUDA, fp32 on the CPU); ``fast``: the fast path
         (`exitrl.runtime.fast_walk`; default on CUDA, where it captures CUDA graphs); ``compile_decisions``: the fast
-        path's exit heads and decisions through torch.compile (fewer kernels per layer, minutes of warm-up)."""
+        path's exit heads and decisions through torch.compile (fewer kernels per layer, minutes of warm-up);
+        ``window``: rows the fast path walks up the layers together, in launches of at most the batch size (None:
+        one batch; see `FastWalker`)."""
+        if window is not None and int(window) < 1:
+            raise ValueError(f"window must be >= 1 row (or None: one batch), got {window}.")
         if not policy.deployable:
             raise ValueError(f"The {policy.name} policy is analysis only (it reads answers it cannot have at "
                              "inference); pick a deployable agent or rule.")
@@ -67,7 +71,8 @@ class EarlyExitClassifier:
         self.model = model.to(self.device, dtype).eval()
         self.fast = self.device.type == "cuda" if fast is None else bool(fast)
         self.compile_decisions = bool(compile_decisions)
-        self._walkers: dict[tuple[int, int], FastWalker] = {}
+        self.window = None if window is None else int(window)
+        self._walkers: dict[tuple, FastWalker] = {}
         self.tokenizer, self.label_names, self.max_length = tokenizer, list(label_names), int(max_length)
         self._tokenizers = TokenizerPool(tokenizer)  # threads that tokenize ahead of the model
         self.policy = policy.to(self.device)
@@ -78,7 +83,7 @@ class EarlyExitClassifier:
         """What ``python -m exitrl.train`` left in ``run_dir``: the backbone the run used (in the folder when
         co-trained or exported, else the cache entry its record names; a missing one is an error that says how to
         rebuild it), the tokenizer, the label names, the traced length and the policy. ``options``: ``dtype``,
-        ``fast``, ``compile_decisions`` (see the constructor)."""
+        ``fast``, ``compile_decisions``, ``window`` (see the constructor)."""
         run = Run.load(run_dir)
         model, tokenizer, meta = MultiExitModel.load(run.backbone_path())
         record = run.record
@@ -102,8 +107,10 @@ class EarlyExitClassifier:
         ``workers`` threads (`exitrl.runtime.stream`) while the model runs the batches before them."""
         if workers is not None and workers != self._tokenizers.workers:
             self._tokenizers = TokenizerPool(self.tokenizer, workers)
+        # a tokenizer window holds a whole walker window, so the walker never waits on several tokenizer jobs
+        window_batches = max(2, self.walker(batch_size).batches_per_window) if self.fast else 2
         stream = TokenizedBatches(self._tokenizers, texts, pairs, batch_size, self.max_length, bucket,
-                                  pin_memory=self.device.type == "cuda")
+                                  window_batches=window_batches, pin_memory=self.device.type == "cuda")
         n = len(stream.texts)
         layers = torch.empty(n, dtype=torch.long)
         predictions = torch.empty(n, dtype=torch.long)
@@ -138,12 +145,18 @@ class EarlyExitClassifier:
 
     def walker(self, batch_size: int) -> FastWalker:
         """The fast path for this policy and batch size (its buckets and graphs are kept between calls)."""
-        key = (id(self.policy), batch_size)
+        key = (id(self.policy), batch_size, self.window)
         if key not in self._walkers or self._walkers[key].policy is not self.policy:
             self._walkers[key] = FastWalker(self.model, self.policy, batch_size,
                                             token_types="token_type_ids" in self.tokenizer.model_input_names,
-                                            compile_decisions=self.compile_decisions)
+                                            compile_decisions=self.compile_decisions, window=self.window)
         return self._walkers[key]
+
+    def warm_up(self, batch_size: int = 32) -> int:
+        """Capture the fast path's steps for every sequence and batch bucket up to ``max_length`` and
+        ``batch_size`` now, not at the first request of each shape (`FastWalker.warm_up`); returns the steps made
+        (0 off the fast path)."""
+        return self.walker(batch_size).warm_up(self.max_length) if self.fast else 0
 
     def predict(self, texts: list[str] | list[tuple[str, str]], batch_size: int = 32, bucket: bool = True,
                 progress: bool = False) -> list[dict]:

@@ -1,30 +1,39 @@
 """The fast path of the inference runtime: the walk of `exitrl.evaluation.walk`, shaped so a GPU can run it with
 almost no per-layer overhead.
 
-On a GPU, small batches are launch-bound: an eager layer costs more in kernel launches than in arithmetic, and a
-host read per layer stalls the pipeline, so a naive early-exit loop is slower than not exiting at all. Here:
+On a GPU, small batches are launch-bound: an eager layer costs more in kernel launches than in arithmetic, a layer
+on 16 rows costs about what it costs on 32, and a host read per layer stalls the pipeline, so a naive early-exit
+loop is slower than not exiting at all. Here:
 
-- each batch is padded to a **bucket** of batch size and of sequence length (a multiple of ``seq_multiple``), and
-  every step on a bucket works on fixed tensors owned by that bucket (`Bucket`): the hidden states, the layer
-  inputs, which rows are still alive, where each row's answer goes, the policy's memory and each row's answer;
-- each step (the embedding; a layer with its pooling, exit head, policy decision and exit bookkeeping) runs eagerly
-  once, is then captured as a CUDA graph and replayed from then on (`Replayable`): one launch per layer;
-- decisions stay on the device: rows that exit are marked dead in the bucket (their answer recorded by a
-  device-side select); the only host read is the number of rows alive, 8 bytes, and only at layers where a row may
-  exit (``ExitPolicy.first_exit_layer``; a static exit reads once). Rows move to a smaller bucket (compaction,
-  alive rows first, with their memory and answers) only when the alive count fits one, so the graphs stay few;
-- the GPU never waits on that read: `FastWalker.run_batches` keeps several batches in flight (``lanes``, each with
-  its own buckets), one walk per batch as a generator that stops at each read. While the host waits for one
-  batch's count (an event on that batch's last step, not a stream synchronisation), the GPU runs the layers queued
-  for the others, so a read costs the host's turnaround, not an idle GPU. A policy with state that changes between
-  batches (``observes_final``) or host reads (not ``graph_safe``) walks one batch at a time, in order, as the
-  trace walk does, so its decisions are the ones evaluation measured;
-- a policy that cannot be captured (``graph_safe`` False: host reads, or Python state that changes between calls,
-  like FREE's online threshold) runs eagerly after the captured layer, on the same buffers; one that learns at the
-  last layer (``observes_final``) sees exactly the rows that reached it.
+- rows are walked in **windows**: up to ``window`` rows (several batches of at most ``max_batch`` rows, with the
+  same sequence bucket) go up the layers together, and each layer runs on the window's rows still alive in launches
+  of at most ``max_batch`` rows (the last one padded to a **bucket** size: powers of two to 16, then steps of 16).
+  With ``window == max_batch`` (the default) a window is one batch; a larger window keeps every launch full while
+  rows leave, which is what turns saved layers into saved time at small batch sizes. No launch is wider than
+  ``max_batch``, so its memory is what a batch of that size needs;
+- every step works on fixed tensors owned by the window (`Window`) and on leading rows of them (`Rows`, views): the
+  hidden states, the layer inputs, which rows are still alive, where each row's answer goes, the policy's memory
+  and each row's answer. Each step runs eagerly once, is then captured as a CUDA graph and replayed from then on
+  (`Replayable`): one launch per layer launch, and one for the exit heads and decisions of the window's rows;
+- decisions stay on the device: rows that exit are marked dead (their answer recorded by a device-side select); the
+  only host read is the number of rows alive, 8 bytes, with the answers so far, and only at layers where a row may
+  exit (``ExitPolicy.first_exit_layer``; a static exit reads once). Alive rows move to the front (compaction, with
+  their memory and answers; an argsort on the device) only when that saves a launch or shrinks one, so the graphs
+  stay few; the host puts the answers back in row order from each row's recorded position;
+- the GPU never waits on that read: `FastWalker.run_batches` keeps several windows in flight (``lanes``, each with
+  its own buffers), one walk per window as a generator that stops at each read. While the host waits for one
+  window's count (an event on that window's last step, not a stream synchronisation), the GPU runs the layers
+  queued for the others. A policy with state that changes between batches (``observes_final``) walks one batch
+  per window, one at a time, in order, as the trace walk does, so its decisions are the ones evaluation measured;
+  one with host reads (not ``graph_safe``) walks one window at a time;
+- a policy that cannot be captured (``graph_safe`` False: host reads, or memory that changes shape) decides
+  eagerly after the captured layers, on the same buffers; one that learns at the last layer (``observes_final``)
+  sees exactly the rows that reached it.
 
-Without CUDA (or with ``graphs=False``) every step simply runs eagerly: the same code, which is how the CPU tests
-check that this path equals `exitrl.evaluation.walk.walk` exit for exit.
+A row's decision reads only that row, and rows are padded to the same sequence bucket whatever window they share,
+so windows change when rows run, not what they answer. Without CUDA (or with ``graphs=False``) every step simply runs
+eagerly: the same code, which is how the CPU tests check that this path equals `exitrl.evaluation.walk.walk` exit
+for exit.
 """
 
 from __future__ import annotations
@@ -45,230 +54,237 @@ TOKEN_PLANES = 4  # input ids, attention mask, token types, and a plane whose co
 
 
 def batch_buckets(max_batch: int) -> list[int]:
-    """Batch sizes graphs are captured for: powers of two to 16, then steps of 16 (a dead row costs at most 16 rows
-    of work per layer), up to ``max_batch``."""
+    """Row counts launches are captured for: powers of two to 16, then steps of 16 (a dead row costs at most 16
+    rows of work per layer), up to ``max_batch``."""
     sizes = {1, 2, 4, 8, 16, *range(32, max_batch + 16, 16)}
     return sorted(size for size in sizes if size < max_batch) + [max_batch]
 
 
-class Lane:
-    """One batch in flight: its own buckets (so batches in flight never share a buffer), its own answer table and
-    its host copy."""
-
-    def __init__(self, walker: FastWalker, index: int):
-        self.walker, self.index = walker, index
-        pinned = walker.device.type == "cuda"
-        self.answers = torch.zeros(walker.capacity + 1, 2 + walker.model.num_labels, device=walker.device)  # + spare
-        self.host_answers = torch.zeros(self.answers.shape, pin_memory=pinned)
-        self.buckets: dict[tuple[int, int], Bucket] = {}
-
-    def bucket(self, rows: int, seq: int) -> Bucket:
-        size = next(size for size in self.walker.buckets if size >= rows)
-        if (size, seq) not in self.buckets:
-            self.buckets[(size, seq)] = Bucket(self.walker, size, seq, self)
-        return self.buckets[(size, seq)]
+def launches(rows: int, width: int, buckets: list[int]) -> list[tuple[int, int]]:
+    """``(start, size)`` of the launches that cover the first ``rows`` rows at most ``width`` at a time: full
+    launches, then the smallest bucket that holds the rest."""
+    full = rows - rows % width
+    spans = [(start, width) for start in range(0, full, width)]
+    if rows > full:
+        spans.append((full, next(size for size in buckets if size >= rows - full)))
+    return spans
 
 
-class Bucket:
-    """Everything a batch of ``size`` rows and ``seq`` tokens needs on the device, allocated once (per lane)."""
+class Rows:
+    """Rows ``[start, start + size)`` of a window: views of its tensors, so a step on them writes the window in
+    place. The steps (embedding, layer, exit head, decision, compaction) are written once, here."""
 
-    def __init__(self, walker: FastWalker, size: int, seq: int, lane: Lane):
-        self.walker, self.size, self.seq, self.lane = walker, size, seq, lane
-        model, device = walker.model, walker.device
-        self.tokens = torch.zeros(TOKEN_PLANES, size, seq, dtype=torch.long, device=device)
-        self.tokens[1] = 1
-        self.tokens[3, :, 0] = 1
-        hidden, inputs = self._embed()
-        self.hidden, self.inputs = hidden, inputs  # the first embedding's outputs become the bucket's buffers
-        self.alive = torch.zeros(size, dtype=torch.bool, device=device)
-        self.position = torch.zeros(size, dtype=torch.long, device=device)
-        self.memory = walker.init_memory(size)
-        self.states = torch.zeros(size, model.hidden_size, dtype=STATE_DTYPE, device=device)
-        self.logits = torch.zeros(size, model.num_labels, device=device)
-        self.answers = torch.zeros(size, 2 + model.num_labels, device=device)  # exit layer, prediction, logits
-        pinned = device.type == "cuda"
-        # the answers as of the last decision, copied to the host with the alive count: when the batch never
-        # moved bucket, they are final once nobody is alive, with no further round trip
-        self.host_answers = torch.zeros(self.answers.shape, pin_memory=pinned)
-        self.alive_count = torch.zeros((), dtype=torch.long, pin_memory=pinned)  # written by the decision step
-        self.steps: dict[int, Replayable] = {}  # 0: the embedding; 1..L: the layers
-        self.moves: dict[int, Replayable] = {}  # compaction into the bucket of that size
-        # where a batch is staged on the host: pinned, so the one copy per batch overlaps nothing it must wait for
-        self.staging = torch.zeros(self.tokens.shape, dtype=torch.long, pin_memory=pinned)
+    def __init__(self, window: Window, start: int, size: int):
+        self.window, self.walker, self.start, self.size = window, window.walker, start, size
+        span = slice(start, start + size)
+        self.tokens = window.tokens[:, span]
+        self.hidden = window.hidden[span]
+        self.inputs = {k: v if k == SHARED else tree_map(lambda t: t[span], v) for k, v in window.inputs.items()}
+        self.alive, self.position = window.alive[span], window.position[span]
+        self.pool_mask, self.pool_count = window.pool_mask[span], window.pool_count[span]
+        self.states, self.logits = window.states[span], window.logits[span]
+        self.exit_layer, self.exit_logits = window.exit_layer[span], window.exit_logits[span]
 
-    # -- the steps --------------------------------------------------------------------------------------------
-    def _embed(self) -> tuple[torch.Tensor, dict]:
-        ids, mask, types = self.tokens[0], self.tokens[1], self.tokens[2]
-        return self.walker.model.embed(ids, mask, types if self.walker.token_types else None, materialize_mask=True)
+    @property
+    def memory(self) -> dict[str, torch.Tensor]:
+        """The policy's memory of these rows (views; an eager policy may have replaced the window's tensors)."""
+        return {k: v[self.start:self.start + self.size] for k, v in self.window.memory.items()}
 
     def embed(self) -> None:
         """Embed the staged tokens; reset which rows are alive, where their answers go and the policy's memory."""
-        hidden, inputs = self._embed()
+        walker = self.walker
+        ids, mask, types = self.tokens[0], self.tokens[1], self.tokens[2]
+        hidden, inputs = walker.model.embed(ids, mask, types if walker.token_types else None, materialize_mask=True)
         self.hidden.copy_(hidden)
         tree_copy(self.inputs, inputs)
+        tree_copy((self.pool_mask, self.pool_count), walker.model.pool_weights(mask, hidden.dtype))
         self.alive.copy_(self.tokens[3, :, 0].bool())
-        rows = torch.arange(self.size, device=self.alive.device)
-        self.position.copy_(torch.where(self.alive, rows, self.walker.capacity))  # padding writes a spare slot
-        if self.walker.policy.graph_safe:  # else `reset_memory` runs eagerly after the step
-            for key, value in self.walker.init_memory(self.size).items():
-                self.memory[key].copy_(value)
+        rows = torch.arange(self.start, self.start + self.size, device=self.alive.device)
+        self.position.copy_(torch.where(self.alive, rows, walker.window))  # padding points past the real rows
+        if walker.policy.graph_safe:  # else `Window.reset_memory` runs eagerly before the walk
+            memory = self.memory
+            for key, value in walker.init_memory(self.size).items():
+                memory[key].copy_(value)
+
+    def layer(self, layer: int) -> None:
+        """Layer ``layer`` (1-indexed) on these rows' hidden states."""
+        self.hidden.copy_(self.walker.model.run_layer(layer - 1, self.hidden, self.inputs))
+
+    def exit_head(self, layer: int) -> None:
+        model = self.walker.model
+        pooled = model.pool(self.hidden, self.tokens[1], (self.pool_mask, self.pool_count))
+        self.logits.copy_(model.exit_logits(layer - 1, pooled).float())
+        self.states.copy_(pooled)  # the precision a trace keeps, which policies learned from
+
+    def decide(self, layer: int, captured: bool) -> None:
+        """The policy's decision and the exit bookkeeping, on the device, in few kernels: a leaving row's exit layer
+        and logits are recorded (its prediction is their argmax, taken on the host) and it is marked dead."""
+        walker = self.walker
+        if layer == walker.num_layers:
+            leave = self.alive  # everyone left
+        else:
+            memory = self.memory
+            history = step_history(memory, self.states, self.logits) if walker.policy.uses_history else None
+            batch = LayerBatch(layer, walker.num_layers, self.states.float(), self.logits, history=history)
+            leave = walker.policy.decide(batch, memory).to(torch.bool)
+            for key, value in memory.items():
+                self.keep_memory(key, value, captured)
+            leave = leave & self.alive
+        self.exit_layer.masked_fill_(leave, layer)
+        self.exit_logits.copy_(torch.where(leave[:, None], self.logits, self.exit_logits))
+        self.alive.logical_xor_(leave)  # leaving rows were alive
+
+    def keep_memory(self, key: str, value: torch.Tensor, captured: bool) -> None:
+        """Write a decision's memory back into the window (graphs read and write fixed tensors; an eager policy's
+        memory may change shape, then the window's tensor is replaced)."""
+        window, span = self.window, slice(self.start, self.start + self.size)
+        if captured or window.memory[key][span].shape == value.shape:
+            window.memory[key][span].copy_(value)
+            return
+        replaced = torch.zeros((window.size, *value.shape[1:]), dtype=value.dtype, device=value.device)
+        replaced[span] = value
+        window.memory[key] = replaced
+
+    def exit_and_decide(self, layer: int) -> None:
+        """The exit heads, the decision and the bookkeeping of graph-safe policies: what
+        ``FastWalker(compile_decisions=True)`` hands to torch.compile, so their many small kernels fuse into few."""
+        self.exit_head(layer)
+        self.decide(layer, True)
+
+    def compact(self) -> None:
+        """The alive rows first (in order), dead ones after, with everything that follows a row; on the device
+        (the order comes from a sort, not from the host)."""
+        order = torch.argsort((~self.alive).to(torch.int8), stable=True)
+        for tensor in (self.hidden, self.alive, self.position, self.exit_layer, self.exit_logits, self.pool_mask,
+                       self.pool_count):
+            tensor.copy_(tensor[order])
+        self.tokens.copy_(self.tokens[:, order])
+        tree_copy({k: v for k, v in self.inputs.items() if k != SHARED},
+                  {k: tree_map(lambda t: t[order], v) for k, v in self.inputs.items() if k != SHARED})
+        for key, value in self.memory.items():
+            self.keep_memory(key, value[order], self.walker.policy.graph_safe)
+
+
+class Window:
+    """Everything ``walker.window`` rows of ``seq`` tokens need on the device, allocated once per lane and sequence
+    bucket, with the steps captured on its rows."""
+
+    def __init__(self, walker: FastWalker, seq: int):
+        self.walker, self.size, self.seq = walker, walker.window, seq
+        model, device = walker.model, walker.device
+        self.tokens = torch.zeros(TOKEN_PLANES, self.size, seq, dtype=torch.long, device=device)
+        self.tokens[1] = 1
+        self.tokens[3, :, 0] = 1
+        # the first embedding's outputs become the window's buffers; cloned, since a layer input may be a view of
+        # the tokens (DeBERTa's input mask), which compaction must not move twice
+        hidden, inputs = model.embed(self.tokens[0], self.tokens[1], self.tokens[2] if walker.token_types else None,
+                                     materialize_mask=True)
+        self.hidden, self.inputs = hidden, tree_map(torch.clone, inputs)
+        self.pool_mask, self.pool_count = model.pool_weights(self.tokens[1], hidden.dtype)  # mean pooling's
+        self.alive = torch.zeros(self.size, dtype=torch.bool, device=device)
+        self.position = torch.zeros(self.size, dtype=torch.long, device=device)
+        self.memory = walker.init_memory(self.size)
+        self.states = torch.zeros(self.size, model.hidden_size, dtype=STATE_DTYPE, device=device)
+        self.logits = torch.zeros(self.size, model.num_labels, device=device)
+        self.exit_layer = torch.zeros(self.size, dtype=torch.long, device=device)  # each row's answer
+        self.exit_logits = torch.zeros(self.size, model.num_labels, device=device)
+        pinned = device.type == "cuda"
+        # the answers and where they go, as of the last decision: final once nobody is alive, with no further read
+        self.host_layer = torch.zeros(self.exit_layer.shape, dtype=torch.long, pin_memory=pinned)
+        self.host_logits = torch.zeros(self.exit_logits.shape, pin_memory=pinned)
+        self.host_position = torch.zeros(self.position.shape, dtype=torch.long, pin_memory=pinned)
+        self.alive_count = torch.zeros((), dtype=torch.long, pin_memory=pinned)  # written by each decision
+        # where a window is staged on the host: pinned, so its one copy overlaps nothing it must wait for
+        self.staging = torch.zeros(self.tokens.shape, dtype=torch.long, pin_memory=pinned)
+        self.steps: dict[tuple, Replayable] = {}
+
+    def rows(self, start: int, size: int) -> Rows:
+        return Rows(self, start, size)
 
     def reset_memory(self) -> None:
         """A fresh memory for a policy whose memory may change shape (not graph-safe): allocated eagerly."""
         self.memory = self.walker.init_memory(self.size)
 
-    def layer(self, layer: int, with_exit: bool) -> None:
-        """Layer ``layer`` (1-indexed) on the bucket's hidden states; with its exit head where a row may leave."""
-        model = self.walker.model
-        hidden = model.run_layer(layer - 1, self.hidden, self.inputs)
-        self.hidden.copy_(hidden)
-        if with_exit:
-            self.exit_head(layer, hidden)
+    def report(self, rows: int) -> None:
+        """Copy every row's answer and position, and the alive count of the first ``rows`` rows, to pinned host
+        memory (read once the step's event has passed)."""
+        self.host_layer.copy_(self.exit_layer, non_blocking=True)
+        self.host_logits.copy_(self.exit_logits, non_blocking=True)
+        self.host_position.copy_(self.position, non_blocking=True)
+        self.alive_count.copy_(self.alive[:rows].sum(), non_blocking=True)
 
-    def exit_head(self, layer: int, hidden: torch.Tensor) -> None:
-        model = self.walker.model
-        pooled = model.pool(hidden, self.tokens[1])
-        self.logits.copy_(model.exit_logits(layer - 1, pooled).float())
-        self.states.copy_(pooled)  # the precision a trace keeps, which policies learned from
-
-    def exit_and_decide(self, layer: int) -> None:
-        """The layer's exit head, the policy's decision and the bookkeeping, on the device: what
-        ``FastWalker(compile_decisions=True)`` hands to torch.compile, so its many small kernels fuse into few."""
-        self.exit_head(layer, self.hidden)
-        self.decide_on_device(layer, True)
-
-    def decide(self, layer: int, captured: bool) -> None:
-        """The policy's decision and the exit bookkeeping; writes the alive count to the walker's host slot."""
-        self.decide_on_device(layer, captured)
-        self.report()
-
-    def report(self) -> None:
-        """Copy the answers and the alive count to pinned host memory (read once the step's event has passed)."""
-        self.host_answers.copy_(self.answers, non_blocking=True)
-        self.alive_count.copy_(self.alive.sum(), non_blocking=True)
-
-    def decide_on_device(self, layer: int, captured: bool) -> None:
-        walker = self.walker
-        if layer == walker.num_layers:
-            leave = torch.ones_like(self.alive)
-        else:
-            memory = dict(self.memory)
-            history = step_history(memory, self.states, self.logits) if walker.policy.uses_history else None
-            batch = LayerBatch(layer, walker.num_layers, self.states.float(), self.logits, history=history)
-            leave = walker.policy.decide(batch, memory).to(torch.bool)
-            for key, value in memory.items():
-                if captured:
-                    self.memory[key].copy_(value)  # graphs read and write fixed tensors
-                else:
-                    self.memory[key] = value
-        leave = leave & self.alive
-        answer = torch.cat([torch.full_like(self.logits[:, :1], layer), self.logits.argmax(-1, keepdim=True).float(),
-                            self.logits], 1)
-        self.answers.copy_(torch.where(leave[:, None], answer, self.answers))
-        self.alive.logical_and_(~leave)
-
-    def run_layer(self, layer: int) -> None:
-        """One layer through its graphs (captured the first time)."""
-        walker = self.walker
-        if layer < walker.first_exit:
-            self.run_step(layer, lambda: self.layer(layer, False))
-            return
-        last = layer == walker.num_layers
-        if walker.policy.graph_safe and not (last and walker.policy.observes_final):
-            if walker.compiled is not None:
-                self.run_step(layer, lambda: (self.layer(layer, False), walker.compiled(self, layer), self.report()))
-            else:
-                self.run_step(layer, lambda: (self.layer(layer, True), self.decide(layer, True)))
-            return
-        self.run_step(layer, lambda: self.layer(layer, True))
-        if last and walker.policy.observes_final:
-            reached = torch.nonzero(self.alive).squeeze(1)
-            walker.policy.observe_final(
-                LayerBatch(layer, walker.num_layers, self.states[reached].float(), self.logits[reached]),
-                {k: v[reached] for k, v in self.memory.items()})
-        self.decide(layer, False)
-
-    def run_step(self, step: int, fn: Callable[[], None]) -> None:
-        """Step ``step`` (0: embedding, else a layer), made from ``fn`` the first time."""
-        if step not in self.steps:
-            name = "the embedding" if step == 0 else f"layer {step}"
+    def run(self, key: tuple, fn: Callable[[], None]) -> None:
+        """Step ``key``, made from ``fn`` the first time (captured as a graph where the walker uses them)."""
+        if key not in self.steps:
             family = self.walker.model.encoder.config.model_type
-            self.steps[step] = Replayable(fn, self.walker.pool, f"{name} of {family}")
-        self.steps[step]()
+            self.steps[key] = Replayable(fn, self.walker.pool, f"{key[0]} step {key[1:]} of {family}")
+        self.steps[key]()
 
-    # -- moving rows --------------------------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Write every row's answer to the walker's answer table (rows still running are rewritten later)."""
-        self.lane.answers[self.position] = self.answers
+    def decide(self, layer: int, rows: int) -> None:
+        """The exit heads, decisions and report of the first ``rows`` rows at ``layer``: one step (with the layer
+        itself when it ran in one launch)."""
+        span = self.rows(0, rows)
+        if self.walker.compiled is not None:
+            self.walker.compiled(span, layer)
+        else:
+            span.exit_and_decide(layer)
+        self.report(rows)
 
-    def move(self, other: Bucket) -> None:
-        """`move_to` ``other``, captured as a graph like the steps when the policy's memory keeps its shape."""
-        if not self.walker.policy.graph_safe:
-            self.move_to(other)
-            return
-        if other.size not in self.moves:
-            self.moves[other.size] = Replayable(lambda: self.move_to(other), self.walker.pool,
-                                                f"compaction {self.size} -> {other.size} rows")
-        self.moves[other.size]()
-
-    def move_to(self, other: Bucket) -> None:
-        """Compaction: the alive rows first (in order), then dead ones to fill ``other``'s size; all on the device
-        (the order comes from a sort, not from the host)."""
-        self.flush()
-        order = torch.argsort((~self.alive).to(torch.int8), stable=True)[:other.size]
-        other.hidden.copy_(self.hidden[order])
-        tree_copy({k: v for k, v in other.inputs.items() if k != SHARED},
-                  {k: tree_map(lambda t: t[order], v) for k, v in self.inputs.items() if k != SHARED})
-        other.tokens.copy_(self.tokens[:, order])
-        other.alive.copy_(self.alive[order])
-        other.position.copy_(self.position[order])
-        other.answers.copy_(self.answers[order])
-        for key, value in self.memory.items():
-            moved = value[order]
-            if other.memory[key].shape == moved.shape:
-                other.memory[key].copy_(moved)
-            else:  # memory that changes shape (only eager policies have it)
-                other.memory[key] = moved
+    def decide_eagerly(self, layer: int, rows: int) -> None:
+        """The same for a policy that cannot be captured; one that learns at the last layer first sees the rows
+        that reached it."""
+        walker, span = self.walker, self.rows(0, rows)
+        span.exit_head(layer)
+        if layer == walker.num_layers and walker.policy.observes_final:
+            reached = torch.nonzero(span.alive).squeeze(1)
+            walker.policy.observe_final(
+                LayerBatch(layer, walker.num_layers, span.states[reached].float(), span.logits[reached]),
+                {k: v[reached] for k, v in span.memory.items()})
+        span.decide(layer, False)
+        self.report(rows)
 
 
 class FastWalker:
-    """Walks batches of token ids up ``model`` under ``policy`` through per-bucket CUDA graphs (or eagerly, on the
-    same buffers, without CUDA or with ``graphs=False``). Build one per (model, policy); buckets and graphs are made
-    on first use and kept. ``lanes``: batches `run_batches` keeps in flight (each lane has its own buckets and
-    graphs); 1 walks one batch at a time."""
+    """Walks batches of token ids up ``model`` under ``policy`` through CUDA graphs (or eagerly, on the same
+    buffers, without CUDA or with ``graphs=False``). Build one per (model, policy); windows and graphs are made on
+    first use and kept. ``max_batch``: the most rows of a batch and of any launch; ``window``: rows walked up the
+    layers together (rounded up to a multiple of ``max_batch``; default ``max_batch``, one batch); ``lanes``:
+    windows `run_batches` keeps in flight (each with its own buffers and graphs); 1 walks one at a time."""
 
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
                  graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False,
-                 lanes: int = 2):
+                 lanes: int = 2, window: int | None = None):
         if int(lanes) < 1:
-            raise ValueError(f"lanes must be >= 1 (batches in flight), got {lanes}.")
+            raise ValueError(f"lanes must be >= 1 (windows in flight), got {lanes}.")
+        if int(max_batch) < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
+        if window is not None and int(window) < 1:
+            raise ValueError(f"window must be >= 1 row (or None: one batch), got {window}.")
         self.model, self.policy = model, policy
         self.device = next(model.parameters()).device
         self.num_layers = model.num_layers
         # a policy that reads the history needs every layer's head and decision step, from layer 1
         self.first_exit = 1 if policy.uses_history else max(1, min(int(policy.first_exit_layer), self.num_layers))
-        self.buckets = batch_buckets(max_batch)
+        self.buckets = batch_buckets(int(max_batch))
         self.capacity, self.seq_multiple = self.buckets[-1], int(seq_multiple)
+        # a policy that learns between batches sees them one at a time, as the trace walk shows them
+        self.batches_per_window = 1 if policy.observes_final else -(-int(window or max_batch) // self.capacity)
+        self.window = self.batches_per_window * self.capacity
         self.token_types = token_types
         use_graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device; use graphs=False on the CPU.")
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        # batches in flight must not change each other's decisions: a policy that learns between batches, or reads
+        # windows in flight must not change each other's decisions: a policy that learns between batches, or reads
         # the host inside its decision, walks them one at a time
         in_order = policy.observes_final or not policy.graph_safe
-        self.lanes = [Lane(self, index) for index in range(1 if in_order else int(lanes))]
-        # compile: the exit head, decision and bookkeeping of each layer through torch.compile (kernels fused; a
+        self.lanes = [Lane(self) for _ in range(1 if in_order else int(lanes))]
+        # compile: the exit heads, decision and bookkeeping of each layer through torch.compile (kernels fused; a
         # warm-up of minutes, once per layer and shape family) before capture
         self.compiled = None
         if compile_decisions:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-            self.compiled = torch.compile(Bucket.exit_and_decide, dynamic=True)
-
-    @property
-    def _buckets(self) -> dict[tuple[int, int, int], Bucket]:
-        """Every bucket of every lane, by (lane, size, seq)."""
-        return {(lane.index, *key): bucket for lane in self.lanes for key, bucket in lane.buckets.items()}
+            self.compiled = torch.compile(Rows.exit_and_decide, dynamic=True)
 
     def init_memory(self, size: int) -> dict[str, torch.Tensor]:
         return walk_memory(self.policy, size, self.model.hidden_size, self.device)
@@ -281,18 +297,66 @@ class FastWalker:
         return next(self.run_batches([(input_ids, attention_mask, token_type_ids)]))
 
     @torch.no_grad()
+    def warm_up(self, max_length: int) -> int:
+        """Capture, before any request, the steps a walk of one launch per layer may need: for every sequence bucket
+        up to ``max_length`` and every batch bucket, the embedding, each layer (with its decision where a row may
+        exit) and the compaction, in every lane; so a server's first requests of a new shape are not slowed by a
+        capture. Steps of windows wider than a batch are still made when first needed. Returns the steps made."""
+        made = 0
+        for lane in self.lanes:
+            for seq in range(self.seq_multiple, max(int(max_length), 1) + self.seq_multiple, self.seq_multiple):
+                window = lane.window(seq)
+                for size in self.buckets:
+                    before = len(window.steps)
+                    window.run(("embed", 0, size), lambda w=window, n=size: w.rows(0, n).embed())
+                    for layer in range(1, self.num_layers + 1):
+                        if layer >= self.first_exit and self.policy.graph_safe:
+                            window.run(("layer+decide", layer, size),
+                                       lambda w=window, n=size, i=layer: (w.rows(0, n).layer(i), w.decide(i, n)))
+                        else:
+                            window.run(("layer", layer, 0, size),
+                                       lambda w=window, n=size, i=layer: w.rows(0, n).layer(i))
+                    if self.policy.graph_safe:
+                        window.run(("compact", size), lambda w=window, n=size: w.rows(0, n).compact())
+                    made += len(window.steps) - before
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return made
+
+    def _windows(self, batches: Iterable[tuple]) -> Iterator[list[tuple]]:
+        """Consecutive batches grouped into windows: the same sequence bucket, at most ``window`` rows. A window
+        closes as soon as the next full batch could not fit, so a lazy stream is never waited on needlessly."""
+        group: list[tuple] = []
+        rows = seq = 0
+        for batch in batches:
+            count, length = batch[0].shape
+            if count > self.capacity:
+                raise ValueError(f"{count} rows in one batch, more than this walker's max_batch={self.capacity}.")
+            bucket = max(1, -(-length // self.seq_multiple)) * self.seq_multiple
+            if group and (bucket != seq or rows + count > self.window):
+                yield group
+                group, rows = [], 0
+            group.append(batch)
+            rows, seq = rows + count, bucket
+            if len(group) == self.batches_per_window or rows + self.capacity > self.window:
+                yield group
+                group, rows = [], 0
+        if group:
+            yield group
+
+    @torch.no_grad()
     def run_batches(self, batches: Iterable[tuple]) -> Iterator[Exits]:
         """`run` on each ``(input_ids, attention_mask[, token_type_ids])`` of ``batches``, answers yielded in order;
-        up to ``lanes`` batches in flight, so the GPU runs one batch's layers while the host reads another's alive
+        up to ``lanes`` windows in flight, so the GPU runs one window's layers while the host reads another's alive
         count. ``batches`` is consumed lazily (a tokenizer may still be filling it)."""
-        pending = iter(batches)
+        pending = self._windows(batches)
         active: deque[tuple[int, Generator, torch.cuda.Event | None]] = deque()  # oldest read first
         free = list(reversed(self.lanes))
-        done: dict[int, Exits] = {}
+        done: dict[int, list[Exits]] = {}
         started = answered = 0
 
         def advance(index: int, walk_one: Generator) -> None:
-            """Run a batch's walk to its next read (queued behind the others), or record its answers."""
+            """Run a window's walk to its next read (queued behind the others), or record its answers."""
             try:
                 active.append((index, walk_one, walk_one.send(None)))
             except StopIteration as finished:
@@ -302,69 +366,94 @@ class FastWalker:
 
         exhausted = False
         while True:
-            while free and not exhausted:  # every free lane takes the next batch
-                batch = next(pending, None)
-                exhausted = batch is None
+            while free and not exhausted:  # every free lane takes the next window
+                group = next(pending, None)
+                exhausted = group is None
                 if not exhausted:
-                    advance(started, self._walk(free.pop(), *batch))
+                    advance(started, self._walk(free.pop(), group))
                     started += 1
             if active:
                 index, walk_one, event = active.popleft()
                 if event is not None:
-                    event.synchronize()  # this batch's last step, not the work queued after it
+                    event.synchronize()  # this window's last step, not the work queued after it
                 advance(index, walk_one)
             while answered in done:
-                yield done.pop(answered)
+                yield from done.pop(answered)
                 answered += 1
             if exhausted and not active:
                 return
 
-    def _walk(self, lane: Lane, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              token_type_ids: torch.Tensor | None = None) -> Generator[torch.cuda.Event | None, None, tuple]:
-        """One batch's walk in ``lane``: enqueues steps and stops (yielding an event to wait for) wherever it must
-        read the device; returns ``(Exits, lane)``."""
-        rows, length = input_ids.shape
-        if rows > self.capacity:
-            raise ValueError(f"{rows} rows in one batch, more than this walker's max_batch={self.capacity}.")
-        if rows == 0:
-            return Exits(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                         torch.empty(0, self.model.num_labels)), lane
-        seq = -(-length // self.seq_multiple) * self.seq_multiple
-        bucket = start = lane.bucket(rows, seq)
-        staged = bucket.staging if input_ids.device.type == "cpu" else bucket.tokens
+    def _walk(self, lane: Lane, batches: list[tuple]) -> Generator[torch.cuda.Event | None, None, tuple]:
+        """One window's walk in ``lane``: enqueues steps and stops (yielding an event to wait for) wherever it must
+        read the device; returns ``(one Exits per batch, lane)``."""
+        sizes = [int(batch[0].shape[0]) for batch in batches]
+        total = sum(sizes)
+        if total == 0:
+            empty = Exits(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                          torch.empty(0, self.model.num_labels))
+            return [empty for _ in sizes], lane
+        length = max(int(batch[0].shape[1]) for batch in batches)
+        window = lane.window(-(-length // self.seq_multiple) * self.seq_multiple)
+        on_host = batches[0][0].device.type == "cpu"
+        staged = window.staging if on_host else window.tokens
         staged.zero_()
-        staged[0, :rows, :length] = input_ids
-        staged[1, :rows, :length] = attention_mask
-        if token_type_ids is not None:
-            staged[2, :rows, :length] = token_type_ids
-        staged[3, :rows, 0] = 1
-        staged[:3, rows:] = staged[:3, :1]  # padding rows repeat the first row (finite values; never recorded)
-        if staged is not bucket.tokens:
-            bucket.tokens.copy_(staged, non_blocking=True)
-        bucket.run_step(0, bucket.embed)
+        offset = 0
+        for batch, count in zip(batches, sizes):
+            input_ids, attention_mask, *rest = batch
+            token_type_ids = rest[0] if rest else None
+            width = input_ids.shape[1]
+            staged[0, offset:offset + count, :width] = input_ids
+            staged[1, offset:offset + count, :width] = attention_mask
+            if token_type_ids is not None:
+                staged[2, offset:offset + count, :width] = token_type_ids
+            staged[3, offset:offset + count, 0] = 1
+            offset += count
+        staged[:3, total:] = staged[:3, :1]  # padding rows repeat the first row (finite values; never recorded)
+        if staged is not window.tokens:
+            window.tokens.copy_(staged, non_blocking=True)
         if not self.policy.graph_safe:
-            bucket.reset_memory()
+            window.reset_memory()
+        spans = launches(total, self.capacity, self.buckets)
+        embedded = spans[-1][0] + spans[-1][1]  # rows past these hold an earlier window's leftovers
+        for start, size in spans:
+            window.run(("embed", start, size), lambda w=window, s=start, n=size: w.rows(s, n).embed())
         for layer in range(1, self.num_layers + 1):
-            bucket.run_layer(layer)
-            if layer < self.first_exit:
+            rows = spans[-1][0] + spans[-1][1]  # every alive row is among the first `rows`
+            deciding = layer >= self.first_exit
+            # steps are made (and views taken) only the first time: a replay costs one launch and no Python
+            if deciding and self.policy.graph_safe and len(spans) == 1:  # one launch: layer and decision fused
+                window.run(("layer+decide", layer, rows),
+                           lambda w=window, n=rows, i=layer: (w.rows(0, n).layer(i), w.decide(i, n)))
+            else:
+                for start, size in spans:
+                    window.run(("layer", layer, start, size),
+                               lambda w=window, s=start, n=size, i=layer: w.rows(s, n).layer(i))
+                if deciding and self.policy.graph_safe:
+                    window.run(("decide", layer, rows), lambda w=window, n=rows, i=layer: w.decide(i, n))
+                elif deciding:
+                    window.decide_eagerly(layer, rows)
+            if not deciding:
                 continue
             yield self._event()  # the layer's one host read, once its step has run
-            alive = int(bucket.alive_count)
+            alive = int(window.alive_count)
             if alive == 0:
                 break
-            size = next(size for size in self.buckets if size >= alive)
-            if size < bucket.size:
-                smaller = lane.bucket(alive, seq)
-                bucket.move(smaller)
-                bucket = smaller
-        if bucket is start:  # never moved: the answers are in row order, and on the host since the last read
-            answers = bucket.host_answers[:rows].clone()
-        else:
-            bucket.flush()
-            lane.host_answers.copy_(lane.answers, non_blocking=True)
-            yield self._event()
-            answers = lane.host_answers[:rows].clone()
-        return Exits(answers[:, 0].long(), answers[:, 1].long(), answers[:, 2:]), lane
+            spans = launches(alive, self.capacity, self.buckets)
+            if spans[-1][0] + spans[-1][1] < rows:  # the alive rows fit fewer or smaller launches: move them first
+                if self.policy.graph_safe:
+                    window.run(("compact", rows), lambda w=window, n=rows: w.rows(0, n).compact())
+                else:
+                    window.rows(0, rows).compact()
+        layers = torch.empty(self.window + 1, dtype=torch.long)  # + a slot every padding row writes
+        logits = torch.empty(self.window + 1, self.model.num_labels)
+        where = window.host_position[:embedded]
+        layers[where], logits[where] = window.host_layer[:embedded], window.host_logits[:embedded]
+        exits, offset = [], 0
+        for count in sizes:
+            part = logits[offset:offset + count]
+            exits.append(Exits(layers[offset:offset + count].clone(), part.argmax(-1), part.clone()))
+            offset += count
+        return exits, lane
 
     def _event(self) -> torch.cuda.Event | None:
         """An event after the work queued so far (None off CUDA, where every step has already run)."""
@@ -373,3 +462,16 @@ class FastWalker:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event
+
+
+class Lane:
+    """One window in flight: its own buffers per sequence bucket (so windows in flight never share one)."""
+
+    def __init__(self, walker: FastWalker):
+        self.walker = walker
+        self.windows: dict[int, Window] = {}
+
+    def window(self, seq: int) -> Window:
+        if seq not in self.windows:
+            self.windows[seq] = Window(self.walker, seq)
+        return self.windows[seq]

@@ -79,13 +79,12 @@ class ExitAPI(ls.LitAPI if ls is not None else object):
               f"({torch.get_num_threads()} threads): {names}; {self.url}", flush=True)
 
     def warm_up(self, classifier: EarlyExitClassifier, pairs: bool | None, cuda: bool) -> None:
-        """First-call costs before the worker says it is ready: on CUDA, the fast path's graphs for short texts at
-        every power-of-two batch size up to the largest (other shapes are captured when they first come)."""
-        sizes = [1]
-        while cuda and sizes[-1] < self.batch_rows:
-            sizes.append(min(2 * sizes[-1], self.batch_rows))
-        for size in sizes:
-            classifier.predict([("warm up", "warm up") if pairs else "warm up"] * size, batch_size=self.batch_rows)
+        """First-call costs before the worker says it is ready: a first prediction (the tokenizer's threads), and
+        on CUDA the fast path's graphs for every sequence and batch bucket (`EarlyExitClassifier.warm_up`), so no
+        request waits on a capture."""
+        classifier.predict([("warm up", "warm up") if pairs else "warm up"], batch_size=self.batch_rows)
+        if cuda:
+            classifier.warm_up(self.batch_rows)
 
     def decode_request(self, request: dict, **kwargs) -> dict:
         return request  # checked and normalised by ServeMiddleware in the HTTP process
