@@ -1,6 +1,7 @@
-"""Cost-conditioned REINFORCE (CPU, planted traces): the reward splits into gain and cost exactly; one fit,
-moved along α after fitting, exits earlier as α grows and matches what a policy trained at that α earns; a reward
-that is not linear in α, or takes none, is refused before training, naming it."""
+"""Cost-conditioned learning (CPU, planted traces): the reward splits into gain and cost exactly; the batched env
+draws each episode's α, shows it as the observation's last column and pays G − α·C; one REINFORCE or TorchRL PPO
+fit, moved along α after fitting, exits earlier as α grows (REINFORCE also matches what a policy trained at that α
+earns); a reward that is not linear in α, or takes none, is refused before training, naming it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 from test_stopping import planted
 
-from exitrl.agents.cost_conditioning import gain_and_cost
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.registry import get_agent
 from exitrl.agents.rule_guard import mean_reward
+from exitrl.envs import TraceVectorEnv
+from exitrl.envs.cost_conditioning import gain_and_cost
 from exitrl.evaluation.evaluate import run_policy
 from exitrl.policy import load_policy
 from exitrl.rewards import RewardSpec
@@ -32,6 +34,45 @@ def test_every_builtin_reward_splits_into_gain_minus_alpha_times_cost(name):
     gain, cost = gain_and_cost(trace, reward(0.1, name))
     for alpha in (0.0, 0.07, 1.5):
         assert torch.allclose(gain - alpha * cost, trace.reward_table(reward(alpha, name)), atol=1e-5)
+
+
+def test_the_env_draws_each_episodes_alpha_shows_it_last_and_pays_gain_minus_alpha_times_cost():
+    trace, _ = planted(n=200, seed=3)
+    env = TraceVectorEnv(trace, 64, reward(0.1), seed=0, costs=COSTS)
+    gain, cost = gain_and_cost(trace, reward(0.1))
+    obs, _ = env.reset()
+    assert obs.shape == (64, env.layout.size + 1) and env.single_observation_space.shape == (env.layout.size + 1,)
+    assert torch.equal(torch.unique(obs[:, -1]), torch.tensor(COSTS))  # 64 draws from 3 values
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2 * trace.num_layers):
+        index, layer, alpha = env.indices.clone(), env.layers.clone(), env.cost_weights.clone()
+        obs, rewards, exits, _, _ = env.step(torch.randint(2, (64,), generator=generator))
+        paid = gain[index, layer] - alpha * cost[index, layer]
+        assert exits.any() and torch.allclose(rewards[exits], paid[exits]) and not rewards[~exits].any()
+        assert torch.equal(obs[:, -1], env.cost_weights)  # a new episode shows its own, newly drawn α
+    saved = env.state()
+    again = TraceVectorEnv(trace, 64, reward(0.1), seed=5, costs=COSTS)
+    again.set_state(saved)
+    assert torch.equal(again.observations(), env.observations())
+
+
+def test_one_conditioned_torchrl_ppo_fit_exits_earlier_as_alpha_grows(tmp_path):
+    train, _ = planted(n=900, seed=4)
+    test, _ = planted(n=900, seed=7)
+    spec = get_agent("ppo_torchrl")
+    options = {"total_frames": 81920, "num_envs": 256, "frames_per_batch": 4096, "minibatch_size": 1024, "lr": 3e-3,
+               "train_costs": COSTS}
+    policy, _ = spec.fit(spec.make_options(options), FitInputs(Trace({"train": train}), "train", reward(0.6)))
+    assert policy.cost_weight == 0.6  # deployed at the run's own α
+    exits = []
+    for alpha in COSTS:
+        moved = copy.deepcopy(policy)
+        moved.cost_weight = alpha
+        exits.append(float(run_policy(moved, test)[0].float().mean()))
+    assert exits[0] > exits[1] > exits[2] and exits[2] < 1.1, exits
+    policy.save(tmp_path / "policy.pt")
+    loaded = load_policy(tmp_path / "policy.pt")
+    assert loaded.cost_weight == 0.6 and torch.equal(run_policy(loaded, test)[0], run_policy(policy, test)[0])
 
 
 def test_one_conditioned_fit_moves_along_the_trade_off_with_alpha(tmp_path):
@@ -68,6 +109,7 @@ def test_a_reward_not_linear_in_alpha_is_refused_naming_it(fn, match):
     assert fn in str(error.value)
 
 
-def test_bad_train_costs_are_refused_naming_the_key():
+@pytest.mark.parametrize("agent", ["reinforce", "ppo_torchrl"])
+def test_bad_train_costs_are_refused_naming_the_key(agent):
     with pytest.raises(ValueError, match="agent.train_costs"):
-        get_agent("reinforce").make_options({"train_costs": [0.1, -1.0]})
+        get_agent(agent).make_options({"train_costs": [0.1, -1.0]})

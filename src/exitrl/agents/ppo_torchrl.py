@@ -2,7 +2,9 @@
 
 Read top to bottom: the actor and critic (MLPs over one feature view of the observation), the deployable
 `ExitPolicy` built from the actor, then the collect / advantage / minibatch-update loop. Episodes are undiscounted
-(gamma = 1): the reward comes at the exit and each layer is one step.
+(gamma = 1): the reward comes at the exit and each layer is one step. With ``agent.train_costs`` each episode draws
+its α, actor and critic read it as one more input and the episode is paid G − α·C
+(`exitrl.envs.cost_conditioning`): one policy for the whole trade-off, deployed at the run's α (``cost_weight``).
 """
 
 from __future__ import annotations
@@ -25,20 +27,28 @@ from exitrl.agents.rule_prior import RulePrior, check_start, fit_rule, threshold
 from exitrl.core.checkpoint import set_rng_state
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.core.progress import progress
+from exitrl.envs.cost_conditioning import check_costs
 from exitrl.envs.torchrl_env import TorchRLEarlyExitEnv
 from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
 
 class FeatureView(nn.Module):
-    """Selects the feature view (state / confidence / observation) that actor and critic read."""
+    """Selects the feature view (state / confidence / observation) that actor and critic read; a cost-conditioned
+    observation's last column (its α) is kept after the view."""
 
-    def __init__(self, layout: ObservationLayout, features: str):
+    def __init__(self, layout: ObservationLayout, features: str, cost_conditioned: bool = False):
         super().__init__()
-        self.layout, self.features = layout, features
+        self.layout, self.features, self.cost_conditioned = layout, features, bool(cost_conditioned)
+
+    @property
+    def size(self) -> int:
+        return self.layout.feature_size(self.features) + self.cost_conditioned
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.layout.select(observation, self.features)
+        if not self.cost_conditioned:
+            return self.layout.select(observation, self.features)
+        return torch.cat([self.layout.select(observation[..., :-1], self.features), observation[..., -1:]], -1)
 
 
 class ActionLogits(nn.Module):
@@ -61,19 +71,22 @@ class ActionLogits(nn.Module):
 
 
 class TorchRLExitPolicy(ModuleExitPolicy):
-    """Exit where the actor's logits favour 'exit' (deterministic inference)."""
+    """Exit where the actor's logits favour 'exit' (deterministic inference). A cost-conditioned actor
+    (``agent.train_costs``) decides at ``cost_weight``, which can be moved after fitting."""
 
     name = "ppo_torchrl"
     graph_safe = True
 
     def __init__(self, hidden_size: int, num_classes: int, features: str = "state", num_cells=(64, 64),
-                 rule_thresholds: list[float | None] | None = None):
+                 rule_thresholds: list[float | None] | None = None, cost_conditioned: bool = False,
+                 cost_weight: float = 0.0):
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
         self.uses_history = view_reads_history(features)
         self.num_cells = list(num_cells)
-        self.view = FeatureView(self.layout, features)
-        self.logits_net = MLP(in_features=self.layout.feature_size(features), out_features=2,
+        self.cost_conditioned, self.cost_weight = bool(cost_conditioned), float(cost_weight)
+        self.view = FeatureView(self.layout, features, cost_conditioned)
+        self.logits_net = MLP(in_features=self.view.size, out_features=2,
                               num_cells=self.num_cells, activation_class=nn.Tanh)
         self.module = self.logits_net
         self.rule_thresholds = None if rule_thresholds is None else list(rule_thresholds)
@@ -87,7 +100,10 @@ class TorchRLExitPolicy(ModuleExitPolicy):
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
         device = next(self.logits_net.parameters()).device
-        logits = self.logits(batch.observations.to(device))
+        observations = batch.observations.to(device)
+        if self.cost_conditioned:  # the α it decides at, as the env's last column
+            observations = torch.cat([observations, torch.full_like(observations[:, :1], self.cost_weight)], 1)
+        logits = self.logits(observations)
         return (logits[:, 1] > logits[:, 0]).to(batch.states.device)
 
     def config(self) -> dict:
@@ -95,6 +111,8 @@ class TorchRLExitPolicy(ModuleExitPolicy):
                   "features": self.features, "num_cells": self.num_cells}
         if self.rule_thresholds is not None:
             config["rule_thresholds"] = self.rule_thresholds
+        if self.cost_conditioned:
+            config.update(cost_conditioned=True, cost_weight=self.cost_weight)
         return config
 
 
@@ -112,11 +130,13 @@ class TorchRLPPOConfig:
     features: str = "state"
     num_cells: list[int] = field(default_factory=lambda: [64, 64])
     start: str = "scratch"  # scratch | rule: the actor is a residual on the best per-layer max-prob rule
+    train_costs: list[float] = field(default_factory=list)  # α values: one policy conditioned on α ([]: off)
     seed: int = 0
 
     def __post_init__(self):
         check_features(self.features)
         check_start(self.start)
+        self.train_costs = check_costs(self.train_costs)
 
 
 def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRLExitPolicy, dict]:
@@ -124,10 +144,14 @@ def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRL
     torch.manual_seed(cfg.seed)
     start = time.time()
     train, dev, device, writer, metric = inputs.learn, inputs.dev, inputs.device, inputs.writer, inputs.metric
-    env = TorchRLEarlyExitEnv(train, cfg.num_envs, inputs.reward, device=device, seed=cfg.seed)
+    env = TorchRLEarlyExitEnv(train, cfg.num_envs, inputs.reward, device=device, seed=cfg.seed,
+                              costs=cfg.train_costs or None)
     rule = fit_rule(train, inputs.reward) if cfg.start == "rule" else None
+    conditioned = bool(cfg.train_costs)
+    alpha = float(inputs.reward.kwargs.get("alpha", 0.0)) if conditioned else 0.0  # where it is deployed
     policy = TorchRLExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.num_cells,
-                               rule_thresholds=thresholds_to_json(rule[0]) if rule else None).to(device)
+                               rule_thresholds=thresholds_to_json(rule[0]) if rule else None,
+                               cost_conditioned=conditioned, cost_weight=alpha).to(device)
     if rule is not None:  # the untrained actor is the rule: the residual starts at zero
         zero_last_linear(policy.logits_net)
     view = TensorDictModule(policy.view, in_keys=["observation"], out_keys=["features"])
@@ -136,7 +160,7 @@ def train_ppo_torchrl(cfg: TorchRLPPOConfig, inputs: FitInputs) -> tuple[TorchRL
         in_keys=["logits"], distribution_class=torch.distributions.Categorical, return_log_prob=True,
         spec=env.action_spec,
     )
-    critic_net = MLP(in_features=policy.layout.feature_size(cfg.features), out_features=1, num_cells=cfg.num_cells,
+    critic_net = MLP(in_features=policy.view.size, out_features=1, num_cells=cfg.num_cells,
                      activation_class=nn.Tanh).to(device)
     critic = TensorDictSequential(view, ValueOperator(critic_net, in_keys=["features"]))
     advantage = GAE(gamma=1.0, lmbda=cfg.gae_lambda, value_network=critic, average_gae=True)

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from exitrl.agents.cost_conditioning import check_costs, gain_and_cost
 from exitrl.agents.declaration import ALPHA_GRID, LEARNED, AgentSpec, Curve, Knob, register
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.rule_prior import RulePrior, check_start, fit_rule, thresholds_to_json, zero_last_linear
@@ -37,6 +36,7 @@ from exitrl.core.checkpoint import set_rng_state
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.core.progress import progress
 from exitrl.envs import TraceVectorEnv
+from exitrl.envs.cost_conditioning import check_costs, gain_and_cost
 from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 
@@ -62,7 +62,7 @@ class ReinforcePolicy(ModuleExitPolicy):
     """Deployable form: exit at the first layer whose π_l exceeds ``threshold`` (0.5 in ConsistentEE). With
     ``rule_thresholds`` (``agent.start=rule``) the net is a residual on the per-layer max-prob rule
     (`exitrl.agents.rule_prior`). A cost-conditioned policy (``agent.train_costs``) also reads α, and decides at
-    ``cost_weight`` (movable after fitting: `exitrl.agents.cost_conditioning`)."""
+    ``cost_weight`` (movable after fitting: `exitrl.envs.cost_conditioning`)."""
 
     name = "reinforce"
     graph_safe = True

@@ -3,6 +3,7 @@
 It wraps `TraceVectorEnv` without autoreset: TorchRL resets finished rows itself (``"_reset"`` masks), so a row
 that exits reports ``done`` and waits for its partial reset. Specs: observation ``[B, D]`` float32, action
 categorical {0 continue, 1 exit} ``[B]``, reward ``[B, 1]``, done / terminated ``[B, 1]``; all on the env's device.
+With ``costs`` each episode draws its α and its observation ends with it (`TraceVectorEnv`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from exitrl.traces.trace import SplitTrace
 
 class TorchRLEarlyExitEnv(EnvBase):
     def __init__(self, trace: SplitTrace, num_envs: int, reward: RewardSpec | str | None = None, device="cpu",
-                 seed: int = 0):
+                 seed: int = 0, costs: list[float] | None = None):
         device = torch.device(device)
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
-        self.inner = TraceVectorEnv(trace, num_envs, reward, device=device, autoreset=False, seed=seed)
-        size = self.inner.layout.size
+        self.inner = TraceVectorEnv(trace, num_envs, reward, device=device, autoreset=False, seed=seed, costs=costs)
+        size = self.inner.observation_size
         self.observation_spec = Composite(
             observation=Unbounded(shape=(num_envs, size), dtype=torch.float32, device=device),
             layer=Unbounded(shape=(num_envs, 1), dtype=torch.int64, device=device),
