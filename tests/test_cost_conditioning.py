@@ -1,7 +1,8 @@
 """Cost-conditioned learning (CPU, planted traces): the reward splits into gain and cost exactly; the batched env
-draws each episode's α, shows it as the observation's last column and pays G − α·C; one REINFORCE or TorchRL PPO
-fit, moved along α after fitting, exits earlier as α grows (REINFORCE also matches what a policy trained at that α
-earns); a reward that is not linear in α, or takes none, is refused before training, naming it."""
+and the single env draw each episode's α, show it as the observation's last column and pay G − α·C; one REINFORCE
+or PPO (TorchRL, SB3) fit, moved along α after fitting, exits earlier as α grows (REINFORCE also matches what a
+policy trained at that α earns); a reward that is not linear in α, or takes none, is refused before training,
+naming it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from test_stopping import planted
 from exitrl.agents.inputs import FitInputs
 from exitrl.agents.registry import get_agent
 from exitrl.agents.rule_guard import mean_reward
-from exitrl.envs import TraceVectorEnv
+from exitrl.envs import EarlyExitEnv, TraceVectorEnv
 from exitrl.envs.cost_conditioning import gain_and_cost
 from exitrl.evaluation.evaluate import run_policy
 from exitrl.policy import load_policy
@@ -56,12 +57,37 @@ def test_the_env_draws_each_episodes_alpha_shows_it_last_and_pays_gain_minus_alp
     assert torch.equal(again.observations(), env.observations())
 
 
-def test_one_conditioned_torchrl_ppo_fit_exits_earlier_as_alpha_grows(tmp_path):
+PPO_OPTIONS = {
+    "ppo_torchrl": {"total_frames": 81920, "num_envs": 256, "frames_per_batch": 4096, "minibatch_size": 1024,
+                    "lr": 3e-3},
+    "ppo": {"total_timesteps": 20480, "n_envs": 8, "n_steps": 256, "batch_size": 512, "lr": 3e-3},
+}
+
+
+def test_the_single_env_draws_each_episodes_alpha_and_pays_gain_minus_alpha_times_cost():
+    trace, _ = planted(n=200, seed=3)
+    env = EarlyExitEnv(trace, reward(0.1), costs=COSTS)
+    gain, cost = gain_and_cost(trace, reward(0.1))
+    seen = set()
+    for episode in range(40):
+        obs, info = env.reset(seed=episode)
+        assert obs.shape == env.observation_space.shape == (env.layout.size + 1,) and obs[-1] == env.cost_weight
+        seen.add(env.cost_weight)
+        done, layer = False, 0
+        while not done:
+            obs, paid, done, _, info = env.step(int(layer == 1))
+            layer += 1
+        expected = float(gain[info["index"], layer - 1] - env.cost_weight * cost[info["index"], layer - 1])
+        assert abs(paid - expected) < 1e-5 and obs[-1] == env.cost_weight
+    assert seen == set(COSTS)
+
+
+@pytest.mark.parametrize("agent", ["ppo_torchrl", "ppo"])
+def test_one_conditioned_ppo_fit_exits_earlier_as_alpha_grows(agent, tmp_path):
     train, _ = planted(n=900, seed=4)
     test, _ = planted(n=900, seed=7)
-    spec = get_agent("ppo_torchrl")
-    options = {"total_frames": 81920, "num_envs": 256, "frames_per_batch": 4096, "minibatch_size": 1024, "lr": 3e-3,
-               "train_costs": COSTS}
+    spec = get_agent(agent)
+    options = {**PPO_OPTIONS[agent], "train_costs": COSTS}
     policy, _ = spec.fit(spec.make_options(options), FitInputs(Trace({"train": train}), "train", reward(0.6)))
     assert policy.cost_weight == 0.6  # deployed at the run's own α
     exits = []
@@ -109,7 +135,7 @@ def test_a_reward_not_linear_in_alpha_is_refused_naming_it(fn, match):
     assert fn in str(error.value)
 
 
-@pytest.mark.parametrize("agent", ["reinforce", "ppo_torchrl"])
+@pytest.mark.parametrize("agent", ["reinforce", "ppo_torchrl", "ppo"])
 def test_bad_train_costs_are_refused_naming_the_key(agent):
     with pytest.raises(ValueError, match="agent.train_costs"):
         get_agent(agent).make_options({"train_costs": [0.1, -1.0]})

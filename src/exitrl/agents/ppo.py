@@ -3,8 +3,10 @@
 Read top to bottom: the deployable policy (an SB3 actor-critic reading one feature view of the observation), the
 evaluation callback that puts exitrl's eval keys beside SB3's own in the run's TensorBoard folder, then training.
 
-Episodes are undiscounted (gamma = 1): the only reward comes at the exit, and every layer is one step.
-SB3 logs its usual keys (rollout/ep_rew_mean, train/approx_kl, train/entropy_loss, ...) into the same folder.
+Episodes are undiscounted (gamma = 1): the only reward comes at the exit, and every layer is one step. With
+``agent.train_costs`` each episode draws its α, the actor reads it last and the exit pays G − α·C
+(`exitrl.envs.cost_conditioning`); the policy is deployed at the run's α. SB3 logs its usual keys
+(rollout/ep_rew_mean, train/approx_kl, train/entropy_loss, ...) into the same folder.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
@@ -30,6 +33,7 @@ from exitrl.core.checkpoint import Checkpoints, set_rng_state
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.core.progress import progress
 from exitrl.envs import EarlyExitEnv, observation_box
+from exitrl.envs.cost_conditioning import check_costs
 from exitrl.evaluation.evaluate import evaluate_policy, log_eval
 from exitrl.policy import LayerBatch, Memory, ModuleExitPolicy
 from exitrl.traces.trace import SplitTrace
@@ -38,18 +42,21 @@ SB3_FILE = "ppo_sb3.zip"
 
 
 class SB3ExitPolicy(ModuleExitPolicy):
-    """Exit where the SB3 actor's most likely action is 'exit' (deterministic inference)."""
+    """Exit where the SB3 actor's most likely action is 'exit' (deterministic inference). A cost-conditioned actor
+    (``agent.train_costs``) reads α as its last input and decides at ``cost_weight``, movable after fitting."""
 
     name = "ppo"
 
     def __init__(self, hidden_size: int, num_classes: int, features: str = "state", net_arch=(64, 64),
-                 actor: ActorCriticPolicy | None = None):
+                 actor: ActorCriticPolicy | None = None, cost_conditioned: bool = False, cost_weight: float = 0.0):
         self.layout = ObservationLayout(hidden_size, num_classes)
         self.features = features
         self.uses_history = view_reads_history(features)
         self.net_arch = list(net_arch)
-        self.actor = actor or ActorCriticPolicy(observation_box(self.layout.feature_size(features)),
-                                                gym.spaces.Discrete(2), lambda _: 0.0, net_arch=self.net_arch)
+        self.cost_conditioned, self.cost_weight = bool(cost_conditioned), float(cost_weight)
+        inputs = self.layout.feature_size(features) + self.cost_conditioned
+        self.actor = actor or ActorCriticPolicy(observation_box(inputs), gym.spaces.Discrete(2), lambda _: 0.0,
+                                                net_arch=self.net_arch)
         self.actor.set_training_mode(False)
         self.module = self.actor
         self.model: PPO | None = None  # the SB3 algorithm that trained the actor (not part of policy.pt)
@@ -58,17 +65,23 @@ class SB3ExitPolicy(ModuleExitPolicy):
         """A copy of the policy, without the SB3 algorithm that trained it (its envs hold locks and cannot be
         copied; a copy only decides)."""
         return SB3ExitPolicy(self.layout.hidden_size, self.layout.num_classes, self.features, self.net_arch,
-                             actor=copy.deepcopy(self.actor, memo))
+                             actor=copy.deepcopy(self.actor, memo), cost_conditioned=self.cost_conditioned,
+                             cost_weight=self.cost_weight)
 
     @torch.no_grad()
     def decide(self, batch: LayerBatch, memory: Memory) -> torch.Tensor:
         obs = batch.features(self.layout, self.features).to(self.actor.device)
+        if self.cost_conditioned:  # the α it decides at, as the env's last column
+            obs = torch.cat([obs, torch.full_like(obs[:, :1], self.cost_weight)], 1)
         probs = self.actor.get_distribution(obs).distribution.probs
         return (probs[:, 1] > probs[:, 0]).to(batch.states.device)
 
     def config(self) -> dict:
-        return {"hidden_size": self.layout.hidden_size, "num_classes": self.layout.num_classes,
-                "features": self.features, "net_arch": self.net_arch}
+        config = {"hidden_size": self.layout.hidden_size, "num_classes": self.layout.num_classes,
+                  "features": self.features, "net_arch": self.net_arch}
+        if self.cost_conditioned:
+            config.update(cost_conditioned=True, cost_weight=self.cost_weight)
+        return config
 
     def save_native(self, folder: str | Path) -> list[str]:
         """``ppo_sb3.zip``: the whole SB3 algorithm, for ``PPO.load`` and ``learn`` (continued training)."""
@@ -145,11 +158,13 @@ class PPOConfig:
     net_arch: list[int] = field(default_factory=lambda: [64, 64])
     eval_every: int = 20_000  # timesteps
     start: str = "scratch"  # scratch | rule: the actor is first fitted to the best per-layer max-prob rule's decisions
+    train_costs: list[float] = field(default_factory=list)  # α values: one policy conditioned on α ([]: off)
     seed: int = 0
 
     def __post_init__(self):
         check_features(self.features)
         check_start(self.start)
+        self.train_costs = check_costs(self.train_costs)
 
 
 def training_state(model: PPO) -> dict:
@@ -158,7 +173,8 @@ def training_state(model: PPO) -> dict:
     envs = []
     for monitor in model.get_env().envs:
         env = monitor.unwrapped
-        envs.append({"index": env._index, "layer": env._layer, "np_random": env.np_random.bit_generator.state,
+        envs.append({"index": env._index, "layer": env._layer, "cost_weight": env.cost_weight,
+                     "np_random": env.np_random.bit_generator.state,
                      "monitor": {k: copy.deepcopy(getattr(monitor, k)) for k in MONITOR_STATE}})
     return {"policy": model.policy.state_dict(), "optimizer": model.policy.optimizer.state_dict(),
             "num_timesteps": model.num_timesteps, "n_updates": model._n_updates, "episode_num": model._episode_num,
@@ -182,6 +198,7 @@ def restore_training_state(model: PPO, state: dict) -> None:
     for monitor, saved in zip(model.get_env().envs, state["envs"]):
         env = monitor.unwrapped
         env._index, env._layer = saved["index"], saved["layer"]
+        env.cost_weight = saved.get("cost_weight", 0.0)
         env.np_random.bit_generator.state = saved["np_random"]
         for key, value in saved["monitor"].items():
             setattr(monitor, key, value)
@@ -200,7 +217,11 @@ def start_from_rule(model: PPO, train: SplitTrace, cfg: PPOConfig, reward) -> di
     pick = torch.randperm(n * num_layers, generator=torch.Generator().manual_seed(cfg.seed))[:CLONE_PAIRS]
     rows, layers = pick // num_layers, pick % num_layers
     actor = model.policy
-    features = layout.select(table[rows, layers], cfg.features).float().to(actor.device)
+    features = layout.select(table[rows, layers], cfg.features).float()
+    if cfg.train_costs:  # cloned at the run's own α, where the rule was fitted
+        alpha = float(reward.kwargs.get("alpha", 0.0))
+        features = torch.cat([features, torch.full_like(features[:, :1], alpha)], 1)
+    features = features.to(actor.device)
 
     def exit_logits(x: torch.Tensor, _layers: torch.Tensor) -> torch.Tensor:
         logits = actor.get_distribution(x).distribution.logits
@@ -217,12 +238,18 @@ def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
     """Train SB3 PPO on ``cfg.n_envs`` Gymnasium envs over ``inputs.learn``; evaluate on dev as it goes."""
     start = time.time()
     train, dev, writer, log_dir, metric = inputs.learn, inputs.dev, inputs.writer, inputs.log_dir, inputs.metric
-    base = EarlyExitEnv(train.to("cpu"), inputs.reward)  # rewards checked here, once
-    layout = base.layout
-    box = observation_box(layout.feature_size(cfg.features))
+    base = EarlyExitEnv(train.to("cpu"), inputs.reward, costs=cfg.train_costs or None)  # rewards checked here, once
+    layout, conditioned = base.layout, bool(cfg.train_costs)
+    box = observation_box(layout.feature_size(cfg.features) + conditioned)
+
+    def view(obs: np.ndarray) -> np.ndarray:
+        """The feature view the actor reads; a cost-conditioned episode's α stays last."""
+        if not conditioned:
+            return layout.select(obs, cfg.features)
+        return np.append(layout.select(obs[:-1], cfg.features), obs[-1:])
 
     def make_env() -> gym.Env:
-        return gym.wrappers.TransformObservation(base.spawn(), lambda obs: layout.select(obs, cfg.features), box)
+        return gym.wrappers.TransformObservation(base.spawn(), view, box)
 
     envs = make_vec_env(make_env, n_envs=cfg.n_envs, seed=cfg.seed)
     model = PPO("MlpPolicy", envs, learning_rate=cfg.lr, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
@@ -234,7 +261,9 @@ def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
     checkpoints = inputs.checkpoints
     resumed = checkpoints.load() if checkpoints is not None else None
     rule = start_from_rule(model, train, cfg, inputs.reward) if cfg.start == "rule" and resumed is None else None
-    policy = SB3ExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.net_arch, actor=model.policy)
+    alpha = float(inputs.reward.kwargs.get("alpha", 0.0)) if conditioned else 0.0  # where it is deployed
+    policy = SB3ExitPolicy(train.hidden_size, train.num_classes, cfg.features, cfg.net_arch, actor=model.policy,
+                           cost_conditioned=conditioned, cost_weight=alpha)
     policy.model = model
     dev_cpu = dev.to("cpu") if dev is not None else None
     callback = ExitrlEvalCallback(policy, dev_cpu, writer, metric, cfg.eval_every, checkpoints)
@@ -248,6 +277,9 @@ def train_ppo(cfg: PPOConfig, inputs: FitInputs) -> tuple[SB3ExitPolicy, dict]:
     if dev_cpu is not None:
         callback.evaluate()
     policy.actor.set_training_mode(False)
+    # SB3 keeps the last forward's distribution; after a training step it is part of an autograd graph, which
+    # deepcopy (rule guards, moving a cost-conditioned policy along α) refuses
+    policy.actor.action_dist.distribution = None
     info = {"config": asdict(cfg), "timesteps": int(model.num_timesteps), "updates": int(model.num_timesteps),
             "train_seconds": round(time.time() - start, 2), "history": callback.history}
     if rule is not None:
