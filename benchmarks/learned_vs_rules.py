@@ -18,6 +18,9 @@ split; dev is only read for the reported numbers. Families:
   from there) and the rule guard (20 % of the learn rows held back: the agent is deployed only where it earns more
   than that rule on them); one fit per α. Each fit's guard record (agent − rule on the held-back rows, which was
   kept) goes into the results;
+* RL conditioned on the cost (issue 31): REINFORCE and TorchRL PPO fitted once with ``agent.train_costs`` over the
+  same α values (each episode draws its α and is paid correct − α·l/L), the curve from moving the fitted
+  policy's ``cost_weight``;
 * ablations: exit_scorer fitted on the deployed backbone's own (overfit) train states, and on the held-out split.
 
     python benchmarks/learned_vs_rules.py --backbone sentence-transformers/all-MiniLM-L6-v2 \
@@ -108,6 +111,15 @@ def rule_start_agents(reinforce_epochs: int) -> dict:
     }
 
 
+def cost_conditioned_agents(reinforce_epochs: int) -> dict:
+    """{family: (spec, options)} of the RL agents fitted once over every α of `RULE_START_ALPHAS`."""
+    rule_started = rule_start_agents(reinforce_epochs)
+    return {f"{name}_costs": (rule_started[f"{name}_rule"][0],
+                              {**rule_started[f"{name}_rule"][1], "start": "scratch",
+                               "train_costs": list(RULE_START_ALPHAS)})
+            for name in ("reinforce", "ppo_torchrl")}
+
+
 def exits(policy, split: SplitTrace) -> dict:
     layers, predictions = run_policy(copy.deepcopy(policy), split)
     return {"layers": layers.cpu().to(torch.int8), "predictions": predictions.cpu().to(torch.int8)}
@@ -161,6 +173,14 @@ def family_points(trace: Trace, learn: dict[str, SplitTrace], device, reinforce_
             points[family].append((f"alpha={alpha}", policy))
             if guards is not None:
                 guards.setdefault(family, {})[f"alpha={alpha}"] = info["rule_guard"]
+    for family, (spec, options) in cost_conditioned_agents(reinforce_epochs).items():
+        reward = RewardSpec("correct", kwargs={"alpha": RULE_START_ALPHAS[0], "depth": "fraction"})
+        inputs = FitInputs(Trace({"train": learn["crossfit"]}), "train", reward, device)
+        policy = spec.fit(spec.make_options(options), inputs)[0]
+        for alpha in RULE_START_ALPHAS:  # one fit, the whole curve
+            swept = copy.deepcopy(policy)
+            swept.cost_weight = alpha
+            points[family].append((f"alpha={alpha}", swept))
     for alpha in (0.02, 0.1):
         options = REINFORCE.make_options({"features": "history", "epochs": reinforce_epochs})
         inputs = FitInputs(
