@@ -53,6 +53,33 @@ def test_every_text_once_tokenized_as_the_tokenizer_does(tokenizer, pairs):
     assert max(len(ids) for ids, *_ in rows.values()) == 24  # truncated at max_length
 
 
+class CallOnly:
+    """A tokenizer seen only through its call (no Rust backend to reach): how a slow tokenizer, or an old
+    `tokenizers`, looks to the pool."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.model_input_names, self.pad_token_id = tokenizer.model_input_names, tokenizer.pad_token_id
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
+def test_the_backend_fast_path_and_the_plain_call_give_the_tokenizers_own_ids(tokenizer, pairs):
+    texts, second = sentences(150, seed=2), sentences(150, seed=3) if pairs else None
+    assert hasattr(tokenizer._tokenizer, "encode_batch_fast")  # the default path calls the backend
+    expected = tokenizer(texts, second, truncation=True, max_length=20)
+    for pool in (TokenizerPool(tokenizer, 2), TokenizerPool(CallOnly(tokenizer), 2)):
+        for max_length in (20, 64, 20):  # a changed limit is applied, then changed back
+            got = pool.encode(texts, second, max_length=max_length, return_token_type_ids=True)
+            if max_length == 20:
+                assert got["input_ids"] == expected["input_ids"]
+                assert got["token_type_ids"] == expected["token_type_ids"]
+            else:
+                assert max(len(ids) for ids in got["input_ids"]) > 20
+
+
 def batch_widths(rows: dict[int, tuple]) -> dict[int, tuple[int, int]]:
     """Each batch's (padded width, longest row)."""
     out: dict[int, tuple[int, int]] = {}

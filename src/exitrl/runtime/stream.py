@@ -61,13 +61,36 @@ class TokenizerPool:
         `SPLIT_ROWS` rows tokenized at once (a fast tokenizer releases the GIL), joined back in order."""
         parts = min(self.workers, len(texts) // SPLIT_ROWS) if split else 1
         if parts < 2:
-            return self.own()(texts, pairs, **options)
+            return self.encode_here(texts, pairs, **options)
         bounds = [round(i * len(texts) / parts) for i in range(parts + 1)]
-        futures = [self.splitter.submit(lambda a=a, b=b: self.own()(texts[a:b], None if pairs is None else
-                                                                    pairs[a:b], **options))
+        futures = [self.splitter.submit(lambda a=a, b=b: self.encode_here(texts[a:b], None if pairs is None else
+                                                                          pairs[a:b], **options))
                    for a, b in zip(bounds, bounds[1:])]
         encoded = [f.result() for f in futures]
         return {key: [row for part in encoded for row in part[key]] for key in encoded[0].keys()}
+
+    def encode_here(self, texts: list[str], pairs: list[str] | None, max_length: int,
+                    return_token_type_ids: bool = False) -> dict[str, list]:
+        """``input_ids`` (and ``token_type_ids``) of each text, truncated to ``max_length`` (longest first for
+        pairs), unpadded, with this thread's copy. A fast tokenizer's Rust backend is called directly without
+        character offsets (``encode_batch_fast``: the same ids, a third less work); otherwise the tokenizer
+        itself."""
+        tokenizer = self.own()
+        backend = getattr(tokenizer, "_tokenizer", None)
+        if not hasattr(backend, "encode_batch_fast") or not hasattr(backend, "enable_truncation"):
+            return dict(tokenizer(texts, pairs, truncation=True, max_length=max_length, return_attention_mask=False,
+                                  return_token_type_ids=return_token_type_ids))
+        if backend.truncation != {"max_length": max_length, "stride": 0, "strategy": "longest_first",
+                                  "direction": tokenizer.truncation_side}:
+            backend.enable_truncation(max_length, stride=0, strategy="longest_first",
+                                      direction=tokenizer.truncation_side)
+        if backend.padding is not None:
+            backend.no_padding()
+        encoded = backend.encode_batch_fast(list(texts) if pairs is None else list(zip(texts, pairs)))
+        out = {"input_ids": [e.ids for e in encoded]}
+        if return_token_type_ids:
+            out["token_type_ids"] = [e.type_ids for e in encoded]
+        return out
 
     def own(self):
         """This thread's copy of the tokenizer."""
@@ -108,9 +131,7 @@ class TokenizedBatches:
         picked = self.order[start:start + self.window]
         second = [self.pairs[i] for i in picked] if self.pairs is not None else None
         encoded = self.pool.encode([self.texts[i] for i in picked], second, split=self.windows < self.pool.workers,
-                                   truncation=True,
-                                   max_length=self.max_length, return_attention_mask=False,
-                                   return_token_type_ids=self.token_types)
+                                   max_length=self.max_length, return_token_type_ids=self.token_types)
         ids = encoded["input_ids"]
         types = encoded["token_type_ids"] if self.token_types else None
         order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if self.bucket else list(range(len(ids)))
