@@ -132,10 +132,14 @@ def test_warm_up_makes_every_step_a_one_launch_walk_needs_before_the_first_batch
     assert len({int(layer) for a in got for layer in a.layers}) > 1
 
 
-def test_lanes_must_be_positive():
+def test_lanes_windows_and_batch_sizes_must_be_positive_and_a_window_is_whole_batches():
     model, _, _ = tiny("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    with pytest.raises(ValueError, match="lanes must be >= 1"):
-        FastWalker(model, StaticPolicy(1), lanes=0)
+    for options, message in (({"lanes": 0}, "lanes must be >= 1"), ({"window": 0}, "window must be >= 1 row"),
+                             ({"max_batch": 0}, "max_batch must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            FastWalker(model, StaticPolicy(1), **options)
+    assert FastWalker(model, StaticPolicy(1), max_batch=32, window=100).window == 128  # rounded up to batches
+    assert FastWalker(model, StaticPolicy(1), max_batch=32).window == 32  # default: one batch
 
 
 @CUDA

@@ -13,6 +13,7 @@ import torch
 from test_cli import run_cli
 from test_sweep_compare import run_module
 
+from exitrl.agents.static import StaticPolicy
 from exitrl.backbones import FinetuneConfig, finetune, load_multi_exit
 from exitrl.data import load_task
 from exitrl.evaluation.evaluate import run_policy
@@ -65,13 +66,14 @@ def test_runtime_exits_equal_the_trace_for_every_agent(live, agent, options):
     policy = AgentRun.create(agent, dict(options), reward="vanilla").fit(trace, torch.device("cpu")).policy
     expected_layers, expected_predictions = run_policy(copy.deepcopy(policy), trace["dev"])  # FREE adapts online
     dev = data.splits["dev"]
-    for fast in (False, True):  # the eager walk, and the fast path's buckets (graphs only on CUDA)
+    # the eager walk, the fast path's buckets (graphs only on CUDA), and its windows of several batches
+    for fast, window in ((False, None), (True, None), (True, 24)):
         classifier = EarlyExitClassifier(model, tokenizer, copy.deepcopy(policy), list(data.label_names), 32,
-                                         fast=fast)
+                                         fast=fast, window=window)
         for bucket in (False, True):  # the trace's own batching, and sorted by length
             found = classifier.exits(list(dev["text_a"]), None, batch_size=64 if not bucket else 8, bucket=bucket)
-            assert torch.equal(found.layers, expected_layers), (agent, options, fast, bucket)
-            assert torch.equal(found.predictions, expected_predictions), (agent, options, fast, bucket)
+            assert torch.equal(found.layers, expected_layers), (agent, options, fast, window, bucket)
+            assert torch.equal(found.predictions, expected_predictions), (agent, options, fast, window, bucket)
     if agent == "confidence" and not options.get("temperature"):
         assert len(set(expected_layers.tolist())) > 1  # rows leave at different layers: compaction is exercised
 
@@ -81,6 +83,8 @@ def test_analysis_policies_are_refused(live):
     oracle = AgentRun.create("oracle").fit(trace, torch.device("cpu")).policy
     with pytest.raises(ValueError, match="analysis only"):
         EarlyExitClassifier(model, tokenizer, oracle, list(data.label_names))
+    with pytest.raises(ValueError, match="window must be >= 1 row"):
+        EarlyExitClassifier(model, tokenizer, StaticPolicy(2), list(data.label_names), window=0)
 
 
 def test_predict_a_file_from_a_run(tiny_bert, glue_dir, tmp_path):
