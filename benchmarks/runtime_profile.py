@@ -82,7 +82,7 @@ def row_scaling(classifier: EarlyExitClassifier, policy, tokens: tuple, types: b
                                 compile_decisions=compiled)
             for _ in range(3):
                 list(walker.run_batches([part]))
-            window = walker.lanes[0].windows[-(-entry["seq"] // walker.seq_multiple) * walker.seq_multiple]
+            window = walker.lanes[0].windows[walker.seq_bucket(entry["seq"])]
             step = next(step for key, step in window.steps.items() if key[0].startswith("layer") and key[1] == layer)
             entry[f"{label}_us"] = replay_us(step, device, 100)
         print(f"  rows {size:4d}: " + ", ".join(f"{k} {v:.1f}" for k, v in entry.items() if k.endswith("_us")))

@@ -214,11 +214,29 @@ class Window:
         self.alive_count.copy_(self.alive[:rows].sum(), non_blocking=True)
 
     def run(self, key: tuple, fn: Callable[[], None]) -> None:
-        """Step ``key``, made from ``fn`` the first time (captured as a graph where the walker uses them)."""
+        """Step ``key``, made from ``fn`` the first time (captured as a graph where the walker uses them). Steps are
+        made (and views taken) only the first time: a replay costs one launch and no Python."""
         if key not in self.steps:
             family = self.walker.model.encoder.config.model_type
             self.steps[key] = Replayable(fn, self.walker.pool, f"{key[0]} step {key[1:]} of {family}")
         self.steps[key]()
+
+    # -- the steps a walk runs, each named once (the walk and `FastWalker.warm_up` share them) ---------------------
+    def embed_step(self, start: int, size: int) -> None:
+        self.run(("embed", start, size), lambda: self.rows(start, size).embed())
+
+    def layer_step(self, layer: int, start: int, size: int) -> None:
+        self.run(("layer", layer, start, size), lambda: self.rows(start, size).layer(layer))
+
+    def layer_and_decide_step(self, layer: int, rows: int) -> None:
+        """A layer that runs in one launch, with its exit heads and decision in the same step."""
+        self.run(("layer+decide", layer, rows), lambda: (self.rows(0, rows).layer(layer), self.decide(layer, rows)))
+
+    def decide_step(self, layer: int, rows: int) -> None:
+        self.run(("decide", layer, rows), lambda: self.decide(layer, rows))
+
+    def compact_step(self, rows: int) -> None:
+        self.run(("compact", rows), lambda: self.rows(0, rows).compact())
 
     def decide(self, layer: int, rows: int) -> None:
         """The exit heads, decisions and report of the first ``rows`` rows at ``layer``: one step (with the layer
@@ -289,6 +307,10 @@ class FastWalker:
     def init_memory(self, size: int) -> dict[str, torch.Tensor]:
         return walk_memory(self.policy, size, self.model.hidden_size, self.device)
 
+    def seq_bucket(self, length: int) -> int:
+        """The sequence length a batch of ``length`` tokens is padded to: a multiple of ``seq_multiple``."""
+        return max(1, -(-int(length) // self.seq_multiple)) * self.seq_multiple
+
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             token_type_ids: torch.Tensor | None = None) -> Exits:
@@ -304,20 +326,18 @@ class FastWalker:
         capture. Steps of windows wider than a batch are still made when first needed. Returns the steps made."""
         made = 0
         for lane in self.lanes:
-            for seq in range(self.seq_multiple, max(int(max_length), 1) + self.seq_multiple, self.seq_multiple):
+            for seq in range(self.seq_multiple, self.seq_bucket(max_length) + 1, self.seq_multiple):
                 window = lane.window(seq)
                 for size in self.buckets:
                     before = len(window.steps)
-                    window.run(("embed", 0, size), lambda w=window, n=size: w.rows(0, n).embed())
+                    window.embed_step(0, size)
                     for layer in range(1, self.num_layers + 1):
                         if layer >= self.first_exit and self.policy.graph_safe:
-                            window.run(("layer+decide", layer, size),
-                                       lambda w=window, n=size, i=layer: (w.rows(0, n).layer(i), w.decide(i, n)))
+                            window.layer_and_decide_step(layer, size)
                         else:
-                            window.run(("layer", layer, 0, size),
-                                       lambda w=window, n=size, i=layer: w.rows(0, n).layer(i))
+                            window.layer_step(layer, 0, size)
                     if self.policy.graph_safe:
-                        window.run(("compact", size), lambda w=window, n=size: w.rows(0, n).compact())
+                        window.compact_step(size)
                     made += len(window.steps) - before
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -332,7 +352,7 @@ class FastWalker:
             count, length = batch[0].shape
             if count > self.capacity:
                 raise ValueError(f"{count} rows in one batch, more than this walker's max_batch={self.capacity}.")
-            bucket = max(1, -(-length // self.seq_multiple)) * self.seq_multiple
+            bucket = self.seq_bucket(length)
             if group and (bucket != seq or rows + count > self.window):
                 yield group
                 group, rows = [], 0
@@ -392,8 +412,7 @@ class FastWalker:
             empty = Exits(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
                           torch.empty(0, self.model.num_labels))
             return [empty for _ in sizes], lane
-        length = max(int(batch[0].shape[1]) for batch in batches)
-        window = lane.window(-(-length // self.seq_multiple) * self.seq_multiple)
+        window = lane.window(self.seq_bucket(max(int(batch[0].shape[1]) for batch in batches)))
         on_host = batches[0][0].device.type == "cpu"
         staged = window.staging if on_host else window.tokens
         staged.zero_()
@@ -416,20 +435,17 @@ class FastWalker:
         spans = launches(total, self.capacity, self.buckets)
         embedded = spans[-1][0] + spans[-1][1]  # rows past these hold an earlier window's leftovers
         for start, size in spans:
-            window.run(("embed", start, size), lambda w=window, s=start, n=size: w.rows(s, n).embed())
+            window.embed_step(start, size)
         for layer in range(1, self.num_layers + 1):
             rows = spans[-1][0] + spans[-1][1]  # every alive row is among the first `rows`
             deciding = layer >= self.first_exit
-            # steps are made (and views taken) only the first time: a replay costs one launch and no Python
             if deciding and self.policy.graph_safe and len(spans) == 1:  # one launch: layer and decision fused
-                window.run(("layer+decide", layer, rows),
-                           lambda w=window, n=rows, i=layer: (w.rows(0, n).layer(i), w.decide(i, n)))
+                window.layer_and_decide_step(layer, rows)
             else:
                 for start, size in spans:
-                    window.run(("layer", layer, start, size),
-                               lambda w=window, s=start, n=size, i=layer: w.rows(s, n).layer(i))
+                    window.layer_step(layer, start, size)
                 if deciding and self.policy.graph_safe:
-                    window.run(("decide", layer, rows), lambda w=window, n=rows, i=layer: w.decide(i, n))
+                    window.decide_step(layer, rows)
                 elif deciding:
                     window.decide_eagerly(layer, rows)
             if not deciding:
@@ -441,7 +457,7 @@ class FastWalker:
             spans = launches(alive, self.capacity, self.buckets)
             if spans[-1][0] + spans[-1][1] < rows:  # the alive rows fit fewer or smaller launches: move them first
                 if self.policy.graph_safe:
-                    window.run(("compact", rows), lambda w=window, n=rows: w.rows(0, n).compact())
+                    window.compact_step(rows)
                 else:
                     window.rows(0, rows).compact()
         layers = torch.empty(self.window + 1, dtype=torch.long)  # + a slot every padding row writes

@@ -73,8 +73,7 @@ class TokenizerPool:
                     return_token_type_ids: bool = False) -> dict[str, list]:
         """``input_ids`` (and ``token_type_ids``) of each text, truncated to ``max_length`` (longest first for
         pairs), unpadded, with this thread's copy. A fast tokenizer's Rust backend is called directly without
-        character offsets (``encode_batch_fast``: the same ids, a third less work); otherwise the tokenizer
-        itself."""
+        character offsets (``encode_batch_fast``: the same ids, less work); otherwise the tokenizer itself."""
         tokenizer = self.own()
         backend = getattr(tokenizer, "_tokenizer", None)
         if not hasattr(backend, "encode_batch_fast") or not hasattr(backend, "enable_truncation"):
