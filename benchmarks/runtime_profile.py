@@ -50,6 +50,20 @@ def replay_us(step, device: torch.device, replays: int = 50) -> float:
     return 1e6 * timed(lambda: [replay() for _ in range(replays)], device, 1, 3) / replays
 
 
+def settle(walker: FastWalker, batches: list, most: int = 12) -> int:
+    """Walk ``batches`` until a walk makes no new step (which lane takes which window can change between walks, and
+    a step is captured, or compiled, when first needed): timings then hold replays only. Returns the walks run."""
+    def made() -> int:
+        return sum(len(window.steps) for lane in walker.lanes for window in lane.windows.values())
+
+    for walks in range(1, most + 1):
+        before = made()
+        list(walker.run_batches(batches))
+        if made() == before and walks > 1:
+            return walks
+    return most
+
+
 def step_times(walker: FastWalker, device: torch.device) -> dict[str, float]:
     """GPU time of each captured step of the first lane's longest window that runs a whole batch in one launch:
     the embedding, each layer alone or with its exit heads and decision (``layer+decide``), compactions."""
@@ -141,6 +155,7 @@ def main() -> None:
             for window in windows:
                 for lanes in args.lanes:
                     walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=lanes, window=window)
+                    settle(walker, padded)
                     seconds = timed(lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup,
                                     args.reps)
                     row[f"{label}_w{window}_lanes{lanes}_ms"] = 1000 * seconds
@@ -167,7 +182,7 @@ def main() -> None:
                 started = time.perf_counter()
                 walker = FastWalker(classifier.model, policy, batch, token_types=types, lanes=max(args.lanes),
                                     compile_decisions=True, window=window)
-                list(walker.run_batches(padded))
+                settle(walker, padded)
                 row[f"compile_w{window}_warmup_s"] = time.perf_counter() - started
                 row[f"early_exit_compiled_w{window}_ms"] = 1000 * timed(
                     lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup, args.reps)

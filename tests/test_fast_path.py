@@ -22,9 +22,10 @@ from exitrl.agents.patience import PatiencePolicy
 from exitrl.agents.reinforce import ReinforcePolicy
 from exitrl.agents.static import StaticPolicy
 from exitrl.backbones import MultiExitModel
+from exitrl.core.small_linear import FUSED_OUTPUTS, small_linear
 from exitrl.evaluation.walk import walk
 from exitrl.runtime.classifier import LiveSource
-from exitrl.runtime.fast_walk import FastWalker, batch_buckets
+from exitrl.runtime.fast_walk import FastWalker, batch_buckets, tf32_matmuls
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -142,6 +143,24 @@ def test_lanes_windows_and_batch_sizes_must_be_positive_and_a_window_is_whole_ba
     assert FastWalker(model, StaticPolicy(1), max_batch=32).window == 32  # default: one batch
 
 
+def test_tf32_is_set_for_a_step_on_cuda_beside_a_half_backbone_only_and_always_put_back():
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with tf32_matmuls(torch.device("cuda")):  # the flag needs no GPU to be set
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with pytest.raises(RuntimeError), tf32_matmuls(torch.device("cuda")):
+        raise RuntimeError("a step that fails")
+    assert matmul.fp32_precision == before
+    for device in (torch.device("cpu"), None):
+        with tf32_matmuls(device):
+            assert matmul.fp32_precision == before
+    model, _, _ = tiny("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    assert not FastWalker(model, StaticPolicy(1)).tf32  # a float32 backbone keeps float32 products
+    assert FastWalker(model.to(torch.bfloat16), StaticPolicy(1)).tf32
+    assert not FastWalker(model, StaticPolicy(1), tf32=False).tf32
+
+
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["bert", *sorted(FAMILIES)])
@@ -177,17 +196,32 @@ def test_cuda_graphs_equal_the_same_steps_run_eagerly(family, dtype):
     assert ("confidence", True) in mixed  # rows left at different layers: the buckets moved rows
 
 
-@CUDA
-def test_compiled_decisions_in_graphs_agree_with_the_eager_steps():
+def test_a_small_linear_is_a_multiply_and_sum_under_compile_and_equals_the_linear():
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    for outputs, bias in ((1, True), (2, False)):
+        linear = torch.nn.Linear(32, outputs, bias=bias)
+        assert torch.equal(small_linear(x, linear), linear(x))  # eagerly: the linear itself
+        compiled = torch.compile(lambda t, lin=linear: small_linear(t, lin), dynamic=False)
+        assert torch.allclose(compiled(x), linear(x), atol=1e-5), outputs
+    wide = torch.nn.Linear(32, FUSED_OUTPUTS + 1)
+    assert torch.equal(small_linear(x, wide), wide(x))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_compiled_decisions_agree_with_the_eager_steps(device):
+    """torch.compile'd exit heads and decisions (in CUDA graphs on a GPU; C++ kernels on the CPU), with the small
+    heads and the alive count fused in, answer what the eager steps answer."""
     model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
-    device = torch.device("cuda")
+    device = torch.device(device)
     model = model.to(device)
     with torch.no_grad():
         first = model(ids.to(device), mask.to(device)).logits[:, 0].float()
     threshold = float(torch.softmax(first, -1).max(-1).values.median())
     for policy in (ConfidencePolicy(threshold), PatiencePolicy(1), ReinforcePolicy(3, 32, 2, hidden=16)):
         policy.to(device)
-        compiled = FastWalker(model, policy, max_batch=32, token_types=False, compile_decisions=True)
+        compiled = FastWalker(model, policy, max_batch=32, token_types=False, compile_decisions=True,
+                              graphs=device.type == "cuda")
         eager = FastWalker(model, policy, max_batch=32, graphs=False, token_types=False)
         for batch_ids, batch_mask in [(ids, mask), (ids[4:].flip(0), mask[4:].flip(0))] * 2:
             a, b = compiled.run(batch_ids, batch_mask), eager.run(batch_ids, batch_mask)

@@ -35,6 +35,7 @@ from exitrl.agents.standardize import STD_FLOOR, fit_standardizer
 from exitrl.core.checkpoint import set_rng_state
 from exitrl.core.observation import ObservationLayout, check_features, view_reads_history
 from exitrl.core.progress import progress
+from exitrl.core.small_linear import small_linear
 from exitrl.envs import TraceVectorEnv
 from exitrl.envs.cost_conditioning import check_costs, gain_and_cost
 from exitrl.evaluation.evaluate import evaluate_policy, log_eval
@@ -55,7 +56,8 @@ class PerLayerExitNet(nn.Module):
     def forward(self, features: torch.Tensor, layer: int) -> torch.Tensor:
         """Exit logits ``[B]`` for rows at 0-based ``layer``."""
         x = (features - self.mean[layer]) / self.std[layer]
-        return self.mlps[layer](x).squeeze(-1)
+        first, tanh, last = self.mlps[layer]
+        return small_linear(tanh(first(x)), last).squeeze(-1)  # the 1-output layer fused under torch.compile
 
 
 class ReinforcePolicy(ModuleExitPolicy):

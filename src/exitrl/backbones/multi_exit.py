@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from exitrl.core.small_linear import small_linear
+
 if TYPE_CHECKING:  # loading transformers' modeling code costs seconds; annotations do not need it
     from transformers import PreTrainedModel
 
@@ -203,7 +205,10 @@ class MultiExitModel(nn.Module):
         return mask, mask.sum(-1).clamp_min(1.0)
 
     def exit_logits(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
-        return self.heads[index](self.dropout(pooled))
+        head = self.heads[index]
+        if isinstance(head, nn.Linear):  # fused with the pooling under torch.compile (`small_linear`)
+            return small_linear(self.dropout(pooled), head)
+        return head(self.dropout(pooled))
 
     # -- shared heads (LayerSkip: one classifier reads every layer) -----------------------------------------
     def share_heads(self) -> MultiExitModel:

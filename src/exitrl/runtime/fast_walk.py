@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -51,6 +52,29 @@ from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
 from exitrl.traces.trace import STATE_DTYPE
 
 TOKEN_PLANES = 4  # input ids, attention mask, token types, and a plane whose column 0 marks the real rows
+ANSWER_COLUMNS = 2  # a row's answer: its exit layer and where it goes (float32: exact to 2**24), then its logits
+
+
+@contextmanager
+def tf32_matmuls(device: torch.device | None) -> Iterator[None]:
+    """float32 matrix products on tensor cores (TF32) on a CUDA ``device`` while a step is made: a policy's
+    float32 MLP on a few rows otherwise gets a slow split-K kernel that costs more than the rest of its decision.
+    TF32 keeps 10 mantissa bits, as many as the float16 states a policy learns from. The setting is put back."""
+    if device is None or device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def answer_views(answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exit layer ``[N]``, position ``[N]`` and exit logits ``[N, labels]`` columns of packed answers."""
+    return answers[:, 0], answers[:, 1], answers[:, ANSWER_COLUMNS:]
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -80,10 +104,10 @@ class Rows:
         self.tokens = window.tokens[:, span]
         self.hidden = window.hidden[span]
         self.inputs = {k: v if k == SHARED else tree_map(lambda t: t[span], v) for k, v in window.inputs.items()}
-        self.alive, self.position = window.alive[span], window.position[span]
+        self.alive, self.answers = window.alive[span], window.answers[span]
         self.pool_mask, self.pool_count = window.pool_mask[span], window.pool_count[span]
         self.states, self.logits = window.states[span], window.logits[span]
-        self.exit_layer, self.exit_logits = window.exit_layer[span], window.exit_logits[span]
+        self.exit_layer, self.position, self.exit_logits = answer_views(self.answers)
 
     @property
     def memory(self) -> dict[str, torch.Tensor]:
@@ -99,7 +123,7 @@ class Rows:
         tree_copy(self.inputs, inputs)
         tree_copy((self.pool_mask, self.pool_count), walker.model.pool_weights(mask, hidden.dtype))
         self.alive.copy_(self.tokens[3, :, 0].bool())
-        rows = torch.arange(self.start, self.start + self.size, device=self.alive.device)
+        rows = torch.arange(self.start, self.start + self.size, device=self.alive.device, dtype=self.answers.dtype)
         self.position.copy_(torch.where(self.alive, rows, walker.window))  # padding points past the real rows
         if walker.policy.graph_safe:  # else `Window.reset_memory` runs eagerly before the walk
             memory = self.memory
@@ -145,18 +169,22 @@ class Rows:
         replaced[span] = value
         window.memory[key] = replaced
 
+    def count_alive(self) -> None:
+        """The number of these rows still alive, into the answers' last row (the host reads it with them)."""
+        self.window.answers[self.window.size, 0] = self.alive.sum()
+
     def exit_and_decide(self, layer: int) -> None:
-        """The exit heads, the decision and the bookkeeping of graph-safe policies: what
+        """The exit heads, the decision, the bookkeeping and the alive count of graph-safe policies: what
         ``FastWalker(compile_decisions=True)`` hands to torch.compile, so their many small kernels fuse into few."""
         self.exit_head(layer)
         self.decide(layer, True)
+        self.count_alive()
 
     def compact(self) -> None:
         """The alive rows first (in order), dead ones after, with everything that follows a row; on the device
         (the order comes from a sort, not from the host)."""
         order = torch.argsort((~self.alive).to(torch.int8), stable=True)
-        for tensor in (self.hidden, self.alive, self.position, self.exit_layer, self.exit_logits, self.pool_mask,
-                       self.pool_count):
+        for tensor in (self.hidden, self.alive, self.answers, self.pool_mask, self.pool_count):
             tensor.copy_(tensor[order])
         self.tokens.copy_(self.tokens[:, order])
         tree_copy({k: v for k, v in self.inputs.items() if k != SHARED},
@@ -182,18 +210,16 @@ class Window:
         self.hidden, self.inputs = hidden, tree_map(torch.clone, inputs)
         self.pool_mask, self.pool_count = model.pool_weights(self.tokens[1], hidden.dtype)  # mean pooling's
         self.alive = torch.zeros(self.size, dtype=torch.bool, device=device)
-        self.position = torch.zeros(self.size, dtype=torch.long, device=device)
+        # each row's answer (exit layer, where it goes, exit logits) in one tensor, and in its last row the alive
+        # count, so a decision's report is one copy to the host and a compaction moves the answers in one gather
+        self.answers = torch.zeros(self.size + 1, ANSWER_COLUMNS + model.num_labels, device=device)
+        self.exit_layer, self.position, self.exit_logits = answer_views(self.answers[:self.size])
         self.memory = walker.init_memory(self.size)
         self.states = torch.zeros(self.size, model.hidden_size, dtype=STATE_DTYPE, device=device)
         self.logits = torch.zeros(self.size, model.num_labels, device=device)
-        self.exit_layer = torch.zeros(self.size, dtype=torch.long, device=device)  # each row's answer
-        self.exit_logits = torch.zeros(self.size, model.num_labels, device=device)
         pinned = device.type == "cuda"
-        # the answers and where they go, as of the last decision: final once nobody is alive, with no further read
-        self.host_layer = torch.zeros(self.exit_layer.shape, dtype=torch.long, pin_memory=pinned)
-        self.host_logits = torch.zeros(self.exit_logits.shape, pin_memory=pinned)
-        self.host_position = torch.zeros(self.position.shape, dtype=torch.long, pin_memory=pinned)
-        self.alive_count = torch.zeros((), dtype=torch.long, pin_memory=pinned)  # written by each decision
+        # the answers as of the last decision: final once nobody is alive, with no further read
+        self.host_answers = torch.zeros(self.answers.shape, pin_memory=pinned)
         # where a window is staged on the host: pinned, so its one copy overlaps nothing it must wait for
         self.staging = torch.zeros(self.tokens.shape, dtype=torch.long, pin_memory=pinned)
         self.steps: dict[tuple, Replayable] = {}
@@ -205,20 +231,27 @@ class Window:
         """A fresh memory for a policy whose memory may change shape (not graph-safe): allocated eagerly."""
         self.memory = self.walker.init_memory(self.size)
 
-    def report(self, rows: int) -> None:
-        """Copy every row's answer and position, and the alive count of the first ``rows`` rows, to pinned host
-        memory (read once the step's event has passed)."""
-        self.host_layer.copy_(self.exit_layer, non_blocking=True)
-        self.host_logits.copy_(self.exit_logits, non_blocking=True)
-        self.host_position.copy_(self.position, non_blocking=True)
-        self.alive_count.copy_(self.alive[:rows].sum(), non_blocking=True)
+    def report(self) -> None:
+        """Copy every row's answer and the last decision's alive count to pinned host memory, in one copy (read
+        once the step's event has passed)."""
+        self.host_answers.copy_(self.answers, non_blocking=True)
+
+    @property
+    def alive_count(self) -> int:
+        """Rows alive as of the last report."""
+        return int(self.host_answers[self.size, 0])
 
     def run(self, key: tuple, fn: Callable[[], None]) -> None:
         """Step ``key``, made from ``fn`` the first time (captured as a graph where the walker uses them). Steps are
         made (and views taken) only the first time: a replay costs one launch and no Python."""
         if key not in self.steps:
             family = self.walker.model.encoder.config.model_type
-            self.steps[key] = Replayable(fn, self.walker.pool, f"{key[0]} step {key[1:]} of {family}")
+            device = self.walker.device if self.walker.tf32 else None
+
+            def step() -> None:
+                with tf32_matmuls(device):
+                    fn()
+            self.steps[key] = Replayable(step, self.walker.pool, f"{key[0]} step {key[1:]} of {family}")
         self.steps[key]()
 
     # -- the steps a walk runs, each named once (the walk and `FastWalker.warm_up` share them) ---------------------
@@ -246,7 +279,7 @@ class Window:
             self.walker.compiled(span, layer)
         else:
             span.exit_and_decide(layer)
-        self.report(rows)
+        self.report()
 
     def decide_eagerly(self, layer: int, rows: int) -> None:
         """The same for a policy that cannot be captured; one that learns at the last layer first sees the rows
@@ -259,7 +292,8 @@ class Window:
                 LayerBatch(layer, walker.num_layers, span.states[reached].float(), span.logits[reached]),
                 {k: v[reached] for k, v in span.memory.items()})
         span.decide(layer, False)
-        self.report(rows)
+        span.count_alive()
+        self.report()
 
 
 class FastWalker:
@@ -267,11 +301,12 @@ class FastWalker:
     buffers, without CUDA or with ``graphs=False``). Build one per (model, policy); windows and graphs are made on
     first use and kept. ``max_batch``: the most rows of a batch and of any launch; ``window``: rows walked up the
     layers together (rounded up to a multiple of ``max_batch``; default ``max_batch``, one batch); ``lanes``:
-    windows `run_batches` keeps in flight (each with its own buffers and graphs); 1 walks one at a time."""
+    windows `run_batches` keeps in flight (each with its own buffers and graphs); 1 walks one at a time. ``tf32``:
+    with a bfloat16 or float16 backbone on CUDA, the policy's float32 matrix products in TF32 (`tf32_matmuls`)."""
 
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
                  graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False,
-                 lanes: int = 2, window: int | None = None):
+                 lanes: int = 2, window: int | None = None, tf32: bool = True):
         if int(lanes) < 1:
             raise ValueError(f"lanes must be >= 1 (windows in flight), got {lanes}.")
         if int(max_batch) < 1:
@@ -288,7 +323,10 @@ class FastWalker:
         # a policy that learns between batches sees them one at a time, as the trace walk shows them
         self.batches_per_window = 1 if policy.observes_final else -(-int(window or max_batch) // self.capacity)
         self.window = self.batches_per_window * self.capacity
-        self.token_types = token_types
+        # TF32 only beside a half-precision backbone, where it touches nothing but the policy's float32 math; a
+        # float32 backbone keeps float32 products everywhere
+        half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        self.token_types, self.tf32 = token_types, bool(tf32) and half
         use_graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device; use graphs=False on the CPU.")
@@ -451,7 +489,7 @@ class FastWalker:
             if not deciding:
                 continue
             yield self._event()  # the layer's one host read, once its step has run
-            alive = int(window.alive_count)
+            alive = window.alive_count
             if alive == 0:
                 break
             spans = launches(alive, self.capacity, self.buckets)
@@ -462,8 +500,9 @@ class FastWalker:
                     window.rows(0, rows).compact()
         layers = torch.empty(self.window + 1, dtype=torch.long)  # + a slot every padding row writes
         logits = torch.empty(self.window + 1, self.model.num_labels)
-        where = window.host_position[:embedded]
-        layers[where], logits[where] = window.host_layer[:embedded], window.host_logits[:embedded]
+        host_layer, host_position, host_logits = answer_views(window.host_answers[:embedded])
+        where = host_position.long()
+        layers[where], logits[where] = host_layer.long(), host_logits
         exits, offset = [], 0
         for count in sizes:
             part = logits[offset:offset + count]
