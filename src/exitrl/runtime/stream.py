@@ -38,9 +38,12 @@ class TokenBatch:
 SPLIT_ROWS = 64  # the fewest rows worth a thread of their own
 
 
+MAX_DEFAULT_WORKERS = 8  # threads keep paying up to about 8 on a 16-core GPU host (the tokenizer-workers reference)
+
+
 def default_workers() -> int:
-    """Tokenizer threads: enough to stay ahead of a GPU, never more than the cores (at most 4)."""
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    """Tokenizer threads: enough to stay ahead of a GPU, one fewer than the cores, at most `MAX_DEFAULT_WORKERS`."""
+    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) - 1))
 
 
 class TokenizerPool:
