@@ -61,6 +61,7 @@ def settle(walker: FastWalker, batches: list, most: int = 12) -> int:
         list(walker.run_batches(batches))
         if made() == before and walks > 1:
             return walks
+    print(f"  warning: still making steps after {most} walks; the timing below includes some")
     return most
 
 
@@ -183,7 +184,7 @@ def main() -> None:
                 walker = FastWalker(classifier.model, policy, batch, token_types=types, lanes=max(args.lanes),
                                     compile_decisions=True, window=window)
                 settle(walker, padded)
-                row[f"compile_w{window}_warmup_s"] = time.perf_counter() - started
+                row[f"compile_w{window}_warmup_s"] = time.perf_counter() - started  # first walks, until settled
                 row[f"early_exit_compiled_w{window}_ms"] = 1000 * timed(
                     lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup, args.reps)
                 print(f"  compiled decisions, window {window}: {row[f'early_exit_compiled_w{window}_ms']:.2f} ms "

@@ -9,10 +9,12 @@ test_runtime.py and test_architectures.py."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 from test_architectures import FAMILIES, tiny
+from torch._inductor.utils import run_and_get_code
 
 from exitrl.agents.calm import CalmPolicy
 from exitrl.agents.confidence import ConfidencePolicy
@@ -155,10 +157,30 @@ def test_tf32_is_set_for_a_step_on_cuda_beside_a_half_backbone_only_and_always_p
     for device in (torch.device("cpu"), None):
         with tf32_matmuls(device):
             assert matmul.fp32_precision == before
-    model, _, _ = tiny("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     assert not FastWalker(model, StaticPolicy(1)).tf32  # a float32 backbone keeps float32 products
     assert FastWalker(model.to(torch.bfloat16), StaticPolicy(1)).tf32
     assert not FastWalker(model, StaticPolicy(1), tf32=False).tf32
+    # the decisions, and only they, run under it (the flag can be set without a GPU, so the walk is pointed at it)
+    seen: dict[str, set] = {"decision": set(), "layer": set()}
+
+    class Recording(ConfidencePolicy):
+        def decide(self, batch, memory):
+            seen["decision"].add(matmul.fp32_precision)
+            return super().decide(batch, memory)
+
+    hook = model.layers[0].register_forward_pre_hook(lambda *_: seen["layer"].add(matmul.fp32_precision))
+    try:
+        for graph_safe in (True, False):
+            policy = Recording(0.5)
+            policy.graph_safe = graph_safe  # the captured decision and the eager one
+            walker = FastWalker(model, policy, max_batch=8, graphs=False, token_types=False)
+            walker.tf32_device = torch.device("cuda")
+            walker.run(ids[:8], mask[:8])
+            assert seen == {"decision": {"tf32"}, "layer": {before}}, graph_safe
+            assert matmul.fp32_precision == before
+    finally:
+        hook.remove()
 
 
 @CUDA
@@ -203,7 +225,9 @@ def test_a_small_linear_is_a_multiply_and_sum_under_compile_and_equals_the_linea
         linear = torch.nn.Linear(32, outputs, bias=bias)
         assert torch.equal(small_linear(x, linear), linear(x))  # eagerly: the linear itself
         compiled = torch.compile(lambda t, lin=linear: small_linear(t, lin), dynamic=False)
-        assert torch.allclose(compiled(x), linear(x), atol=1e-5), outputs
+        out, code = run_and_get_code(compiled, x)
+        assert torch.allclose(out, linear(x), atol=1e-5), outputs
+        assert not re.search(r"extern_kernels\.(add)?mm", "".join(code)), outputs  # fused: no matrix product call
     wide = torch.nn.Linear(32, FUSED_OUTPUTS + 1)
     assert torch.equal(small_linear(x, wide), wide(x))
 

@@ -16,7 +16,7 @@ loop is slower than not exiting at all. Here:
   and each row's answer. Each step runs eagerly once, is then captured as a CUDA graph and replayed from then on
   (`Replayable`): one launch per layer launch, and one for the exit heads and decisions of the window's rows;
 - decisions stay on the device: rows that exit are marked dead (their answer recorded by a device-side select); the
-  only host read is the number of rows alive, 8 bytes, with the answers so far, and only at layers where a row may
+  only host read is the number of rows alive, one copy with the answers so far, and only at layers where a row may
   exit (``ExitPolicy.first_exit_layer``; a static exit reads once). Alive rows move to the front (compaction, with
   their memory and answers; an argsort on the device) only when that saves a launch or shrinks one, so the graphs
   stay few; the host puts the answers back in row order from each row's recorded position;
@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
+from threading import RLock
 
 import torch
 
@@ -55,21 +56,32 @@ TOKEN_PLANES = 4  # input ids, attention mask, token types, and a plane whose co
 ANSWER_COLUMNS = 2  # a row's answer: its exit layer and where it goes (float32: exact to 2**24), then its logits
 
 
+_PRECISION = RLock()  # the matmul precision is one setting of the process: one step changes it at a time
+
+
 @contextmanager
 def tf32_matmuls(device: torch.device | None) -> Iterator[None]:
-    """float32 matrix products on tensor cores (TF32) on a CUDA ``device`` while a step is made: a policy's
-    float32 MLP on a few rows otherwise gets a slow split-K kernel that costs more than the rest of its decision.
-    TF32 keeps 10 mantissa bits, as many as the float16 states a policy learns from. The setting is put back."""
+    """float32 matrix products on tensor cores (TF32) on a CUDA ``device`` while a decision is made (run eagerly,
+    captured or compiled): a policy's float32 MLP on a few rows otherwise gets a split-K kernel that costs more than
+    the rest of its decision. TF32 keeps 10 mantissa bits, as many as the float16 states a policy learns from; its
+    decisions may differ from float32 ones on rows at the threshold, as a bfloat16 backbone's already do. The
+    setting is put back afterwards, and held under a lock meanwhile (it is global to the process; code that reads
+    the legacy ``allow_tf32`` flag from another thread meanwhile may see torch refuse the mix)."""
     if device is None or device.type != "cuda":
         yield
         return
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
+    with _PRECISION:
+        try:
+            before = matmul.fp32_precision  # torch >= 2.9
+            name, value = "fp32_precision", "tf32"
+        except AttributeError:
+            before, name, value = matmul.allow_tf32, "allow_tf32", True
+        setattr(matmul, name, value)
+        try:
+            yield
+        finally:
+            setattr(matmul, name, before)
 
 
 def answer_views(answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,14 +224,15 @@ class Window:
         self.alive = torch.zeros(self.size, dtype=torch.bool, device=device)
         # each row's answer (exit layer, where it goes, exit logits) in one tensor, and in its last row the alive
         # count, so a decision's report is one copy to the host and a compaction moves the answers in one gather
-        self.answers = torch.zeros(self.size + 1, ANSWER_COLUMNS + model.num_labels, device=device)
+        self.answers = torch.zeros(self.size + 1, ANSWER_COLUMNS + model.num_labels, dtype=torch.float32,
+                                   device=device)
         self.exit_layer, self.position, self.exit_logits = answer_views(self.answers[:self.size])
         self.memory = walker.init_memory(self.size)
         self.states = torch.zeros(self.size, model.hidden_size, dtype=STATE_DTYPE, device=device)
         self.logits = torch.zeros(self.size, model.num_labels, device=device)
         pinned = device.type == "cuda"
         # the answers as of the last decision: final once nobody is alive, with no further read
-        self.host_answers = torch.zeros(self.answers.shape, pin_memory=pinned)
+        self.host_answers = torch.zeros(self.answers.shape, dtype=torch.float32, pin_memory=pinned)
         # where a window is staged on the host: pinned, so its one copy overlaps nothing it must wait for
         self.staging = torch.zeros(self.tokens.shape, dtype=torch.long, pin_memory=pinned)
         self.steps: dict[tuple, Replayable] = {}
@@ -246,12 +259,7 @@ class Window:
         made (and views taken) only the first time: a replay costs one launch and no Python."""
         if key not in self.steps:
             family = self.walker.model.encoder.config.model_type
-            device = self.walker.device if self.walker.tf32 else None
-
-            def step() -> None:
-                with tf32_matmuls(device):
-                    fn()
-            self.steps[key] = Replayable(step, self.walker.pool, f"{key[0]} step {key[1:]} of {family}")
+            self.steps[key] = Replayable(fn, self.walker.pool, f"{key[0]} step {key[1:]} of {family}")
         self.steps[key]()
 
     # -- the steps a walk runs, each named once (the walk and `FastWalker.warm_up` share them) ---------------------
@@ -275,10 +283,11 @@ class Window:
         """The exit heads, decisions and report of the first ``rows`` rows at ``layer``: one step (with the layer
         itself when it ran in one launch)."""
         span = self.rows(0, rows)
-        if self.walker.compiled is not None:
-            self.walker.compiled(span, layer)
-        else:
-            span.exit_and_decide(layer)
+        with tf32_matmuls(self.walker.tf32_device):
+            if self.walker.compiled is not None:
+                self.walker.compiled(span, layer)
+            else:
+                span.exit_and_decide(layer)
         self.report()
 
     def decide_eagerly(self, layer: int, rows: int) -> None:
@@ -291,7 +300,8 @@ class Window:
             walker.policy.observe_final(
                 LayerBatch(layer, walker.num_layers, span.states[reached].float(), span.logits[reached]),
                 {k: v[reached] for k, v in span.memory.items()})
-        span.decide(layer, False)
+        with tf32_matmuls(walker.tf32_device):
+            span.decide(layer, False)
         span.count_alive()
         self.report()
 
@@ -302,7 +312,8 @@ class FastWalker:
     first use and kept. ``max_batch``: the most rows of a batch and of any launch; ``window``: rows walked up the
     layers together (rounded up to a multiple of ``max_batch``; default ``max_batch``, one batch); ``lanes``:
     windows `run_batches` keeps in flight (each with its own buffers and graphs); 1 walks one at a time. ``tf32``:
-    with a bfloat16 or float16 backbone on CUDA, the policy's float32 matrix products in TF32 (`tf32_matmuls`)."""
+    with a bfloat16 or float16 backbone on CUDA, the decisions' float32 matrix products (the policy's; the heads run
+    in the backbone's precision) in TF32 (`tf32_matmuls`); the layers are never touched."""
 
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
                  graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False,
@@ -323,10 +334,11 @@ class FastWalker:
         # a policy that learns between batches sees them one at a time, as the trace walk shows them
         self.batches_per_window = 1 if policy.observes_final else -(-int(window or max_batch) // self.capacity)
         self.window = self.batches_per_window * self.capacity
-        # TF32 only beside a half-precision backbone, where it touches nothing but the policy's float32 math; a
+        # TF32 only beside a half-precision backbone, where the decisions' float32 products are the policy's; a
         # float32 backbone keeps float32 products everywhere
         half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
         self.token_types, self.tf32 = token_types, bool(tf32) and half
+        self.tf32_device = self.device if self.tf32 else None  # where `tf32_matmuls` acts (a no-op off CUDA)
         use_graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device; use graphs=False on the CPU.")
