@@ -3,6 +3,7 @@ steps decode: the same code on the CPU, through ``torch.compile``'s CPU backend.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_decoding import prompts
 from test_decoding_methods import sharpened
@@ -14,6 +15,7 @@ from exitrl.decoding import greedy, policy_decoding
 from exitrl.decoding.engine import CAPACITY_BUCKET
 
 
+@pytest.mark.xdist_group("inductor")  # with the fast path's compiled tests: torch.compile's first use paid once
 def test_compiled_steps_decode_what_eager_steps_decode():
     model = sharpened(MultiExitLM(tiny_lm("llama", seed=21)))
     ids, mask = prompts(2, seed=21)
