@@ -225,8 +225,7 @@ class Window:
         # each row's answer (exit layer, where it goes, exit logits) in one tensor, and in its last row the alive
         # count, so a decision's report is one copy to the host and a compaction moves the answers in one gather
         self.answers = torch.zeros(self.size + 1, ANSWER_COLUMNS + model.num_labels, dtype=torch.float32,
-                                   device=device)
-        self.exit_layer, self.position, self.exit_logits = answer_views(self.answers[:self.size])
+                                   device=device)  # a step's rows see their part through `answer_views`
         self.memory = walker.init_memory(self.size)
         self.states = torch.zeros(self.size, model.hidden_size, dtype=STATE_DTYPE, device=device)
         self.logits = torch.zeros(self.size, model.num_labels, device=device)
