@@ -72,7 +72,8 @@ def pipelined_equals_one_at_a_time(device: torch.device, graphs: bool) -> set:
         first = model(ids.to(device), mask.to(device)).logits[:, 0].float()
     threshold = float(torch.softmax(first, -1).max(-1).values.median())
     batches = [(ids[i:i + n], mask[i:i + n]) for i, n in ((0, 8), (8, 5), (13, 11), (2, 1), (4, 16), (0, 24))]
-    batches.insert(4, (ids[3:9, :7], mask[3:9, :7]))  # a shorter sequence bucket: a window of its own
+    batches.insert(4, (ids[3:9, :7], mask[3:9, :7]))  # a shorter sequence bucket: a window of its own,
+    batches.insert(6, (ids[10:14, :7], mask[10:14, :7]))  # which takes this later batch too, out of order
     mixed = set()
     for name, policy in policies(model, threshold).items():
         one = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs, token_types=False,
@@ -103,6 +104,9 @@ def pipelined_equals_one_at_a_time(device: torch.device, graphs: bool) -> set:
         launched = {key[0] for lane in windowed.lanes for w in lane.windows.values() for key in w.steps}
         buckets = {seq for lane in windowed.lanes for seq in lane.windows}
         assert buckets == {8, 12} and "layer" in launched, name  # two sequence buckets; layers split in launches
+        grouped = [indices for indices, _ in windowed._windows(batches)]
+        if not policy.observes_final:
+            assert grouped == [[0, 1, 2], [3, 5, 7], [4, 6]], name  # 3 batches at most; the short ones at the end
         assert windowed.window == (24 if policy.observes_final else 72), name  # learning between batches: one
     return mixed
 
@@ -133,6 +137,16 @@ def test_warm_up_makes_every_step_a_one_launch_walk_needs_before_the_first_batch
     for a, b in zip(got, fresh.run_batches(batches)):  # warming changed no answer
         assert torch.equal(a.layers, b.layers) and torch.equal(a.logits, b.logits)
     assert len({int(layer) for a in got for layer in a.layers}) > 1
+
+
+def test_windows_gather_a_buckets_batches_out_of_order_but_hold_back_at_most_a_window_of_rows():
+    """Batches of four sequence buckets (20 rows each, windows of at most 72 rows): past 72 rows waiting in open
+    windows, the oldest is walked; the rest close with the input, a bucket's batches together."""
+    model, _, _ = tiny("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    walker = FastWalker(model, StaticPolicy(2), max_batch=24, graphs=False, token_types=False, window=72,
+                        seq_multiple=4)
+    batches = [(torch.ones(20, length, dtype=torch.long),) for length in (3, 7, 11, 15, 3, 7, 3)]
+    assert [indices for indices, _ in walker._windows(batches)] == [[0], [1], [2], [3], [4, 6], [5]]
 
 
 def test_lanes_windows_and_batch_sizes_must_be_positive_and_a_window_is_whole_batches():
@@ -237,7 +251,8 @@ def test_a_small_linear_is_a_multiply_and_sum_under_compile_and_equals_the_linea
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_compiled_decisions_agree_with_the_eager_steps(device):
     """torch.compile'd exit heads and decisions (in CUDA graphs on a GPU; C++ kernels on the CPU), with the small
-    heads and the alive count fused in, answer what the eager steps answer."""
+    heads and the alive count fused in, and for one policy compiled layers too, answer what the eager steps
+    answer."""
     model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
     device = torch.device(device)
     model = model.to(device)
@@ -249,8 +264,9 @@ def test_compiled_decisions_agree_with_the_eager_steps(device):
         chosen.append(PatiencePolicy(1))  # memory kept between layers (on the CPU, compiling costs CI seconds)
     for policy in chosen:
         policy.to(device)
+        # the rule's walker compiles the layers too (`compile_layers`): the full model's steps fused the same way
         compiled = FastWalker(model, policy, max_batch=32, token_types=False, compile_decisions=True,
-                              graphs=device.type == "cuda")
+                              graphs=device.type == "cuda", compile_layers=isinstance(policy, ConfidencePolicy))
         eager = FastWalker(model, policy, max_batch=32, graphs=False, token_types=False)
         for batch_ids, batch_mask in [(ids, mask), (ids[4:].flip(0), mask[4:].flip(0))] * 2:
             a, b = compiled.run(batch_ids, batch_mask), eager.run(batch_ids, batch_mask)

@@ -144,7 +144,7 @@ class Rows:
 
     def layer(self, layer: int) -> None:
         """Layer ``layer`` (1-indexed) on these rows' hidden states."""
-        self.hidden.copy_(self.walker.model.run_layer(layer - 1, self.hidden, self.inputs))
+        self.hidden.copy_(self.walker.run_layer(layer - 1, self.hidden, self.inputs))
 
     def exit_head(self, layer: int) -> None:
         model = self.walker.model
@@ -316,7 +316,7 @@ class FastWalker:
 
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
                  graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False,
-                 lanes: int = 2, window: int | None = None, tf32: bool = True):
+                 lanes: int = 2, window: int | None = None, tf32: bool = True, compile_layers: bool = False):
         if int(lanes) < 1:
             raise ValueError(f"lanes must be >= 1 (windows in flight), got {lanes}.")
         if int(max_batch) < 1:
@@ -352,6 +352,12 @@ class FastWalker:
         if compile_decisions:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
             self.compiled = torch.compile(Rows.exit_and_decide, dynamic=True)
+        # compile_layers: each layer through torch.compile too (its norms, activations and residuals fused), for the
+        # full model and early exit alike; a launch on few rows is bound by its kernel count
+        self.run_layer = model.run_layer
+        if compile_layers:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+            self.run_layer = torch.compile(model.run_layer, dynamic=True)
 
     def init_memory(self, size: int) -> dict[str, torch.Tensor]:
         return walk_memory(self.policy, size, self.model.hidden_size, self.device)
@@ -392,26 +398,32 @@ class FastWalker:
             torch.cuda.synchronize(self.device)
         return made
 
-    def _windows(self, batches: Iterable[tuple]) -> Iterator[list[tuple]]:
-        """Consecutive batches grouped into windows: the same sequence bucket, at most ``window`` rows. A window
-        closes as soon as the next full batch could not fit, so a lazy stream is never waited on needlessly."""
-        group: list[tuple] = []
-        rows = seq = 0
-        for batch in batches:
+    def _windows(self, batches: Iterable[tuple]) -> Iterator[tuple[list[int], list[tuple]]]:
+        """Batches grouped into windows, as ``(their indices, the batches)``: one sequence bucket, at most ``window``
+        rows. A window may take batches out of order, so a bucket's batches share one wherever the input puts them
+        (a stream ordered by characters jitters between buckets at their edges). A window closes as soon as the
+        next full batch could not fit, so a lazy stream is never waited on needlessly; windows not yet full hold at
+        most ``window`` rows between them (past that, the oldest is walked), and the last ones close with the input.
+        A policy that learns between batches walks each batch alone, in order."""
+        groups: dict[int, tuple[list[int], list[tuple]]] = {}  # sequence bucket -> its open window, oldest first
+        rows_of: dict[int, int] = {}
+        for index, batch in enumerate(batches):
             count, length = batch[0].shape
             if count > self.capacity:
                 raise ValueError(f"{count} rows in one batch, more than this walker's max_batch={self.capacity}.")
             bucket = self.seq_bucket(length)
-            if group and (bucket != seq or rows + count > self.window):
-                yield group
-                group, rows = [], 0
+            indices, group = groups.setdefault(bucket, ([], []))
+            indices.append(index)
             group.append(batch)
-            rows, seq = rows + count, bucket
-            if len(group) == self.batches_per_window or rows + self.capacity > self.window:
-                yield group
-                group, rows = [], 0
-        if group:
-            yield group
+            rows_of[bucket] = rows_of.get(bucket, 0) + count
+            if len(group) == self.batches_per_window or rows_of[bucket] + self.capacity > self.window:
+                yield groups.pop(bucket)
+                rows_of.pop(bucket)
+            while sum(rows_of.values()) > self.window:  # too much waiting: the oldest open window goes now
+                oldest = next(iter(groups))
+                yield groups.pop(oldest)
+                rows_of.pop(oldest)
+        yield from groups.values()
 
     @torch.no_grad()
     def run_batches(self, batches: Iterable[tuple]) -> Iterator[Exits]:
@@ -419,35 +431,35 @@ class FastWalker:
         up to ``lanes`` windows in flight, so the GPU runs one window's layers while the host reads another's alive
         count. ``batches`` is consumed lazily (a tokenizer may still be filling it)."""
         pending = self._windows(batches)
-        active: deque[tuple[int, Generator, torch.cuda.Event | None]] = deque()  # oldest read first
+        active: deque[tuple[list[int], Generator, torch.cuda.Event | None]] = deque()  # oldest read first
         free = list(reversed(self.lanes))
-        done: dict[int, list[Exits]] = {}
-        started = answered = 0
+        done: dict[int, Exits] = {}  # answers by batch index, until every batch before them is answered
+        answered = 0
 
-        def advance(index: int, walk_one: Generator) -> None:
+        def advance(indices: list[int], walk_one: Generator) -> None:
             """Run a window's walk to its next read (queued behind the others), or record its answers."""
             try:
-                active.append((index, walk_one, walk_one.send(None)))
+                active.append((indices, walk_one, walk_one.send(None)))
             except StopIteration as finished:
                 exits, lane = finished.value
-                done[index] = exits
+                done.update(zip(indices, exits))
                 free.append(lane)
 
         exhausted = False
         while True:
             while free and not exhausted:  # every free lane takes the next window
-                group = next(pending, None)
-                exhausted = group is None
+                window = next(pending, None)
+                exhausted = window is None
                 if not exhausted:
-                    advance(started, self._walk(free.pop(), group))
-                    started += 1
+                    indices, group = window
+                    advance(indices, self._walk(free.pop(), group))
             if active:
-                index, walk_one, event = active.popleft()
+                indices, walk_one, event = active.popleft()
                 if event is not None:
                     event.synchronize()  # this window's last step, not the work queued after it
-                advance(index, walk_one)
+                advance(indices, walk_one)
             while answered in done:
-                yield from done.pop(answered)
+                yield done.pop(answered)
                 answered += 1
             if exhausted and not active:
                 return
