@@ -149,6 +149,27 @@ def test_windows_gather_a_buckets_batches_out_of_order_but_hold_back_at_most_a_w
     assert [indices for indices, _ in walker._windows(batches)] == [[0], [1], [2], [3], [4, 6], [5]]
 
 
+def test_compaction_puts_the_alive_rows_first_in_order_with_everything_that_follows_a_row():
+    model, _, _ = tiny("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    walker = FastWalker(model, PatiencePolicy(1), max_batch=16, graphs=False, token_types=False)
+    window = walker.lanes[0].window(8)
+    rows = window.rows(0, 16)
+    torch.manual_seed(0)
+    for alive in (torch.rand(16) < 0.4, torch.ones(16, dtype=torch.bool), torch.zeros(16, dtype=torch.bool)):
+        rows.alive.copy_(alive)
+        rows.hidden.copy_(torch.randn(rows.hidden.shape))
+        rows.position.copy_(torch.arange(16.0))
+        for value in rows.memory.values():
+            value.copy_(torch.arange(16).view(-1, *[1] * (value.dim() - 1)).expand_as(value))
+        hidden = rows.hidden.clone()
+        rows.compact()
+        order = torch.cat([torch.nonzero(alive).squeeze(1), torch.nonzero(~alive).squeeze(1)])  # stable
+        assert torch.equal(rows.position, order.float()) and torch.equal(rows.hidden, hidden[order])
+        assert torch.equal(rows.alive, alive[order]) and int(rows.alive.sum()) == int(alive.sum())
+        for value in rows.memory.values():
+            assert torch.equal(value.reshape(16, -1)[:, 0].long(), order)
+
+
 def test_lanes_windows_and_batch_sizes_must_be_positive_and_a_window_is_whole_batches():
     model, _, _ = tiny("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     for options, message in (({"lanes": 0}, "lanes must be >= 1"), ({"window": 0}, "window must be >= 1 row"),

@@ -193,12 +193,17 @@ class Rows:
         self.count_alive()
 
     def compact(self) -> None:
-        """The alive rows first (in order), dead ones after, with everything that follows a row; on the device
-        (the order comes from a sort, not from the host)."""
-        order = torch.argsort((~self.alive).to(torch.int8), stable=True)
+        """The alive rows first (in order), dead ones after, with everything that follows a row; on the device.
+        Each row's new place comes from two running counts (alive rows before it, or all alive rows and the dead
+        ones before it): a scan and a scatter, where a sort takes several passes. The tokens stay: nothing reads
+        them after the embedding."""
+        alive = self.alive
+        ahead = torch.cumsum(alive, 0) - 1  # an alive row's place: the alive rows before it
+        behind = torch.cumsum(~alive, 0) + (ahead[-1] if alive.numel() else 0)  # a dead row's: after every alive
+        place = torch.where(alive, ahead, behind)
+        order = torch.empty_like(place).scatter_(0, place, torch.arange(place.numel(), device=place.device))
         for tensor in (self.hidden, self.alive, self.answers, self.pool_mask, self.pool_count):
             tensor.copy_(tensor[order])
-        self.tokens.copy_(self.tokens[:, order])
         tree_copy({k: v for k, v in self.inputs.items() if k != SHARED},
                   {k: tree_map(lambda t: t[order], v) for k, v in self.inputs.items() if k != SHARED})
         for key, value in self.memory.items():
@@ -276,7 +281,7 @@ class Window:
         self.run(("decide", layer, rows), lambda: self.decide(layer, rows))
 
     def compact_step(self, rows: int) -> None:
-        self.run(("compact", rows), lambda: self.rows(0, rows).compact())
+        self.run(("compact", rows), lambda: self.walker.compact(self.rows(0, rows)))
 
     def decide(self, layer: int, rows: int) -> None:
         """The exit heads, decisions and report of the first ``rows`` rows at ``layer``: one step (with the layer
@@ -346,12 +351,13 @@ class FastWalker:
         # the host inside its decision, walks them one at a time
         in_order = policy.observes_final or not policy.graph_safe
         self.lanes = [Lane(self) for _ in range(1 if in_order else int(lanes))]
-        # compile: the exit heads, decision and bookkeeping of each layer through torch.compile (kernels fused; a
-        # warm-up of minutes, once per layer and shape family) before capture
-        self.compiled = None
-        if compile_decisions:
+        # compile: the exit heads, decision and bookkeeping of each layer, and the compaction, through torch.compile
+        # (kernels fused; a warm-up of minutes, once per layer and shape family) before capture
+        self.compiled, self.compact = None, Rows.compact
+        if compile_decisions:  # and the compaction, whose gathers fuse the same way
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
             self.compiled = torch.compile(Rows.exit_and_decide, dynamic=True)
+            self.compact = torch.compile(Rows.compact, dynamic=True)
         # compile_layers: each layer through torch.compile too (its norms, activations and residuals fused), for the
         # full model and early exit alike; a launch on few rows is bound by its kernel count
         self.run_layer = model.run_layer
