@@ -63,9 +63,9 @@ def policies(model: MultiExitModel, threshold: float) -> dict:
 
 def pipelined_equals_one_at_a_time(device: torch.device, graphs: bool) -> set:
     """Several batches in flight (3 lanes), and windows of several batches walked together in launches of at most
-    ``max_batch`` rows (2 lanes of 72-row windows, split where the sequence bucket changes), answer exactly what one
-    batch at a time does, and what the trace walk does on the live backbone, for every agent and rule; returns which
-    policies exited rows at several layers."""
+    ``max_batch`` rows (2 lanes of 72-row windows, split where the sequence bucket changes; and the same with each
+    alive count read a layer late), answer exactly what one batch at a time does, and what the trace walk does on
+    the live backbone, for every agent and rule; returns which policies exited rows at several layers."""
     model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
     model = model.to(device)
     with torch.no_grad():
@@ -82,15 +82,19 @@ def pipelined_equals_one_at_a_time(device: torch.device, graphs: bool) -> set:
                           lanes=3)
         windowed = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs,
                               token_types=False, lanes=2, window=72, seq_multiple=4)
+        late = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs, token_types=False,
+                          lanes=2, window=72, seq_multiple=4, late_reads=True)  # alive counts read a layer late
         reference = copy.deepcopy(policy).to(device)
         for _ in range(2):  # the second pass replays every graph
             expected = [one.run(i, m) for i, m in batches]
             got = list(many.run_batches(iter(batches)))
             together = list(windowed.run_batches(iter(batches)))
-            assert len(got) == len(together) == len(batches)
-            for (batch_ids, batch_mask), a, b, c in zip(batches, expected, got, together):
+            lagging = list(late.run_batches(iter(batches)))
+            assert len(got) == len(together) == len(lagging) == len(batches)
+            for (batch_ids, batch_mask), a, b, c, d in zip(batches, expected, got, together, lagging):
                 assert torch.equal(a.layers, c.layers) and torch.equal(a.predictions, c.predictions), name
                 assert torch.allclose(a.logits, c.logits, atol=1e-5), name
+                assert torch.equal(c.layers, d.layers) and torch.allclose(c.logits, d.logits, atol=1e-5), name
                 assert torch.equal(a.layers, b.layers) and torch.equal(a.predictions, b.predictions), name
                 assert torch.equal(a.logits, b.logits), name
                 with torch.no_grad():
@@ -168,6 +172,28 @@ def test_compaction_puts_the_alive_rows_first_in_order_with_everything_that_foll
         assert torch.equal(rows.alive, alive[order]) and int(rows.alive.sum()) == int(alive.sum())
         for value in rows.memory.values():
             assert torch.equal(value.reshape(16, -1)[:, 0].long(), order)
+
+
+def test_late_reads_leave_out_the_first_deciding_layers_read_and_stop_a_layer_later():
+    """A walk reads each deciding layer's alive count; with ``late_reads`` it reads the one before while the next
+    layer is queued: one read fewer, the last layer read at once. A walk everyone leaves at layer 1 stops after
+    queueing layer 2 (one wasted layer), answering the same."""
+    model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+
+    def reads(policy, late: bool) -> tuple[int, object]:
+        walker = FastWalker(model, policy, max_batch=16, graphs=False, token_types=False, late_reads=late)
+        walk_one, count = walker._walk(walker.lanes[0], [(ids[:8], mask[:8])]), 0
+        try:
+            while True:
+                walk_one.send(None)
+                count += 1
+        except StopIteration as finished:
+            return count, finished.value[0][0]
+
+    for policy, plain, lagging in ((ConfidencePolicy(1.0), 4, 3), (ConfidencePolicy(0.0), 1, 1)):
+        (a, exits_a), (b, exits_b) = reads(policy, False), reads(policy, True)
+        assert (a, b) == (plain, lagging)
+        assert torch.equal(exits_a.layers, exits_b.layers) and torch.equal(exits_a.logits, exits_b.logits)
 
 
 def test_lanes_windows_and_batch_sizes_must_be_positive_and_a_window_is_whole_batches():

@@ -235,8 +235,11 @@ class Window:
         self.states = torch.zeros(self.size, model.hidden_size, dtype=STATE_DTYPE, device=device)
         self.logits = torch.zeros(self.size, model.num_labels, device=device)
         pinned = device.type == "cuda"
-        # the answers as of the last decision: final once nobody is alive, with no further read
-        self.host_answers = torch.zeros(self.answers.shape, dtype=torch.float32, pin_memory=pinned)
+        # the answers as of a decision, two copies (odd and even layers): the host reads one layer's while the
+        # next layer's decision may already write the other (`FastWalker(late_reads=True)`); final once nobody is
+        # alive, with no further read
+        self.host_answers = tuple(torch.zeros(self.answers.shape, dtype=torch.float32, pin_memory=pinned)
+                                  for _ in range(2))
         # where a window is staged on the host: pinned, so its one copy overlaps nothing it must wait for
         self.staging = torch.zeros(self.tokens.shape, dtype=torch.long, pin_memory=pinned)
         self.steps: dict[tuple, Replayable] = {}
@@ -248,15 +251,14 @@ class Window:
         """A fresh memory for a policy whose memory may change shape (not graph-safe): allocated eagerly."""
         self.memory = self.walker.init_memory(self.size)
 
-    def report(self) -> None:
-        """Copy every row's answer and the last decision's alive count to pinned host memory, in one copy (read
-        once the step's event has passed)."""
-        self.host_answers.copy_(self.answers, non_blocking=True)
+    def report(self, layer: int) -> None:
+        """Copy every row's answer and the alive count after ``layer``'s decision to pinned host memory, in one
+        copy (read once the step's event has passed)."""
+        self.host_answers[layer % 2].copy_(self.answers, non_blocking=True)
 
-    @property
-    def alive_count(self) -> int:
-        """Rows alive as of the last report."""
-        return int(self.host_answers[self.size, 0])
+    def alive_count(self, layer: int) -> int:
+        """Rows alive after ``layer``'s decision (as reported)."""
+        return int(self.host_answers[layer % 2][self.size, 0])
 
     def run(self, key: tuple, fn: Callable[[], None]) -> None:
         """Step ``key``, made from ``fn`` the first time (captured as a graph where the walker uses them). Steps are
@@ -292,7 +294,7 @@ class Window:
                 self.walker.compiled(span, layer)
             else:
                 span.exit_and_decide(layer)
-        self.report()
+        self.report(layer)
 
     def decide_eagerly(self, layer: int, rows: int) -> None:
         """The same for a policy that cannot be captured; one that learns at the last layer first sees the rows
@@ -307,7 +309,7 @@ class Window:
         with tf32_matmuls(walker.tf32_device):
             span.decide(layer, False)
         span.count_alive()
-        self.report()
+        self.report(layer)
 
 
 class FastWalker:
@@ -321,7 +323,8 @@ class FastWalker:
 
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
                  graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False,
-                 lanes: int = 2, window: int | None = None, tf32: bool = True, compile_layers: bool = False):
+                 lanes: int = 2, window: int | None = None, tf32: bool = True, compile_layers: bool = False,
+                 late_reads: bool = False):
         if int(lanes) < 1:
             raise ValueError(f"lanes must be >= 1 (windows in flight), got {lanes}.")
         if int(max_batch) < 1:
@@ -341,7 +344,7 @@ class FastWalker:
         # TF32 only beside a half-precision backbone, where the decisions' float32 products are the policy's; a
         # float32 backbone keeps float32 products everywhere
         half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-        self.token_types, self.tf32 = token_types, bool(tf32) and half
+        self.token_types, self.tf32, self.late_reads = token_types, bool(tf32) and half, bool(late_reads)
         self.tf32_device = self.device if self.tf32 else None  # where `tf32_matmuls` acts (a no-op off CUDA)
         use_graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
         if use_graphs and self.device.type != "cuda":
@@ -501,6 +504,9 @@ class FastWalker:
             window.reset_memory()
         spans = launches(total, self.capacity, self.buckets)
         embedded = spans[-1][0] + spans[-1][1]  # rows past these hold an earlier window's leftovers
+        # late reads: a layer's alive count is read once the next layer is queued (the GPU never waits for the
+        # host; one layer runs on rows that had already left); a decision made on the host reads at once
+        late, unread, answered = self.late_reads and self.policy.graph_safe, None, self.num_layers
         for start, size in spans:
             window.embed_step(start, size)
         for layer in range(1, self.num_layers + 1):
@@ -517,8 +523,17 @@ class FastWalker:
                     window.decide_eagerly(layer, rows)
             if not deciding:
                 continue
-            yield self._event()  # the layer's one host read, once its step has run
-            alive = window.alive_count
+            event = self._event()
+            if late and layer < self.num_layers:  # read the last layer's decision while this one runs
+                read, unread = unread, (layer, event)
+                if read is None:
+                    continue
+                yield read[1]
+            else:
+                read, unread = (layer, event), None
+                yield event  # the layer's one host read, once its step has run
+            answered = read[0]
+            alive = window.alive_count(answered)  # an upper bound of the rows alive now (late: one layer ago)
             if alive == 0:
                 break
             spans = launches(alive, self.capacity, self.buckets)
@@ -529,7 +544,8 @@ class FastWalker:
                     window.rows(0, rows).compact()
         layers = torch.empty(self.window + 1, dtype=torch.long)  # + a slot every padding row writes
         logits = torch.empty(self.window + 1, self.model.num_labels)
-        host_layer, host_position, host_logits = answer_views(window.host_answers[:embedded])
+        # the last answers read: everyone had left by then (a later decision found nobody alive)
+        host_layer, host_position, host_logits = answer_views(window.host_answers[answered % 2][:embedded])
         where = host_position.long()
         layers[where], logits[where] = host_layer.long(), host_logits
         exits, offset = [], 0
