@@ -66,10 +66,12 @@ def test_runtime_exits_equal_the_trace_for_every_agent(live, agent, options):
     policy = AgentRun.create(agent, dict(options), reward="vanilla").fit(trace, torch.device("cpu")).policy
     expected_layers, expected_predictions = run_policy(copy.deepcopy(policy), trace["dev"])  # FREE adapts online
     dev = data.splits["dev"]
-    # the eager walk, the fast path's buckets (graphs only on CUDA), and its windows of several batches
+    # the eager walk, the fast path's buckets (graphs only on CUDA), and its windows of several batches with each
+    # alive count read a layer late
     for fast, window in ((False, None), (True, None), (True, 24)):
         classifier = EarlyExitClassifier(model, tokenizer, copy.deepcopy(policy), list(data.label_names), 32,
-                                         fast=fast, window=window)
+                                         fast=fast, window=window, late_reads=window is not None)
+        assert not fast or classifier.walker(8).late_reads == (window is not None)
         for bucket in (False, True):  # the trace's own batching, and sorted by length
             found = classifier.exits(list(dev["text_a"]), None, batch_size=64 if not bucket else 8, bucket=bucket)
             assert torch.equal(found.layers, expected_layers), (agent, options, fast, window, bucket)
