@@ -98,16 +98,16 @@ def main() -> None:
         print(f"{name}: {found['ms']:.2f} ms; GPU busy {found['gpu_busy_us'] / 1000:.2f} of a "
               f"{found['gpu_span_us'] / 1000:.2f}-ms span, {found['kernels']} kernels; host "
               + ", ".join(f"{k} {v['calls']}x {v['us']:.0f} us" for k, v in found["host_calls"].items()))
-    tokens = batches[-1]
-    for rows in (1, 32, args.batch):
+    tokens = max(batches, key=lambda b: (int(b[0].shape[0]), int(b[0].shape[1])))  # a full batch, the longest
+    for rows in sorted({1, 32, int(tokens[0].shape[0])}):
         part = [t[:rows] if t is not None else None for t in tokens]
-        entry: dict = {"rows": rows, "seq": int(part[0].shape[1])}
+        entry: dict = {"rows": int(part[0].shape[0]), "seq": int(part[0].shape[1])}
         for label, options in (("layer_us", {}), ("layer_compiled_us", {"compile_layers": True})):
             walker = FastWalker(classifier.model, full, rows, token_types=types, lanes=1, **options)
             for _ in range(3):
                 list(walker.run_batches([part]))
             window = walker.lanes[0].windows[walker.seq_bucket(entry["seq"])]
-            step = next(s for key, s in window.steps.items() if key[0] == "layer" and key[1] == 2)
+            step = next(s for key, s in window.steps.items() if key[0].startswith("layer"))  # the first layer
             entry[label] = replay_us(step, device, 100)
         print(f"layer on {rows} rows: {entry['layer_us']:.1f} us, compiled {entry['layer_compiled_us']:.1f} us")
         record["layer_vs_rows"].append(entry)

@@ -145,12 +145,24 @@ def test_warm_up_makes_every_step_a_one_launch_walk_needs_before_the_first_batch
 
 def test_windows_gather_a_buckets_batches_out_of_order_but_hold_back_at_most_a_window_of_rows():
     """Batches of four sequence buckets (20 rows each, windows of at most 72 rows): past 72 rows waiting in open
-    windows, the oldest is walked; the rest close with the input, a bucket's batches together."""
+    windows, or two windows' worth of later batches, the oldest is walked; the rest close with the input, a
+    bucket's batches together."""
     model, _, _ = tiny("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     walker = FastWalker(model, StaticPolicy(2), max_batch=24, graphs=False, token_types=False, window=72,
                         seq_multiple=4)
     batches = [(torch.ones(20, length, dtype=torch.long),) for length in (3, 7, 11, 15, 3, 7, 3)]
     assert [indices for indices, _ in walker._windows(batches)] == [[0], [1], [2], [3], [4, 6], [5]]
+    # a short batch among full ones of another bucket waits at most two windows' worth of batches (3 each here),
+    # not for the end of the input
+    handed = []
+
+    def stream():
+        for index in range(40):
+            handed.append(index)
+            yield (torch.ones(20 if index == 0 else 24, 3 if index == 0 else 11, dtype=torch.long),)
+
+    first_window = next(indices for indices, _ in walker._windows(stream()) if 0 in indices)
+    assert first_window == [0] and len(handed) <= 7
 
 
 def test_compaction_puts_the_alive_rows_first_in_order_with_everything_that_follows_a_row():

@@ -148,7 +148,8 @@ class EarlyExitClassifier:
 
     def walker(self, batch_size: int) -> FastWalker:
         """The fast path for this policy and batch size (its buckets and graphs are kept between calls)."""
-        key = (id(self.policy), batch_size, self.window)
+        key = (id(self.policy), batch_size, self.window, self.compile_decisions, self.compile_layers,
+               self.late_reads)
         if key not in self._walkers or self._walkers[key].policy is not self.policy:
             self._walkers[key] = FastWalker(self.model, self.policy, batch_size,
                                             token_types="token_type_ids" in self.tokenizer.model_input_names,

@@ -18,7 +18,8 @@ loop is slower than not exiting at all. Here:
 - decisions stay on the device: rows that exit are marked dead (their answer recorded by a device-side select); the
   only host read is the number of rows alive, one copy with the answers so far, and only at layers where a row may
   exit (``ExitPolicy.first_exit_layer``; a static exit reads once). Alive rows move to the front (compaction, with
-  their memory and answers; an argsort on the device) only when that saves a launch or shrinks one, so the graphs
+  their memory and answers; their places from running counts on the device) only when that saves a launch or
+  shrinks one, so the graphs
   stay few; the host puts the answers back in row order from each row's recorded position;
 - the GPU never waits on that read: `FastWalker.run_batches` keeps several windows in flight (``lanes``, each with
   its own buffers), one walk per window as a generator that stops at each read. While the host waits for one
@@ -148,6 +149,8 @@ class Rows:
 
     def exit_head(self, layer: int) -> None:
         model = self.walker.model
+        # the pooling weights follow their rows through compaction; the tokens do not (``pool`` reads them only
+        # without weights)
         pooled = model.pool(self.hidden, self.tokens[1], (self.pool_mask, self.pool_count))
         self.logits.copy_(model.exit_logits(layer - 1, pooled).float())
         self.states.copy_(pooled)  # the precision a trace keeps, which policies learned from
@@ -221,7 +224,7 @@ class Window:
         self.tokens[1] = 1
         self.tokens[3, :, 0] = 1
         # the first embedding's outputs become the window's buffers; cloned, since a layer input may be a view of
-        # the tokens (DeBERTa's input mask), which compaction must not move twice
+        # the tokens (DeBERTa's input mask), which compaction moves while the tokens stay
         hidden, inputs = model.embed(self.tokens[0], self.tokens[1], self.tokens[2] if walker.token_types else None,
                                      materialize_mask=True)
         self.hidden, self.inputs = hidden, tree_map(torch.clone, inputs)
@@ -412,8 +415,10 @@ class FastWalker:
         rows. A window may take batches out of order, so a bucket's batches share one wherever the input puts them
         (a stream ordered by characters jitters between buckets at their edges). A window closes as soon as the
         next full batch could not fit, so a lazy stream is never waited on needlessly; windows not yet full hold at
-        most ``window`` rows between them (past that, the oldest is walked), and the last ones close with the input.
-        A policy that learns between batches walks each batch alone, in order."""
+        most ``window`` rows between them, and none waits for more than two windows' worth of later batches (past
+        either, the oldest is walked: answers come in batch order, so a held batch holds back every answer after
+        it); the last ones close with the input. A policy that learns between batches walks each batch alone, in
+        order."""
         groups: dict[int, tuple[list[int], list[tuple]]] = {}  # sequence bucket -> its open window, oldest first
         rows_of: dict[int, int] = {}
         for index, batch in enumerate(batches):
@@ -428,7 +433,8 @@ class FastWalker:
             if len(group) == self.batches_per_window or rows_of[bucket] + self.capacity > self.window:
                 yield groups.pop(bucket)
                 rows_of.pop(bucket)
-            while sum(rows_of.values()) > self.window:  # too much waiting: the oldest open window goes now
+            while groups and (sum(rows_of.values()) > self.window  # too much waiting: the oldest goes now
+                              or index - next(iter(groups.values()))[0][0] >= 2 * self.batches_per_window):
                 oldest = next(iter(groups))
                 yield groups.pop(oldest)
                 rows_of.pop(oldest)
