@@ -26,7 +26,7 @@ from test_cli import TESTS, run_cli
 
 from exitrl.data import read_texts
 from exitrl.runtime.classifier import EarlyExitClassifier
-from exitrl.serve import main
+from exitrl.serve import arguments, check_config, main
 
 pytestmark = pytest.mark.xdist_group("serve")  # one server for the module: its tests stay on one worker
 
@@ -306,3 +306,14 @@ def test_command_line_errors_come_before_any_model_loads(runs, tmp_path, capsys)
 
     code, err = serve_cli(capsys, rte, "--threads", "0")
     assert code == 2 and "--threads must be a whole number >= 1 or auto" in err
+
+
+def test_compile_and_late_reads_reach_the_classifiers_options(runs):
+    """``--compile`` and ``--late-reads`` become the fast path's options of every served classifier (the full
+    model's too); without them, none is set."""
+    rte, _ = runs
+    port = str(free_port())
+    config = check_config(arguments().parse_args([str(rte), "--port", port, "--compile", "--late-reads"]))
+    assert config.runtime == {"compile_decisions": True, "compile_layers": True, "late_reads": True}
+    plain = check_config(arguments().parse_args([str(rte), "--port", port]))
+    assert not any(plain.runtime.values())

@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from exitrl.cli import USER_ERRORS, add_threads_option, fail, interrupted, warn_if_busy
@@ -87,6 +87,7 @@ class ServeConfig:
     timeout: float
     log_level: str
     api_servers: int = 1
+    runtime: dict = field(default_factory=dict)  # the fast path's options (`EarlyExitClassifier`): compile, reads
 
     @property
     def url(self) -> str:
@@ -144,7 +145,9 @@ def check_config(args: argparse.Namespace) -> ServeConfig:
     check_port(host, args.port)
     return ServeConfig(runs, host, args.port, device, args.max_batch_size, args.batch_timeout,
                        args.max_texts_per_request, args.max_chars, args.full, args.workers_per_device, args.threads,
-                       args.timeout, args.log_level, args.api_servers)
+                       args.timeout, args.log_level, args.api_servers,
+                       {"compile_decisions": args.compile, "compile_layers": args.compile,
+                        "late_reads": args.late_reads})
 
 
 _main_pid: list[int] = []
@@ -200,7 +203,7 @@ def _serve(config: ServeConfig, metrics_dir: str) -> int:
 
     runs = {run.name: run for run in config.runs}
     api = ExitAPI([asdict(run) for run in config.runs], config.full, config.threads, config.workers_per_device,
-                  f"{config.url}{PREDICT_PATH}", config.max_batch_size, config.batch_timeout)
+                  f"{config.url}{PREDICT_PATH}", config.max_batch_size, config.batch_timeout, config.runtime)
     middleware = (ServeMiddleware, {"runs": runs, "default": config.runs[0].name, "max_texts": config.max_texts,
                                     "max_chars": config.max_chars})
     server = ls.LitServer(api, accelerator=config.device, devices="auto" if config.device == "cuda" else 1,
@@ -240,7 +243,8 @@ def _serve(config: ServeConfig, metrics_dir: str) -> int:
     return _stopped[0] if _stopped else 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line of ``exitrl serve``."""
     parse = argparse.ArgumentParser(prog="python -m exitrl.serve", description=__doc__.split("\n\n")[0])
     parse.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                        help="folders written by exitrl.train, each named by its folder name (the first is the default)")
@@ -262,9 +266,19 @@ def main(argv: list[str] | None = None) -> None:
                             "request handling, not the model, bounds throughput")
     parse.add_argument("--timeout", type=float, default=30.0,
                        help="seconds a request may wait for a worker before it is answered 504 (default 30)")
+    parse.add_argument("--compile", action="store_true",
+                       help="the GPU fast path's layers and decisions through torch.compile (fewer kernels; each "
+                            "worker warms up for minutes before it says it is ready); --full compiles its layers")
+    parse.add_argument("--late-reads", action="store_true",
+                       help="read each layer's alive count once the next layer is queued (the GPU never waits for "
+                            "the host; one layer runs on rows that had already left)")
     parse.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="LitServe's and uvicorn's logs")
     add_threads_option(parse, "backbone")
-    args = parse.parse_args(sys.argv[1:] if argv is None else argv)
+    return parse
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(sys.argv[1:] if argv is None else argv)
     warn_if_busy(args.threads)
     try:
         config = check_config(args)

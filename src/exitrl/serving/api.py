@@ -41,10 +41,11 @@ class ExitAPI(ls.LitAPI if ls is not None else object):
     `EarlyExitClassifier.predict` call, then splits the answers back per request."""
 
     def __init__(self, runs: list[dict], full: bool, threads: int | str, workers: int, url: str, max_batch_size: int,
-                 batch_timeout: float):
+                 batch_timeout: float, runtime: dict | None = None):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=PREDICT_PATH)
         self.runs, self.full, self.threads, self.workers, self.url = runs, full, threads, workers, url
         self.batch_rows = max_batch_size  # rows per forward pass, whatever the requests hold
+        self.runtime = dict(runtime or {})  # the fast path's options, for every classifier
 
     def setup(self, device: str) -> None:
         import torch
@@ -65,11 +66,11 @@ class ExitAPI(ls.LitAPI if ls is not None else object):
             torch.set_num_threads(count)
         self.classifiers = {}
         for run in self.runs:
-            classifier = EarlyExitClassifier.from_run(run["dir"], str(device))
+            classifier = EarlyExitClassifier.from_run(run["dir"], str(device), **self.runtime)
             if self.full:
                 classifier = EarlyExitClassifier(classifier.model, classifier.tokenizer,
                                                  StaticPolicy(classifier.model.num_layers), classifier.label_names,
-                                                 classifier.max_length, classifier.device)
+                                                 classifier.max_length, classifier.device, **self.runtime)
             self.warm_up(classifier, run["pairs"], str(device).startswith("cuda"))
             self.classifiers[run["name"]] = classifier
         self.torch_device = torch.device(str(device))
