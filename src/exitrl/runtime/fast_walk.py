@@ -322,7 +322,10 @@ class FastWalker:
     layers together (rounded up to a multiple of ``max_batch``; default ``max_batch``, one batch); ``lanes``:
     windows `run_batches` keeps in flight (each with its own buffers and graphs); 1 walks one at a time. ``tf32``:
     with a bfloat16 or float16 backbone on CUDA, the decisions' float32 matrix products (the policy's; the heads run
-    in the backbone's precision) in TF32 (`tf32_matmuls`); the layers are never touched."""
+    in the backbone's precision) in TF32 (`tf32_matmuls`); the layers are never touched. ``compile_decisions``:
+    the exit heads, decisions and compaction through torch.compile; ``compile_layers``: the layers too;
+    ``late_reads``: each layer's alive count read once the next layer is queued (graph-safe policies), so the GPU
+    never waits for the host and one layer runs on rows that had already left."""
 
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
                  graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False,
