@@ -27,6 +27,7 @@ import json
 import platform
 import time
 from datetime import date
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -132,6 +133,9 @@ def main() -> None:
     parser.add_argument("--compile-sizes", nargs="*", type=int, default=[32, 256])
     parser.add_argument("--late-reads", action="store_true",
                         help="early exit reads each layer's alive count a layer late (FastWalker(late_reads=True))")
+    parser.add_argument("--device-walk", action="store_true",
+                        help="also every setting with each window walked as one step, launches chosen on the "
+                             "device (FastWalker(device_walk=True)), both sides")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -146,7 +150,7 @@ def main() -> None:
     record = {"date": date.today().isoformat(), "device": str(device), "torch": torch.__version__,
               "machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "run": args.run, "texts": args.texts, "examples": n, "num_layers": layers,
-              "late_reads": args.late_reads, "batches": []}
+              "late_reads": args.late_reads, "device_walk": args.device_walk, "batches": []}
     if args.scaling:
         types = "token_type_ids" in classifier.tokenizer.model_input_names
         stream = TokenizedBatches(classifier.tokenizer, first, second, max(args.scaling), classifier.max_length,
@@ -162,27 +166,26 @@ def main() -> None:
                      "real_tokens": sum(int(b[1].sum()) for b in padded)}
         types = "token_type_ids" in classifier.tokenizer.model_input_names
         windows = sorted({max(batch, w) for w in args.windows})
+        walks = [False, True] if args.device_walk else [False]  # host-read walks, and device walks beside them
         row["windows"] = windows
         for label, chosen in (("full", full), ("early_exit", policy)):
-            for window in windows:
-                for lanes in args.lanes:
-                    walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=lanes, window=window,
-                                        late_reads=args.late_reads)
-                    settle(walker, padded)
-                    seconds = timed(lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup,
-                                    args.reps)
-                    row[f"{label}_w{window}_lanes{lanes}_ms"] = 1000 * seconds
-                    if window == batch and lanes == 1:
-                        found = list(walker.run_batches(padded))
-                        row[f"{label}_steps_us"] = step_times(walker, device)
+            for window, lanes, on_device in product(windows, args.lanes, walks):
+                walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=lanes, window=window,
+                                    late_reads=args.late_reads, device_walk=on_device)
+                settle(walker, padded)
+                seconds = timed(lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup, args.reps)
+                row[f"{label}_w{window}_lanes{lanes}{'_dw' if on_device else ''}_ms"] = 1000 * seconds
+                if window == batch and lanes == 1 and not on_device:
+                    found = list(walker.run_batches(padded))
+                    row[f"{label}_steps_us"] = step_times(walker, device)
             if label == "early_exit":
                 mean_exit = float(torch.cat([f.layers for f in found]).float().mean())
                 row["mean_exit_layer"], row["ideal_speedup"] = mean_exit, layers / mean_exit
-        for window in windows:
-            for lanes in args.lanes:
-                speedup = row[f"full_w{window}_lanes{lanes}_ms"] / row[f"early_exit_w{window}_lanes{lanes}_ms"]
-                row[f"speedup_w{window}_lanes{lanes}"] = speedup
-                row[f"achieved_over_ideal_w{window}_lanes{lanes}"] = speedup / row["ideal_speedup"]
+        for window, lanes, on_device in product(windows, args.lanes, walks):
+            setting = f"w{window}_lanes{lanes}{'_dw' if on_device else ''}"
+            speedup = row[f"full_{setting}_ms"] / row[f"early_exit_{setting}_ms"]
+            row[f"speedup_{setting}"] = speedup
+            row[f"achieved_over_ideal_{setting}"] = speedup / row["ideal_speedup"]
         # the honest ratio: each side at its own fastest setting
         for label in ("full", "early_exit"):
             key = min((k for k in row if k.startswith(f"{label}_w") and k.endswith("_ms")), key=row.get)
@@ -221,21 +224,24 @@ def main() -> None:
             device, 1, 3)
         for label, chosen in (("full", full), ("early_exit", policy)):
             classifier.policy = chosen
-            for window in windows:  # each side at its fastest window from text (a wide window waits for its rows)
-                classifier.window = window
-                row[f"end_to_end_{label}_w{window}_ms"] = 1000 * timed(
+            # each side at its fastest window (and walk) from text (a wide window waits for its rows)
+            for window, on_device in product(windows, walks):
+                classifier.window, classifier.device_walk = window, on_device
+                row[f"end_to_end_{label}_w{window}{'_dw' if on_device else ''}_ms"] = 1000 * timed(
                     lambda b=batch: classifier.exits(first, second, b), device, args.warmup, args.reps)
-            row[f"end_to_end_{label}_ms"] = min(row[f"end_to_end_{label}_w{w}_ms"] for w in windows)
-        classifier.policy, classifier.window = policy, None
+            row[f"end_to_end_{label}_ms"] = min(v for k, v in row.items() if k.startswith(f"end_to_end_{label}_w"))
+        classifier.policy, classifier.window, classifier.device_walk = policy, None, False
         row["end_to_end_speedup"] = row["end_to_end_full_ms"] / row["end_to_end_early_exit_ms"]
         row["end_to_end_over_ideal"] = row["end_to_end_speedup"] / row["ideal_speedup"]
         record["batches"].append(row)
         print(f"batch {batch}: mean exit {row['mean_exit_layer']:.2f}/{layers} (ideal {row['ideal_speedup']:.2f}x)")
-        for window in windows:
-            print(f"  window {window}: " + "; ".join(
-                f"lanes {k}: full {row[f'full_w{window}_lanes{k}_ms']:.2f} ms, exit "
-                f"{row[f'early_exit_w{window}_lanes{k}_ms']:.2f} ms = {row[f'speedup_w{window}_lanes{k}']:.2f}x "
-                f"({row[f'achieved_over_ideal_w{window}_lanes{k}']:.2f} of ideal)" for k in args.lanes))
+        for window, on_device in product(windows, walks):
+            tail = "_dw" if on_device else ""
+            print(f"  window {window}{', device walk' if on_device else ''}: " + "; ".join(
+                f"lanes {k}: full {row[f'full_w{window}_lanes{k}{tail}_ms']:.2f} ms, exit "
+                f"{row[f'early_exit_w{window}_lanes{k}{tail}_ms']:.2f} ms = "
+                f"{row[f'speedup_w{window}_lanes{k}{tail}']:.2f}x "
+                f"({row[f'achieved_over_ideal_w{window}_lanes{k}{tail}']:.2f} of ideal)" for k in args.lanes))
         print(f"  best: full {row['full_best_ms']:.2f} ms ({row['full_best']}), exit {row['early_exit_best_ms']:.2f} "
               f"ms ({row['early_exit_best']}) = {row['speedup_best']:.2f}x ({row['achieved_over_ideal_best']:.2f} "
               "of ideal)")

@@ -84,9 +84,11 @@ def main() -> None:
         "early_exit_compiled_decisions": (classifier.policy, {"window": args.window, "compile_decisions": True}),
         "early_exit_compiled": (classifier.policy, {"window": args.window, "compile_decisions": True,
                                                    "compile_layers": True}),
-        "early_exit_late_reads": (classifier.policy, {"window": args.window, "late_reads": True}),
-        "early_exit_compiled_late_reads": (classifier.policy, {"window": args.window, "compile_decisions": True,
-                                                              "compile_layers": True, "late_reads": True}),
+        "full_device_walk": (full, {"window": args.window, "device_walk": True}),
+        "early_exit_device_walk": (classifier.policy, {"window": args.window, "device_walk": True}),
+        "full_compiled_device_walk": (full, {"window": args.window, "compile_layers": True, "device_walk": True}),
+        "early_exit_compiled_device_walk": (classifier.policy, {"window": args.window, "compile_decisions": True,
+                                                               "compile_layers": True, "device_walk": True}),
     }
     record: dict = {"date": date.today().isoformat(), "machine": torch.cuda.get_device_name(), "run": args.run,
                     "texts": args.texts, "batch": args.batch, "settings": {}, "layer_vs_rows": []}

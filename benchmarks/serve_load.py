@@ -180,7 +180,8 @@ class Server:
                         str(args.workers_per_device), "--threads", str(args.threads),
                         "--timeout", str(args.request_timeout), "--api-servers", str(args.api_servers),
                         *(["--full"] if mode == "full" else []), *(["--compile"] if args.compile else []),
-                        *(["--late-reads"] if args.late_reads else [])]
+                        *(["--late-reads"] if args.late_reads else []),
+                        *(["--device-walk"] if args.device_walk else [])]
         self.log = logs / f"server_{mode}.log"
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
@@ -539,6 +540,7 @@ def main() -> None:
     parser.add_argument("--api-servers", type=int, default=1, help="the server's HTTP processes")
     parser.add_argument("--compile", action="store_true", help="the server's --compile (both modes)")
     parser.add_argument("--late-reads", action="store_true", help="the server's --late-reads")
+    parser.add_argument("--device-walk", action="store_true", help="the server's --device-walk")
     parser.add_argument("--threads", default="auto", help="the server's --threads")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="the server's --timeout")
     parser.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")

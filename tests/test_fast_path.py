@@ -27,7 +27,7 @@ from exitrl.backbones import MultiExitModel
 from exitrl.core.small_linear import FUSED_OUTPUTS, small_linear
 from exitrl.evaluation.walk import walk
 from exitrl.runtime.classifier import LiveSource
-from exitrl.runtime.fast_walk import FastWalker, batch_buckets, tf32_matmuls
+from exitrl.runtime.fast_walk import FastWalker, batch_buckets, tf32_matmuls, walk_buckets
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -37,6 +37,14 @@ def test_batch_buckets_are_fine_above_16_and_end_at_the_batch_size():
     assert buckets[:6] == [1, 2, 4, 8, 16, 32] and buckets[-1] == 256
     assert max(b - a for a, b in zip(buckets[4:], buckets[5:])) == 16
     assert batch_buckets(20) == [1, 2, 4, 8, 16, 20] and batch_buckets(1) == [1]
+
+
+def test_walk_buckets_grow_by_at_most_half_and_end_at_the_window():
+    assert walk_buckets(256) == [16, 24, 32, 48, 64, 96, 128, 192, 256]
+    assert walk_buckets(72) == [16, 24, 32, 48, 64, 72] and walk_buckets(8) == [8]
+    assert walk_buckets(64, per_octave=4) == [16, 20, 24, 28, 32, 40, 48, 56, 64]
+    with pytest.raises(ValueError, match="per_octave"):
+        walk_buckets(64, per_octave=0)
 
 
 def test_a_batch_larger_than_the_walker_is_refused_and_an_empty_one_answers_nothing():
@@ -84,17 +92,21 @@ def pipelined_equals_one_at_a_time(device: torch.device, graphs: bool) -> set:
                               token_types=False, lanes=2, window=72, seq_multiple=4)
         late = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs, token_types=False,
                           lanes=2, window=72, seq_multiple=4, late_reads=True)  # alive counts read a layer late
+        on_device = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs,
+                               token_types=False, lanes=2, window=72, seq_multiple=4, device_walk=True)
         reference = copy.deepcopy(policy).to(device)
         for _ in range(2):  # the second pass replays every graph
             expected = [one.run(i, m) for i, m in batches]
             got = list(many.run_batches(iter(batches)))
             together = list(windowed.run_batches(iter(batches)))
             lagging = list(late.run_batches(iter(batches)))
-            assert len(got) == len(together) == len(lagging) == len(batches)
-            for (batch_ids, batch_mask), a, b, c, d in zip(batches, expected, got, together, lagging):
+            chosen = list(on_device.run_batches(iter(batches)))  # launches chosen on the device
+            assert len(got) == len(together) == len(lagging) == len(chosen) == len(batches)
+            for (batch_ids, batch_mask), a, b, c, d, e in zip(batches, expected, got, together, lagging, chosen):
                 assert torch.equal(a.layers, c.layers) and torch.equal(a.predictions, c.predictions), name
                 assert torch.allclose(a.logits, c.logits, atol=1e-5), name
                 assert torch.equal(c.layers, d.layers) and torch.allclose(c.logits, d.logits, atol=1e-5), name
+                assert torch.equal(c.layers, e.layers) and torch.allclose(c.logits, e.logits, atol=1e-5), name
                 assert torch.equal(a.layers, b.layers) and torch.equal(a.predictions, b.predictions), name
                 assert torch.equal(a.logits, b.logits), name
                 with torch.no_grad():
@@ -112,6 +124,11 @@ def pipelined_equals_one_at_a_time(device: torch.device, graphs: bool) -> set:
         if not policy.observes_final:
             assert grouped == [[0, 1, 2], [3, 5, 7], [4, 6]], name  # 3 batches at most; the short ones at the end
         assert windowed.window == (24 if policy.observes_final else 72), name  # learning between batches: one
+        walked_on_device = {key[0] for lane in on_device.lanes for w in lane.windows.values() for key in w.steps}
+        if policy.graph_safe:  # one step a window; a policy the device cannot run walks as without the option
+            assert walked_on_device == {"walk"}, name
+        else:
+            assert "walk" not in walked_on_device and "layer" in walked_on_device, name
     return mixed
 
 
@@ -141,6 +158,15 @@ def test_warm_up_makes_every_step_a_one_launch_walk_needs_before_the_first_batch
     for a, b in zip(got, fresh.run_batches(batches)):  # warming changed no answer
         assert torch.equal(a.layers, b.layers) and torch.equal(a.logits, b.logits)
     assert len({int(layer) for a in got for layer in a.layers}) > 1
+    # the device walk: one step per lane and walk size, each the whole walk of a window that size
+    on_device = FastWalker(model, ConfidencePolicy(threshold), max_batch=32, token_types=False, lanes=2,
+                           device_walk=True)
+    assert on_device.warm_up(max_length=ids.shape[1]) == 2 * len(on_device.walk_buckets) == 2 * 3  # 16, 24, 32
+    steps = {key for lane in on_device.lanes for w in lane.windows.values() for key in w.steps}
+    assert steps == {("walk", 16), ("walk", 24), ("walk", 32)}
+    for a, b in zip(got, on_device.run_batches(batches)):
+        assert torch.equal(a.layers, b.layers) and torch.allclose(a.logits, b.logits, atol=1e-6)
+    assert {key for lane in on_device.lanes for w in lane.windows.values() for key in w.steps} == steps
 
 
 def test_windows_gather_a_buckets_batches_out_of_order_but_hold_back_at_most_a_window_of_rows():

@@ -318,7 +318,9 @@ def test_compile_and_late_reads_reach_the_classifiers_options(runs):
     model's too); without them, none is set."""
     rte, _ = runs
     port = str(free_port())
-    config = check_config(arguments().parse_args([str(rte), "--port", port, "--compile", "--late-reads"]))
-    assert config.runtime == {"compile_decisions": True, "compile_layers": True, "late_reads": True}
+    config = check_config(arguments().parse_args([str(rte), "--port", port, "--compile", "--late-reads",
+                                                  "--device-walk"]))
+    assert config.runtime == {"compile_decisions": True, "compile_layers": True, "late_reads": True,
+                              "device_walk": True}
     plain = check_config(arguments().parse_args([str(rte), "--port", port]))
     assert not any(plain.runtime.values())

@@ -147,7 +147,7 @@ def check_config(args: argparse.Namespace) -> ServeConfig:
                        args.max_texts_per_request, args.max_chars, args.full, args.workers_per_device, args.threads,
                        args.timeout, args.log_level, args.api_servers,
                        {"compile_decisions": args.compile, "compile_layers": args.compile,
-                        "late_reads": args.late_reads})
+                        "late_reads": args.late_reads, "device_walk": args.device_walk})
 
 
 _main_pid: list[int] = []
@@ -272,6 +272,8 @@ def arguments() -> argparse.ArgumentParser:
     parse.add_argument("--late-reads", action="store_true",
                        help="read each layer's alive count once the next layer is queued (the GPU never waits for "
                             "the host; one layer runs on rows that had already left)")
+    parse.add_argument("--device-walk", action="store_true",
+                       help="walk each batch as one CUDA graph whose launches the GPU picks (no host read per layer)")
     parse.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="LitServe's and uvicorn's logs")
     add_threads_option(parse, "backbone")
     return parse

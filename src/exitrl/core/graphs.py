@@ -71,3 +71,18 @@ class Replayable:
             if collecting:
                 gc.enable()
         return graph
+
+
+def run_if(pred: torch.Tensor, fn: Callable[[], None]) -> None:
+    """``fn`` where the one-element bool ``pred`` holds. Inside a CUDA graph capture it becomes a conditional node
+    (CUDA 12.4+), so the device decides whether its kernels run and no host read is needed; outside one the host
+    reads ``pred`` (on CUDA a synchronisation: the eager run before a capture, or a walk without graphs)."""
+    if pred.is_cuda and torch.cuda.is_current_stream_capturing():
+        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+        graph.begin_capture_to_if_node(pred)
+        try:
+            fn()
+        finally:
+            graph.end_capture_to_conditional_node()
+    elif bool(pred):
+        fn()

@@ -54,13 +54,14 @@ class EarlyExitClassifier:
     def __init__(self, model: MultiExitModel, tokenizer, policy: ExitPolicy, label_names: list[str],
                  max_length: int = 128, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  fast: bool | None = None, compile_decisions: bool = False, window: int | None = None,
-                 compile_layers: bool = False, late_reads: bool = False):
+                 compile_layers: bool = False, late_reads: bool = False, device_walk: bool = False):
         """``dtype``: the backbone's weights (default bf16 on CUDA, fp32 on the CPU); ``fast``: the fast path
         (`exitrl.runtime.fast_walk`; default on CUDA, where it captures CUDA graphs); ``compile_decisions``: the fast
         path's exit heads and decisions through torch.compile (fewer kernels per layer, minutes of warm-up);
         ``window``: rows the fast path walks up the layers together, in launches of at most the batch size (None:
         one batch; see `FastWalker`); ``compile_layers``: the layers through torch.compile too; ``late_reads``: each
-        layer's alive count read once the next layer is queued (`FastWalker`)."""
+        layer's alive count read once the next layer is queued (`FastWalker`); ``device_walk``: each window's walk
+        as one step whose launches the device picks (`FastWalker`)."""
         if window is not None and int(window) < 1:
             raise ValueError(f"window must be >= 1 row (or None: one batch), got {window}.")
         if not policy.deployable:
@@ -73,7 +74,7 @@ class EarlyExitClassifier:
         self.model = model.to(self.device, dtype).eval()
         self.fast = self.device.type == "cuda" if fast is None else bool(fast)
         self.compile_decisions, self.compile_layers = bool(compile_decisions), bool(compile_layers)
-        self.late_reads = bool(late_reads)
+        self.late_reads, self.device_walk = bool(late_reads), bool(device_walk)
         self.window = None if window is None else int(window)
         self._walkers: dict[tuple, FastWalker] = {}
         self.tokenizer, self.label_names, self.max_length = tokenizer, list(label_names), int(max_length)
@@ -86,7 +87,8 @@ class EarlyExitClassifier:
         """What ``python -m exitrl.train`` left in ``run_dir``: the backbone the run used (in the folder when
         co-trained or exported, else the cache entry its record names; a missing one is an error that says how to
         rebuild it), the tokenizer, the label names, the traced length and the policy. ``options``: ``dtype``,
-        ``fast``, ``compile_decisions``, ``window``, ``compile_layers``, ``late_reads`` (see the constructor)."""
+        ``fast``, ``compile_decisions``, ``window``, ``compile_layers``, ``late_reads``, ``device_walk`` (see the
+        constructor)."""
         run = Run.load(run_dir)
         model, tokenizer, meta = MultiExitModel.load(run.backbone_path())
         record = run.record
@@ -149,12 +151,13 @@ class EarlyExitClassifier:
     def walker(self, batch_size: int) -> FastWalker:
         """The fast path for this policy and batch size (its buckets and graphs are kept between calls)."""
         key = (id(self.policy), batch_size, self.window, self.compile_decisions, self.compile_layers,
-               self.late_reads)
+               self.late_reads, self.device_walk)
         if key not in self._walkers or self._walkers[key].policy is not self.policy:
             self._walkers[key] = FastWalker(self.model, self.policy, batch_size,
                                             token_types="token_type_ids" in self.tokenizer.model_input_names,
                                             compile_decisions=self.compile_decisions, window=self.window,
-                                            compile_layers=self.compile_layers, late_reads=self.late_reads)
+                                            compile_layers=self.compile_layers, late_reads=self.late_reads,
+                                            device_walk=self.device_walk)
         return self._walkers[key]
 
     def warm_up(self, batch_size: int = 32) -> int:
@@ -190,7 +193,8 @@ class EarlyExitClassifier:
     def from_pretrained(cls, directory: str | Path, device: str = "auto", **options) -> EarlyExitClassifier:
         """A classifier saved with `save_pretrained` (or ``exitrl export RUN_DIR --pretrained DIR``), without the
         run folder, the cache or the hub. ``options``: ``verify`` (checksums, default True), ``dtype``, ``fast``,
-        ``compile_decisions``, ``window``, ``compile_layers``, ``late_reads`` (see the constructor)."""
+        ``compile_decisions``, ``window``, ``compile_layers``, ``late_reads``, ``device_walk`` (see the
+        constructor)."""
         from exitrl.runtime.pretrained import load_pretrained
 
         return load_pretrained(directory, cls, device, **options)

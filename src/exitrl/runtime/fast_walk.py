@@ -47,7 +47,7 @@ from threading import RLock
 import torch
 
 from exitrl.backbones.multi_exit import SHARED, MultiExitModel
-from exitrl.core.graphs import Replayable, tree_copy, tree_map
+from exitrl.core.graphs import Replayable, run_if, tree_copy, tree_map
 from exitrl.core.observation import step_history
 from exitrl.evaluation.walk import Exits
 from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
@@ -95,6 +95,20 @@ def batch_buckets(max_batch: int) -> list[int]:
     rows of work per layer), up to ``max_batch``."""
     sizes = {1, 2, 4, 8, 16, *range(32, max_batch + 16, 16)}
     return sorted(size for size in sizes if size < max_batch) + [max_batch]
+
+
+def walk_buckets(window: int, per_octave: int = 2) -> list[int]:
+    """Row counts a device walk's layer may run on (`FastWalker(device_walk=True)`): 16 rows, then ``per_octave``
+    sizes per doubling (16, 24, 32, 48, 64, 96, ... with 2), up to and ending at ``window``. Each one is a
+    conditional launch per layer in the window's graph, so they are fewer than `batch_buckets`: a layer runs on
+    at most ``1 + 1/per_octave`` times its alive rows."""
+    if int(per_octave) < 1:
+        raise ValueError(f"per_octave must be >= 1, got {per_octave}.")
+    sizes, base = set(), 16
+    while base < window:
+        sizes.update(base + base * step // int(per_octave) for step in range(int(per_octave)))
+        base *= 2
+    return sorted(size for size in sizes if size < window) + [int(window)]
 
 
 def launches(rows: int, width: int, buckets: list[int]) -> list[tuple[int, int]]:
@@ -246,6 +260,11 @@ class Window:
         # where a window is staged on the host: pinned, so its one copy overlaps nothing it must wait for
         self.staging = torch.zeros(self.tokens.shape, dtype=torch.long, pin_memory=pinned)
         self.steps: dict[tuple, Replayable] = {}
+        # the device walk's bucket choice: one flag per walk bucket (the one holding the alive rows is set)
+        buckets = torch.tensor(walker.walk_buckets, dtype=torch.float32, device=device)
+        self.bucket_top, self.bucket_floor = buckets, torch.cat([buckets.new_zeros(1), buckets[:-1]])
+        self.chosen = torch.zeros(len(walker.walk_buckets), dtype=torch.bool, device=device)
+        self.warmed: set[tuple] = set()
 
     def rows(self, start: int, size: int) -> Rows:
         return Rows(self, start, size)
@@ -288,7 +307,7 @@ class Window:
     def compact_step(self, rows: int) -> None:
         self.run(("compact", rows), lambda: self.walker.compact(self.rows(0, rows)))
 
-    def decide(self, layer: int, rows: int) -> None:
+    def decide(self, layer: int, rows: int, report: bool = True) -> None:
         """The exit heads, decisions and report of the first ``rows`` rows at ``layer``: one step (with the layer
         itself when it ran in one launch)."""
         span = self.rows(0, rows)
@@ -297,7 +316,62 @@ class Window:
                 self.walker.compiled(span, layer)
             else:
                 span.exit_and_decide(layer)
-        self.report(layer)
+        if report:
+            self.report(layer)
+
+    # -- the device walk: a window's whole walk as one step, its launches chosen on the device -------------------
+    def walk_step(self, embedded: int) -> None:
+        """The whole walk of a window whose rows fill ``embedded`` (a walk bucket), as one step: one launch and one
+        report for every layer of every row (`FastWalker(device_walk=True)`)."""
+        key = ("walk", embedded)
+        if key not in self.steps and self.walker.pool is not None:
+            self.warm_walk(embedded)
+        self.run(key, lambda: self.walk(embedded))
+
+    def walk(self, embedded: int) -> None:
+        """Embed, then each layer on the alive rows, in one launch padded to the smallest walk bucket that holds
+        them: every bucket is a conditional launch (`run_if`) and the device picks the one to run from the alive
+        count the last decision left. Alive rows move first after every decision."""
+        walker = self.walker
+        self.rows(0, embedded).embed()
+        for layer in range(1, walker.num_layers + 1):
+            if layer <= walker.first_exit:  # every row is still alive (padding rows are dead from the start)
+                self.walk_layer(layer, embedded)
+                if layer == walker.first_exit:
+                    self.choose_bucket()
+                continue
+            for index, size in enumerate(walker.walk_buckets):
+                if size > embedded:
+                    break
+                run_if(self.chosen[index], lambda layer=layer, size=size: self.walk_layer(layer, size))
+            self.choose_bucket()
+        self.report(0)
+
+    def walk_layer(self, layer: int, rows: int) -> None:
+        """Layer ``layer`` on the first ``rows`` rows; where a row may leave, its decision and the compaction."""
+        self.rows(0, rows).layer(layer)
+        if layer >= self.walker.first_exit:
+            self.decide(layer, rows, report=False)
+            if layer < self.walker.num_layers:
+                self.walker.compact(self.rows(0, rows))
+
+    def choose_bucket(self) -> None:
+        """Which walk bucket the next layer runs on: the smallest that holds the alive rows (none when no row is
+        alive), from the count the decision left in the answers' last row."""
+        alive = self.answers[self.size, 0]
+        self.chosen.copy_((self.bucket_floor < alive) & (alive <= self.bucket_top))
+
+    def warm_walk(self, embedded: int) -> None:
+        """Run once, eagerly, every launch a walk from ``embedded`` rows may take, before its graph is captured:
+        a conditional launch is captured without running, so its kernels must have run once (the eager run of the
+        walk itself takes only one bucket a layer). The window's buffers are reset by the walk's embedding."""
+        walker = self.walker
+        self.rows(0, embedded).embed()
+        for layer in range(1, walker.num_layers + 1):
+            for size in walker.walk_buckets if layer > walker.first_exit else [embedded]:
+                if size <= embedded and ("warm", layer, size) not in self.warmed:
+                    self.walk_layer(layer, size)
+                    self.warmed.add(("warm", layer, size))
 
     def decide_eagerly(self, layer: int, rows: int) -> None:
         """The same for a policy that cannot be captured; one that learns at the last layer first sees the rows
@@ -325,12 +399,14 @@ class FastWalker:
     in the backbone's precision) in TF32 (`tf32_matmuls`); the layers are never touched. ``compile_decisions``:
     the exit heads, decisions and compaction through torch.compile; ``compile_layers``: the layers too;
     ``late_reads``: each layer's alive count read once the next layer is queued (graph-safe policies), so the GPU
-    never waits for the host and one layer runs on rows that had already left."""
+    never waits for the host and one layer runs on rows that had already left. ``device_walk`` (graph-safe
+    policies; others walk as without it): a window's whole walk is one step, each layer one launch of up to
+    ``window`` rows whose size the device picks (`Window.walk`): one host read per window, none per layer."""
 
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
                  graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False,
                  lanes: int = 2, window: int | None = None, tf32: bool = True, compile_layers: bool = False,
-                 late_reads: bool = False):
+                 late_reads: bool = False, device_walk: bool = False):
         if int(lanes) < 1:
             raise ValueError(f"lanes must be >= 1 (windows in flight), got {lanes}.")
         if int(max_batch) < 1:
@@ -352,6 +428,9 @@ class FastWalker:
         half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
         self.token_types, self.tf32, self.late_reads = token_types, bool(tf32) and half, bool(late_reads)
         self.tf32_device = self.device if self.tf32 else None  # where `tf32_matmuls` acts (a no-op off CUDA)
+        # the device walk: the window in one launch per layer, its size one of few buckets the device chooses
+        self.device_walk = bool(device_walk) and policy.graph_safe
+        self.walk_buckets = walk_buckets(self.window)
         use_graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device; use graphs=False on the CPU.")
@@ -398,6 +477,12 @@ class FastWalker:
         for lane in self.lanes:
             for seq in range(self.seq_multiple, self.seq_bucket(max_length) + 1, self.seq_multiple):
                 window = lane.window(seq)
+                if self.device_walk:
+                    for size in self.walk_buckets:
+                        before = len(window.steps)
+                        window.walk_step(size)
+                        made += len(window.steps) - before
+                    continue
                 for size in self.buckets:
                     before = len(window.steps)
                     window.embed_step(0, size)
@@ -511,6 +596,11 @@ class FastWalker:
             window.tokens.copy_(staged, non_blocking=True)
         if not self.policy.graph_safe:
             window.reset_memory()
+        if self.device_walk:  # every layer in one step; the one read is the answers at the end
+            embedded = next(size for size in self.walk_buckets if size >= total)
+            window.walk_step(embedded)
+            yield self._event()
+            return self._answers(window, sizes, embedded, 0), lane
         spans = launches(total, self.capacity, self.buckets)
         embedded = spans[-1][0] + spans[-1][1]  # rows past these hold an earlier window's leftovers
         # late reads: a layer's alive count is read once the next layer is queued (the GPU never waits for the
@@ -551,9 +641,13 @@ class FastWalker:
                     window.compact_step(rows)
                 else:
                     window.rows(0, rows).compact()
+        # the last answers read: everyone had left by then (a later decision found nobody alive)
+        return self._answers(window, sizes, embedded, answered), lane
+
+    def _answers(self, window: Window, sizes: list[int], embedded: int, answered: int) -> list[Exits]:
+        """Each batch's exits, from the answers ``answered``'s report copied to the host, put back in row order."""
         layers = torch.empty(self.window + 1, dtype=torch.long)  # + a slot every padding row writes
         logits = torch.empty(self.window + 1, self.model.num_labels)
-        # the last answers read: everyone had left by then (a later decision found nobody alive)
         host_layer, host_position, host_logits = answer_views(window.host_answers[answered % 2][:embedded])
         where = host_position.long()
         layers[where], logits[where] = host_layer.long(), host_logits
@@ -562,7 +656,7 @@ class FastWalker:
             part = logits[offset:offset + count]
             exits.append(Exits(layers[offset:offset + count].clone(), part.argmax(-1), part.clone()))
             offset += count
-        return exits, lane
+        return exits
 
     def _event(self) -> torch.cuda.Event | None:
         """An event after the work queued so far (None off CUDA, where every step has already run)."""

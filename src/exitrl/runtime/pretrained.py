@@ -175,7 +175,7 @@ def load_pretrained(directory: str | Path, factory: type, device: str | torch.de
     constructor takes the model, tokenizer, policy, label names, max length and device) on ``device``. ``verify``:
     check every file's sha256 first (a few seconds per GB). ``options``: the constructor's options (``dtype``:
     default bf16 on CUDA, fp32 on the CPU, whatever precision the folder holds; ``fast``; ``compile_decisions``;
-    ``window``; ``compile_layers``; ``late_reads``)."""
+    ``window``; ``compile_layers``; ``late_reads``; ``device_walk``)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if verify:
