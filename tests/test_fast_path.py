@@ -24,6 +24,7 @@ from exitrl.agents.patience import PatiencePolicy
 from exitrl.agents.reinforce import ReinforcePolicy
 from exitrl.agents.static import StaticPolicy
 from exitrl.backbones import MultiExitModel
+from exitrl.core.graphs import conditional_nodes
 from exitrl.core.small_linear import FUSED_OUTPUTS, small_linear
 from exitrl.evaluation.walk import walk
 from exitrl.runtime.classifier import LiveSource
@@ -92,7 +93,8 @@ def pipelined_equals_one_at_a_time(device: torch.device, graphs: bool) -> set:
                               token_types=False, lanes=2, window=72, seq_multiple=4)
         late = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs, token_types=False,
                           lanes=2, window=72, seq_multiple=4, late_reads=True)  # alive counts read a layer late
-        on_device = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24, graphs=graphs,
+        on_device = FastWalker(model, copy.deepcopy(policy).to(device), max_batch=24,
+                               graphs=graphs and conditional_nodes(),  # an older torch: the host reads each choice
                                token_types=False, lanes=2, window=72, seq_multiple=4, device_walk=True)
         reference = copy.deepcopy(policy).to(device)
         for _ in range(2):  # the second pass replays every graph
@@ -358,3 +360,20 @@ def test_compiled_decisions_agree_with_the_eager_steps(device):
             assert float((a.layers == b.layers).float().mean()) >= 0.95, type(policy).__name__
             same = a.layers == b.layers
             assert torch.allclose(a.logits[same], b.logits[same], atol=1e-4)
+
+
+@CUDA
+def test_the_device_walk_is_one_captured_graph_or_a_clear_error_on_a_torch_without_conditional_nodes():
+    model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    model = model.cuda()
+    if not conditional_nodes():
+        with pytest.raises(ValueError, match=f"torch {re.escape(torch.__version__)} cannot"):
+            FastWalker(model, ConfidencePolicy(0.6), max_batch=32, token_types=False, device_walk=True)
+        return
+    walker = FastWalker(model, ConfidencePolicy(0.6), max_batch=32, token_types=False, device_walk=True)
+    eager = FastWalker(model, ConfidencePolicy(0.6), max_batch=32, graphs=False, token_types=False)
+    for _ in range(2):  # the second pass replays the graph
+        a, b = walker.run(ids, mask), eager.run(ids.cuda(), mask.cuda())
+        assert torch.equal(a.layers, b.layers) and torch.allclose(a.logits, b.logits, atol=1e-5)
+    steps = [step for lane in walker.lanes for w in lane.windows.values() for step in w.steps.values()]
+    assert len(steps) == 1 and steps[0].graph is not None

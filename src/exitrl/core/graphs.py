@@ -73,6 +73,14 @@ class Replayable:
         return graph
 
 
+def conditional_nodes() -> bool:
+    """Whether this torch captures conditional nodes into CUDA graphs (``CUDAGraph.begin_capture_to_if_node``:
+    torch 2.13 has it, 2.11 does not)."""
+    graph = getattr(torch.cuda, "CUDAGraph", None)
+    return all(hasattr(graph, name) for name in ("get_currently_capturing_graph", "begin_capture_to_if_node",
+                                                 "end_capture_to_conditional_node"))
+
+
 def run_if(pred: torch.Tensor, fn: Callable[[], None]) -> None:
     """``fn`` where the one-element bool ``pred`` holds. Inside a CUDA graph capture it becomes a conditional node
     (CUDA 12.4+), so the device decides whether its kernels run and no host read is needed; outside one the host

@@ -47,7 +47,7 @@ from threading import RLock
 import torch
 
 from exitrl.backbones.multi_exit import SHARED, MultiExitModel
-from exitrl.core.graphs import Replayable, run_if, tree_copy, tree_map
+from exitrl.core.graphs import Replayable, conditional_nodes, run_if, tree_copy, tree_map
 from exitrl.core.observation import step_history
 from exitrl.evaluation.walk import Exits
 from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
@@ -435,6 +435,10 @@ class FastWalker:
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device; use graphs=False on the CPU.")
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        if self.device_walk and use_graphs and not conditional_nodes():
+            raise ValueError(f"device_walk=True captures conditional nodes into CUDA graphs, which torch "
+                             f"{torch.__version__} cannot (torch 2.13 can); leave device_walk off, or walk without "
+                             "graphs (graphs=False: the host reads each choice).")
         # windows in flight must not change each other's decisions: a policy that learns between batches, or reads
         # the host inside its decision, walks them one at a time
         in_order = policy.observes_final or not policy.graph_safe
