@@ -77,8 +77,11 @@ def conditional_nodes() -> bool:
     """Whether this torch captures conditional nodes into CUDA graphs (``CUDAGraph.begin_capture_to_if_node``:
     torch 2.13 has it, 2.11 does not)."""
     graph = getattr(torch.cuda, "CUDAGraph", None)
-    return all(hasattr(graph, name) for name in ("get_currently_capturing_graph", "begin_capture_to_if_node",
-                                                 "end_capture_to_conditional_node"))
+    methods = all(hasattr(graph, name) for name in ("get_currently_capturing_graph", "begin_capture_to_if_node",
+                                                    "end_capture_to_conditional_node"))
+    cuda = torch.version.cuda  # conditional nodes came with CUDA 12.4; ROCm builds have none
+    return methods and torch.version.hip is None and cuda is not None and \
+        tuple(int(part) for part in cuda.split(".")[:2]) >= (12, 4)
 
 
 def run_if(pred: torch.Tensor, fn: Callable[[], None]) -> None:

@@ -10,7 +10,8 @@ loop is slower than not exiting at all. Here:
   of at most ``max_batch`` rows (the last one padded to a **bucket** size: powers of two to 16, then steps of 16).
   With ``window == max_batch`` (the default) a window is one batch; a larger window keeps every launch full while
   rows leave, which is what turns saved layers into saved time at small batch sizes. No launch is wider than
-  ``max_batch``, so its memory is what a batch of that size needs;
+  ``max_batch``, so its memory is what a batch of that size needs (except in the device walk, below, whose
+  launches are as wide as the window);
 - every step works on fixed tensors owned by the window (`Window`) and on leading rows of them (`Rows`, views): the
   hidden states, the layer inputs, which rows are still alive, where each row's answer goes, the policy's memory
   and each row's answer. Each step runs eagerly once, is then captured as a CUDA graph and replayed from then on
@@ -437,7 +438,8 @@ class FastWalker:
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         if self.device_walk and use_graphs and not conditional_nodes():
             raise ValueError(f"device_walk=True captures conditional nodes into CUDA graphs, which torch "
-                             f"{torch.__version__} cannot (torch 2.13 can); leave device_walk off, or walk without "
+                             f"{torch.__version__} (CUDA {torch.version.cuda}) cannot (torch 2.13 on CUDA 12.4+ "
+                             "can); leave device_walk off, or walk without "
                              "graphs (graphs=False: the host reads each choice).")
         # windows in flight must not change each other's decisions: a policy that learns between batches, or reads
         # the host inside its decision, walks them one at a time
