@@ -270,8 +270,8 @@ def arguments() -> argparse.ArgumentParser:
                        help="the GPU fast path's layers and decisions through torch.compile (fewer kernels; each "
                             "worker warms up for minutes before it says it is ready); --full compiles its layers")
     parse.add_argument("--late-reads", action="store_true",
-                       help="read each layer's alive count once the next layer is queued (the GPU never waits for "
-                            "the host; one layer runs on rows that had already left)")
+                       help="read each layer's alive count once the next layer is queued (one layer runs on rows "
+                            "that had already left; measured slower on an H100)")
     parse.add_argument("--device-walk", action="store_true",
                        help="walk each batch as one CUDA graph whose launches the GPU picks (no host read per layer)")
     parse.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="LitServe's and uvicorn's logs")

@@ -367,12 +367,14 @@ class Window:
         a conditional launch is captured without running, so its kernels must have run once (the eager run of the
         walk itself takes only one bucket a layer). The window's buffers are reset by the walk's embedding."""
         walker = self.walker
-        self.rows(0, embedded).embed()
-        for layer in range(1, walker.num_layers + 1):
-            for size in walker.walk_buckets if layer > walker.first_exit else [embedded]:
-                if size <= embedded and ("warm", layer, size) not in self.warmed:
-                    self.walk_layer(layer, size)
-                    self.warmed.add(("warm", layer, size))
+        pending = [(layer, size) for layer in range(1, walker.num_layers + 1)
+                   for size in (walker.walk_buckets if layer > walker.first_exit else [embedded])
+                   if size <= embedded and (layer, size) not in self.warmed]
+        if pending:
+            self.rows(0, embedded).embed()
+        for layer, size in pending:
+            self.walk_layer(layer, size)
+            self.warmed.add((layer, size))
 
     def decide_eagerly(self, layer: int, rows: int) -> None:
         """The same for a policy that cannot be captured; one that learns at the last layer first sees the rows
@@ -439,8 +441,8 @@ class FastWalker:
         if self.device_walk and use_graphs and not conditional_nodes():
             raise ValueError(f"device_walk=True captures conditional nodes into CUDA graphs, which torch "
                              f"{torch.__version__} (CUDA {torch.version.cuda}) cannot (torch 2.13 on CUDA 12.4+ "
-                             "can); leave device_walk off, or walk without "
-                             "graphs (graphs=False: the host reads each choice).")
+                             "can); leave device_walk off, or walk without graphs (graphs=False: the host reads "
+                             "each choice).")
         # windows in flight must not change each other's decisions: a policy that learns between batches, or reads
         # the host inside its decision, walks them one at a time
         in_order = policy.observes_final or not policy.graph_safe
