@@ -22,6 +22,9 @@ FAMILIES = {
                    embedding_size=16, num_hidden_groups=2),
     "mpnet": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64),
     "roberta": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64),
+    # ELECTRA-small's embeddings are narrower than its layers, as here: the encoder's own projection between them
+    "electra": dict(hidden_size=32, embedding_size=16, num_hidden_layers=3, num_attention_heads=2,
+                    intermediate_size=64),
     "deberta-v2": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                        relative_attention=True, position_buckets=16, max_relative_positions=32,
                        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", conv_kernel_size=3,

@@ -19,8 +19,7 @@ LEARNED = {
             "agent.eval_every=512"],
     "ppo_torchrl": ["agent.total_frames=2048", "agent.num_envs=64", "agent.frames_per_batch=1024",
                     "agent.minibatch_size=512"],
-    "bandit_ucb": ["agent.rounds=2000"],
-    "bandit_thompson": ["agent.rounds=2000"],
+    "bandit_ucb": ["agent.rounds=2000"],  # Thompson sampling shares its trainer (tests/test_bandits.py)
     "linucb": ["agent.rounds=2000"],
     "exit_scorer": ["agent.steps=30"],
     "oracle": [],  # analysis only: reads dev answers

@@ -272,8 +272,10 @@ def arguments() -> argparse.ArgumentParser:
     parse.add_argument("--late-reads", action="store_true",
                        help="read each layer's alive count once the next layer is queued (one layer runs on rows "
                             "that had already left; measured slower on an H100)")
-    parse.add_argument("--device-walk", action="store_true",
-                       help="walk each batch as one CUDA graph whose launches the GPU picks (no host read per layer)")
+    parse.add_argument("--device-walk", nargs="?", const=True, default=False, choices=["counted", "buckets"],
+                       help="walk each batch as one CUDA graph, no host read per layer: counted (Triton kernels "
+                            "that skip rows that left; BERT-style layers), buckets (conditional launches; torch "
+                            "2.13), or with no value the one that runs here")
     parse.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="LitServe's and uvicorn's logs")
     add_threads_option(parse, "backbone")
     return parse

@@ -159,6 +159,8 @@ class MultiExitModel(nn.Module):
         layer_inputs = {"attention_mask": _build_mask(self.encoder, hidden, attention_mask, materialize_mask)}
         if family == "albert":  # embeddings are narrower than the layers: the encoder's own projection
             hidden = self.encoder.encoder.embedding_hidden_mapping_in(hidden)
+        if family == "electra" and hasattr(self.encoder, "embeddings_project"):  # ELECTRA-small's, likewise
+            hidden = self.encoder.embeddings_project(hidden)
         if family == "mpnet":
             layer_inputs["position_bias"] = self.encoder.encoder.compute_position_bias(hidden)
         return hidden, layer_inputs

@@ -22,7 +22,7 @@ from exitrl.core.progress import progress as show_progress
 from exitrl.evaluation.walk import Exits, walk
 from exitrl.experiments.runs import Run
 from exitrl.policy import ExitPolicy
-from exitrl.runtime.fast_walk import FastWalker
+from exitrl.runtime.fast_walk import DEVICE_WALKS, FastWalker
 from exitrl.runtime.stream import TokenizedBatches, TokenizerPool
 from exitrl.traces.trace import STATE_DTYPE
 
@@ -54,14 +54,17 @@ class EarlyExitClassifier:
     def __init__(self, model: MultiExitModel, tokenizer, policy: ExitPolicy, label_names: list[str],
                  max_length: int = 128, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  fast: bool | None = None, compile_decisions: bool = False, window: int | None = None,
-                 compile_layers: bool = False, late_reads: bool = False, device_walk: bool = False):
+                 compile_layers: bool = False, late_reads: bool = False, device_walk: bool | str = False):
         """``dtype``: the backbone's weights (default bf16 on CUDA, fp32 on the CPU); ``fast``: the fast path
         (`exitrl.runtime.fast_walk`; default on CUDA, where it captures CUDA graphs); ``compile_decisions``: the fast
         path's exit heads and decisions through torch.compile (fewer kernels per layer, minutes of warm-up);
         ``window``: rows the fast path walks up the layers together, in launches of at most the batch size (None:
         one batch; see `FastWalker`); ``compile_layers``: the layers through torch.compile too; ``late_reads``: each
         layer's alive count read once the next layer is queued (`FastWalker`); ``device_walk``: each window's walk
-        as one step whose launches the device picks (`FastWalker`)."""
+        as one step, with no host read per layer (True: the best one here; or ``"counted"``, ``"buckets"``: see
+        `FastWalker`)."""
+        if device_walk not in (False, True, *DEVICE_WALKS):
+            raise ValueError(f"device_walk must be a bool or one of {', '.join(DEVICE_WALKS)}; got {device_walk!r}.")
         if window is not None and int(window) < 1:
             raise ValueError(f"window must be >= 1 row (or None: one batch), got {window}.")
         if not policy.deployable:
@@ -74,7 +77,7 @@ class EarlyExitClassifier:
         self.model = model.to(self.device, dtype).eval()
         self.fast = self.device.type == "cuda" if fast is None else bool(fast)
         self.compile_decisions, self.compile_layers = bool(compile_decisions), bool(compile_layers)
-        self.late_reads, self.device_walk = bool(late_reads), bool(device_walk)
+        self.late_reads, self.device_walk = bool(late_reads), device_walk
         self.window = None if window is None else int(window)
         self._walkers: dict[tuple, FastWalker] = {}
         self.tokenizer, self.label_names, self.max_length = tokenizer, list(label_names), int(max_length)

@@ -52,6 +52,7 @@ from exitrl.core.graphs import Replayable, conditional_nodes, run_if, tree_copy,
 from exitrl.core.observation import step_history
 from exitrl.evaluation.walk import Exits
 from exitrl.policy import ExitPolicy, LayerBatch, walk_memory
+from exitrl.runtime.counted_layer import CountedLayers, counted_support, triton_available, triton_interpreted
 from exitrl.traces.trace import STATE_DTYPE
 
 TOKEN_PLANES = 4  # input ids, attention mask, token types, and a plane whose column 0 marks the real rows
@@ -120,6 +121,37 @@ def launches(rows: int, width: int, buckets: list[int]) -> list[tuple[int, int]]
     if rows > full:
         spans.append((full, next(size for size in buckets if size >= rows - full)))
     return spans
+
+
+DEVICE_WALKS = ("counted", "buckets")  # how a device walk's layers follow the alive rows (`Window.walk`)
+
+
+def device_walk_mode(asked: bool | str, model: MultiExitModel, graphs: bool) -> str | bool:
+    """The device walk ``asked`` for (False, True for the best one here, or one of `DEVICE_WALKS`), checked
+    against what runs here: counted layers need BERT-style layers (and Triton, on CUDA); buckets captured in CUDA
+    graphs need conditional nodes. Raises ValueError naming what is missing."""
+    if asked is False or asked is None:
+        return False
+    if asked is not True and asked not in DEVICE_WALKS:
+        raise ValueError(f"device_walk must be a bool or one of {', '.join(DEVICE_WALKS)}; got {asked!r}.")
+    cuda = next(model.parameters()).device.type == "cuda"
+    reason = counted_support(model) or (None if triton_available() or not cuda else "Triton is not installed")
+    buckets = not graphs or conditional_nodes()
+    if asked is True:
+        if reason is None:
+            return "counted"
+        if buckets:
+            return "buckets"
+    if asked == "counted" and reason is not None:
+        raise ValueError(f"device_walk='counted': counted layers cannot run this model: {reason}. Use "
+                         "device_walk='buckets' (torch 2.13 on CUDA 12.4+), or leave it off.")
+    if asked in ("buckets", True) and not buckets:
+        counted = "" if reason is None else f", and counted layers cannot run this model: {reason}"
+        raise ValueError(f"device_walk={asked!r}: the bucket walk captures conditional nodes into CUDA graphs, "
+                         f"which torch {torch.__version__} (CUDA {torch.version.cuda}) cannot (torch 2.13 on CUDA "
+                         f"12.4+ can){counted}; leave device_walk off, or walk without graphs (graphs=False: the "
+                         "host reads each choice).")
+    return asked
 
 
 class Rows:
@@ -265,6 +297,7 @@ class Window:
         buckets = torch.tensor(walker.walk_buckets, dtype=torch.float32, device=device)
         self.bucket_top, self.bucket_floor = buckets, torch.cat([buckets.new_zeros(1), buckets[:-1]])
         self.chosen = torch.zeros(len(walker.walk_buckets), dtype=torch.bool, device=device)
+        self.live = torch.zeros(1, dtype=torch.int32, device=device)  # counted layers' alive rows
         self.warmed: set[tuple] = set()
 
     def rows(self, start: int, size: int) -> Rows:
@@ -325,17 +358,22 @@ class Window:
         """The whole walk of a window whose rows fill ``embedded`` (a walk bucket), as one step: one launch and one
         report for every layer of every row (`FastWalker(device_walk=True)`)."""
         key = ("walk", embedded)
-        if key not in self.steps and self.walker.pool is not None:
+        if key not in self.steps and self.walker.pool is not None and self.walker.device_walk == "buckets":
             self.warm_walk(embedded)
         self.run(key, lambda: self.walk(embedded))
 
     def walk(self, embedded: int) -> None:
-        """Embed, then each layer on the alive rows, in one launch padded to the smallest walk bucket that holds
-        them: every bucket is a conditional launch (`run_if`) and the device picks the one to run from the alive
-        count the last decision left. Alive rows move first after every decision."""
+        """Embed, then each layer on the alive rows, alive rows moved first after every decision. Counted layers
+        (``device_walk="counted"``) run every layer over the ``embedded`` rows, their kernels skipping the rows
+        past the alive count (`counted_layer`); buckets (``"buckets"``) run it in one launch padded to the
+        smallest walk bucket that holds them: every bucket is a conditional launch (`run_if`) and the device
+        picks the one to run from the alive count the last decision left."""
         walker = self.walker
         self.rows(0, embedded).embed()
         for layer in range(1, walker.num_layers + 1):
+            if walker.device_walk == "counted":
+                self.walk_layer(layer, embedded)
+                continue
             if layer <= walker.first_exit:  # every row is still alive (padding rows are dead from the start)
                 self.walk_layer(layer, embedded)
                 if layer == walker.first_exit:
@@ -349,12 +387,18 @@ class Window:
         self.report(0)
 
     def walk_layer(self, layer: int, rows: int) -> None:
-        """Layer ``layer`` on the first ``rows`` rows; where a row may leave, its decision and the compaction."""
-        self.rows(0, rows).layer(layer)
+        """Layer ``layer`` on the first ``rows`` rows (counted layers: on the alive ones among them); where a row
+        may leave, its decision and the compaction."""
+        span = self.rows(0, rows)
+        if self.walker.counted is not None:
+            self.live.copy_(span.alive.sum())
+            self.walker.counted.run(layer - 1, span.hidden, span.pool_mask, self.live)
+        else:
+            span.layer(layer)
         if layer >= self.walker.first_exit:
             self.decide(layer, rows, report=False)
             if layer < self.walker.num_layers:
-                self.walker.compact(self.rows(0, rows))
+                self.walker.compact(span)
 
     def choose_bucket(self) -> None:
         """Which walk bucket the next layer runs on: the smallest that holds the alive rows (none when no row is
@@ -409,7 +453,7 @@ class FastWalker:
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
                  graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False,
                  lanes: int = 2, window: int | None = None, tf32: bool = True, compile_layers: bool = False,
-                 late_reads: bool = False, device_walk: bool = False):
+                 late_reads: bool = False, device_walk: bool | str = False):
         if int(lanes) < 1:
             raise ValueError(f"lanes must be >= 1 (windows in flight), got {lanes}.")
         if int(max_batch) < 1:
@@ -431,18 +475,16 @@ class FastWalker:
         half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
         self.token_types, self.tf32, self.late_reads = token_types, bool(tf32) and half, bool(late_reads)
         self.tf32_device = self.device if self.tf32 else None  # where `tf32_matmuls` acts (a no-op off CUDA)
-        # the device walk: the window in one launch per layer, its size one of few buckets the device chooses
-        self.device_walk = bool(device_walk) and policy.graph_safe
-        self.walk_buckets = walk_buckets(self.window)
         use_graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device; use graphs=False on the CPU.")
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        if self.device_walk and use_graphs and not conditional_nodes():
-            raise ValueError(f"device_walk=True captures conditional nodes into CUDA graphs, which torch "
-                             f"{torch.__version__} (CUDA {torch.version.cuda}) cannot (torch 2.13 on CUDA 12.4+ "
-                             "can); leave device_walk off, or walk without graphs (graphs=False: the host reads "
-                             "each choice).")
+        # the device walk: the window's whole walk in one step, each layer's work following its alive rows
+        self.walk_buckets = walk_buckets(self.window)
+        self.device_walk = device_walk_mode(device_walk, model, use_graphs) if policy.graph_safe else False
+        self.counted = None  # counted layers' kernels (on CUDA, or on the CPU under Triton's interpreter)
+        if self.device_walk == "counted" and (self.device.type == "cuda" or triton_interpreted()):
+            self.counted = CountedLayers(model)
         # windows in flight must not change each other's decisions: a policy that learns between batches, or reads
         # the host inside its decision, walks them one at a time
         in_order = policy.observes_final or not policy.graph_safe

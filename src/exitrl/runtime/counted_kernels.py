@@ -1,0 +1,172 @@
+"""Triton kernels that read how many rows to work on from the device: the pieces of a `counted_layer`.
+
+A CUDA graph fixes every launch's grid, so a captured layer costs the same whether 256 rows are alive or 16. These
+kernels take the grid of the whole window but load the number of alive sequences from a device tensor (alive rows
+come first, after the walk's compaction) and return at once from any block past them: the layer's work follows
+the alive rows (to within one block) with no host read, so a window's whole walk is one plain CUDA graph on any
+torch with Triton, where `exitrl.core.graphs.run_if` needs conditional nodes (torch 2.13).
+
+Rows past the count are never written: buffers keep what they held. Every kernel works on row-major 2-D views
+``[sequences * seq, features]``; a sequence's tokens are ``seq`` consecutive rows.
+
+Imported only where Triton is installed (CUDA builds of torch ship it); tests run these same kernels on the CPU
+through Triton's interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, alive_ptr, seq, M, N, K,
+                   GELU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[m, n] = x[m, :] . w[n, :] + b[n] (then exact GELU, or + res[m, n]) for the rows of alive sequences."""
+    pid = tl.program_id(0)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = pid // blocks_n, pid % blocks_n
+    rows = tl.minimum(tl.load(alive_ptr).to(tl.int32) * seq, M)
+    if pid_m * BLOCK_M >= rows:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        a = tl.load(x_ptr + offs_m[:, None] * K + ks[None, :], mask=(offs_m[:, None] < rows) & (ks[None, :] < K),
+                    other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * K + ks[:, None], mask=(offs_n[None, :] < N) & (ks[:, None] < K),
+                    other=0.0)
+        if IEEE:  # float32 weights: float32 products (Triton would take TF32)
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    keep = (offs_m[:, None] < rows) & (offs_n[None, :] < N)
+    if RESIDUAL:
+        acc += tl.load(res_ptr + offs_m[:, None] * N + offs_n[None, :], mask=keep, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, seq, width, scale, IEEE: tl.constexpr,
+                      HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Softmax attention of one head of one alive sequence over a block of its queries, keys masked by ``keys``
+    (1 for a real token); queries, keys and values side by side in ``qkv`` rows (``3 * width`` wide)."""
+    block, head, sequence = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if sequence >= tl.load(alive_ptr).to(tl.int32):
+        return
+    base = sequence * seq
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    in_head = offs_d < HEAD
+    stride = 3 * width
+    q = tl.load(qkv_ptr + (base + offs_m[:, None]) * stride + head * HEAD + offs_d[None, :],
+                mask=(offs_m[:, None] < seq) & in_head[None, :], other=0.0)
+    best = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_PAD), dtype=tl.float32)
+    for n0 in range(0, seq, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        inside = offs_n < seq
+        k = tl.load(qkv_ptr + (base + offs_n[None, :]) * stride + width + head * HEAD + offs_d[:, None],
+                    mask=inside[None, :] & in_head[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(q, k, input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, k) * scale
+        real = tl.load(keys_ptr + base + offs_n, mask=inside, other=0.0) > 0
+        scores = tl.where(real[None, :], scores, -1.0e30)
+        top = tl.maximum(best, tl.max(scores, 1))
+        weights = tl.exp(scores - top[:, None])
+        fade = tl.exp(best - top)
+        total = total * fade + tl.sum(weights, 1)
+        v = tl.load(qkv_ptr + (base + offs_n[:, None]) * stride + 2 * width + head * HEAD + offs_d[None, :],
+                    mask=inside[:, None] & in_head[None, :], other=0.0)
+        if IEEE:
+            acc = acc * fade[:, None] + tl.dot(weights.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * fade[:, None] + tl.dot(weights.to(v.dtype), v)
+        best = top
+    acc = acc / total[:, None]
+    tl.store(out_ptr + (base + offs_m[:, None]) * width + head * HEAD + offs_d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < seq) & in_head[None, :])
+
+
+@triton.jit
+def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, alive_ptr, seq, N, eps,
+                       BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """LayerNorm of the rows of alive sequences, ``BLOCK_ROWS`` rows a block."""
+    rows = tl.load(alive_ptr).to(tl.int32) * seq
+    first = tl.program_id(0) * BLOCK_ROWS
+    if first >= rows:
+        return
+    offs_r = first + tl.arange(0, BLOCK_ROWS)
+    offs_n = tl.arange(0, BLOCK_N)
+    keep = (offs_r[:, None] < rows) & (offs_n[None, :] < N)
+    x = tl.load(x_ptr + offs_r[:, None] * N + offs_n[None, :], mask=keep, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / N
+    centred = tl.where(keep, x - mean[:, None], 0.0)
+    inverse = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / N + eps)
+    w = tl.load(w_ptr + offs_n, mask=offs_n < N, other=1.0).to(tl.float32)
+    b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    y = centred * inverse[:, None] * w[None, :] + b[None, :]
+    tl.store(out_ptr + offs_r[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+def _block(n: int, cap: int, floor: int = 16) -> int:
+    """A power-of-two block of at least ``floor``, at most ``cap``, no larger than needed for ``n``."""
+    return max(floor, min(cap, triton.next_power_of_2(int(n))))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alive: torch.Tensor, seq: int,
+           out: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None,
+           blocks: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``out = x @ weight.T + bias`` (then exact GELU, or ``+ residual``) on the first ``alive * seq`` rows;
+    ``x`` ``[M, K]``, ``weight`` ``[N, K]`` (an ``nn.Linear``'s), ``alive`` a one-element int32 device tensor.
+    ``blocks``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)`` instead of the default tiles (a benchmark's sweep)."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    block_m, block_n, block_k = _block(rows, 128), _block(n, 128), _block(k, 64)
+    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    if blocks is not None:
+        block_m, block_n, block_k, warps = blocks
+    grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n),)
+    _linear_kernel[grid](x, weight, bias, out if residual is None else residual, out, alive, seq, rows, n, k,
+                         GELU=gelu, RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32,
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                         num_warps=warps, num_stages=3)
+    return out
+
+
+def attention(qkv: torch.Tensor, keys: torch.Tensor, alive: torch.Tensor, seq: int, heads: int,
+              out: torch.Tensor) -> torch.Tensor:
+    """Per head, softmax attention of each alive sequence's tokens over its real ones (``keys`` ``[M]``, 1 for a
+    real token): ``qkv`` ``[M, 3 * width]`` (queries, keys, values), ``out`` ``[M, width]``."""
+    width = out.shape[1]
+    head = width // heads
+    sequences = qkv.shape[0] // seq
+    block_m, block_n = _block(seq, 64), _block(seq, 64)
+    grid = (triton.cdiv(seq, block_m), heads, sequences)
+    _attention_kernel[grid](qkv, keys, out, alive, seq, width, float(head) ** -0.5, IEEE=qkv.dtype == torch.float32,
+                            HEAD=head,
+                            HEAD_PAD=_block(head, 256), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                            num_stages=2)
+    return out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, alive: torch.Tensor,
+               seq: int, out: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dimension of the first ``alive * seq`` rows of ``x`` ``[M, N]``, into ``out``."""
+    rows, n = x.shape
+    block_n = triton.next_power_of_2(n)
+    block_rows = max(1, min(16, 8192 // block_n))
+    _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](x, weight, bias, out, alive, seq, n, float(eps),
+                                                         BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=4)
+    return out

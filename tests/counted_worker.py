@@ -1,0 +1,72 @@
+"""Run by `test_counted_layers` under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is imported):
+the counted layers' own kernels on CPU tensors. Fails with an AssertionError naming what differs."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from test_architectures import tiny
+from test_fast_path import policies
+
+from exitrl.runtime.counted_layer import CountedLayers, triton_interpreted
+from exitrl.runtime.fast_walk import FastWalker
+
+
+def layers_equal_the_eager_ones(family: str) -> None:
+    """Every layer, with all, some and no sequences alive: the eager layer's numbers on the alive rows' real tokens,
+    and the rows past the count untouched."""
+    model, ids, mask = tiny(family, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    counted = CountedLayers(model)
+    with torch.no_grad():
+        hidden, inputs = model.embed(ids, mask, materialize_mask=True)
+        for index in range(model.num_layers):
+            expected = model.run_layer(index, hidden.clone(), inputs)
+            for alive in (len(ids), 13, 1, 0):
+                work = hidden.clone()
+                counted.run(index, work, mask.float(), torch.tensor([alive], dtype=torch.int32))
+                real = mask[:alive].bool()
+                if alive:
+                    gap = float((work[:alive] - expected[:alive])[real].abs().max())
+                    assert gap < 1e-5, f"{family} layer {index}, {alive} alive: off by {gap}"
+                assert torch.equal(work[alive:], hidden[alive:]), f"{family} layer {index}: rows past {alive} moved"
+            hidden = expected
+
+
+def walk_through_the_kernels_equals_one_batch_at_a_time() -> None:
+    """The device walk on counted layers (their kernels, interpreted) answers what the host walk does, exit for
+    exit, windows of several batches included: a rule, a learned policy, one with walk memory and one whose memory
+    changes shape (walks as without the device walk). The decision code is the host walk's, which
+    `test_fast_path` runs for every agent and rule."""
+    model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    with torch.no_grad():
+        first = model(ids, mask).logits[:, 0].float()
+    central = torch.softmax(first, -1).max(-1).values.sort().values[len(ids) // 2 - 1:len(ids) // 2 + 1]
+    threshold = float(central.mean())  # between two rows: no row sits at it, where rounding would decide
+    batches = [(ids[i:i + n], mask[i:i + n]) for i, n in ((0, 8), (8, 5), (13, 11), (4, 16))]
+    several = 0
+    chosen = ("confidence", "reinforce", "reinforce_history", "calm_saturation")
+    for name, policy in ((name, policy) for name, policy in policies(model, threshold).items() if name in chosen):
+        one = FastWalker(model, copy.deepcopy(policy), max_batch=16, graphs=False, token_types=False, lanes=1)
+        counted = FastWalker(model, copy.deepcopy(policy), max_batch=16, graphs=False, token_types=False,
+                             window=32, device_walk="counted")
+        if not policy.graph_safe:
+            assert counted.device_walk is False, name  # walks as without it
+            continue
+        assert counted.counted is not None, name
+        for (batch_ids, batch_mask), found in zip(batches, counted.run_batches(iter(batches))):
+            expected = one.run(batch_ids, batch_mask)
+            assert torch.equal(found.layers, expected.layers), name
+            assert torch.equal(found.predictions, expected.predictions), name
+            assert torch.allclose(found.logits, expected.logits, atol=1e-5), name
+            several += len(set(found.layers.tolist())) > 1
+    assert several >= 3  # rows left at several layers in several batches: counts below the window were walked
+
+
+if __name__ == "__main__":
+    assert triton_interpreted(), "run with TRITON_INTERPRET=1"
+    for family in sys.argv[1:]:
+        layers_equal_the_eager_ones(family)
+    walk_through_the_kernels_equals_one_batch_at_a_time()
+    print("counted layers: ok")
