@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--device-walk", action="store_true",
                         help="also every setting with each window walked as one step, launches chosen on the "
                              "device (FastWalker(device_walk=True)), both sides")
+    parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
+                        help="only the pre-tokenized walks (no tokenizer timing, no walk from text)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -218,21 +220,22 @@ def main() -> None:
             row["achieved_over_ideal_best_compiled"] = row["speedup_best_compiled"] / row["ideal_speedup"]
             print(f"  best with compile allowed: full {compiled_full:.2f} ms, exit {compiled_exit:.2f} ms = "
                   f"{row['speedup_best_compiled']:.2f}x ({row['achieved_over_ideal_best_compiled']:.2f} of ideal)")
-        row["tokenize_serial_ms"] = 1000 * timed(lambda: classifier.encode(first, second), device, 1, 3)
-        row["tokenize_stream_ms"] = 1000 * timed(
-            lambda b=batch: list(TokenizedBatches(classifier._tokenizers, first, second, b, classifier.max_length)),
-            device, 1, 3)
-        for label, chosen in (("full", full), ("early_exit", policy)):
-            classifier.policy = chosen
-            # each side at its fastest window (and walk) from text (a wide window waits for its rows)
-            for window, on_device in product(windows, walks):
-                classifier.window, classifier.device_walk = window, on_device
-                row[f"end_to_end_{label}_w{window}{'_dw' if on_device else ''}_ms"] = 1000 * timed(
-                    lambda b=batch: classifier.exits(first, second, b), device, args.warmup, args.reps)
-            row[f"end_to_end_{label}_ms"] = min(v for k, v in row.items() if k.startswith(f"end_to_end_{label}_w"))
-        classifier.policy, classifier.window, classifier.device_walk = policy, None, False
-        row["end_to_end_speedup"] = row["end_to_end_full_ms"] / row["end_to_end_early_exit_ms"]
-        row["end_to_end_over_ideal"] = row["end_to_end_speedup"] / row["ideal_speedup"]
+        if args.end_to_end:
+            row["tokenize_serial_ms"] = 1000 * timed(lambda: classifier.encode(first, second), device, 1, 3)
+            row["tokenize_stream_ms"] = 1000 * timed(
+                lambda b=batch: list(TokenizedBatches(classifier._tokenizers, first, second, b, classifier.max_length)),
+                device, 1, 3)
+            for label, chosen in (("full", full), ("early_exit", policy)):
+                classifier.policy = chosen
+                # each side at its fastest window (and walk) from text (a wide window waits for its rows)
+                for window, on_device in product(windows, walks):
+                    classifier.window, classifier.device_walk = window, on_device
+                    row[f"end_to_end_{label}_w{window}{'_dw' if on_device else ''}_ms"] = 1000 * timed(
+                        lambda b=batch: classifier.exits(first, second, b), device, args.warmup, args.reps)
+                row[f"end_to_end_{label}_ms"] = min(v for k, v in row.items() if k.startswith(f"end_to_end_{label}_w"))
+            classifier.policy, classifier.window, classifier.device_walk = policy, None, False
+            row["end_to_end_speedup"] = row["end_to_end_full_ms"] / row["end_to_end_early_exit_ms"]
+            row["end_to_end_over_ideal"] = row["end_to_end_speedup"] / row["ideal_speedup"]
         record["batches"].append(row)
         print(f"batch {batch}: mean exit {row['mean_exit_layer']:.2f}/{layers} (ideal {row['ideal_speedup']:.2f}x)")
         for window, on_device in product(windows, walks):
@@ -248,10 +251,11 @@ def main() -> None:
         if row["full_steps_us"]:
             print(f"  step GPU us, one batch per window: full {row['full_steps_us']}; "
                   f"exit {row['early_exit_steps_us']}")
-        print(f"  tokenize: serial {row['tokenize_serial_ms']:.1f} ms, stream {row['tokenize_stream_ms']:.1f} ms; "
-              f"end to end (each at its best window from text): full {row['end_to_end_full_ms']:.1f} ms, exit "
-              f"{row['end_to_end_early_exit_ms']:.1f} ms = {row['end_to_end_speedup']:.2f}x "
-              f"({row['end_to_end_over_ideal']:.2f} of ideal)")
+        if args.end_to_end:
+            print(f"  tokenize: serial {row['tokenize_serial_ms']:.1f} ms, stream {row['tokenize_stream_ms']:.1f} "
+                  f"ms; end to end (each at its best window from text): full {row['end_to_end_full_ms']:.1f} ms, "
+                  f"exit {row['end_to_end_early_exit_ms']:.1f} ms = {row['end_to_end_speedup']:.2f}x "
+                  f"({row['end_to_end_over_ideal']:.2f} of ideal)")
     save_record(record, args.out)
 
 

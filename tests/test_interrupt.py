@@ -28,7 +28,8 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes_to_the_same_numbers(tiny_
     reference = run_cli(tmp_path / "reference", *overrides)  # python -m exitrl.train, never interrupted
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    env = {**ENV, "EXITRL_CACHE_DIR": str(tmp_path / "cache"), "EXITRL_PROGRESS_SECONDS": "0.2"}
+    # the reference's cache: its fine-tuned backbone and trace, so this run goes straight to policy training
+    env = {**ENV, "EXITRL_CACHE_DIR": str(tmp_path / "reference" / "cache"), "EXITRL_PROGRESS_SECONDS": "0.2"}
     run = tmp_path / "stopped"
     process = subprocess.Popen([sys.executable, "-m", "exitrl", "train", *overrides, f"hydra.run.dir={run}"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

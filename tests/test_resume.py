@@ -69,7 +69,7 @@ def resume(tmp_path: Path, run: Path):
                           text=True, timeout=600)
 
 
-PPO = ["agent=ppo", "agent.total_timesteps=40960", "agent.n_envs=4", "agent.n_steps=128", "agent.batch_size=128",
+PPO = ["agent=ppo", "agent.total_timesteps=16384", "agent.n_envs=4", "agent.n_steps=128", "agent.batch_size=128",
        "agent.eval_every=2048"]
 
 

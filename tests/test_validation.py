@@ -80,16 +80,24 @@ def test_the_cli_fails_before_any_work(tmp_path):
     """Through the real command line: status 2, one line naming the key, and nothing fine-tuned or cached."""
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "EXITRL_CACHE_DIR": str(tmp_path / "cache")}
-    for module, args, message in [
-        ("exitrl.train", ["agent.epochs=ten"], "agent.epochs='ten'"),
+    for module, args, message in [  # a bad value the grid holds, a layer the backbone lacks (values: planned())
         ("exitrl.sweep", ["agent=confidence,static", "sweep.grids.static=[a,b]"], "agent.layer='a'"),
-        ("exitrl.sweep", ["agent=static", "sweep.grids.static=[1,99]"], "layer=99 is not a layer of this backbone"),
         ("exitrl.train", ["agent=static", "agent.layer=7"], "agent.layer=7 is not a layer of this backbone"),
     ]:
         out = subprocess.run([sys.executable, "-m", module, "env=rte", *args, f"hydra.run.dir={tmp_path / 'run'}"],
                              env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert not (tmp_path / "cache").exists()
+
+
+def test_a_layer_the_backbone_lacks_is_named_with_the_valid_ones():
+    from exitrl.experiments.pipeline import check_depth
+
+    check_depth("static", {"layer": 3}, 3)
+    with pytest.raises(ValueError, match=r"agent=static: layer=99 is not a layer of this backbone; valid: 1\.\.3"):
+        check_depth("static", {"layer": 99}, 3, where="")  # a sweep grid's point
+    with pytest.raises(ValueError, match="agent.shallow_layer=0 is not a layer"):
+        check_depth("free", {"shallow_layer": 0}, 3)
 
 
 def test_measure_dependent_thresholds_and_numeric_grids_are_accepted():
