@@ -61,11 +61,9 @@ def test_an_unknown_subcommand_names_the_closest():
         "generate, export, serve (exitrl --help)."]
 
 
-@pytest.mark.parametrize("arguments, expected", [
+@pytest.mark.parametrize("arguments, expected", [  # through real processes; every message: test_key_typos_in_process
     (["train", "reward.alpah=0.1"], "Unknown config key 'reward.alpah' (reward.alpah=0.1): did you mean "
                                     "'reward.alpha'?"),
-    (["train", "agent.epochz=3"], "agent.epochz: agent reinforce has no option 'epochz'; valid: ['batch_size', "),
-    (["train", "bogus=1"], "Unknown config key 'bogus' (bogus=1): valid top-level keys: ['agent', "),
     (["sweep", "agent=confidence", "reward.alpah=0.1"], "did you mean 'reward.alpha'? `exitrl sweep --help`"),
 ])
 def test_a_key_hydra_rejects_gets_one_line_with_the_closest_key(tmp_path, arguments, expected):
@@ -100,12 +98,17 @@ def test_key_typos_in_process():
         (["env=sst2", "data.limit.trian=3"], "did you mean 'data.limit.train'?"),
         (["hydra.run.dirr=x"], "did you mean 'hydra.run.dir'?"),
         (["cotrain.zzz=1"], "valid keys under 'cotrain': ['batch_size', "),
+        (["bogus=1"], "Unknown config key 'bogus' (bogus=1): valid top-level keys: ['agent', "),
     ]:
         with pytest.raises(ValueError) as err:
             check_override_keys(overrides)
         assert message in str(err.value)
     check_override_keys(["reward=nope", "x=1"])  # an unknown group option: Hydra's error names the valid ones
     from exitrl.sweep import split_arguments
+    from exitrl.train import check_agent_overrides
+
+    with pytest.raises(ValueError, match=r"agent.epochz: agent reinforce has no option 'epochz'; valid: \['batch_"):
+        check_agent_overrides(["agent.epochz=3"])
 
     with pytest.raises(ValueError, match=r"reinforce.epochz: agent reinforce has no option 'epochz'; valid: "
                                          r"\[.*\]\. Did you mean 'epochs'\?$"):
