@@ -34,6 +34,30 @@ def layers_equal_the_eager_ones(family: str) -> None:
             hidden = expected
 
 
+def several_tiles_equal_the_eager_layer() -> None:
+    """Sequences of 80 tokens (two key blocks), heads 64 wide, a feed-forward 400 wide (several steps of the
+    products' inner loop), one sequence whose first key block is all padding, 4 of 5 alive."""
+    from transformers import AutoConfig, AutoModel
+
+    from exitrl.backbones import MultiExitModel
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("bert", vocab_size=100, hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=400)
+    model = MultiExitModel(AutoModel.from_config(config), 2, "mean").eval()
+    ids, mask = torch.randint(5, 100, (5, 80)), torch.ones(5, 80, dtype=torch.long)
+    mask[1, :70] = 0  # padding first: the first key block holds none of its real tokens
+    mask[2, 30:] = 0
+    with torch.no_grad():
+        hidden, inputs = model.embed(ids, mask, materialize_mask=True)
+        expected = model.run_layer(0, hidden.clone(), inputs)
+        work = hidden.clone()
+        CountedLayers(model).run(0, work, mask.float(), torch.tensor([4], dtype=torch.int32))
+    gap = float((work[:4] - expected[:4])[mask[:4].bool()].abs().max())
+    assert gap < 1e-4, f"several tiles: off by {gap}"
+    assert torch.equal(work[4:], hidden[4:])
+
+
 def walk_through_the_kernels_equals_one_batch_at_a_time() -> None:
     """The device walk on counted layers (their kernels, interpreted) answers what the host walk does, exit for
     exit, windows of several batches included: a rule, a learned policy, one with walk memory and one whose memory
@@ -68,5 +92,6 @@ if __name__ == "__main__":
     assert triton_interpreted(), "run with TRITON_INTERPRET=1"
     for family in sys.argv[1:]:
         layers_equal_the_eager_ones(family)
+    several_tiles_equal_the_eager_layer()
     walk_through_the_kernels_equals_one_batch_at_a_time()
     print("counted layers: ok")

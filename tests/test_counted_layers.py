@@ -65,3 +65,36 @@ def test_the_device_walk_takes_counted_layers_where_they_run_and_says_why_not():
         found, expected = walker.run(ids[start:start + 8], mask[start:start + 8]), host.run(ids[start:start + 8],
                                                                                            mask[start:start + 8])
         assert torch.equal(found.layers, expected.layers) and torch.equal(found.logits, expected.logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_on_cuda_the_kernels_equal_the_eager_layer_in_each_precision(dtype):
+    """The production path: compiled (not interpreted) kernels, heads 64 wide, two key blocks, several inner steps,
+    padding first in one sequence, 12 of 16 alive; bfloat16 to its rounding."""
+    from transformers import AutoConfig, AutoModel
+
+    from exitrl.backbones import MultiExitModel
+    from exitrl.runtime.counted_layer import CountedLayers
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("bert", vocab_size=100, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=400)
+    model = MultiExitModel(AutoModel.from_config(config), 2, "mean").eval().to("cuda", dtype)
+    ids = torch.randint(5, 100, (16, 80), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :70] = 0
+    for row in range(2, 16):
+        mask[row, 10 + 4 * row:] = 0
+    counted = CountedLayers(model)
+    with torch.no_grad():
+        hidden, inputs = model.embed(ids, mask, materialize_mask=True)
+        for index in range(2):
+            expected = model.run_layer(index, hidden.clone(), inputs)
+            work = hidden.clone()
+            counted.run(index, work, mask.to(dtype), torch.tensor([12], dtype=torch.int32, device="cuda"))
+            real = mask[:12].bool()
+            gap = float((work[:12] - expected[:12])[real].abs().max().float())
+            assert gap < (0.1 if dtype == torch.bfloat16 else 1e-4), (index, gap)
+            assert torch.equal(work[12:], hidden[12:])
+            hidden = expected

@@ -31,7 +31,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, alive_ptr, seq, M, N, 
     rows = tl.minimum(tl.load(alive_ptr).to(tl.int32) * seq, M)
     if pid_m * BLOCK_M >= rows:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # a window of long rows passes 2**31 elements
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -62,7 +62,7 @@ def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, seq, width, scale, 
     block, head, sequence = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if sequence >= tl.load(alive_ptr).to(tl.int32):
         return
-    base = sequence * seq
+    base = sequence.to(tl.int64) * seq
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_PAD)
     in_head = offs_d < HEAD
@@ -82,7 +82,10 @@ def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, seq, width, scale, 
         else:
             scores = tl.dot(q, k) * scale
         real = tl.load(keys_ptr + base + offs_n, mask=inside, other=0.0) > 0
+        # a padding key weighs nothing beside a real one (a row of padding only: all alike, as the eager layer
+        # does); a column past the sequence never counts (-inf: the first block always has a column inside)
         scores = tl.where(real[None, :], scores, -1.0e30)
+        scores = tl.where(inside[None, :], scores, -float("inf"))
         top = tl.maximum(best, tl.max(scores, 1))
         weights = tl.exp(scores - top[:, None])
         fade = tl.exp(best - top)
@@ -107,7 +110,7 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, alive_ptr, seq, N, eps,
     first = tl.program_id(0) * BLOCK_ROWS
     if first >= rows:
         return
-    offs_r = first + tl.arange(0, BLOCK_ROWS)
+    offs_r = (first + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     keep = (offs_r[:, None] < rows) & (offs_n[None, :] < N)
     x = tl.load(x_ptr + offs_r[:, None] * N + offs_n[None, :], mask=keep, other=0.0).to(tl.float32)
@@ -133,7 +136,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alive: tor
     ``blocks``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)`` instead of the default tiles (a benchmark's sweep)."""
     rows, k = x.shape
     n = weight.shape[0]
-    block_m, block_n, block_k = _block(rows, 128), _block(n, 128), _block(k, 64)
+    wide = x.dtype == torch.float32  # float32 tiles take twice the shared memory, and no tensor cores: smaller
+    tile = 64 if wide else 128
+    block_m, block_n, block_k = _block(rows, tile), _block(n, tile), _block(k, tile // 2)
     warps = 8 if block_m * block_n >= 128 * 128 else 4
     if blocks is not None:
         block_m, block_n, block_k, warps = blocks
@@ -141,7 +146,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alive: tor
     _linear_kernel[grid](x, weight, bias, out if residual is None else residual, out, alive, seq, rows, n, k,
                          GELU=gelu, RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32,
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                         num_warps=warps, num_stages=3)
+                         num_warps=warps, num_stages=2 if wide else 3)
     return out
 
 

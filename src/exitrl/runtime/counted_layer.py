@@ -42,7 +42,9 @@ def _parts(layer: nn.Module) -> dict | None:
                  "up": layer.intermediate.dense, "down": layer.output.dense, "norm2": layer.output.LayerNorm}
     except AttributeError:
         return None
-    linear = all(isinstance(parts[name], nn.Linear) and parts[name].bias is not None
+    # plain floating-point linears (a quantized linear subclasses nn.Linear with other weights)
+    linear = all(type(parts[name]) is nn.Linear and parts[name].bias is not None
+                 and parts[name].weight.dtype.is_floating_point
                  for name in ("query", "key", "value", "out", "up", "down"))
     norms = all(isinstance(parts[name], nn.LayerNorm) for name in ("norm1", "norm2"))
     return parts if linear and norms else None
@@ -58,6 +60,8 @@ def counted_support(model: MultiExitModel) -> str | None:
         return "its layers are a decoder's"
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         return f"its attention adds {config.position_embedding_type} position scores"
+    if config.hidden_size // config.num_attention_heads > 256:
+        return f"its heads are {config.hidden_size // config.num_attention_heads} wide (the attention kernel takes 256)"
     if getattr(config, "hidden_act", None) != "gelu":
         return f"its activation is {getattr(config, 'hidden_act', None)!r}, not exact GELU"
     return None
