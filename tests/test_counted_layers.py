@@ -56,6 +56,11 @@ def test_the_device_walk_takes_counted_layers_where_they_run_and_says_why_not():
         device_walk_mode("counted", distil, graphs=False)
     with pytest.raises(ValueError, match="device_walk must be a bool or one of counted, buckets; got 'fast'"):
         FastWalker(bert, ConfidencePolicy(0.5), max_batch=8, token_types=False, device_walk="fast")
+    from exitrl.runtime.fast_walk import DEVICE_WALKS
+    from exitrl.serve import arguments
+
+    served = next(action for action in arguments()._actions if action.dest == "device_walk")
+    assert tuple(served.choices) == DEVICE_WALKS  # `exitrl serve --device-walk` offers what the runtime takes
     walker = FastWalker(bert, ConfidencePolicy(0.5), max_batch=8, token_types=False, device_walk=True)
     # on the CPU without Triton's interpreter the counted walk runs the eager layers on every row
     assert walker.device_walk == "counted" and walker.counted is None

@@ -272,6 +272,7 @@ def arguments() -> argparse.ArgumentParser:
     parse.add_argument("--late-reads", action="store_true",
                        help="read each layer's alive count once the next layer is queued (one layer runs on rows "
                             "that had already left; measured slower on an H100)")
+    # the runtime's DEVICE_WALKS, named here so --help needs no torch (tests/test_counted_layers.py keeps them equal)
     parse.add_argument("--device-walk", nargs="?", const=True, default=False, choices=["counted", "buckets"],
                        help="walk each batch as one CUDA graph, no host read per layer: counted (Triton kernels "
                             "that skip rows that left; BERT-style layers), buckets (conditional launches; torch "

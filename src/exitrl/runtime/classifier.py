@@ -22,7 +22,7 @@ from exitrl.core.progress import progress as show_progress
 from exitrl.evaluation.walk import Exits, walk
 from exitrl.experiments.runs import Run
 from exitrl.policy import ExitPolicy
-from exitrl.runtime.fast_walk import DEVICE_WALKS, FastWalker
+from exitrl.runtime.fast_walk import FastWalker, check_device_walk
 from exitrl.runtime.stream import TokenizedBatches, TokenizerPool
 from exitrl.traces.trace import STATE_DTYPE
 
@@ -63,8 +63,7 @@ class EarlyExitClassifier:
         layer's alive count read once the next layer is queued (`FastWalker`); ``device_walk``: each window's walk
         as one step, with no host read per layer (True: the best one here; or ``"counted"``, ``"buckets"``: see
         `FastWalker`)."""
-        if device_walk not in (False, True, *DEVICE_WALKS):
-            raise ValueError(f"device_walk must be a bool or one of {', '.join(DEVICE_WALKS)}; got {device_walk!r}.")
+        check_device_walk(device_walk)
         if window is not None and int(window) < 1:
             raise ValueError(f"window must be >= 1 row (or None: one batch), got {window}.")
         if not policy.deployable:

@@ -126,14 +126,19 @@ def launches(rows: int, width: int, buckets: list[int]) -> list[tuple[int, int]]
 DEVICE_WALKS = ("counted", "buckets")  # how a device walk's layers follow the alive rows (`Window.walk`)
 
 
+def check_device_walk(asked: bool | str | None) -> None:
+    """Refuse a ``device_walk`` that is neither a bool (or None) nor one of `DEVICE_WALKS`."""
+    if asked not in (False, True, None, *DEVICE_WALKS):
+        raise ValueError(f"device_walk must be a bool or one of {', '.join(DEVICE_WALKS)}; got {asked!r}.")
+
+
 def device_walk_mode(asked: bool | str, model: MultiExitModel, graphs: bool) -> str | bool:
     """The device walk ``asked`` for (False, True for the best one here, or one of `DEVICE_WALKS`), checked
     against what runs here: counted layers need BERT-style layers (and Triton, on CUDA); buckets captured in CUDA
     graphs need conditional nodes. Raises ValueError naming what is missing."""
+    check_device_walk(asked)
     if asked is False or asked is None:
         return False
-    if asked is not True and asked not in DEVICE_WALKS:
-        raise ValueError(f"device_walk must be a bool or one of {', '.join(DEVICE_WALKS)}; got {asked!r}.")
     cuda = next(model.parameters()).device.type == "cuda"
     reason = counted_support(model) or (None if triton_available() or not cuda else "Triton is not installed")
     buckets = not graphs or conditional_nodes()
