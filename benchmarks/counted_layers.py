@@ -3,6 +3,9 @@ the alive count on the host launches) against the counted layer over the whole w
 (`exitrl.runtime.counted_layer`: one graph whatever ``a`` is). Prints and saves JSON.
 
     python benchmarks/counted_layers.py --run runs/gpu_sst2 --out benchmarks/reference/counted_layers_h100.json
+    python benchmarks/counted_layers.py --shape 384 6 12 1536 --out ...   # random weights of MiniLM-L6's shape
+
+Times do not depend on the weights' values, so ``--shape`` (width, layers, heads, FFN width; bfloat16) needs no run.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from datetime import date
 import torch
 from runtime_profile import save_record
 
+from exitrl.backbones import MultiExitModel
 from exitrl.runtime.classifier import EarlyExitClassifier
 from exitrl.runtime.counted_layer import CountedLayers
 
@@ -36,21 +40,33 @@ def replay_us(fn, reps: int) -> float:
     return 1000 * start.elapsed_time(end) / reps
 
 
+def from_shape(width: int, layers: int, heads: int, ffn: int) -> MultiExitModel:
+    """A BERT of this shape with random weights, on the GPU in bfloat16."""
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("bert", hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                                  intermediate_size=ffn)
+    return MultiExitModel(AutoModel.from_config(config), 2, "mean").eval().to("cuda", torch.bfloat16)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a run folder (its backbone, in the dtype it loads in)")
+    source.add_argument("--shape", nargs=4, type=int, metavar=("WIDTH", "LAYERS", "HEADS", "FFN"),
+                        help="a randomly initialised BERT of this shape, in bfloat16")
     parser.add_argument("--rows", type=int, default=256, help="the window's rows")
     parser.add_argument("--seqs", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--alive", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25, 0.125, 0.0])
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    classifier = EarlyExitClassifier.from_run(args.run, "cuda")
-    model = classifier.model
+    model = from_shape(*args.shape) if args.shape else EarlyExitClassifier.from_run(args.run, "cuda").model
     counted = CountedLayers(model)
     record = {"date": date.today().isoformat(), "torch": torch.__version__, "machine": torch.cuda.get_device_name(),
-              "cpu": platform.processor(), "run": args.run, "dtype": str(next(model.parameters()).dtype),
-              "rows": args.rows, "points": []}
+              "cpu": platform.processor(), "run": args.run, "shape": args.shape,
+              "dtype": str(next(model.parameters()).dtype), "rows": args.rows, "points": []}
     torch.manual_seed(0)
     with torch.no_grad():
         for seq in args.seqs:
@@ -69,6 +85,10 @@ def main() -> None:
                 work = hidden.clone()
                 live = torch.tensor([alive], dtype=torch.int32, device="cuda")
                 point["counted_layer_us"] = replay_us(lambda w=work, n=live, k=keys: counted.run(0, w, k, n), args.reps)
+                # the alive rows anywhere in the window, read and written through an order (what the walk runs)
+                order = torch.randperm(args.rows, device="cuda").to(torch.int32)
+                point["counted_scattered_us"] = replay_us(
+                    lambda w=work, n=live, k=keys, o=order: counted.run(0, w, k, n, o), args.reps)
                 if alive:  # the counted layer's answer on the alive rows against the eager layer's
                     expected = model.run_layer(0, hidden[:alive].clone(), {k: v[:alive] for k, v in inputs.items()})
                     work.copy_(hidden)
@@ -77,7 +97,8 @@ def main() -> None:
                     point["max_abs_diff"] = float((work[:alive] - expected)[real].abs().max())
                 record["points"].append(point)
                 print(f"seq {seq}, alive {alive}/{args.rows}: eager {point.get('eager_layer_us', 0):.1f} us, "
-                      f"counted {point['counted_layer_us']:.1f} us, diff {point.get('max_abs_diff', 0):.3g}")
+                      f"counted {point['counted_layer_us']:.1f} us "
+                      f"(scattered {point['counted_scattered_us']:.1f}), diff {point.get('max_abs_diff', 0):.3g}")
         record["tiles"] = tile_sweep(counted, model, args.rows, args.seqs[0], args.reps)
     save_record(record, args.out)
 

@@ -87,6 +87,40 @@ def step_times(walker: FastWalker, device: torch.device) -> dict[str, float]:
     return out
 
 
+KERNEL_KINDS = [("counted layer", ("_linear_kernel", "_attention_kernel", "_layer_norm_kernel")),
+                ("matrix products", ("gemm", "nvjet", "cutlass", "sm90_xmma")),
+                ("attention", ("sdpa", "flash", "fmha")),
+                ("layer norm", ("layer_norm",)), ("scan / sort", ("scan", "cumsum", "sort")),
+                ("gather / scatter / copy", ("index", "gather", "scatter", "copy", "memcpy", "memset")),
+                ("reductions", ("reduce",)), ("compiled (inductor)", ("triton_",))]
+
+
+def kernel_breakdown(walker: FastWalker, batches: list, device: torch.device, top: int = 20) -> dict:
+    """Device time of one settled walk of ``batches`` by kernel kind (torch.profiler), and the costliest kernels:
+    where a walk's GPU time goes, the layers' work against the bookkeeping around them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    settle(walker, batches)
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        list(walker.run_batches(batches))
+        torch.cuda.synchronize(device)
+    kinds: dict[str, float] = {}
+    per_kernel: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name, us = event.name, event.device_time
+        kind = next((k for k, marks in KERNEL_KINDS if any(m in name.lower() for m in marks)), "other elementwise")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+        entry = per_kernel.setdefault(name[:100], [0, 0.0])
+        entry[0], entry[1] = entry[0] + 1, entry[1] + us
+    costliest = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"total_us": sum(kinds.values()), "kinds_us": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "kernels": sum(n for n, _ in per_kernel.values()),
+            "costliest": [{"name": n, "count": c, "us": us} for n, (c, us) in costliest]}
+
+
 def row_scaling(classifier: EarlyExitClassifier, policy, tokens: tuple, types: bool, device: torch.device,
                 sizes: list[int], compile_sizes: list[int]) -> list[dict]:
     """GPU time of the policy's first deciding layer's step against the rows it runs on (the first ``size`` rows of
@@ -136,6 +170,9 @@ def main() -> None:
     parser.add_argument("--device-walk", action="store_true",
                         help="also every setting with each window walked as one step, launches chosen on the "
                              "device (FastWalker(device_walk=True)), both sides")
+    parser.add_argument("--kernels", action="store_true",
+                        help="at the largest batch and window, GPU time by kernel kind of one walk, full and early "
+                             "exit, host walk and device walk (torch.profiler)")
     parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
                         help="only the pre-tokenized walks (no tokenizer timing, no walk from text)")
     parser.add_argument("--out", required=True)
@@ -195,12 +232,24 @@ def main() -> None:
         row["speedup_best"] = row["full_best_ms"] / row["early_exit_best_ms"]
         row["achieved_over_ideal_best"] = row["speedup_best"] / row["ideal_speedup"]
         best_window = int(row["early_exit_best"].split("_")[0][1:])
+        if args.kernels and device.type == "cuda" and batch == max(args.batches):
+            row["kernels"] = {}
+            for (label, chosen), on_device in product((("full", full), ("early_exit", policy)), walks):
+                walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=1, window=max(windows),
+                                    device_walk=on_device)
+                found = kernel_breakdown(walker, padded, device)
+                row["kernels"][f"{label}_w{max(windows)}{'_dw' if on_device else ''}"] = found
+                print(f"  kernels, {label}, window {max(windows)}{', device walk' if on_device else ''}: "
+                      f"{found['total_us'] / 1000:.2f} ms in {found['kernels']} kernels; " + ", ".join(
+                          f"{k} {v / 1000:.2f}" for k, v in found["kinds_us"].items()))
         if args.compile and batch == max(args.batches):
             # torch.compile'd decisions (early exit), then compiled layers too (both sides: the full model's steps
             # are layers only)
             variants = [("early_exit_compiled", policy, {"compile_decisions": True}),
                         ("full_compiled_layers", full, {"compile_layers": True}),
                         ("early_exit_compiled_layers", policy, {"compile_decisions": True, "compile_layers": True})]
+            if args.device_walk:  # the device walk with compiled decisions (its layers are its own kernels)
+                variants.append(("early_exit_compiled_dw", policy, {"compile_decisions": True, "device_walk": True}))
             for label, chosen, options in variants:
                 for window in sorted({batch, best_window}):
                     started = time.perf_counter()

@@ -15,22 +15,26 @@ from exitrl.runtime.fast_walk import FastWalker
 
 
 def layers_equal_the_eager_ones(family: str) -> None:
-    """Every layer, with all, some and no sequences alive: the eager layer's numbers on the alive rows' real tokens,
-    and the rows past the count untouched."""
+    """Every layer, with all, some and no sequences alive, first in the window or anywhere in it (an ``order``):
+    the eager layer's numbers on the alive rows' real tokens, and every other row untouched."""
     model, ids, mask = tiny(family, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     counted = CountedLayers(model)
+    scattered = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1)).to(torch.int32)
     with torch.no_grad():
         hidden, inputs = model.embed(ids, mask, materialize_mask=True)
         for index in range(model.num_layers):
             expected = model.run_layer(index, hidden.clone(), inputs)
-            for alive in (len(ids), 13, 1, 0):
+            for alive, order in [(n, None) for n in (len(ids), 13, 1, 0)] + [(n, scattered) for n in (len(ids), 7)]:
                 work = hidden.clone()
-                counted.run(index, work, mask.float(), torch.tensor([alive], dtype=torch.int32))
-                real = mask[:alive].bool()
+                counted.run(index, work, mask.float(), torch.tensor([alive], dtype=torch.int32), order)
+                rows = torch.arange(alive) if order is None else order[:alive].long()
+                others = torch.ones(len(ids), dtype=torch.bool)
+                others[rows] = False
                 if alive:
-                    gap = float((work[:alive] - expected[:alive])[real].abs().max())
-                    assert gap < 1e-5, f"{family} layer {index}, {alive} alive: off by {gap}"
-                assert torch.equal(work[alive:], hidden[alive:]), f"{family} layer {index}: rows past {alive} moved"
+                    real = mask[rows].bool()
+                    gap = float((work[rows] - expected[rows])[real].abs().max())
+                    assert gap < 1e-5, f"{family} layer {index}, {alive} alive (order {order}): off by {gap}"
+                assert torch.equal(work[others], hidden[others]), f"{family} layer {index}: a row not alive moved"
             hidden = expected
 
 
@@ -53,9 +57,17 @@ def several_tiles_equal_the_eager_layer() -> None:
         expected = model.run_layer(0, hidden.clone(), inputs)
         work = hidden.clone()
         CountedLayers(model).run(0, work, mask.float(), torch.tensor([4], dtype=torch.int32))
+        # the alive sequences anywhere: 3 of them, listed out of order
+        scattered = hidden.clone()
+        CountedLayers(model).run(0, scattered, mask.float(), torch.tensor([3], dtype=torch.int32),
+                                 torch.tensor([4, 1, 2, 0, 3], dtype=torch.int32))
     gap = float((work[:4] - expected[:4])[mask[:4].bool()].abs().max())
     assert gap < 1e-4, f"several tiles: off by {gap}"
     assert torch.equal(work[4:], hidden[4:])
+    rows = torch.tensor([4, 1, 2])
+    gap = float((scattered[rows] - expected[rows])[mask[rows].bool()].abs().max())
+    assert gap < 1e-4, f"several tiles, rows listed out of order: off by {gap}"
+    assert torch.equal(scattered[[0, 3]], hidden[[0, 3]])
 
 
 def walk_through_the_kernels_equals_one_batch_at_a_time() -> None:

@@ -59,7 +59,7 @@ GROUPS = (
           "Early-exit classification with the runtime: milliseconds per batch against the full model, a trained "
           "run's examples/s (pre-tokenized and from text, against Hugging Face's pipeline), and the profile of where "
           "a trained policy's GPU time goes (batches in flight, per-step GPU time with and without the decision).",
-          (r"^inference_speed", r"^runtime_profile", r"^runtime_timeline", r"^runtime_cost_model")),
+          (r"^inference_speed", r"^runtime_profile", r"^runtime_timeline", r"^runtime_cost_model", r"^counted_layers")),
     Group("serving", "Serving under load",
           "`exitrl serve` under Poisson arrivals: p50/p99 latency and throughput of early exit against the full "
           "model at each offered load, and soaks (lost or duplicated answers, memory over time).",
@@ -101,6 +101,7 @@ WHAT = (  # a one-line description per study, by file-name pattern (first match 
     (r"^runtime_profile", "Where a trained policy's GPU time goes: batches in flight, steps, tokenization"),
     (r"^runtime_timeline", "Whether the GPU is busy or waiting for the host during a whole-split walk"),
     (r"^runtime_cost_model", "The encoder walk's cost model: each launch at its measured GPU cost, and what-ifs"),
+    (r"^counted_layers", "One encoder layer's GPU time: eager on the alive rows, counted layers over the window"),
     (r"^serve_load", "exitrl serve under Poisson load: latency, throughput, losses, memory"),
     (r"^scale_dev_accuracy", "One against two processes: dev accuracy and throughput"),
     (r"^scale", "Fine-tuning throughput by process count"),

@@ -7,7 +7,10 @@ the alive rows (to within one block) with no host read, so a window's whole walk
 torch with Triton, where `exitrl.core.graphs.run_if` needs conditional nodes (torch 2.13).
 
 Rows past the count are never written: buffers keep what they held. Every kernel works on row-major 2-D views
-``[sequences * seq, features]``; a sequence's tokens are ``seq`` consecutive rows.
+``[sequences * seq, features]``; a sequence's tokens are ``seq`` consecutive rows. Where the alive sequences are not
+the first ones, an ``index`` (int32, on the device) lists where they are: the kernel that reads the window's hidden
+states gathers them through it and the one that writes them back scatters, so a walk never moves rows to put the
+alive ones first (the layer's inner buffers hold the alive sequences in the index's order).
 
 Imported only where Triton is installed (CUDA builds of torch ship it); tests run these same kernels on the CPU
 through Triton's interpreter (``TRITON_INTERPRET=1``).
@@ -21,23 +24,37 @@ import triton.language as tl
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, alive_ptr, seq, M, N, K,
+def _row(offs, rows, index_ptr, seq, GATHER: tl.constexpr):
+    """Where logical rows ``offs`` lie: themselves, or (``GATHER``) token ``offs % seq`` of sequence
+    ``index[offs // seq]``; int64, since a window of long rows passes 2**31 elements."""
+    if GATHER:
+        sequence = tl.load(index_ptr + offs // seq, mask=offs < rows, other=0).to(tl.int64)
+        return sequence * seq + offs % seq
+    return offs.to(tl.int64)
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, alive_ptr, index_ptr, seq, M, N, K: tl.constexpr,
                    GELU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+                   GATHER_X: tl.constexpr, GATHER_RES: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[m, n] = x[m, :] . w[n, :] + b[n] (then exact GELU, or + res[m, n]) for the rows of alive sequences."""
+    """out[m, n] = x[m, :] . w[n, :] + b[n] (then exact GELU, or + res[m, n]) for the rows of alive sequences;
+    ``x`` and ``res`` rows read through the index where asked. ``K`` is a compile-time constant (a model has two:
+    its width and its feed-forward width): Triton 3.6's interpreter loops only over constants (3.9's over any int)."""
     pid = tl.program_id(0)
     blocks_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = pid // blocks_n, pid % blocks_n
     rows = tl.minimum(tl.load(alive_ptr).to(tl.int32) * seq, M)
     if pid_m * BLOCK_M >= rows:
         return
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # a window of long rows passes 2**31 elements
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    x_rows = _row(offs_m, rows, index_ptr, seq, GATHER_X)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
-        a = tl.load(x_ptr + offs_m[:, None] * K + ks[None, :], mask=(offs_m[:, None] < rows) & (ks[None, :] < K),
+        a = tl.load(x_ptr + x_rows[:, None] * K + ks[None, :], mask=(offs_m[:, None] < rows) & (ks[None, :] < K),
                     other=0.0)
         w = tl.load(w_ptr + offs_n[None, :] * K + ks[:, None], mask=(offs_n[None, :] < N) & (ks[:, None] < K),
                     other=0.0)
@@ -50,19 +67,26 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, alive_ptr, seq, M, N, 
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     keep = (offs_m[:, None] < rows) & (offs_n[None, :] < N)
     if RESIDUAL:
-        acc += tl.load(res_ptr + offs_m[:, None] * N + offs_n[None, :], mask=keep, other=0.0).to(tl.float32)
+        res_rows = _row(offs_m, rows, index_ptr, seq, GATHER_RES)
+        acc += tl.load(res_ptr + res_rows[:, None] * N + offs_n[None, :], mask=keep, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
-def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, seq, width, scale, IEEE: tl.constexpr,
-                      HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, index_ptr, seq, width, scale, IEEE: tl.constexpr,
+                      GATHER_KEYS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCKS: tl.constexpr):
     """Softmax attention of one head of one alive sequence over a block of its queries, keys masked by ``keys``
-    (1 for a real token); queries, keys and values side by side in ``qkv`` rows (``3 * width`` wide)."""
+    (1 for a real token; the window's, read through the index where asked); queries, keys and values side by side
+    in ``qkv`` rows (``3 * width`` wide)."""
     block, head, sequence = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if sequence >= tl.load(alive_ptr).to(tl.int32):
         return
     base = sequence.to(tl.int64) * seq
+    if GATHER_KEYS:
+        key_base = tl.load(index_ptr + sequence).to(tl.int64) * seq
+    else:
+        key_base = base
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_PAD)
     in_head = offs_d < HEAD
@@ -72,8 +96,8 @@ def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, seq, width, scale, 
     best = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_PAD), dtype=tl.float32)
-    for n0 in range(0, seq, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    for key_block in range(KEY_BLOCKS):  # ceil(seq / BLOCK_N), a constant (see `_linear_kernel`)
+        offs_n = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = offs_n < seq
         k = tl.load(qkv_ptr + (base + offs_n[None, :]) * stride + width + head * HEAD + offs_d[:, None],
                     mask=inside[None, :] & in_head[:, None], other=0.0)
@@ -81,7 +105,7 @@ def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, seq, width, scale, 
             scores = tl.dot(q, k, input_precision="ieee") * scale
         else:
             scores = tl.dot(q, k) * scale
-        real = tl.load(keys_ptr + base + offs_n, mask=inside, other=0.0) > 0
+        real = tl.load(keys_ptr + key_base + offs_n, mask=inside, other=0.0) > 0
         # a padding key weighs nothing beside a real one (a row of padding only: all alike, as the eager layer
         # does); a column past the sequence never counts (-inf: the first block always has a column inside)
         scores = tl.where(real[None, :], scores, -1.0e30)
@@ -103,9 +127,10 @@ def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, seq, width, scale, 
 
 
 @triton.jit
-def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, alive_ptr, seq, N, eps,
+def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, alive_ptr, index_ptr, seq, N, eps, SCATTER: tl.constexpr,
                        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """LayerNorm of the rows of alive sequences, ``BLOCK_ROWS`` rows a block."""
+    """LayerNorm of the rows of alive sequences, ``BLOCK_ROWS`` rows a block; written through the index where
+    asked."""
     rows = tl.load(alive_ptr).to(tl.int32) * seq
     first = tl.program_id(0) * BLOCK_ROWS
     if first >= rows:
@@ -120,7 +145,8 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, alive_ptr, seq, N, eps,
     w = tl.load(w_ptr + offs_n, mask=offs_n < N, other=1.0).to(tl.float32)
     b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     y = centred * inverse[:, None] * w[None, :] + b[None, :]
-    tl.store(out_ptr + offs_r[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=keep)
+    out_rows = _row(offs_r, rows, index_ptr, seq, SCATTER)
+    tl.store(out_ptr + out_rows[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=keep)
 
 
 def _block(n: int, cap: int, floor: int = 16) -> int:
@@ -130,9 +156,11 @@ def _block(n: int, cap: int, floor: int = 16) -> int:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alive: torch.Tensor, seq: int,
            out: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None,
-           blocks: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+           blocks: tuple[int, int, int, int] | None = None, index: torch.Tensor | None = None,
+           gather_x: bool = False, gather_residual: bool = False) -> torch.Tensor:
     """``out = x @ weight.T + bias`` (then exact GELU, or ``+ residual``) on the first ``alive * seq`` rows;
     ``x`` ``[M, K]``, ``weight`` ``[N, K]`` (an ``nn.Linear``'s), ``alive`` a one-element int32 device tensor.
+    ``gather_x`` / ``gather_residual``: read those rows through ``index`` (where the alive sequences lie).
     ``blocks``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)`` instead of the default tiles (a benchmark's sweep)."""
     rows, k = x.shape
     n = weight.shape[0]
@@ -143,35 +171,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alive: tor
     if blocks is not None:
         block_m, block_n, block_k, warps = blocks
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n),)
-    _linear_kernel[grid](x, weight, bias, out if residual is None else residual, out, alive, seq, rows, n, k,
+    _linear_kernel[grid](x, weight, bias, out if residual is None else residual, out, alive,
+                         alive if index is None else index, seq, rows, n, k,
                          GELU=gelu, RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32,
+                         GATHER_X=gather_x and index is not None,
+                         GATHER_RES=gather_residual and index is not None and residual is not None,
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                          num_warps=warps, num_stages=2 if wide else 3)
     return out
 
 
 def attention(qkv: torch.Tensor, keys: torch.Tensor, alive: torch.Tensor, seq: int, heads: int,
-              out: torch.Tensor) -> torch.Tensor:
+              out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """Per head, softmax attention of each alive sequence's tokens over its real ones (``keys`` ``[M]``, 1 for a
-    real token): ``qkv`` ``[M, 3 * width]`` (queries, keys, values), ``out`` ``[M, width]``."""
+    real token; read through ``index`` when given): ``qkv`` ``[M, 3 * width]`` (queries, keys, values), ``out``
+    ``[M, width]``."""
     width = out.shape[1]
     head = width // heads
     sequences = qkv.shape[0] // seq
     block_m, block_n = _block(seq, 64), _block(seq, 64)
     grid = (triton.cdiv(seq, block_m), heads, sequences)
-    _attention_kernel[grid](qkv, keys, out, alive, seq, width, float(head) ** -0.5, IEEE=qkv.dtype == torch.float32,
+    _attention_kernel[grid](qkv, keys, out, alive, alive if index is None else index, seq, width,
+                            float(head) ** -0.5, IEEE=qkv.dtype == torch.float32, GATHER_KEYS=index is not None,
                             HEAD=head,
-                            HEAD_PAD=_block(head, 256), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                            HEAD_PAD=_block(head, 256), BLOCK_M=block_m, BLOCK_N=block_n,
+                            KEY_BLOCKS=triton.cdiv(seq, block_n), num_warps=4,
                             num_stages=2)
     return out
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, alive: torch.Tensor,
-               seq: int, out: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the last dimension of the first ``alive * seq`` rows of ``x`` ``[M, N]``, into ``out``."""
+               seq: int, out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm over the last dimension of the first ``alive * seq`` rows of ``x`` ``[M, N]``, into ``out`` (its
+    rows written through ``index`` when given)."""
     rows, n = x.shape
     block_n = triton.next_power_of_2(n)
     block_rows = max(1, min(16, 8192 // block_n))
-    _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](x, weight, bias, out, alive, seq, n, float(eps),
-                                                         BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=4)
+    _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](x, weight, bias, out, alive,
+                                                         alive if index is None else index, seq, n, float(eps),
+                                                         SCATTER=index is not None, BLOCK_ROWS=block_rows,
+                                                         BLOCK_N=block_n, num_warps=4)
     return out

@@ -88,21 +88,27 @@ class CountedLayers:
             self.layers.append({**parts, "qkv_weight": qkv_weight, "qkv_bias": qkv_bias})
 
     @torch.no_grad()
-    def run(self, index: int, hidden: torch.Tensor, keys: torch.Tensor, alive: torch.Tensor) -> None:
-        """Layer ``index`` (0-based) on the first ``alive`` (a one-element int32 device tensor) sequences."""
+    def run(self, index: int, hidden: torch.Tensor, keys: torch.Tensor, alive: torch.Tensor,
+            order: torch.Tensor | None = None) -> None:
+        """Layer ``index`` (0-based) on ``alive`` (a one-element int32 device tensor) sequences of ``hidden``, in
+        place: the first ones, or those ``order`` (int32 ``[S]``) lists first, so a walk need not move its rows."""
         parts = self.layers[index]
         sequences, seq, width = hidden.shape
         x = hidden.view(sequences * seq, width)
         keys = keys.reshape(sequences * seq)
-        qkv = self.linear(x, parts["qkv_weight"], parts["qkv_bias"], alive, seq, x.new_empty(x.shape[0], 3 * width))
-        context = self.attention(qkv, keys, alive, seq, self.heads, torch.empty_like(x))
+        # the inner buffers hold the alive sequences first (in ``order``'s order); only the first product and the
+        # first residual read the window, and the last LayerNorm writes it
+        qkv = self.linear(x, parts["qkv_weight"], parts["qkv_bias"], alive, seq, x.new_empty(x.shape[0], 3 * width),
+                          index=order, gather_x=True)
+        context = self.attention(qkv, keys, alive, seq, self.heads, torch.empty_like(x), index=order)
         out = parts["out"]
-        mixed = self.linear(context, out.weight, out.bias, alive, seq, torch.empty_like(x), residual=x)
+        mixed = self.linear(context, out.weight, out.bias, alive, seq, torch.empty_like(x), residual=x, index=order,
+                            gather_residual=True)
         norm = parts["norm1"]
         attended = self.layer_norm(mixed, norm.weight, norm.bias, norm.eps, alive, seq, torch.empty_like(x))
         up, down = parts["up"], parts["down"]
         inner = self.linear(attended, up.weight, up.bias, alive, seq, x.new_empty(x.shape[0], up.out_features),
-                         gelu=True)
+                            gelu=True)
         mixed = self.linear(inner, down.weight, down.bias, alive, seq, mixed, residual=attended)
         norm = parts["norm2"]
-        self.layer_norm(mixed, norm.weight, norm.bias, norm.eps, alive, seq, x)
+        self.layer_norm(mixed, norm.weight, norm.bias, norm.eps, alive, seq, x, index=order)

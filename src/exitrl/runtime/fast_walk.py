@@ -236,6 +236,17 @@ class Rows:
         replaced[span] = value
         window.memory[key] = replaced
 
+    def list_alive(self, order: torch.Tensor, live: torch.Tensor) -> None:
+        """Where the alive rows are, in row order, into ``order`` (int32, one slot more than the rows: dead rows
+        write that last one), and how many, into ``live``: what counted layers read instead of the rows moving
+        (a scan and a scatter; nothing else moves)."""
+        alive = self.alive
+        place = torch.cumsum(alive, 0, dtype=torch.int32) - 1
+        slot = torch.where(alive, place, self.size).long()
+        rows = torch.arange(self.size, dtype=torch.int32, device=alive.device)
+        order[:self.size + 1].scatter_(0, slot, rows)
+        live.copy_(place[-1:] + 1)
+
     def count_alive(self) -> None:
         """The number of these rows still alive, into the answers' last row (the host reads it with them)."""
         self.window.answers[self.window.size, 0] = self.alive.sum()
@@ -302,7 +313,9 @@ class Window:
         buckets = torch.tensor(walker.walk_buckets, dtype=torch.float32, device=device)
         self.bucket_top, self.bucket_floor = buckets, torch.cat([buckets.new_zeros(1), buckets[:-1]])
         self.chosen = torch.zeros(len(walker.walk_buckets), dtype=torch.bool, device=device)
-        self.live = torch.zeros(1, dtype=torch.int32, device=device)  # counted layers' alive rows
+        # counted layers' alive rows: how many, and where (`Rows.list_alive`)
+        self.live = torch.zeros(1, dtype=torch.int32, device=device)
+        self.order = torch.zeros(self.size + 1, dtype=torch.int32, device=device)
         self.warmed: set[tuple] = set()
 
     def rows(self, start: int, size: int) -> Rows:
@@ -368,11 +381,12 @@ class Window:
         self.run(key, lambda: self.walk(embedded))
 
     def walk(self, embedded: int) -> None:
-        """Embed, then each layer on the alive rows, alive rows moved first after every decision. Counted layers
-        (``device_walk="counted"``) run every layer over the ``embedded`` rows, their kernels skipping the rows
-        past the alive count (`counted_layer`); buckets (``"buckets"``) run it in one launch padded to the
-        smallest walk bucket that holds them: every bucket is a conditional launch (`run_if`) and the device
-        picks the one to run from the alive count the last decision left."""
+        """Embed, then each layer on the alive rows. Counted layers (``device_walk="counted"``) run every layer
+        over the ``embedded`` rows, their kernels reading where the alive rows are and skipping the rest
+        (`counted_layer`): no row ever moves. Buckets (``"buckets"``) move the alive rows first after every
+        decision and run the layer in one launch padded to the smallest walk bucket that holds them: every bucket
+        is a conditional launch (`run_if`) and the device picks the one to run from the alive count the last
+        decision left."""
         walker = self.walker
         self.rows(0, embedded).embed()
         for layer in range(1, walker.num_layers + 1):
@@ -392,18 +406,20 @@ class Window:
         self.report(0)
 
     def walk_layer(self, layer: int, rows: int) -> None:
-        """Layer ``layer`` on the first ``rows`` rows (counted layers: on the alive ones among them); where a row
-        may leave, its decision and the compaction."""
-        span = self.rows(0, rows)
-        if self.walker.counted is not None:
-            self.live.copy_(span.alive.sum())
-            self.walker.counted.run(layer - 1, span.hidden, span.pool_mask, self.live)
+        """Layer ``layer`` on the first ``rows`` rows (counted layers: on the alive ones among them, wherever they
+        are; without Triton, eagerly on all); where a row may leave, its decision, then (buckets) the
+        compaction."""
+        walker, span = self.walker, self.rows(0, rows)
+        if walker.counted is not None:
+            if layer == 1 or layer > walker.first_exit:  # rows left at the last decision
+                span.list_alive(self.order, self.live)
+            walker.counted.run(layer - 1, span.hidden, span.pool_mask, self.live, self.order[:rows])
         else:
             span.layer(layer)
-        if layer >= self.walker.first_exit:
+        if layer >= walker.first_exit:
             self.decide(layer, rows, report=False)
-            if layer < self.walker.num_layers:
-                self.walker.compact(span)
+            if layer < walker.num_layers and walker.device_walk != "counted":
+                walker.compact(span)
 
     def choose_bucket(self) -> None:
         """Which walk bucket the next layer runs on: the smallest that holds the alive rows (none when no row is
