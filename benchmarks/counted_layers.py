@@ -121,8 +121,9 @@ def tile_sweep(counted: CountedLayers, model, rows: int, seq: int, reps: int) ->
         reference = torch.nn.functional.linear(x, weight, bias)
         point = {"product": name, "tokens": tokens, "cublas_us": replay_us(
             lambda a=x, w=weight, b=bias: torch.nn.functional.linear(a, w, b), reps)}
-        for tiles in [(64, 64, 64, 4), (64, 128, 64, 4), (128, 64, 64, 4), (128, 128, 64, 8), (128, 128, 32, 4),
-                      (64, 256, 64, 8), None]:
+        for tiles in [(128, 64, 64, 4), (128, 128, 64, 8), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                      (128, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 2),
+                      (64, 128, 64, 4, 4), None]:
             try:
                 us = replay_us(lambda a=x, w=weight, b=bias, o=out, t=tiles: linear(a, w, b, live, seq, o, blocks=t),
                                reps)

@@ -214,7 +214,7 @@ def main() -> None:
                 settle(walker, padded)
                 seconds = timed(lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup, args.reps)
                 row[f"{label}_w{window}_lanes{lanes}{'_dw' if on_device else ''}_ms"] = 1000 * seconds
-                if window == batch and lanes == 1 and not on_device:
+                if window == batch and lanes == min(args.lanes) and not on_device:
                     found = list(walker.run_batches(padded))
                     row[f"{label}_steps_us"] = step_times(walker, device)
             if label == "early_exit":
@@ -234,9 +234,13 @@ def main() -> None:
         best_window = int(row["early_exit_best"].split("_")[0][1:])
         if args.kernels and device.type == "cuda" and batch == max(args.batches):
             row["kernels"] = {}
-            for (label, chosen), on_device in product((("full", full), ("early_exit", policy)), walks):
+            settings = [(label, chosen, on_device, False) for (label, chosen), on_device
+                        in product((("full", full), ("early_exit", policy)), walks)]
+            if args.compile:  # compiled decisions on each walk
+                settings += [("early_exit_compiled", policy, on_device, True) for on_device in walks]
+            for label, chosen, on_device, compiled in settings:
                 walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=1, window=max(windows),
-                                    device_walk=on_device)
+                                    device_walk=on_device, compile_decisions=compiled)
                 found = kernel_breakdown(walker, padded, device)
                 row["kernels"][f"{label}_w{max(windows)}{'_dw' if on_device else ''}"] = found
                 print(f"  kernels, {label}, window {max(windows)}{', device walk' if on_device else ''}: "

@@ -156,20 +156,23 @@ def _block(n: int, cap: int, floor: int = 16) -> int:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alive: torch.Tensor, seq: int,
            out: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None,
-           blocks: tuple[int, int, int, int] | None = None, index: torch.Tensor | None = None,
+           blocks: tuple[int, ...] | None = None, index: torch.Tensor | None = None,
            gather_x: bool = False, gather_residual: bool = False) -> torch.Tensor:
     """``out = x @ weight.T + bias`` (then exact GELU, or ``+ residual``) on the first ``alive * seq`` rows;
     ``x`` ``[M, K]``, ``weight`` ``[N, K]`` (an ``nn.Linear``'s), ``alive`` a one-element int32 device tensor.
     ``gather_x`` / ``gather_residual``: read those rows through ``index`` (where the alive sequences lie).
-    ``blocks``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)`` instead of the default tiles (a benchmark's sweep)."""
+    ``blocks``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps[, stages])`` instead of the default tiles (a benchmark's
+    sweep)."""
     rows, k = x.shape
     n = weight.shape[0]
     wide = x.dtype == torch.float32  # float32 tiles take twice the shared memory, and no tensor cores: smaller
     tile = 64 if wide else 128
     block_m, block_n, block_k = _block(rows, tile), _block(n, tile), _block(k, tile // 2)
     warps = 8 if block_m * block_n >= 128 * 128 else 4
+    stages = 2 if wide else 3
     if blocks is not None:
-        block_m, block_n, block_k, warps = blocks
+        block_m, block_n, block_k, warps = blocks[:4]
+        stages = blocks[4] if len(blocks) > 4 else stages
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n),)
     _linear_kernel[grid](x, weight, bias, out if residual is None else residual, out, alive,
                          alive if index is None else index, seq, rows, n, k,
@@ -177,7 +180,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alive: tor
                          GATHER_X=gather_x and index is not None,
                          GATHER_RES=gather_residual and index is not None and residual is not None,
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                         num_warps=warps, num_stages=2 if wide else 3)
+                         num_warps=warps, num_stages=stages)
     return out
 
 

@@ -251,12 +251,16 @@ class Rows:
         """The number of these rows still alive, into the answers' last row (the host reads it with them)."""
         self.window.answers[self.window.size, 0] = self.alive.sum()
 
-    def exit_and_decide(self, layer: int) -> None:
-        """The exit heads, the decision, the bookkeeping and the alive count of graph-safe policies: what
-        ``FastWalker(compile_decisions=True)`` hands to torch.compile, so their many small kernels fuse into few."""
+    def exit_and_decide(self, layer: int, order: torch.Tensor | None = None, live: torch.Tensor | None = None
+                        ) -> None:
+        """The exit heads, the decision, the bookkeeping and the alive count of graph-safe policies (and, for
+        counted layers, where the alive rows are: ``order``, ``live``): what ``FastWalker(compile_decisions=True)``
+        hands to torch.compile, so their many small kernels fuse into few."""
         self.exit_head(layer)
         self.decide(layer, True)
         self.count_alive()
+        if order is not None:
+            self.list_alive(order, live)
 
     def compact(self) -> None:
         """The alive rows first (in order), dead ones after, with everything that follows a row; on the device.
@@ -363,11 +367,13 @@ class Window:
         """The exit heads, decisions and report of the first ``rows`` rows at ``layer``: one step (with the layer
         itself when it ran in one launch)."""
         span = self.rows(0, rows)
+        # counted layers read where the alive rows are, listed with the decision that changed them
+        listing = (self.order, self.live) if self.walker.counted is not None else (None, None)
         with tf32_matmuls(self.walker.tf32_device):
             if self.walker.compiled is not None:
-                self.walker.compiled(span, layer)
+                self.walker.compiled(span, layer, *listing)
             else:
-                span.exit_and_decide(layer)
+                span.exit_and_decide(layer, *listing)
         if report:
             self.report(layer)
 
@@ -411,7 +417,7 @@ class Window:
         compaction."""
         walker, span = self.walker, self.rows(0, rows)
         if walker.counted is not None:
-            if layer == 1 or layer > walker.first_exit:  # rows left at the last decision
+            if layer == 1:  # then each decision lists the rows it left alive
                 span.list_alive(self.order, self.live)
             walker.counted.run(layer - 1, span.hidden, span.pool_mask, self.live, self.order[:rows])
         else:
