@@ -60,13 +60,20 @@ def main() -> None:
     parser.add_argument("--seqs", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--alive", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25, 0.125, 0.0])
     parser.add_argument("--reps", type=int, default=100)
+    parser.add_argument("--programs-per-sm", type=int, default=2,
+                        help="the looping launch's programs per multiprocessor")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     model = from_shape(*args.shape) if args.shape else EarlyExitClassifier.from_run(args.run, "cuda").model
     counted = CountedLayers(model)
+    # few programs, each looping over its tiles (and all heads of a sequence in one): fewer programs to start
+    # past the alive rows
+    programs = args.programs_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+    looping = CountedLayers(model, programs=programs, heads_per_program=model.encoder.config.num_attention_heads)
     record = {"date": date.today().isoformat(), "torch": torch.__version__, "machine": torch.cuda.get_device_name(),
               "cpu": platform.processor(), "run": args.run, "shape": args.shape,
-              "dtype": str(next(model.parameters()).dtype), "rows": args.rows, "points": []}
+              "dtype": str(next(model.parameters()).dtype), "rows": args.rows, "looping_programs": programs,
+              "points": []}
     torch.manual_seed(0)
     with torch.no_grad():
         for seq in args.seqs:
@@ -89,6 +96,8 @@ def main() -> None:
                 order = torch.randperm(args.rows, device="cuda").to(torch.int32)
                 point["counted_scattered_us"] = replay_us(
                     lambda w=work, n=live, k=keys, o=order: counted.run(0, w, k, n, o), args.reps)
+                point["looping_scattered_us"] = replay_us(
+                    lambda w=work, n=live, k=keys, o=order: looping.run(0, w, k, n, o), args.reps)
                 if alive:  # the counted layer's answer on the alive rows against the eager layer's
                     expected = model.run_layer(0, hidden[:alive].clone(), {k: v[:alive] for k, v in inputs.items()})
                     work.copy_(hidden)
@@ -98,7 +107,8 @@ def main() -> None:
                 record["points"].append(point)
                 print(f"seq {seq}, alive {alive}/{args.rows}: eager {point.get('eager_layer_us', 0):.1f} us, "
                       f"counted {point['counted_layer_us']:.1f} us "
-                      f"(scattered {point['counted_scattered_us']:.1f}), diff {point.get('max_abs_diff', 0):.3g}")
+                      f"(scattered {point['counted_scattered_us']:.1f}, "
+                      f"looping {point['looping_scattered_us']:.1f}), diff {point.get('max_abs_diff', 0):.3g}")
         record["tiles"] = tile_sweep(counted, model, args.rows, args.seqs[0], args.reps)
     save_record(record, args.out)
 

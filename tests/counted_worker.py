@@ -15,16 +15,20 @@ from exitrl.runtime.fast_walk import FastWalker
 
 
 def layers_equal_the_eager_ones(family: str) -> None:
-    """Every layer, with all, some and no sequences alive, first in the window or anywhere in it (an ``order``):
-    the eager layer's numbers on the alive rows' real tokens, and every other row untouched."""
+    """Every layer, with all, some and no sequences alive, first in the window or anywhere in it (an ``order``),
+    launched a program per tile or with few programs looping over tiles and heads: the eager layer's numbers on
+    the alive rows' real tokens, and every other row untouched."""
     model, ids, mask = tiny(family, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    counted = CountedLayers(model)
+    one_per_tile, looping = CountedLayers(model), CountedLayers(model, programs=3, heads_per_program=2)
     scattered = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    cases = [(n, None, one_per_tile) for n in (len(ids), 13, 1, 0)] + [(n, scattered, one_per_tile)
+                                                                        for n in (len(ids), 7)]
+    cases += [(n, order, looping) for n, order in ((len(ids), None), (13, scattered), (0, scattered))]
     with torch.no_grad():
         hidden, inputs = model.embed(ids, mask, materialize_mask=True)
         for index in range(model.num_layers):
             expected = model.run_layer(index, hidden.clone(), inputs)
-            for alive, order in [(n, None) for n in (len(ids), 13, 1, 0)] + [(n, scattered) for n in (len(ids), 7)]:
+            for alive, order, counted in cases:
                 work = hidden.clone()
                 counted.run(index, work, mask.float(), torch.tensor([alive], dtype=torch.int32), order)
                 rows = torch.arange(alive) if order is None else order[:alive].long()

@@ -36,17 +36,27 @@ def _row(offs, rows, index_ptr, seq, GATHER: tl.constexpr):
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, alive_ptr, index_ptr, seq, M, N, K: tl.constexpr,
                    GELU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
-                   GATHER_X: tl.constexpr, GATHER_RES: tl.constexpr,
+                   GATHER_X: tl.constexpr, GATHER_RES: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[m, n] = x[m, :] . w[n, :] + b[n] (then exact GELU, or + res[m, n]) for the rows of alive sequences;
-    ``x`` and ``res`` rows read through the index where asked. ``K`` is a compile-time constant (a model has two:
-    its width and its feed-forward width): Triton 3.6's interpreter loops only over constants (3.9's over any int)."""
-    pid = tl.program_id(0)
+    ``x`` and ``res`` rows read through the index where asked. Each program takes ``TILES_PER_PROGRAM`` tiles, a
+    grid's width apart (1: a program per tile). Loop bounds are compile-time constants (``K`` too: a model has two,
+    its width and its feed-forward width): Triton 3.6's interpreter loops only over constants (3.9's over any
+    int)."""
     blocks_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = pid // blocks_n, pid % blocks_n
     rows = tl.minimum(tl.load(alive_ptr).to(tl.int32) * seq, M)
-    if pid_m * BLOCK_M >= rows:
-        return
+    for step in range(TILES_PER_PROGRAM):
+        tile = tl.program_id(0) + step * tl.num_programs(0)
+        if (tile // blocks_n) * BLOCK_M < rows:  # tiles run row block by row block: past the alive rows, none
+            _linear_tile(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, index_ptr, seq, rows, N, K, tile // blocks_n,
+                         tile % blocks_n, GELU, RESIDUAL, IEEE, GATHER_X, GATHER_RES, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _linear_tile(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, index_ptr, seq, rows, N, K: tl.constexpr, pid_m, pid_n,
+                 GELU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, GATHER_X: tl.constexpr,
+                 GATHER_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One ``BLOCK_M`` x ``BLOCK_N`` tile of `_linear_kernel`."""
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     x_rows = _row(offs_m, rows, index_ptr, seq, GATHER_X)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,11 +85,12 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, alive_ptr, index_ptr, 
 @triton.jit
 def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, index_ptr, seq, width, scale, IEEE: tl.constexpr,
                       GATHER_KEYS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCKS: tl.constexpr):
-    """Softmax attention of one head of one alive sequence over a block of its queries, keys masked by ``keys``
-    (1 for a real token; the window's, read through the index where asked); queries, keys and values side by side
-    in ``qkv`` rows (``3 * width`` wide)."""
-    block, head, sequence = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCKS: tl.constexpr,
+                      HEADS_PER_PROGRAM: tl.constexpr):
+    """Softmax attention of ``HEADS_PER_PROGRAM`` heads of one alive sequence over a block of its queries, keys
+    masked by ``keys`` (1 for a real token; the window's, read through the index where asked); queries, keys and
+    values side by side in ``qkv`` rows (``3 * width`` wide)."""
+    block, heads, sequence = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if sequence >= tl.load(alive_ptr).to(tl.int32):
         return
     base = sequence.to(tl.int64) * seq
@@ -87,6 +98,16 @@ def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, index_ptr, seq, wid
         key_base = tl.load(index_ptr + sequence).to(tl.int64) * seq
     else:
         key_base = base
+    for step in range(HEADS_PER_PROGRAM):
+        _attention_head(qkv_ptr, keys_ptr, out_ptr, base, key_base, block, heads * HEADS_PER_PROGRAM + step, seq,
+                        width, scale, IEEE, HEAD, HEAD_PAD, BLOCK_M, BLOCK_N, KEY_BLOCKS)
+
+
+@triton.jit
+def _attention_head(qkv_ptr, keys_ptr, out_ptr, base, key_base, block, head, seq, width, scale, IEEE: tl.constexpr,
+                    HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    KEY_BLOCKS: tl.constexpr):
+    """One head of `_attention_kernel`: flash-style, keys a block at a time with a running maximum."""
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_PAD)
     in_head = offs_d < HEAD
@@ -128,13 +149,21 @@ def _attention_kernel(qkv_ptr, keys_ptr, out_ptr, alive_ptr, index_ptr, seq, wid
 
 @triton.jit
 def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, alive_ptr, index_ptr, seq, N, eps, SCATTER: tl.constexpr,
-                       BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """LayerNorm of the rows of alive sequences, ``BLOCK_ROWS`` rows a block; written through the index where
-    asked."""
+                       BLOCKS_PER_PROGRAM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """LayerNorm of the rows of alive sequences, ``BLOCK_ROWS`` rows a block, ``BLOCKS_PER_PROGRAM`` blocks a grid's
+    width apart a program; written through the index where asked."""
     rows = tl.load(alive_ptr).to(tl.int32) * seq
-    first = tl.program_id(0) * BLOCK_ROWS
-    if first >= rows:
-        return
+    for step in range(BLOCKS_PER_PROGRAM):
+        first = (tl.program_id(0) + step * tl.num_programs(0)) * BLOCK_ROWS
+        if first < rows:
+            _layer_norm_block(x_ptr, w_ptr, b_ptr, out_ptr, index_ptr, seq, rows, N, eps, first, SCATTER,
+                              BLOCK_ROWS, BLOCK_N)
+
+
+@triton.jit
+def _layer_norm_block(x_ptr, w_ptr, b_ptr, out_ptr, index_ptr, seq, rows, N, eps, first, SCATTER: tl.constexpr,
+                      BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One block of rows of `_layer_norm_kernel`."""
     offs_r = (first + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     keep = (offs_r[:, None] < rows) & (offs_n[None, :] < N)
@@ -157,12 +186,12 @@ def _block(n: int, cap: int, floor: int = 16) -> int:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alive: torch.Tensor, seq: int,
            out: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None,
            blocks: tuple[int, ...] | None = None, index: torch.Tensor | None = None,
-           gather_x: bool = False, gather_residual: bool = False) -> torch.Tensor:
+           gather_x: bool = False, gather_residual: bool = False, programs: int | None = None) -> torch.Tensor:
     """``out = x @ weight.T + bias`` (then exact GELU, or ``+ residual``) on the first ``alive * seq`` rows;
     ``x`` ``[M, K]``, ``weight`` ``[N, K]`` (an ``nn.Linear``'s), ``alive`` a one-element int32 device tensor.
     ``gather_x`` / ``gather_residual``: read those rows through ``index`` (where the alive sequences lie).
     ``blocks``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps[, stages])`` instead of the default tiles (a benchmark's
-    sweep)."""
+    sweep); ``programs``: at most this many programs, each looping over tiles (None: one per tile)."""
     rows, k = x.shape
     n = weight.shape[0]
     wide = x.dtype == torch.float32  # float32 tiles take twice the shared memory, and no tensor cores: smaller
@@ -173,45 +202,50 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alive: tor
     if blocks is not None:
         block_m, block_n, block_k, warps = blocks[:4]
         stages = blocks[4] if len(blocks) > 4 else stages
-    grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n),)
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, block_n)
+    grid = (tiles if programs is None else max(1, min(tiles, int(programs))),)
     _linear_kernel[grid](x, weight, bias, out if residual is None else residual, out, alive,
                          alive if index is None else index, seq, rows, n, k,
                          GELU=gelu, RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32,
                          GATHER_X=gather_x and index is not None,
                          GATHER_RES=gather_residual and index is not None and residual is not None,
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                         num_warps=warps, num_stages=stages)
+                         TILES_PER_PROGRAM=triton.cdiv(tiles, grid[0]), BLOCK_M=block_m, BLOCK_N=block_n,
+                         BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
 
 
 def attention(qkv: torch.Tensor, keys: torch.Tensor, alive: torch.Tensor, seq: int, heads: int,
-              out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor, index: torch.Tensor | None = None, heads_per_program: int = 1) -> torch.Tensor:
     """Per head, softmax attention of each alive sequence's tokens over its real ones (``keys`` ``[M]``, 1 for a
     real token; read through ``index`` when given): ``qkv`` ``[M, 3 * width]`` (queries, keys, values), ``out``
-    ``[M, width]``."""
+    ``[M, width]``. ``heads_per_program`` (a divisor of ``heads``): heads one program runs in turn."""
     width = out.shape[1]
     head = width // heads
+    if heads % heads_per_program:
+        raise ValueError(f"heads_per_program must divide the {heads} heads, got {heads_per_program}.")
     sequences = qkv.shape[0] // seq
     block_m, block_n = _block(seq, 64), _block(seq, 64)
-    grid = (triton.cdiv(seq, block_m), heads, sequences)
+    grid = (triton.cdiv(seq, block_m), heads // heads_per_program, sequences)
     _attention_kernel[grid](qkv, keys, out, alive, alive if index is None else index, seq, width,
                             float(head) ** -0.5, IEEE=qkv.dtype == torch.float32, GATHER_KEYS=index is not None,
                             HEAD=head,
                             HEAD_PAD=_block(head, 256), BLOCK_M=block_m, BLOCK_N=block_n,
-                            KEY_BLOCKS=triton.cdiv(seq, block_n), num_warps=4,
+                            KEY_BLOCKS=triton.cdiv(seq, block_n), HEADS_PER_PROGRAM=heads_per_program, num_warps=4,
                             num_stages=2)
     return out
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, alive: torch.Tensor,
-               seq: int, out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+               seq: int, out: torch.Tensor, index: torch.Tensor | None = None, programs: int | None = None
+               ) -> torch.Tensor:
     """LayerNorm over the last dimension of the first ``alive * seq`` rows of ``x`` ``[M, N]``, into ``out`` (its
-    rows written through ``index`` when given)."""
+    rows written through ``index`` when given); ``programs``: at most this many programs (None: one per block)."""
     rows, n = x.shape
     block_n = triton.next_power_of_2(n)
     block_rows = max(1, min(16, 8192 // block_n))
-    _layer_norm_kernel[(triton.cdiv(rows, block_rows),)](x, weight, bias, out, alive,
-                                                         alive if index is None else index, seq, n, float(eps),
-                                                         SCATTER=index is not None, BLOCK_ROWS=block_rows,
-                                                         BLOCK_N=block_n, num_warps=4)
+    blocks = triton.cdiv(rows, block_rows)
+    grid = (blocks if programs is None else max(1, min(blocks, int(programs))),)
+    _layer_norm_kernel[grid](x, weight, bias, out, alive, alive if index is None else index, seq, n, float(eps),
+                             SCATTER=index is not None, BLOCKS_PER_PROGRAM=triton.cdiv(blocks, grid[0]),
+                             BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=4)
     return out

@@ -70,9 +70,14 @@ def counted_support(model: MultiExitModel) -> str | None:
 class CountedLayers:
     """Every layer of ``model`` as counted layers: ``run(index, hidden, keys, alive)`` updates the first ``alive``
     sequences of ``hidden`` ``[S, T, H]`` in place (the others keep their values). ``keys`` ``[S, T]``: 1 for a
-    real token. Raises ValueError for a model whose layers are not BERT-style (`counted_support`)."""
+    real token. Raises ValueError for a model whose layers are not BERT-style (`counted_support`).
 
-    def __init__(self, model: MultiExitModel):
+    ``programs`` (at most this many programs per product and LayerNorm, each looping over its tiles; None: one per
+    tile) and ``heads_per_program`` (attention heads one program runs in turn) change how the work is launched, not
+    what is computed: fewer programs cost less where most of a window's rows have left (a program past the alive
+    rows still has to start). `benchmarks/counted_layers.py` times both."""
+
+    def __init__(self, model: MultiExitModel, programs: int | None = None, heads_per_program: int = 1):
         reason = counted_support(model)
         if reason is not None:
             raise ValueError(f"Counted layers cannot run {model.encoder.config.model_type}: {reason}.")
@@ -80,6 +85,11 @@ class CountedLayers:
 
         self.linear, self.attention, self.layer_norm = linear, attention, layer_norm
         self.heads = int(model.encoder.config.num_attention_heads)
+        if int(heads_per_program) < 1 or self.heads % int(heads_per_program):
+            raise ValueError(f"heads_per_program must divide the model's {self.heads} heads, got {heads_per_program}.")
+        if programs is not None and int(programs) < 1:
+            raise ValueError(f"programs must be >= 1 (or None: one per tile), got {programs}.")
+        self.programs, self.heads_per_program = programs, int(heads_per_program)
         self.layers = []
         for layer in model.layers:
             parts = _parts(layer)
@@ -98,17 +108,20 @@ class CountedLayers:
         keys = keys.reshape(sequences * seq)
         # the inner buffers hold the alive sequences first (in ``order``'s order); only the first product and the
         # first residual read the window, and the last LayerNorm writes it
+        n = self.programs
         qkv = self.linear(x, parts["qkv_weight"], parts["qkv_bias"], alive, seq, x.new_empty(x.shape[0], 3 * width),
-                          index=order, gather_x=True)
-        context = self.attention(qkv, keys, alive, seq, self.heads, torch.empty_like(x), index=order)
+                          index=order, gather_x=True, programs=n)
+        context = self.attention(qkv, keys, alive, seq, self.heads, torch.empty_like(x), index=order,
+                                 heads_per_program=self.heads_per_program)
         out = parts["out"]
         mixed = self.linear(context, out.weight, out.bias, alive, seq, torch.empty_like(x), residual=x, index=order,
-                            gather_residual=True)
+                            gather_residual=True, programs=n)
         norm = parts["norm1"]
-        attended = self.layer_norm(mixed, norm.weight, norm.bias, norm.eps, alive, seq, torch.empty_like(x))
+        attended = self.layer_norm(mixed, norm.weight, norm.bias, norm.eps, alive, seq, torch.empty_like(x),
+                                   programs=n)
         up, down = parts["up"], parts["down"]
         inner = self.linear(attended, up.weight, up.bias, alive, seq, x.new_empty(x.shape[0], up.out_features),
-                            gelu=True)
-        mixed = self.linear(inner, down.weight, down.bias, alive, seq, mixed, residual=attended)
+                            gelu=True, programs=n)
+        mixed = self.linear(inner, down.weight, down.bias, alive, seq, mixed, residual=attended, programs=n)
         norm = parts["norm2"]
-        self.layer_norm(mixed, norm.weight, norm.bias, norm.eps, alive, seq, x, index=order)
+        self.layer_norm(mixed, norm.weight, norm.bias, norm.eps, alive, seq, x, index=order, programs=n)
