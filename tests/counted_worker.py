@@ -42,6 +42,22 @@ def layers_equal_the_eager_ones(family: str) -> None:
             hidden = expected
 
 
+def heads_in_turn_equal_the_eager_layer() -> None:
+    """Four heads, two per program (so the second program's heads start at head 2), rows listed out of order."""
+    model, ids, mask = tiny("bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    order = torch.tensor([5, 0, 9, 3] + [i for i in range(len(ids)) if i not in (5, 0, 9, 3)], dtype=torch.int32)
+    with torch.no_grad():
+        hidden, inputs = model.embed(ids, mask, materialize_mask=True)
+        expected = model.run_layer(0, hidden.clone(), inputs)
+        work = hidden.clone()
+        CountedLayers(model, programs=2, heads_per_program=2).run(0, work, mask.float(),
+                                                                 torch.tensor([4], dtype=torch.int32), order)
+    rows = order[:4].long()
+    gap = float((work[rows] - expected[rows])[mask[rows].bool()].abs().max())
+    assert gap < 1e-5, f"two heads a program: off by {gap}"
+    assert torch.equal(work[order[4:].long()], hidden[order[4:].long()])
+
+
 def several_tiles_equal_the_eager_layer() -> None:
     """Sequences of 80 tokens (two key blocks), heads 64 wide, a feed-forward 400 wide (several steps of the
     products' inner loop), one sequence whose first key block is all padding, 4 of 5 alive."""
@@ -86,8 +102,12 @@ def walk_through_the_kernels_equals_one_batch_at_a_time() -> None:
     threshold = float(central.mean())  # between two rows: no row sits at it, where rounding would decide
     batches = [(ids[i:i + n], mask[i:i + n]) for i, n in ((0, 8), (8, 5), (13, 11), (4, 16))]
     several = 0
-    chosen = ("confidence", "reinforce", "reinforce_history", "calm_saturation")
-    for name, policy in ((name, policy) for name, policy in policies(model, threshold).items() if name in chosen):
+    chosen = ("confidence", "reinforce", "reinforce_history", "calm_saturation", "static")
+    walked = {name: policy for name, policy in policies(model, threshold).items() if name in chosen}
+    late = copy.deepcopy(walked["confidence"])
+    late.first_exit_layer = 2  # no decision at layer 1: the rows listed before it stay listed through layer 2
+    walked["confidence_from_2"] = late
+    for name, policy in walked.items():
         one = FastWalker(model, copy.deepcopy(policy), max_batch=16, graphs=False, token_types=False, lanes=1)
         counted = FastWalker(model, copy.deepcopy(policy), max_batch=16, graphs=False, token_types=False,
                              window=32, device_walk="counted")
@@ -101,6 +121,10 @@ def walk_through_the_kernels_equals_one_batch_at_a_time() -> None:
             assert torch.equal(found.predictions, expected.predictions), name
             assert torch.allclose(found.logits, expected.logits, atol=1e-5), name
             several += len(set(found.layers.tolist())) > 1
+        for window in (w for lane in counted.lanes for w in lane.windows.values()):
+            # the decisions kept the count of listed rows: after the last one, none (else the kernels would
+            # run rows that had left; the answers would not show it)
+            assert int(window.live) == int(window.alive.sum()) == 0, name
     assert several >= 3  # rows left at several layers in several batches: counts below the window were walked
 
 
@@ -108,6 +132,7 @@ if __name__ == "__main__":
     assert triton_interpreted(), "run with TRITON_INTERPRET=1"
     for family in sys.argv[1:]:
         layers_equal_the_eager_ones(family)
+    heads_in_turn_equal_the_eager_layer()
     several_tiles_equal_the_eager_layer()
     walk_through_the_kernels_equals_one_batch_at_a_time()
     print("counted layers: ok")

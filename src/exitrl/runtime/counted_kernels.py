@@ -1,12 +1,12 @@
 """Triton kernels that read how many rows to work on from the device: the pieces of a `counted_layer`.
 
 A CUDA graph fixes every launch's grid, so a captured layer costs the same whether 256 rows are alive or 16. These
-kernels take the grid of the whole window but load the number of alive sequences from a device tensor (alive rows
-come first, after the walk's compaction) and return at once from any block past them: the layer's work follows
+kernels take the grid of the whole window but load the number of alive sequences from a device tensor (the first
+ones, or those an index lists first) and return at once from any block past them: the layer's work follows
 the alive rows (to within one block) with no host read, so a window's whole walk is one plain CUDA graph on any
 torch with Triton, where `exitrl.core.graphs.run_if` needs conditional nodes (torch 2.13).
 
-Rows past the count are never written: buffers keep what they held. Every kernel works on row-major 2-D views
+Rows that are not alive are never written: buffers keep what they held. Every kernel works on row-major 2-D views
 ``[sequences * seq, features]``; a sequence's tokens are ``seq`` consecutive rows. Where the alive sequences are not
 the first ones, an ``index`` (int32, on the device) lists where they are: the kernel that reads the window's hidden
 states gathers them through it and the one that writes them back scatters, so a walk never moves rows to put the
@@ -148,11 +148,11 @@ def _attention_head(qkv_ptr, keys_ptr, out_ptr, base, key_base, block, head, seq
 
 
 @triton.jit
-def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, alive_ptr, index_ptr, seq, N, eps, SCATTER: tl.constexpr,
+def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, alive_ptr, index_ptr, seq, M, N, eps, SCATTER: tl.constexpr,
                        BLOCKS_PER_PROGRAM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """LayerNorm of the rows of alive sequences, ``BLOCK_ROWS`` rows a block, ``BLOCKS_PER_PROGRAM`` blocks a grid's
     width apart a program; written through the index where asked."""
-    rows = tl.load(alive_ptr).to(tl.int32) * seq
+    rows = tl.minimum(tl.load(alive_ptr).to(tl.int32) * seq, M)
     for step in range(BLOCKS_PER_PROGRAM):
         first = (tl.program_id(0) + step * tl.num_programs(0)) * BLOCK_ROWS
         if first < rows:
@@ -245,7 +245,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     block_rows = max(1, min(16, 8192 // block_n))
     blocks = triton.cdiv(rows, block_rows)
     grid = (blocks if programs is None else max(1, min(blocks, int(programs))),)
-    _layer_norm_kernel[grid](x, weight, bias, out, alive, alive if index is None else index, seq, n, float(eps),
+    _layer_norm_kernel[grid](x, weight, bias, out, alive, alive if index is None else index, seq, rows, n, float(eps),
                              SCATTER=index is not None, BLOCKS_PER_PROGRAM=triton.cdiv(blocks, grid[0]),
                              BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=4)
     return out

@@ -68,9 +68,10 @@ def counted_support(model: MultiExitModel) -> str | None:
 
 
 class CountedLayers:
-    """Every layer of ``model`` as counted layers: ``run(index, hidden, keys, alive)`` updates the first ``alive``
-    sequences of ``hidden`` ``[S, T, H]`` in place (the others keep their values). ``keys`` ``[S, T]``: 1 for a
-    real token. Raises ValueError for a model whose layers are not BERT-style (`counted_support`).
+    """Every layer of ``model`` as counted layers: ``run(index, hidden, keys, alive, order=None)`` updates
+    ``alive`` sequences of ``hidden`` ``[S, T, H]`` in place, the first ones or those ``order`` lists first (the
+    others keep their values). ``keys`` ``[S, T]``: 1 for a real token. Raises ValueError for a model whose layers
+    are not BERT-style (`counted_support`).
 
     ``programs`` (at most this many programs per product and LayerNorm, each looping over its tiles; None: one per
     tile) and ``heads_per_program`` (attention heads one program runs in turn) change how the work is launched, not
@@ -104,6 +105,9 @@ class CountedLayers:
         place: the first ones, or those ``order`` (int32 ``[S]``) lists first, so a walk need not move its rows."""
         parts = self.layers[index]
         sequences, seq, width = hidden.shape
+        if order is not None and (order.dtype != torch.int32 or order.numel() < sequences):
+            raise ValueError(f"order must list the {sequences} sequences as int32 (the kernels read 32-bit "
+                             f"places), got {order.numel()} of {order.dtype}.")
         x = hidden.view(sequences * seq, width)
         keys = keys.reshape(sequences * seq)
         # the inner buffers hold the alive sequences first (in ``order``'s order); only the first product and the

@@ -20,8 +20,9 @@ loop is slower than not exiting at all. Here:
   only host read is the number of rows alive, one copy with the answers so far, and only at layers where a row may
   exit (``ExitPolicy.first_exit_layer``; a static exit reads once). Alive rows move to the front (compaction, with
   their memory and answers; their places from running counts on the device) only when that saves a launch or
-  shrinks one, so the graphs
-  stay few; the host puts the answers back in row order from each row's recorded position;
+  shrinks one, so the graphs stay few (the device walk's buckets compact after every decision; its counted layers
+  never move a row: they read where the alive rows are); the host puts the answers back in row order from each
+  row's recorded position;
 - the GPU never waits on that read: `FastWalker.run_batches` keeps several windows in flight (``lanes``, each with
   its own buffers), one walk per window as a generator that stops at each read. While the host waits for one
   window's count (an event on that window's last step, not a stream synchronisation), the GPU runs the layers
@@ -471,7 +472,8 @@ class FastWalker:
     windows `run_batches` keeps in flight (each with its own buffers and graphs); 1 walks one at a time. ``tf32``:
     with a bfloat16 or float16 backbone on CUDA, the decisions' float32 matrix products (the policy's; the heads run
     in the backbone's precision) in TF32 (`tf32_matmuls`); the layers are never touched. ``compile_decisions``:
-    the exit heads, decisions and compaction through torch.compile; ``compile_layers``: the layers too;
+    the exit heads, decisions and compaction (the counted walk: the listing of the alive rows) through
+    torch.compile; ``compile_layers``: the layers too;
     ``late_reads``: each layer's alive count read once the next layer is queued (graph-safe policies), so the GPU
     never waits for the host and one layer runs on rows that had already left. ``device_walk`` (graph-safe
     policies; others walk as without it): a window's whole walk is one step, each layer one launch of up to
