@@ -241,11 +241,11 @@ def main() -> None:
             for label, chosen, on_device, compiled in settings:
                 walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=1, window=max(windows),
                                     device_walk=on_device, compile_decisions=compiled)
-                found = kernel_breakdown(walker, padded, device)
-                row["kernels"][f"{label}_w{max(windows)}{'_dw' if on_device else ''}"] = found
+                breakdown = kernel_breakdown(walker, padded, device)
+                row["kernels"][f"{label}_w{max(windows)}{'_dw' if on_device else ''}"] = breakdown
                 print(f"  kernels, {label}, window {max(windows)}{', device walk' if on_device else ''}: "
-                      f"{found['total_us'] / 1000:.2f} ms in {found['kernels']} kernels; " + ", ".join(
-                          f"{k} {v / 1000:.2f}" for k, v in found["kinds_us"].items()))
+                      f"{breakdown['total_us'] / 1000:.2f} ms in {breakdown['kernels']} kernels; " + ", ".join(
+                          f"{k} {v / 1000:.2f}" for k, v in breakdown["kinds_us"].items()))
         if args.compile and batch == max(args.batches):
             # torch.compile'd decisions (early exit), then compiled layers too (both sides: the full model's steps
             # are layers only)
