@@ -175,6 +175,11 @@ def main() -> None:
                              "exit, host walk and device walk (torch.profiler)")
     parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
                         help="only the pre-tokenized walks (no tokenizer timing, no walk from text)")
+    parser.add_argument("--no-compiled-layers", dest="compiled_layers", action="store_false",
+                        help="with --compile: skip the variants whose layers go through torch.compile")
+    parser.add_argument("--counted-launches", nargs="*", default=[],
+                        help="with --compile --device-walk: the counted walk again with looping launches, each "
+                             "PROGRAMS_PER_SM:HEADS_PER_PROGRAM (e.g. 4:1 2:4), full model and early exit")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -246,14 +251,23 @@ def main() -> None:
                 print(f"  kernels, {label}, window {max(windows)}{', device walk' if on_device else ''}: "
                       f"{breakdown['total_us'] / 1000:.2f} ms in {breakdown['kernels']} kernels; " + ", ".join(
                           f"{k} {v / 1000:.2f}" for k, v in breakdown["kinds_us"].items()))
-        if args.compile and batch == max(args.batches):
+        if args.compile:
             # torch.compile'd decisions (early exit), then compiled layers too (both sides: the full model's steps
             # are layers only)
-            variants = [("early_exit_compiled", policy, {"compile_decisions": True}),
-                        ("full_compiled_layers", full, {"compile_layers": True}),
-                        ("early_exit_compiled_layers", policy, {"compile_decisions": True, "compile_layers": True})]
+            variants = [("early_exit_compiled", policy, {"compile_decisions": True})]
+            if args.compiled_layers:
+                variants += [("full_compiled_layers", full, {"compile_layers": True}),
+                             ("early_exit_compiled_layers", policy, {"compile_decisions": True,
+                                                                     "compile_layers": True})]
             if args.device_walk:  # the device walk with compiled decisions (its layers are its own kernels)
                 variants.append(("early_exit_compiled_dw", policy, {"compile_decisions": True, "device_walk": True}))
+                sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+                for launch in args.counted_launches:  # fewer programs, each looping over its tiles
+                    per_sm, heads = (int(part) for part in launch.split(":"))
+                    looping = {"device_walk": True, "counted_programs": per_sm * sms, "counted_heads": heads}
+                    variants += [(f"full_dw_p{per_sm}h{heads}", full, looping),
+                                 (f"early_exit_compiled_dw_p{per_sm}h{heads}", policy,
+                                  {**looping, "compile_decisions": True})]
             for label, chosen, options in variants:
                 for window in sorted({batch, best_window}):
                     started = time.perf_counter()
@@ -265,14 +279,17 @@ def main() -> None:
                         lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup, args.reps)
                     print(f"  {label.replace('_', ' ')}, window {window}: {row[f'{label}_w{window}_ms']:.2f} ms "
                           f"(warm-up {row[f'{label}_w{window}_warmup_s']:.0f} s)")
-            compiled_full = min(row["full_best_ms"], *(row[f"full_compiled_layers_w{w}_ms"]
-                                                        for w in sorted({batch, best_window})))
-            compiled = [v for k, v in row.items() if k.startswith("early_exit_compiled") and k.endswith("_ms")]
-            compiled_exit = min(row["early_exit_best_ms"], *compiled)
-            row["speedup_best_compiled"] = compiled_full / compiled_exit  # each side at its fastest, compile allowed
+            # each side at its fastest setting, compile and looping launches allowed
+            for label in ("full", "early_exit"):
+                key = min((k for k in row if k.startswith(f"{label}_") and "_w" in k and k.endswith("_ms")),
+                          key=row.get)
+                row[f"{label}_best_compiled_ms"], row[f"{label}_best_compiled"] = row[key], key[len(label) + 1:-3]
+            row["speedup_best_compiled"] = row["full_best_compiled_ms"] / row["early_exit_best_compiled_ms"]
             row["achieved_over_ideal_best_compiled"] = row["speedup_best_compiled"] / row["ideal_speedup"]
-            print(f"  best with compile allowed: full {compiled_full:.2f} ms, exit {compiled_exit:.2f} ms = "
-                  f"{row['speedup_best_compiled']:.2f}x ({row['achieved_over_ideal_best_compiled']:.2f} of ideal)")
+            print(f"  best with compile allowed: full {row['full_best_compiled_ms']:.2f} ms "
+                  f"({row['full_best_compiled']}), exit {row['early_exit_best_compiled_ms']:.2f} ms "
+                  f"({row['early_exit_best_compiled']}) = {row['speedup_best_compiled']:.2f}x "
+                  f"({row['achieved_over_ideal_best_compiled']:.2f} of ideal)")
         if args.end_to_end:
             row["tokenize_serial_ms"] = 1000 * timed(lambda: classifier.encode(first, second), device, 1, 3)
             row["tokenize_stream_ms"] = 1000 * timed(
@@ -281,12 +298,21 @@ def main() -> None:
             for label, chosen in (("full", full), ("early_exit", policy)):
                 classifier.policy = chosen
                 # each side at its fastest window (and walk) from text (a wide window waits for its rows)
-                for window, on_device in product(windows, walks):
+                compiles = [False, True] if args.compile and args.device_walk else [False]
+                for window, on_device, compiled in product(windows, walks, compiles):
+                    if compiled and not on_device:  # compiled decisions measured on the device walk only
+                        continue
                     classifier.window, classifier.device_walk = window, on_device
-                    row[f"end_to_end_{label}_w{window}{'_dw' if on_device else ''}_ms"] = 1000 * timed(
+                    classifier.compile_decisions = compiled
+                    tag = f"w{window}{'_dw' if on_device else ''}{'_compiled' if compiled else ''}"
+                    row[f"end_to_end_{label}_{tag}_ms"] = 1000 * timed(
                         lambda b=batch: classifier.exits(first, second, b), device, args.warmup, args.reps)
                 row[f"end_to_end_{label}_ms"] = min(v for k, v in row.items() if k.startswith(f"end_to_end_{label}_w"))
             classifier.policy, classifier.window, classifier.device_walk = policy, None, False
+            classifier.compile_decisions = False
+            for label in ("full", "early_exit"):
+                best = min((k for k in row if k.startswith(f"end_to_end_{label}_w")), key=row.get)
+                row[f"end_to_end_{label}_best"] = best[len(f"end_to_end_{label}_"):-3]
             row["end_to_end_speedup"] = row["end_to_end_full_ms"] / row["end_to_end_early_exit_ms"]
             row["end_to_end_over_ideal"] = row["end_to_end_speedup"] / row["ideal_speedup"]
         record["batches"].append(row)

@@ -109,12 +109,15 @@ def walk_through_the_kernels_equals_one_batch_at_a_time() -> None:
     walked["confidence_from_2"] = late
     for name, policy in walked.items():
         one = FastWalker(model, copy.deepcopy(policy), max_batch=16, graphs=False, token_types=False, lanes=1)
+        # the learned policy's walk launches few programs, each looping over tiles and heads
+        looping = {"counted_programs": 3, "counted_heads": 2} if name == "reinforce" else {}
         counted = FastWalker(model, copy.deepcopy(policy), max_batch=16, graphs=False, token_types=False,
-                             window=32, device_walk="counted")
+                             window=32, device_walk="counted", **looping)
         if not policy.graph_safe:
             assert counted.device_walk is False, name  # walks as without it
             continue
         assert counted.counted is not None, name
+        assert (counted.counted.programs, counted.counted.heads_per_program) == ((3, 2) if looping else (None, 1))
         for (batch_ids, batch_mask), found in zip(batches, counted.run_batches(iter(batches))):
             expected = one.run(batch_ids, batch_mask)
             assert torch.equal(found.layers, expected.layers), name

@@ -477,12 +477,16 @@ class FastWalker:
     ``late_reads``: each layer's alive count read once the next layer is queued (graph-safe policies), so the GPU
     never waits for the host and one layer runs on rows that had already left. ``device_walk`` (graph-safe
     policies; others walk as without it): a window's whole walk is one step, each layer one launch of up to
-    ``window`` rows whose size the device picks (`Window.walk`): one host read per window, none per layer."""
+    ``window`` rows whose size the device picks (`Window.walk`): one host read per window, none per layer.
+    ``counted_programs`` / ``counted_heads``: the counted walk's launches (`CountedLayers`' ``programs`` and
+    ``heads_per_program``): at most this many programs per product and LayerNorm, each looping over its tiles, and
+    heads per attention program (None, 1: a program per tile and per head)."""
 
     def __init__(self, model: MultiExitModel, policy: ExitPolicy, max_batch: int = 256, seq_multiple: int = 16,
                  graphs: bool | None = None, token_types: bool = True, compile_decisions: bool = False,
                  lanes: int = 2, window: int | None = None, tf32: bool = True, compile_layers: bool = False,
-                 late_reads: bool = False, device_walk: bool | str = False):
+                 late_reads: bool = False, device_walk: bool | str = False, counted_programs: int | None = None,
+                 counted_heads: int = 1):
         if int(lanes) < 1:
             raise ValueError(f"lanes must be >= 1 (windows in flight), got {lanes}.")
         if int(max_batch) < 1:
@@ -513,7 +517,7 @@ class FastWalker:
         self.device_walk = device_walk_mode(device_walk, model, use_graphs) if policy.graph_safe else False
         self.counted = None  # counted layers' kernels (on CUDA, or on the CPU under Triton's interpreter)
         if self.device_walk == "counted" and (self.device.type == "cuda" or triton_interpreted()):
-            self.counted = CountedLayers(model)
+            self.counted = CountedLayers(model, programs=counted_programs, heads_per_program=counted_heads)
         # windows in flight must not change each other's decisions: a policy that learns between batches, or reads
         # the host inside its decision, walks them one at a time
         in_order = policy.observes_final or not policy.graph_safe
@@ -671,15 +675,18 @@ class FastWalker:
             staged[3, offset:offset + count, 0] = 1
             offset += count
         staged[:3, total:] = staged[:3, :1]  # padding rows repeat the first row (finite values; never recorded)
+        if self.device_walk:  # every layer in one step; the one read is the answers at the end
+            embedded = next(size for size in self.walk_buckets if size >= total)
+            if staged is not window.tokens:  # only the rows the walk embeds, a contiguous part of each plane
+                for plane in range(TOKEN_PLANES) if self.token_types else (0, 1, 3):
+                    window.tokens[plane, :embedded].copy_(staged[plane, :embedded], non_blocking=True)
+            window.walk_step(embedded)
+            yield self._event()
+            return self._answers(window, sizes, embedded, 0), lane
         if staged is not window.tokens:
             window.tokens.copy_(staged, non_blocking=True)
         if not self.policy.graph_safe:
             window.reset_memory()
-        if self.device_walk:  # every layer in one step; the one read is the answers at the end
-            embedded = next(size for size in self.walk_buckets if size >= total)
-            window.walk_step(embedded)
-            yield self._event()
-            return self._answers(window, sizes, embedded, 0), lane
         spans = launches(total, self.capacity, self.buckets)
         embedded = spans[-1][0] + spans[-1][1]  # rows past these hold an earlier window's leftovers
         # late reads: a layer's alive count is read once the next layer is queued (the GPU never waits for the
