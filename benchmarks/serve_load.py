@@ -374,17 +374,20 @@ def summarize(records: list[dict], start: float, load: float, seconds: float, go
     return row
 
 
-def reference_answers(run_dir: str, texts: list, device: str, full: bool, batch_size: int) -> list[dict]:
+def reference_answers(run_dir: str, texts: list, device: str, full: bool, batch_size: int,
+                      options: dict | None = None) -> list[dict]:
     """`EarlyExitClassifier.predict` on every row, in this process (the full model: a static exit at the last
-    layer, as ``exitrl serve --full``)."""
+    layer, as ``exitrl serve --full``), with the server's walk ``options`` (its device walk's kernels round
+    differently from the eager layers, so a row at a threshold may go either way between them)."""
     from exitrl.agents.static import StaticPolicy
     from exitrl.runtime.classifier import EarlyExitClassifier
 
-    classifier = EarlyExitClassifier.from_run(run_dir, device)
+    options = options or {}
+    classifier = EarlyExitClassifier.from_run(run_dir, device, **options)
     if full:
         classifier = EarlyExitClassifier(classifier.model, classifier.tokenizer,
                                          StaticPolicy(classifier.model.num_layers), classifier.label_names,
-                                         classifier.max_length, classifier.device)
+                                         classifier.max_length, classifier.device, **options)
     answers = classifier.predict(texts, batch_size=batch_size)
     del classifier
     if torch.cuda.is_available():
@@ -574,7 +577,9 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/reference/serve_load_{machine() if device == 'cuda' else 'cpu'}_"
                            f"{date.today().isoformat()}.json")
     modes = [args.soak_mode] if args.soak else args.modes
-    references = {mode: reference_answers(run_dir, texts, device, mode == "full", args.max_batch_size)
+    walk = {"device_walk": args.device_walk, "compile_decisions": args.compile, "compile_layers": args.compile,
+            "late_reads": args.late_reads}  # what the server's classifiers take (`exitrl serve`)
+    references = {mode: reference_answers(run_dir, texts, device, mode == "full", args.max_batch_size, walk)
                   for mode in modes}
     names = task.label_names
     gold = [names[i] for i in inputs.labels] if inputs.labels is not None and names else None

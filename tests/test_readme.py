@@ -41,7 +41,7 @@ SOURCES = {
         "trained_run.batches[batch=256].over_hf_pipeline", "trained_run.batches[batch=256].accuracy",
         "trained_run.batches[batch=256].accuracy_hf_pipeline"],
     "The counted device walk on the GPU": [
-        "batches[batch=256].early_exit_compiled_dw_w1024_ms", "batches[batch=256].full_best_ms",
+        "batches[batch=256].early_exit_best_compiled_ms", "batches[batch=256].full_best_compiled_ms",
         "batches[batch=256].speedup_best_compiled", "batches[batch=256].ideal_speedup",
         "batches[batch=256].speedup_best"],
     "Self-speculative decoding does not pay on SmolLM2-135M": [
