@@ -175,6 +175,9 @@ def main() -> None:
                              "exit, host walk and device walk (torch.profiler)")
     parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
                         help="only the pre-tokenized walks (no tokenizer timing, no walk from text)")
+    parser.add_argument("--seq-multiple", type=int, default=16,
+                        help="the walks' sequence buckets (FastWalker's seq_multiple): fewer, wider buckets mean "
+                             "fewer windows and more padding")
     parser.add_argument("--no-compiled-layers", dest="compiled_layers", action="store_false",
                         help="with --compile: skip the variants whose layers go through torch.compile")
     parser.add_argument("--counted-launches", nargs="*", default=[],
@@ -194,7 +197,8 @@ def main() -> None:
     record = {"date": date.today().isoformat(), "device": str(device), "torch": torch.__version__,
               "machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "run": args.run, "texts": args.texts, "examples": n, "num_layers": layers,
-              "late_reads": args.late_reads, "device_walk": args.device_walk, "batches": []}
+              "late_reads": args.late_reads, "device_walk": args.device_walk, "seq_multiple": args.seq_multiple,
+              "batches": []}
     if args.scaling:
         types = "token_type_ids" in classifier.tokenizer.model_input_names
         stream = TokenizedBatches(classifier.tokenizer, first, second, max(args.scaling), classifier.max_length,
@@ -203,6 +207,7 @@ def main() -> None:
         record["scaling"] = row_scaling(classifier, policy, (batch.input_ids, batch.attention_mask,
                                         batch.token_type_ids), types, device, args.scaling, args.compile_sizes)
         args.batches = []
+    seq = args.seq_multiple
     for batch in args.batches:
         stream = TokenizedBatches(classifier.tokenizer, first, second, batch, classifier.max_length, workers=1)
         padded = [(b.input_ids, b.attention_mask, b.token_type_ids) for b in stream]
@@ -214,8 +219,8 @@ def main() -> None:
         row["windows"] = windows
         for label, chosen in (("full", full), ("early_exit", policy)):
             for window, lanes, on_device in product(windows, args.lanes, walks):
-                walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=lanes, window=window,
-                                    late_reads=args.late_reads, device_walk=on_device)
+                walker = FastWalker(classifier.model, chosen, batch, token_types=types, seq_multiple=seq, lanes=lanes,
+                                    window=window, late_reads=args.late_reads, device_walk=on_device)
                 settle(walker, padded)
                 seconds = timed(lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup, args.reps)
                 row[f"{label}_w{window}_lanes{lanes}{'_dw' if on_device else ''}_ms"] = 1000 * seconds
@@ -244,8 +249,8 @@ def main() -> None:
             if args.compile:  # compiled decisions on each walk
                 settings += [("early_exit_compiled", policy, on_device, True) for on_device in walks]
             for label, chosen, on_device, compiled in settings:
-                walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=1, window=max(windows),
-                                    device_walk=on_device, compile_decisions=compiled)
+                walker = FastWalker(classifier.model, chosen, batch, token_types=types, seq_multiple=seq, lanes=1,
+                                    window=max(windows), device_walk=on_device, compile_decisions=compiled)
                 breakdown = kernel_breakdown(walker, padded, device)
                 row["kernels"][f"{label}_w{max(windows)}{'_dw' if on_device else ''}"] = breakdown
                 print(f"  kernels, {label}, window {max(windows)}{', device walk' if on_device else ''}: "
@@ -272,8 +277,8 @@ def main() -> None:
                 # the device walk is fastest on its widest window: the compiled variants run there alone
                 for window in [max(windows)] if args.device_walk else sorted({batch, best_window}):
                     started = time.perf_counter()
-                    walker = FastWalker(classifier.model, chosen, batch, token_types=types, lanes=max(args.lanes),
-                                        window=window, late_reads=args.late_reads, **options)
+                    walker = FastWalker(classifier.model, chosen, batch, token_types=types, seq_multiple=seq,
+                                        lanes=max(args.lanes), window=window, late_reads=args.late_reads, **options)
                     settle(walker, padded)
                     row[f"{label}_w{window}_warmup_s"] = time.perf_counter() - started  # first walks, until settled
                     row[f"{label}_w{window}_ms"] = 1000 * timed(
