@@ -218,6 +218,7 @@ def main() -> None:
         walks = [False, True] if args.device_walk else [False]  # host-read walks, and device walks beside them
         row["windows"] = windows
         for label, chosen in (("full", full), ("early_exit", policy)):
+            row[f"{label}_steps_us"] = {}  # the steps of a window of one batch, where one was walked
             for window, lanes, on_device in product(windows, args.lanes, walks):
                 walker = FastWalker(classifier.model, chosen, batch, token_types=types, seq_multiple=seq, lanes=lanes,
                                     window=window, late_reads=args.late_reads, device_walk=on_device)
@@ -225,9 +226,9 @@ def main() -> None:
                 seconds = timed(lambda w=walker, p=padded: list(w.run_batches(p)), device, args.warmup, args.reps)
                 row[f"{label}_w{window}_lanes{lanes}{'_dw' if on_device else ''}_ms"] = 1000 * seconds
                 if window == batch and lanes == min(args.lanes) and not on_device:
-                    found = list(walker.run_batches(padded))
                     row[f"{label}_steps_us"] = step_times(walker, device)
-            if label == "early_exit":
+            if label == "early_exit":  # the exits of the last setting walked (settings differ by rounding at most)
+                found = list(walker.run_batches(padded))
                 mean_exit = float(torch.cat([f.layers for f in found]).float().mean())
                 row["mean_exit_layer"], row["ideal_speedup"] = mean_exit, layers / mean_exit
         for window, lanes, on_device in product(windows, args.lanes, walks):
