@@ -121,6 +121,14 @@ def kernel_breakdown(walker: FastWalker, batches: list, device: torch.device, to
             "costliest": [{"name": n, "count": c, "us": us} for n, (c, us) in costliest]}
 
 
+def fastest(row: dict, prefix: str) -> tuple[str, float]:
+    """The fastest timing of ``row`` under ``prefix``, as (its setting, ms). A setting's name holds its window
+    (``w1024_lanes2_dw``, ``compiled_dw_w1024``), which the totals and bests already taken do not."""
+    key = min((k for k in row if k.startswith(prefix) and k.endswith("_ms") and "_w" in f"_{k[len(prefix):]}"),
+              key=row.get)
+    return key[len(prefix):-3], row[key]
+
+
 def row_scaling(classifier: EarlyExitClassifier, policy, tokens: tuple, types: bool, device: torch.device,
                 sizes: list[int], compile_sizes: list[int]) -> list[dict]:
     """GPU time of the policy's first deciding layer's step against the rows it runs on (the first ``size`` rows of
@@ -238,8 +246,7 @@ def main() -> None:
             row[f"achieved_over_ideal_{setting}"] = speedup / row["ideal_speedup"]
         # the honest ratio: each side at its own fastest setting
         for label in ("full", "early_exit"):
-            key = min((k for k in row if k.startswith(f"{label}_w") and k.endswith("_ms")), key=row.get)
-            row[f"{label}_best_ms"], row[f"{label}_best"] = row[key], key[len(label) + 1:-3]
+            row[f"{label}_best"], row[f"{label}_best_ms"] = fastest(row, f"{label}_")
         row["speedup_best"] = row["full_best_ms"] / row["early_exit_best_ms"]
         row["achieved_over_ideal_best"] = row["speedup_best"] / row["ideal_speedup"]
         best_window = int(row["early_exit_best"].split("_")[0][1:])
@@ -288,9 +295,7 @@ def main() -> None:
                           f"(warm-up {row[f'{label}_w{window}_warmup_s']:.0f} s)")
             # each side at its fastest setting, compile and looping launches allowed
             for label in ("full", "early_exit"):
-                key = min((k for k in row if k.startswith(f"{label}_") and "_w" in k and k.endswith("_ms")),
-                          key=row.get)
-                row[f"{label}_best_compiled_ms"], row[f"{label}_best_compiled"] = row[key], key[len(label) + 1:-3]
+                row[f"{label}_best_compiled"], row[f"{label}_best_compiled_ms"] = fastest(row, f"{label}_")
             row["speedup_best_compiled"] = row["full_best_compiled_ms"] / row["early_exit_best_compiled_ms"]
             row["achieved_over_ideal_best_compiled"] = row["speedup_best_compiled"] / row["ideal_speedup"]
             print(f"  best with compile allowed: full {row['full_best_compiled_ms']:.2f} ms "
@@ -314,12 +319,9 @@ def main() -> None:
                     tag = f"w{window}{'_dw' if on_device else ''}{'_compiled' if compiled else ''}"
                     row[f"end_to_end_{label}_{tag}_ms"] = 1000 * timed(
                         lambda b=batch: classifier.exits(first, second, b), device, args.warmup, args.reps)
-                row[f"end_to_end_{label}_ms"] = min(v for k, v in row.items() if k.startswith(f"end_to_end_{label}_w"))
+                row[f"end_to_end_{label}_best"], row[f"end_to_end_{label}_ms"] = fastest(row, f"end_to_end_{label}_")
             classifier.policy, classifier.window, classifier.device_walk = policy, None, False
             classifier.compile_decisions = False
-            for label in ("full", "early_exit"):
-                best = min((k for k in row if k.startswith(f"end_to_end_{label}_w")), key=row.get)
-                row[f"end_to_end_{label}_best"] = best[len(f"end_to_end_{label}_"):-3]
             row["end_to_end_speedup"] = row["end_to_end_full_ms"] / row["end_to_end_early_exit_ms"]
             row["end_to_end_over_ideal"] = row["end_to_end_speedup"] / row["ideal_speedup"]
         record["batches"].append(row)
